@@ -1,0 +1,97 @@
+"""Configuration of the SMoES gate, validated at the boundary.
+
+One pydantic model per concept.  Every rule that a user can break (bin counts that do not fit
+the expert-parallel layout, an unknown score type, ...) is rejected here with a message that
+says what to change, so nothing deeper in the stack has to re-check it.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ds_smoes.errors import ConfigError
+
+ScoreType = Literal["attention", "gaussian", "hard"]
+BinningType = Literal["adaptive", "fixed"]
+
+
+class _Strict(BaseModel):
+    """Base: unknown keys are errors (a typo in a YAML file must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SMoESConfig(_Strict):
+    """Everything the SMoES gate and layer need (SMOES.md sections 1-3).
+
+    Defaults are the paper's values where it gives them; choices marked "ours" in the design
+    document are options here.
+    """
+
+    num_experts: int = Field(8, ge=1, description="experts per MoE layer (N_e)")
+    k: int = Field(2, ge=1, description="experts selected per token (top-k)")
+    ep_size: int = Field(1, ge=1, description="expert-parallel group size")
+    num_bins: int = Field(2, ge=1, description="expert bins (N_bins); a multiple of ep_size dividing num_experts")
+    score_type: ScoreType = Field("attention", description="soft modality score: attention, gaussian or hard")
+    binning: BinningType = Field("adaptive", description="adaptive (sort experts by text bias) or fixed")
+    rebin_interval: int = Field(25, ge=1, description="adaptive binning: re-cut bins every N training steps (ours)")
+    rebin_freeze_step: int = Field(200, ge=0, description="adaptive binning: no re-cut after this step (ours)")
+    ema_beta: float = Field(0.99, gt=0.0, lt=1.0, description="EMA decay of Gaussian statistics and expert loads")
+    gaussian_tau: float | None = Field(None, gt=0.0, description="softmax temperature; None means 0.5 * hidden size")
+    gaussian_var_floor: float = Field(1e-4, gt=0.0, description="lower bound on Gaussian variances")
+    alpha_bal: float = Field(1e-3, ge=0.0, description="weight of the bin-level balance loss")
+    alpha_mi: float = Field(1e-4, ge=0.0, description="weight of the inter-bin mutual-information loss")
+    normalize_topk: bool = Field(True, description="renormalise the k selected gate values to sum to 1")
+    drop_tokens: bool = Field(False, description="capacity-limited routing; False is dropless")
+    capacity_factor: float = Field(1.0, gt=0.0, description="capacity factor when drop_tokens is true (training)")
+    eval_capacity_factor: float = Field(1.0, gt=0.0, description="capacity factor when drop_tokens is true (eval)")
+    min_capacity: int = Field(4, ge=0, description="minimum expert capacity when drop_tokens is true")
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> "SMoESConfig":
+        e, b, ep = self.num_experts, self.num_bins, self.ep_size
+        if self.k > e:
+            raise ValueError(f"k={self.k} exceeds num_experts={e}: a token cannot select more experts than exist")
+        if e % ep:
+            raise ValueError(
+                f"num_experts={e} is not divisible by ep_size={ep}: every expert-parallel rank must hold the "
+                f"same number of experts; choose num_experts as a multiple of {ep}")
+        if b % ep:
+            raise ValueError(
+                f"num_bins={b} is not a multiple of ep_size={ep}: bins are placed whole on expert-parallel "
+                f"ranks, so each rank needs the same whole number of bins; try num_bins={ep * max(1, b // ep)}")
+        if e % b:
+            divisors = [d for d in range(ep, e + 1, ep) if e % d == 0]
+            raise ValueError(
+                f"num_bins={b} does not divide num_experts={e}: bins must hold equally many experts; "
+                f"valid num_bins for ep_size={ep}: {divisors}")
+        return self
+
+    @property
+    def experts_per_bin(self) -> int:
+        return self.num_experts // self.num_bins
+
+    @property
+    def bins_per_rank(self) -> int:
+        return self.num_bins // self.ep_size
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    """Turn a pydantic error into lines a user can act on: `field.path: what is wrong`."""
+    lines = [f"invalid {source}:"]
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see README for the accepted fields)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(model: type[BaseModel], data: dict, source: str = "config"):
+    """Validate `data` as `model`, raising ConfigError with a readable message on failure."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None

@@ -1,0 +1,148 @@
+"""Held-out evaluation: exact-match accuracy per question kind, and routing measurements.
+
+With expert parallelism every forward is a collective (all-to-all), so every rank must run
+the same number of forwards: `lockstep_batches` pads the shorter shards with repeated items
+that are computed but not counted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ds_smoes import distributed
+from ds_smoes.data import LlavaDataset, collate_prompts, collate_train
+from ds_smoes.metrics import modality_specialization_index
+
+
+def lockstep_batches(num_items: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], list[bool]]]:
+    """This rank's batches (indices, counted flags): items rank, rank + world, ...; every rank gets
+    the same number of equally sized batches, padded with uncounted repeats of item 0."""
+    mine = list(range(rank, num_items, world))
+    per_rank = math.ceil(num_items / world) if num_items else 0
+    batches = []
+    for start in range(0, per_rank, batch_size):
+        size = min(batch_size, per_rank - start)  # identical on every rank
+        idx = mine[start:start + size]
+        pad = size - len(idx)
+        batches.append((idx + [0] * pad, [True] * len(idx) + [False] * pad))
+    return batches
+
+
+def normalize_answer(text: str, tokenizer) -> str:
+    return tokenizer.decode(tokenizer.encode(text)).strip().lower()
+
+
+def _model_inputs(batch):
+    return (batch.input_ids_BT, batch.attention_mask_BT, batch.modality_BT, batch.image_BCHW, batch.has_image_B)
+
+
+@torch.no_grad()
+def exact_match_accuracy(engine, dataset: LlavaDataset, batch_size: int, max_new_tokens: int,
+                         device: torch.device) -> dict[str, float]:
+    """Greedy-decode every question; accuracy separately on multimodal and language-only ones."""
+    module = engine.module if hasattr(engine, "module") else engine
+    tok = dataset.tokenizer
+    was_training = module.training
+    module.eval()
+    # [correct_mm, total_mm, correct_lang, total_lang]
+    counts = torch.zeros(4, dtype=torch.float64)
+    for idx, counted in lockstep_batches(len(dataset), distributed.rank(), distributed.world_size(), batch_size):
+        batch = collate_prompts([dataset[i] for i in idx]).to(device)
+        generated = module.generate(*_model_inputs(batch), max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
+        for i, keep, ids in zip(idx, counted, generated):
+            if not keep:
+                continue
+            hit = float(normalize_answer(tok.decode(ids), tok) == normalize_answer(dataset.answer(i), tok))
+            slot = 0 if dataset.is_multimodal(i) else 2
+            counts[slot] += hit
+            counts[slot + 1] += 1
+    distributed.world_sum_(counts)
+    module.train(was_training)
+    c = counts.tolist()
+    return {
+        "acc_multimodal": c[0] / c[1] if c[1] else float("nan"),
+        "acc_language": c[2] / c[3] if c[3] else float("nan"),
+        "acc_overall": (c[0] + c[2]) / (c[1] + c[3]) if c[1] + c[3] else float("nan"),
+        "num_multimodal": int(c[1]), "num_language": int(c[3]),
+    }
+
+
+@dataclass
+class RoutingMeasurement:
+    """Routing of every MoE layer over a pass: loads summed over ranks, comm figures averaged."""
+    load_LME: torch.Tensor                       # [layers, 2 (text, vision), experts]
+    comm: dict[str, list[float]] = field(default_factory=dict)   # figure -> per-layer value
+    loss: float = float("nan")
+
+    @property
+    def msi(self) -> float:
+        return float(modality_specialization_index(self.load_LME[:, 0], self.load_LME[:, 1]))
+
+    def msi_per_layer(self) -> list[float]:
+        return [float(modality_specialization_index(l[0:1], l[1:2])) for l in self.load_LME]
+
+    def mean(self, name: str) -> float:
+        values = self.comm.get(name, [])
+        return sum(values) / len(values) if values else float("nan")
+
+
+_COMM_KEYS = ("cross_rank_rate", "ranks_per_token", "remote_pairs_per_token")
+
+
+class RoutingAccumulator:
+    """Sums the layers' `RoutingStats` over many forwards (token-weighted) on this rank."""
+
+    def __init__(self, moe_layers) -> None:
+        self.layers = moe_layers
+        num_experts = moe_layers[0].config.num_experts if moe_layers else 0
+        self.load_LME = torch.zeros(len(moe_layers), 2, num_experts, dtype=torch.float64)
+        # per layer: [tokens, sum of each comm figure for binned placement, then physical]
+        self.comm_LX = torch.zeros(len(moe_layers), 1 + 2 * len(_COMM_KEYS), dtype=torch.float64)
+
+    def add(self) -> None:
+        for l, layer in enumerate(self.layers):
+            st = layer.last_routing_stats
+            if st is None:
+                continue
+            self.load_LME[l] += st.load_ME.double()
+            n = st.num_tokens
+            self.comm_LX[l, 0] += n
+            for j, key in enumerate(_COMM_KEYS):
+                self.comm_LX[l, 1 + j] += float(st.comm_binned[key]) * n
+                self.comm_LX[l, 1 + len(_COMM_KEYS) + j] += float(st.comm_physical[key]) * n
+
+    def result(self, loss: float = float("nan")) -> RoutingMeasurement:
+        load = distributed.world_sum_(self.load_LME.clone())
+        comm = distributed.world_sum_(self.comm_LX.clone())
+        tokens_L = comm[:, 0].clamp_min(1)
+        out = {}
+        for j, key in enumerate(_COMM_KEYS):
+            out[key] = (comm[:, 1 + j] / tokens_L).tolist()
+            out[f"{key}_physical"] = (comm[:, 1 + len(_COMM_KEYS) + j] / tokens_L).tolist()
+        return RoutingMeasurement(load.float(), out, loss)
+
+
+@torch.no_grad()
+def measure_routing(engine, dataset: LlavaDataset, batch_size: int, device: torch.device) -> RoutingMeasurement:
+    """Teacher-forced pass over `dataset`: routing loads, communication figures and the loss."""
+    module = engine.module if hasattr(engine, "module") else engine
+    was_training = module.training
+    module.eval()
+    acc = RoutingAccumulator(module.moe_layers())
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    for idx, counted in lockstep_batches(len(dataset), distributed.rank(), distributed.world_size(), batch_size):
+        batch = collate_train([dataset[i] for i in idx])
+        # padding repeats are masked out entirely so they neither route nor count
+        keep_B = torch.tensor(counted)
+        batch.attention_mask_BT &= keep_B.unsqueeze(1)
+        batch.labels_BT[~keep_B] = -100
+        batch = batch.to(device)
+        out = module(*_model_inputs(batch), labels_BT=batch.labels_BT)
+        n = int((batch.labels_BT[:, 1:] != -100).sum())
+        loss_sum += torch.tensor([float(out.lm_loss) * n if n else 0.0, n], dtype=torch.float64)
+        acc.add()
+    distributed.world_sum_(loss_sum)
+    module.train(was_training)
+    return acc.result(float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else float("nan"))

@@ -1,0 +1,164 @@
+"""SMoESGate: DeepSpeed's TopKGate with soft-modality-guided bins and the SMoES losses.
+
+Honours the sparse-route contract of DeepSpeed 0.19.8 (`MOELayer` calls
+`gate(x_SD, used_token, True, use_tutel)` and unpacks
+`(l_aux, capacity, num_experts, indices_KS, locations_KS, gates_KS, exp_counts)`) for any k >= 1.
+Routing is the paper's: global softmax over all experts, global top-k.  `l_aux` carries
+alpha_bal * L_bal + alpha_MI * L_MI, so a training loop that already adds DeepSpeed's
+`l_aux` to its loss needs no change.
+
+The modality side-information of the current batch is handed over by
+`set_routing_inputs` right before each forward (`ds_smoes.layer.SMoESMoE` does it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from deepspeed.moe.sharded_moe import TopKGate
+
+from ds_smoes import distributed
+from ds_smoes.binning import ExpertBinning, rank_of_bin_placed_expert
+from ds_smoes.config import SMoESConfig
+from ds_smoes.losses import bin_balance_loss, mutual_information_loss
+from ds_smoes.metrics import expert_modality_load, routing_comm_stats
+from ds_smoes.routing import SparseRoutes, assign_slots, capacity_for, finalize_routes
+from ds_smoes.scores import ReduceFn
+
+
+@dataclass
+class RoutingInputs:
+    """Per-token side information for one gate call (S tokens, M = 2 modalities)."""
+    modality_SM: torch.Tensor   # soft modality scores, rows sum to 1, detached
+    labels_S: torch.Tensor      # hard labels: 0 text, 1 vision
+    sample_id_S: torch.Tensor   # which sample each token belongs to (for the per-sample MI)
+    valid_S: torch.Tensor       # False for padding
+
+
+@dataclass
+class RoutingStats:
+    """What one gate call decided, detached, for logging and metrics."""
+    load_ME: torch.Tensor            # tokens per (hard modality, expert), this rank
+    mi: torch.Tensor                 # mean per-sample modality-bin MI (nats)
+    bin_balance: torch.Tensor        # L_bal
+    capacity: int
+    num_dropped: int
+    num_tokens: int
+    comm_physical: dict              # routing_comm_stats under DeepSpeed's expert layout (e // local experts)
+    comm_binned: dict                # routing_comm_stats with experts placed by their bin
+    bin_of_expert_E: torch.Tensor
+    rebinned: bool
+
+
+class SMoESGate(TopKGate):
+    """TopKGate subclass computing SMoES routing, losses and statistics."""
+
+    def __init__(self, model_dim: int, config: SMoESConfig, ep_group=None) -> None:
+        super().__init__(model_dim, config.num_experts, k=config.k, capacity_factor=config.capacity_factor,
+                         eval_capacity_factor=config.eval_capacity_factor, min_capacity=config.min_capacity,
+                         noisy_gate_policy=None, drop_tokens=config.drop_tokens, use_rts=False, ep_group=ep_group)
+        self.config = config
+        self.binning = ExpertBinning(config.num_experts, config.num_bins, adaptive=config.binning == "adaptive",
+                                     beta=config.ema_beta, rebin_interval=config.rebin_interval,
+                                     freeze_step=config.rebin_freeze_step)
+        self.reduce_fn: ReduceFn = distributed.world_sum_
+        self._inputs: RoutingInputs | None = None
+        self.last_stats: RoutingStats | None = None
+
+    # -- side information -------------------------------------------------------------------
+    def set_routing_inputs(self, inputs: RoutingInputs) -> None:
+        self._inputs = inputs
+
+    def _take_inputs(self, num_tokens: int, device: torch.device) -> RoutingInputs:
+        inputs, self._inputs = self._inputs, None
+        if inputs is None:
+            raise RuntimeError(
+                "SMoESGate got no modality information for this batch: call it through "
+                "ds_smoes.layer.SMoESMoE, or call gate.set_routing_inputs(RoutingInputs(...)) before each forward")
+        if inputs.modality_SM.shape != (num_tokens, 2):
+            raise ValueError(f"modality scores have shape {tuple(inputs.modality_SM.shape)}, "
+                             f"expected ({num_tokens}, 2) for {num_tokens} tokens")
+        return RoutingInputs(*(t.to(device) for t in (inputs.modality_SM, inputs.labels_S, inputs.sample_id_S,
+                                                       inputs.valid_S)))
+
+    # -- placement -----------------------------------------------------------------------------
+    def ep_world(self) -> tuple[int, int]:
+        """(this rank's index in the expert-parallel group, the group's size)."""
+        if self.ep_group is None or not distributed.is_distributed():
+            return 0, 1
+        return distributed.group_rank(self.ep_group), torch.distributed.get_world_size(self.ep_group)
+
+    def physical_rank_of_expert(self, ep_size: int) -> torch.Tensor:
+        """DeepSpeed places experts [r * E/ep, (r+1) * E/ep) on EP rank r."""
+        return torch.arange(self.config.num_experts) // (self.config.num_experts // ep_size)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
+                use_tutel: bool = False):  # noqa: A002 (DeepSpeed's argument name)
+        if not sparse_routes:
+            raise RuntimeError("SMoESGate implements only the sparse-route gate contract of DeepSpeed >= 0.19.4 "
+                               "(MOELayer passes sparse_routes=True); this DeepSpeed asked for dense combine "
+                               "weights: install the pinned deepspeed==0.19.8")
+        cfg = self.config
+        x_SD = input.reshape(-1, input.shape[-1])
+        num_tokens = x_SD.shape[0]
+        inputs = self._take_inputs(num_tokens, x_SD.device)
+        valid_S = inputs.valid_S.bool()
+        if used_token is not None:
+            valid_S = valid_S & used_token.reshape(-1).bool()
+
+        logits_SE = F.linear(x_SD.float(), self.wg.weight.float())
+        probs_SE = torch.softmax(logits_SE, dim=-1)
+        top_idx_SK = torch.topk(probs_SE, k=cfg.k, dim=1).indices
+        location_KS, counts_E = assign_slots(top_idx_SK, valid_S, cfg.num_experts)
+        if self.drop_tokens:
+            cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+            local_capacity = capacity_for(num_tokens, cfg.num_experts, cfg.k, cf, cfg.min_capacity)
+        else:
+            local_capacity = int(counts_E.max()) if counts_E.numel() else 0
+        # The all-to-all moves [experts, capacity, hidden] blocks: every EP rank needs one capacity.
+        capacity = max(distributed.group_max_int(local_capacity, self.ep_group), 1)
+        routes = finalize_routes(probs_SE, top_idx_SK, valid_S, location_KS, counts_E, capacity,
+                                 normalize=cfg.normalize_topk)
+
+        rebinned = self._update_bins(routes, inputs.labels_S, valid_S)
+        bins_E = self.binning.bin_id_E
+        l_mi = mutual_information_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S, valid_S,
+                                       num_bins=cfg.num_bins)
+        l_bal = bin_balance_loss(probs_SE, routes.selected_SE, bins_E, valid_S, num_bins=cfg.num_bins)
+        l_aux = cfg.alpha_bal * l_bal + cfg.alpha_mi * l_mi
+
+        self.last_stats = self._stats(routes, inputs, valid_S, l_mi, l_bal, capacity, rebinned)
+        return (l_aux, torch.tensor(capacity, dtype=torch.int64), cfg.num_experts, routes.indices_KS,
+                routes.locations_KS, routes.gates_KS, routes.counts_E.detach())
+
+    @torch.no_grad()
+    def _update_bins(self, routes: SparseRoutes, labels_S: torch.Tensor, valid_S: torch.Tensor) -> bool:
+        if not self.training:
+            return False
+        load_ME = self._load_of_selection(routes.selected_SE, labels_S, valid_S)
+        self.binning.observe(self.reduce_fn(load_ME))
+        return self.binning.maybe_rebin()
+
+    @staticmethod
+    def _load_of_selection(selected_SE: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor) -> torch.Tensor:
+        onehot_SM = F.one_hot(labels_S.long(), 2).float() * valid_S.float().unsqueeze(-1)
+        return onehot_SM.T @ selected_SE.float()
+
+    @torch.no_grad()
+    def _stats(self, routes: SparseRoutes, inputs: RoutingInputs, valid_S: torch.Tensor, l_mi: torch.Tensor,
+               l_bal: torch.Tensor, capacity: int, rebinned: bool) -> RoutingStats:
+        ep_rank, ep_size = self.ep_world()
+        cfg = self.config
+        bins_E = self.binning.bin_id_E.clone()
+        return RoutingStats(
+            load_ME=expert_modality_load(routes.indices_KS, inputs.labels_S, valid_S, cfg.num_experts),
+            mi=(-l_mi).detach(), bin_balance=l_bal.detach(), capacity=capacity, num_dropped=routes.num_dropped,
+            num_tokens=int(valid_S.sum()),
+            comm_physical=routing_comm_stats(routes.indices_KS, self.physical_rank_of_expert(ep_size), ep_rank,
+                                             valid_S, ep_size),
+            comm_binned=routing_comm_stats(routes.indices_KS,
+                                           rank_of_bin_placed_expert(bins_E, cfg.num_bins, ep_size), ep_rank,
+                                           valid_S, ep_size),
+            bin_of_expert_E=bins_E, rebinned=rebinned)

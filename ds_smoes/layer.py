@@ -1,0 +1,88 @@
+"""SMoESMoE: DeepSpeed's MoE layer with the SMoES gate and the batch's modality scores.
+
+Drop-in for `deepspeed.moe.layer.MoE`: same constructor arguments where they overlap, same
+`(output, l_aux, exp_counts)` return, plus keyword inputs carrying modality information:
+
+    out, l_aux, counts = moe(x_BTD, used_token_BT,
+                             modality_labels=labels_BT,       # 0 text, 1 vision (always needed)
+                             modality_scores=scores_BTM)      # needed for score_type="attention"
+
+The layer owns the Gaussian statistics (score_type="gaussian"), the gate owns the bins; both
+are buffers, so `state_dict()` and DeepSpeed checkpoints carry them.
+"""
+from __future__ import annotations
+
+import torch
+from deepspeed.moe.layer import MoE
+from torch import nn
+
+from ds_smoes import distributed
+from ds_smoes.config import SMoESConfig
+from ds_smoes.gate import RoutingInputs, RoutingStats, SMoESGate
+from ds_smoes.scores import GaussianModalityStats, hard_scores
+
+
+class SMoESMoE(MoE):
+    """A `deepspeed.moe.layer.MoE` whose gate is `SMoESGate`."""
+
+    def __init__(self, hidden_size: int, expert: nn.Module, config: SMoESConfig, use_residual: bool = False) -> None:
+        super().__init__(hidden_size, expert, num_experts=config.num_experts, ep_size=config.ep_size, k=config.k,
+                         capacity_factor=config.capacity_factor, eval_capacity_factor=config.eval_capacity_factor,
+                         min_capacity=config.min_capacity, use_residual=use_residual, noisy_gate_policy=None,
+                         drop_tokens=config.drop_tokens, use_rts=False)
+        self.config = config
+        # Replace the stock TopKGate before DeepSpeed sets process groups (`_set_ep_group` reaches the new gate).
+        self.deepspeed_moe.gate = SMoESGate(hidden_size, config)
+        self.scorer = (GaussianModalityStats(hidden_size, beta=config.ema_beta, tau=config.gaussian_tau,
+                                             var_floor=config.gaussian_var_floor)
+                       if config.score_type == "gaussian" else None)
+
+    @property
+    def gate(self) -> SMoESGate:
+        return self.deepspeed_moe.gate
+
+    @property
+    def last_routing_stats(self) -> RoutingStats | None:
+        """Statistics of the most recent forward (detached), or None before the first."""
+        return self.gate.last_stats
+
+    def modality_scores(self, x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor,
+                        given_SM: torch.Tensor | None) -> torch.Tensor:
+        """The score the config asks for, detached, [S, 2]."""
+        kind = self.config.score_type
+        if kind == "hard":
+            return hard_scores(labels_S)
+        if kind == "gaussian":
+            if self.training:
+                self.scorer.update(x_SD, labels_S, valid_S, reduce_fn=distributed.world_sum_)
+            return self.scorer(x_SD)
+        if given_SM is None:
+            raise ValueError("score_type='attention' needs modality_scores=... from the model's attention "
+                             "(see ds_smoes.scores.attention_score_update); pass them, or use "
+                             "score_type='gaussian' or 'hard'")
+        return given_SM.reshape(-1, 2).detach().float()
+
+    def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None, *,
+                modality_labels: torch.Tensor | None = None, modality_scores: torch.Tensor | None = None,
+                sample_ids: torch.Tensor | None = None):
+        if modality_labels is None:
+            raise ValueError("SMoESMoE needs modality_labels (0 text, 1 vision per token, same leading shape as "
+                             "hidden_states)")
+        d = hidden_states.shape[-1]
+        x_SD = hidden_states.reshape(-1, d)
+        num_tokens = x_SD.shape[0]
+        labels_S = modality_labels.reshape(-1).long()
+        if labels_S.numel() != num_tokens:
+            raise ValueError(f"modality_labels has {labels_S.numel()} entries for {num_tokens} tokens")
+        valid_S = (used_token.reshape(-1).bool() if used_token is not None
+                   else torch.ones(num_tokens, dtype=torch.bool, device=x_SD.device))
+        if sample_ids is not None:
+            sample_id_S = sample_ids.reshape(-1).long()
+        elif hidden_states.dim() == 3:
+            sample_id_S = torch.arange(hidden_states.shape[0], device=x_SD.device).repeat_interleave(
+                hidden_states.shape[1])
+        else:
+            sample_id_S = torch.zeros(num_tokens, dtype=torch.long, device=x_SD.device)
+        scores_SM = self.modality_scores(x_SD, labels_S, valid_S, modality_scores)
+        self.gate.set_routing_inputs(RoutingInputs(scores_SM, labels_S, sample_id_S, valid_S))
+        return super().forward(hidden_states, None)

@@ -1,0 +1,41 @@
+"""Architecture of the small MoE-VLM."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    d_model: int = Field(64, ge=8, description="decoder hidden size")
+    n_layers: int = Field(4, ge=1, description="decoder blocks")
+    n_heads: int = Field(4, ge=1, description="attention heads (decoder and vision encoder)")
+    ffn_mult: int = Field(2, ge=1, description="expert / MLP hidden size = ffn_mult * d_model")
+    moe_layers: Literal["every_other", "all", "none"] = Field(
+        "every_other", description="which decoder blocks get an SMoESMoE FFN (every_other: blocks 1, 3, ...)")
+    image_size: int = Field(8, ge=2, description="images are resized to image_size x image_size (grayscale)")
+    patch_size: int = Field(2, ge=1, description="square patch side; image_size must be a multiple")
+    vision_dim: int = Field(64, ge=8, description="vision encoder width")
+    vision_layers: int = Field(1, ge=0, description="transformer blocks in the vision encoder")
+    max_len: int = Field(96, ge=8, description="longest sequence (image patches + text)")
+    attn_impl: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="sdpa: fused attention, probabilities recomputed for the attention score only; "
+                            "eager: explicit softmax that returns the probabilities")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.d_model % self.n_heads or self.vision_dim % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} and vision_dim={self.vision_dim} must be multiples of "
+                             f"n_heads={self.n_heads}")
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def is_moe_block(self, index: int) -> bool:
+        return self.moe_layers == "all" or (self.moe_layers == "every_other" and index % 2 == 1)

@@ -1,0 +1,52 @@
+"""Patch vision encoder and the 2-layer MLP projector (LLaVA's `mlp2x_gelu`)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ds_smoes.model.attention import SelfAttention, attention_mask
+
+
+def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm bidirectional transformer block."""
+
+    def __init__(self, dim: int, n_heads: int, impl: str) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, n_heads, impl)
+        self.mlp = mlp(dim, 2 * dim, dim)
+
+    def forward(self, x_BPD: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask(torch.ones(x_BPD.shape[:2], dtype=torch.bool, device=x_BPD.device), causal=False)
+        x_BPD = x_BPD + self.attn(self.ln1(x_BPD), mask)[0]
+        return x_BPD + self.mlp(self.ln2(x_BPD))
+
+
+class PatchVisionEncoder(nn.Module):
+    """[B, C, H, W] image -> [B, P, vision_dim] patch features (P = (H / patch)^2)."""
+
+    def __init__(self, image_size: int, patch_size: int, channels: int, dim: int, layers: int, n_heads: int,
+                 impl: str) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        num_patches = (image_size // patch_size) ** 2
+        self.embed = nn.Linear(channels * patch_size * patch_size, dim)
+        self.pos_PD = nn.Parameter(torch.randn(num_patches, dim) * 0.02)
+        self.blocks = nn.ModuleList(EncoderBlock(dim, n_heads, impl) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
+
+    def patchify(self, image_BCHW: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = image_BCHW.shape
+        p = self.patch_size
+        x = image_BCHW.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def forward(self, image_BCHW: torch.Tensor) -> torch.Tensor:
+        x_BPD = self.embed(self.patchify(image_BCHW)) + self.pos_PD
+        for block in self.blocks:
+            x_BPD = block(x_BPD)
+        return self.ln(x_BPD)

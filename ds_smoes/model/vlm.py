@@ -1,0 +1,148 @@
+"""TinyMoEVLM: vision encoder -> projector -> decoder whose FFNs are SMoESMoE layers.
+
+The image's patch embeddings are spliced into the token sequence at the `<image>` positions
+(LLaVA style).  Hard modality labels are those positions; the attention score is carried
+through the depth with `attention_score_update` and handed to every MoE layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_smoes.config import SMoESConfig
+from ds_smoes.layer import SMoESMoE
+from ds_smoes.model.attention import SelfAttention, attention_mask
+from ds_smoes.model.config import ModelConfig
+from ds_smoes.model.vision import PatchVisionEncoder, mlp
+from ds_smoes.scores import attention_score_update, hard_scores
+
+
+@dataclass
+class VLMOutput:
+    logits_BTV: torch.Tensor
+    loss: torch.Tensor | None       # lm_loss + aux_loss
+    lm_loss: torch.Tensor | None
+    aux_loss: torch.Tensor          # sum of the MoE layers' l_aux
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, smoes: SMoESConfig | None, use_moe: bool) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attn_impl)
+        expert = mlp(cfg.d_model, cfg.ffn_mult * cfg.d_model, cfg.d_model)
+        self.ffn = SMoESMoE(cfg.d_model, expert, smoes) if use_moe else expert
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, SMoESMoE)
+
+    def forward(self, x_BTD, mask_B1TT, valid_BT, labels_BT, modality_BTM):
+        h_BTD, probs_BTT = self.attn(self.ln1(x_BTD), mask_B1TT, need_probs=modality_BTM is not None)
+        if modality_BTM is not None:
+            modality_BTM = attention_score_update(modality_BTM, probs_BTT, h_BTD.detach().norm(dim=-1),
+                                                  x_BTD.detach().norm(dim=-1))
+        x_BTD = x_BTD + h_BTD
+        if self.is_moe:
+            out_BTD, l_aux, _ = self.ffn(self.ln2(x_BTD), valid_BT, modality_labels=labels_BT,
+                                         modality_scores=modality_BTM)
+        else:
+            out_BTD, l_aux = self.ffn(self.ln2(x_BTD)), x_BTD.new_zeros(())
+        return x_BTD + out_BTD, l_aux, modality_BTM
+
+
+class TinyMoEVLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, image_token_id: int, smoes: SMoESConfig | None,
+                 image_channels: int = 1, expert_seed: int = 0, ep_rank: int = 0) -> None:
+        super().__init__()
+        if cfg.moe_layers != "none" and smoes is None:
+            raise ValueError(f"moe_layers={cfg.moe_layers!r} needs an SMoES config")
+        self.cfg, self.smoes, self.image_token_id = cfg, smoes, image_token_id
+        self.vision = PatchVisionEncoder(cfg.image_size, cfg.patch_size, image_channels, cfg.vision_dim,
+                                         cfg.vision_layers, cfg.n_heads, cfg.attn_impl)
+        self.projector = mlp(cfg.vision_dim, cfg.d_model, cfg.d_model)
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, smoes, cfg.is_moe_block(i)) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self._init_experts(expert_seed, ep_rank)
+
+    def _init_experts(self, seed: int, ep_rank: int) -> None:
+        """DeepSpeed deep-copies one expert module; give every global expert its own init.
+
+        Global expert g = ep_rank * local_experts + i is initialised from seed + g, so a model
+        built on any expert-parallel layout starts from the same experts."""
+        for layer_idx, layer in enumerate(self.moe_layers()):
+            experts = layer.deepspeed_moe.experts.deepspeed_experts
+            for i, expert in enumerate(experts):
+                gen = torch.Generator().manual_seed(seed * 100_003 + layer_idx * 1009 + ep_rank * len(experts) + i)
+                for p in expert.parameters():
+                    if p.dim() > 1:
+                        bound = 1.0 / p.shape[1] ** 0.5
+                        p.data.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
+                    else:
+                        p.data.zero_()
+
+    def moe_layers(self) -> list[SMoESMoE]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def embed(self, input_ids_BT, attention_mask_BT, image_BCHW, has_image_B) -> torch.Tensor:
+        x_BTD = self.tok_emb(input_ids_BT)
+        image_pos_BT = input_ids_BT == self.image_token_id
+        if bool(has_image_B.any()):
+            patches_NPD = self.projector(self.vision(image_BCHW[has_image_B]))
+            expected = int(has_image_B.sum()) * patches_NPD.shape[1]
+            if int(image_pos_BT.sum()) != expected:
+                raise ValueError(f"batch has {int(image_pos_BT.sum())} <image> positions but {expected} image "
+                                 f"patch embeddings: each image needs exactly {patches_NPD.shape[1]} placeholders")
+            x_BTD = x_BTD.masked_scatter(image_pos_BT.unsqueeze(-1), patches_NPD.to(x_BTD.dtype))
+        position_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp_min(0)
+        if int(position_BT.max()) >= self.cfg.max_len:
+            raise ValueError(f"sequence of {int(position_BT.max()) + 1} tokens exceeds model.max_len="
+                             f"{self.cfg.max_len}; raise max_len in the config")
+        return x_BTD + self.pos_emb(position_BT)
+
+    def forward(self, input_ids_BT, attention_mask_BT, modality_BT, image_BCHW, has_image_B,
+                labels_BT: torch.Tensor | None = None) -> VLMOutput:
+        valid_BT = attention_mask_BT.bool()
+        x_BTD = self.embed(input_ids_BT, valid_BT, image_BCHW, has_image_B)
+        mask_B1TT = attention_mask(valid_BT, causal=True)
+        labels_mod_BT = modality_BT.long() * valid_BT
+        track = self.smoes is not None and self.smoes.score_type == "attention" and bool(self.moe_layers())
+        modality_BTM = hard_scores(labels_mod_BT) if track else None  # layer 0: one-hot of the hard label
+        aux = x_BTD.new_zeros(())
+        for block in self.blocks:
+            x_BTD, l_aux, modality_BTM = block(x_BTD, mask_B1TT, valid_BT, labels_mod_BT, modality_BTM)
+            aux = aux + l_aux
+        logits_BTV = self.lm_head(self.ln_f(x_BTD))
+        lm_loss = loss = None
+        if labels_BT is not None:
+            lm_loss = F.cross_entropy(logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]),
+                                      labels_BT[:, 1:].reshape(-1), ignore_index=-100)
+            loss = lm_loss + aux
+        return VLMOutput(logits_BTV, loss, lm_loss, aux)
+
+    @torch.no_grad()
+    def generate(self, input_ids_BT, attention_mask_BT, modality_BT, image_BCHW, has_image_B,
+                 max_new_tokens: int, eos_id: int) -> list[list[int]]:
+        """Greedy decoding from left-padded prompts.
+
+        Always runs exactly `max_new_tokens` forward passes, so every expert-parallel rank
+        takes part in the same number of all-to-alls; tokens after <eos> are discarded."""
+        ids, mask, mod = input_ids_BT, attention_mask_BT.bool(), modality_BT
+        new_BN = []
+        for _ in range(max_new_tokens):
+            logits_BTV = self.forward(ids, mask, mod, image_BCHW, has_image_B).logits_BTV
+            nxt_B = logits_BTV[:, -1].argmax(-1)
+            new_BN.append(nxt_B)
+            ids = torch.cat([ids, nxt_B.unsqueeze(1)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            mod = torch.cat([mod, torch.zeros_like(mod[:, :1])], 1)
+        out = []
+        for row in torch.stack(new_BN, 1).tolist():
+            out.append(row[:row.index(eos_id)] if eos_id in row else row)
+        return out

@@ -1,0 +1,72 @@
+"""Top-k routing to DeepSpeed's sparse routes (the contract of DeepSpeed >= 0.19.4).
+
+`MOELayer` expects, per route k and token s: the expert index (-1 = not dispatched), the slot
+in that expert's capacity buffer, and the combine weight, all as [K, S] tensors, plus one
+capacity shared by every expert on every expert-parallel rank.  Routing is split in two so
+the caller can agree on that capacity across ranks between the steps:
+`assign_slots` (local slot numbers and counts), then `finalize_routes` (apply the capacity).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SparseRoutes:
+    indices_KS: torch.Tensor    # int32, expert id or -1 (not dispatched: padding or over capacity)
+    locations_KS: torch.Tensor  # int32, slot inside the expert's capacity buffer (0 when not dispatched)
+    gates_KS: torch.Tensor      # float32 combine weights (0 when not dispatched)
+    counts_E: torch.Tensor      # int64 selections per expert by valid tokens, before capacity drops
+    selected_SE: torch.Tensor   # bool, each valid token's top-k choice (before capacity drops)
+
+    @property
+    def num_dropped(self) -> int:
+        return int(self.counts_E.sum()) - int((self.indices_KS >= 0).sum())
+
+
+def capacity_for(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """GShard-style capacity: ceil(tokens / experts * capacity_factor * k), at least min_capacity."""
+    return max(math.ceil(num_tokens / num_experts * capacity_factor * k), min_capacity)
+
+
+def assign_slots(top_idx_SK: torch.Tensor, valid_S: torch.Tensor, num_experts: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot of every (route, token) in its expert's buffer, route-major (all first choices first).
+
+    Returns (location_KS int64, counts_E int64); padding tokens get no slot and are not counted.
+    """
+    k, num_tokens = top_idx_SK.shape[1], top_idx_SK.shape[0]
+    idx_KS = top_idx_SK.T
+    live_KS = valid_S.bool().unsqueeze(0).expand(k, num_tokens)
+    onehot_KSE = torch.nn.functional.one_hot(idx_KS.long(), num_experts) * live_KS.unsqueeze(-1)
+    flat_XE = onehot_KSE.reshape(k * num_tokens, num_experts)
+    location_KS = ((flat_XE.cumsum(0) - 1) * flat_XE).sum(-1).reshape(k, num_tokens)
+    return location_KS, flat_XE.sum(0)
+
+
+def finalize_routes(probs_SE: torch.Tensor, top_idx_SK: torch.Tensor, valid_S: torch.Tensor,
+                    location_KS: torch.Tensor, counts_E: torch.Tensor, capacity: int,
+                    normalize: bool) -> SparseRoutes:
+    """Drop routes beyond `capacity`, compute combine weights, package the sparse routes.
+
+    normalize: renormalise the kept weights of each token to sum to 1 (only meaningful for k > 1:
+    with one route the weight would be constant 1 and the router would get no task gradient).
+    """
+    k = top_idx_SK.shape[1]
+    valid_S = valid_S.bool()
+    idx_KS = top_idx_SK.T
+    kept_KS = valid_S.unsqueeze(0) & (location_KS < capacity)
+    gates_KS = probs_SE.gather(1, top_idx_SK).T * kept_KS
+    if normalize and k > 1:
+        gates_KS = gates_KS / gates_KS.sum(0, keepdim=True).clamp_min(torch.finfo(probs_SE.dtype).eps)
+    selected_SE = torch.zeros_like(probs_SE, dtype=torch.bool).scatter_(1, top_idx_SK, True) & valid_S.unsqueeze(1)
+    return SparseRoutes(
+        indices_KS=torch.where(kept_KS, idx_KS, torch.full_like(idx_KS, -1)).to(torch.int32),
+        locations_KS=(location_KS * kept_KS).to(torch.int32),
+        gates_KS=gates_KS.contiguous(),
+        counts_E=counts_E.to(torch.int64),
+        selected_SE=selected_SE,
+    )

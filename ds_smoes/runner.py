@@ -1,0 +1,316 @@
+"""One training run: data, model, DeepSpeed engine, training loop, evaluation, logging.
+
+Kept apart from the CLI (`ds_smoes.train`) so the Ray jobs can call `run_training` inside
+their workers with a validated `TrainConfig`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ds_smoes import distributed
+from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train, generate_digits_dataset, load_llava_json
+from ds_smoes.errors import ConfigError
+from ds_smoes.evaluation import RoutingAccumulator, exact_match_accuracy, measure_routing
+from ds_smoes.model import TinyMoEVLM
+from ds_smoes.train_config import TrainConfig
+
+FINAL_KEYS = ("acc_multimodal", "acc_language", "acc_overall", "msi", "tokens_per_s", "cross_rank_rate",
+              "ranks_per_token")
+
+
+@dataclass
+class Datasets:
+    train: LlavaDataset
+    val: LlavaDataset | None
+    test: LlavaDataset
+    tokenizer: WordTokenizer
+
+
+def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
+    d = cfg.data
+    if d.generate_digits and not Path(d.train_json).exists():
+        if distributed.rank() == 0:
+            log(f"generating the digits dataset (seed {d.digits_seed}) into {d.image_folder} ...")
+            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed)
+        distributed.barrier()
+    train = load_llava_json(Path(d.train_json), Path(d.image_folder))
+    val = load_llava_json(Path(d.val_json), Path(d.image_folder)) if d.val_json else None
+    test = load_llava_json(Path(d.test_json), Path(d.image_folder))
+    # Built from the training split only (same order on every rank, so identical ids everywhere).
+    tokenizer = WordTokenizer.build(t for s in train for t in (s.prompt, s.answer))
+    m = cfg.model
+    make = lambda samples: LlavaDataset(samples, tokenizer, m.image_size, m.patch_size)  # noqa: E731
+    sets = Datasets(make(train), make(val) if val else None, make(test), tokenizer)
+    longest = max(ds.max_seq_len for ds in (sets.train, sets.test) + ((sets.val,) if sets.val else ()))
+    if longest > m.max_len:
+        raise ConfigError(f"the data has sequences of {longest} tokens but model.max_len={m.max_len}: "
+                          f"raise model.max_len (e.g. --set model.max_len={longest + 8})")
+    return sets
+
+
+def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    path = Path(cfg.run.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {str(path)!r} not found (run.deepspeed_config)")
+    try:
+        ds_config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    for key in ("optimizer", "scheduler", "train_batch_size"):
+        if key in ds_config:
+            raise ConfigError(f"{path}: remove {key!r}; the optimizer, schedule and batch size come from the "
+                              f"training config (optim.*) so one file decides them")
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.optim.micro_batch_size
+    ds_config.setdefault("gradient_accumulation_steps", 1)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name.endswith("pos_PD") else decay).append(p)
+    groups = split_params_into_different_moe_groups_for_optimizer([
+        {"params": decay, "weight_decay": cfg.optim.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine, ds_config
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_inputs(batch):
+    return (batch.input_ids_BT, batch.attention_mask_BT, batch.modality_BT, batch.image_BCHW, batch.has_image_B)
+
+
+def run_name_for(cfg: TrainConfig) -> str:
+    s = cfg.smoes
+    return cfg.tracking.run_name or f"smoes-{s.score_type}-b{s.num_bins}-k{s.k}-seed{cfg.run.seed}"
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_id: str | None = None,
+                 init_distributed: Callable[[], None] | None = None, log: Callable = print) -> dict:
+    """Train, evaluate and log one configuration; returns the final figures (on every rank)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from ds_smoes.plots import expert_modality_heatmap
+    from ds_smoes.tracking import Tracker, default_tracking_uri, flatten
+
+    t_start = time.time()
+    if init_distributed is not None:
+        init_distributed()
+    world, rank = distributed.world_size(), distributed.rank()
+    ep = cfg.smoes.ep_size
+    if cfg.model.moe_layers != "none" and world % ep:
+        raise ConfigError(f"smoes.ep_size={ep} does not divide the number of ranks ({world}): launch "
+                          f"`deepspeed --num_gpus {ep} -m ds_smoes.train ...` or set --set smoes.ep_size=1")
+    seed_everything(cfg.run.seed)
+    out_dir = Path(cfg.run.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    data = prepare_data(cfg, log)
+    log(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test "
+        f"conversations, vocabulary {data.tokenizer.vocab_size}, {data.train.num_patches} image tokens per image")
+
+    model = TinyMoEVLM(cfg.model, data.tokenizer.vocab_size, data.tokenizer.image_id,
+                       cfg.smoes if cfg.model.moe_layers != "none" else None,
+                       expert_seed=cfg.run.seed, ep_rank=rank % ep)
+    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed,
+                                 drop_last=True)
+    loader = DataLoader(data.train, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
+                        collate_fn=collate_train, drop_last=True)
+    if len(loader) == 0:
+        raise ConfigError(f"{len(data.train)} training conversations over {world} ranks do not fill one batch "
+                          f"of optim.micro_batch_size={cfg.optim.micro_batch_size}; lower it")
+    total_steps = math.ceil(cfg.optim.epochs * len(loader))
+    if cfg.optim.max_steps:
+        total_steps = min(total_steps, cfg.optim.max_steps)
+    engine, ds_config = build_engine(cfg, model, total_steps)
+    device = engine.device
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e3:.0f}k parameters on rank 0 ({len(model.moe_layers())} MoE layers, "
+        f"{cfg.smoes.num_experts} experts, top-{cfg.smoes.k}, {cfg.smoes.num_bins} bins, ep_size {ep}, "
+        f"score {cfg.smoes.score_type}, binning {cfg.smoes.binning}); world {world}; {total_steps} steps")
+
+    s = cfg.smoes
+    tracker = Tracker(cfg.tracking.tracking_uri or default_tracking_uri(), cfg.tracking.experiment,
+                      run_name_for(cfg), active=rank == 0 and cfg.tracking.enabled,
+                      tags={"gate": "smoes", "score_type": s.score_type, "num_bins": str(s.num_bins),
+                            "seed": str(cfg.run.seed), "binning": s.binning},
+                      parent_run_id=parent_run_id)
+    resolved = json.loads(cfg.model_dump_json())
+    tracker.log_params({**flatten("", resolved), "world_size": world, "deepspeed.zero_stage":
+                        ds_config.get("zero_optimization", {}).get("stage", 0)})
+    tracker.log_dict(resolved, "config.json")
+    if tracker.active:
+        log(f"mlflow: run {tracker.run_id} in experiment {cfg.tracking.experiment!r} at {tracker.tracking_uri}")
+
+    status = "FAILED"
+    try:
+        figures = _train_loop(cfg, engine, loader, sampler, data, device, total_steps, tracker, log)
+        status = "FINISHED"
+    finally:
+        if status == "FAILED":
+            tracker.end("FAILED")
+
+    # -- final evaluation on the held-out split -----------------------------------------------------
+    log("evaluating on the held-out test split ...")
+    acc = exact_match_accuracy(engine, data.test, cfg.run.eval_batch_size, cfg.run.max_new_tokens, device)
+    routing = measure_routing(engine, data.test, cfg.run.eval_batch_size, device)
+    final = {
+        **{k: acc[k] for k in ("acc_multimodal", "acc_language", "acc_overall")},
+        "num_test_multimodal": acc["num_multimodal"], "num_test_language": acc["num_language"],
+        "test_loss": routing.loss,
+        "msi": routing.msi,
+        "msi_per_layer": routing.msi_per_layer(),
+        "tokens_per_s": figures["tokens_per_s"],
+        "train_seconds": figures["train_seconds"],
+        "cross_rank_rate": routing.mean("cross_rank_rate"),
+        "ranks_per_token": routing.mean("ranks_per_token"),
+        "remote_pairs_per_token": routing.mean("remote_pairs_per_token"),
+        "cross_rank_rate_physical": routing.mean("cross_rank_rate_physical"),
+        "ranks_per_token_physical": routing.mean("ranks_per_token_physical"),
+        "cross_rank_rate_per_layer": routing.comm.get("cross_rank_rate", []),
+        "gate": "smoes", "score_type": s.score_type, "num_bins": s.num_bins, "num_experts": s.num_experts,
+        "k": s.k, "ep_size": ep, "world_size": world, "binning": s.binning, "seed": cfg.run.seed,
+        "steps": total_steps, "final_train_loss": figures["final_loss"],
+        "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri if tracker.active else None,
+    }
+    if cfg.run.save_checkpoint:
+        ckpt = out_dir / "checkpoint"
+        engine.save_checkpoint(str(ckpt), tag="final")
+        final["checkpoint"] = str(ckpt)
+    final["wall_seconds"] = time.time() - t_start
+
+    if rank == 0:
+        data.tokenizer.save(out_dir / "tokenizer.json")
+        bins_LE = torch.stack([layer.gate.binning.bin_id_E for layer in model.moe_layers()]) \
+            if model.moe_layers() else None
+        if model.moe_layers():
+            fig = expert_modality_heatmap(routing.load_LME, bins_LE, title=f"{run_name_for(cfg)} (test split)")
+            fig.savefig(out_dir / "expert_modality_heatmap.png", dpi=120)
+            tracker.log_figure(fig, "expert_modality_heatmap.png")
+        tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float))
+                             and not isinstance(v, bool)}, step=total_steps)
+        for l, value in enumerate(final["msi_per_layer"]):
+            tracker.log_metrics({"msi_layer": value}, step=l)
+        tracker.log_dict(final, "metrics.json")
+        tracker.log_file(out_dir / "tokenizer.json")
+        tracker.end("FINISHED")
+        (out_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+        if output_json:
+            Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(output_json).write_text(json.dumps(final, indent=2))
+        _print_summary(final, log)
+    distributed.barrier()
+    return final
+
+
+def _print_summary(final: dict, log: Callable) -> None:
+    log("")
+    log("== results (held-out test split) " + "=" * 40)
+    rows = [("accuracy, multimodal questions", f"{final['acc_multimodal']:.4f}  ({final['num_test_multimodal']} q)"),
+            ("accuracy, language-only questions", f"{final['acc_language']:.4f}  ({final['num_test_language']} q)"),
+            ("accuracy, overall", f"{final['acc_overall']:.4f}"),
+            ("modality specialisation index (MSI)", f"{final['msi']:.4f}  per layer "
+             + ", ".join(f"{v:.3f}" for v in final["msi_per_layer"])),
+            ("training throughput", f"{final['tokens_per_s']:.0f} tokens/s (all ranks)"),
+            ("cross-rank rate, bins placed on EP ranks", f"{final['cross_rank_rate']:.4f}"),
+            ("ranks per token, bins placed on EP ranks", f"{final['ranks_per_token']:.4f}"),
+            ("cross-rank rate, DeepSpeed's stock layout", f"{final['cross_rank_rate_physical']:.4f}"),
+            ("wall time", _fmt_time(final["wall_seconds"]))]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        log(f"  {name:<{width}}  {value}")
+    if final.get("mlflow_run_id"):
+        log(f"  MLflow run {final['mlflow_run_id']}  ({final['mlflow_tracking_uri']})")
+
+
+def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, device, total_steps: int, tracker,
+                log: Callable) -> dict:
+    module = engine.module
+    moe_layers = module.moe_layers()
+    step, epoch = 0, 0
+    train_time, tokens_local = 0.0, 0
+    window = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, count
+    comm_acc = RoutingAccumulator(moe_layers)
+    last_loss = float("nan")
+    time_since_log, tokens_since_log = 0.0, 0
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            if step >= total_steps:
+                break
+            t0 = time.time()
+            batch = batch.to(device)
+            out = engine(*model_inputs(batch), batch.labels_BT)
+            engine.backward(out.loss)
+            engine.step()
+            step_time = time.time() - t0
+            train_time += step_time
+            time_since_log += step_time
+            n_tok = int(batch.attention_mask_BT.sum())
+            tokens_local += n_tok
+            tokens_since_log += n_tok
+            window += torch.tensor([out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), 1.0], dtype=torch.float64)
+            comm_acc.add()
+            step += 1
+            if step % cfg.run.log_every == 0 or step == total_steps:
+                stats = distributed.world_sum_(torch.cat([window, torch.tensor([float(tokens_since_log)],
+                                                                               dtype=torch.float64)]))
+                routing = comm_acc.result()
+                mean = (stats[:3] / stats[3]).tolist()
+                last_loss = mean[0]
+                tok_s = float(stats[4]) / max(time_since_log, 1e-9)
+                mi = [float(layer.last_routing_stats.mi) for layer in moe_layers if layer.last_routing_stats]
+                rebins = sum(int(layer.gate.binning.num_rebins) for layer in moe_layers)
+                metrics = {"train/loss": mean[0], "train/lm_loss": mean[1], "train/aux_loss": mean[2],
+                           "train/tokens_per_s": tok_s, "train/msi": routing.msi,
+                           "train/cross_rank_rate": routing.mean("cross_rank_rate"),
+                           "train/ranks_per_token": routing.mean("ranks_per_token"),
+                           "train/mi": sum(mi) / len(mi) if mi else 0.0, "train/rebins": rebins,
+                           "train/lr": engine.get_lr()[0]}
+                tracker.log_metrics(metrics, step=step)
+                eta = train_time / step * (total_steps - step)
+                log(f"[epoch {epoch + 1} step {step}/{total_steps}] loss {mean[0]:.4f} (lm {mean[1]:.4f}, aux "
+                    f"{mean[2]:.5f})  MI {metrics['train/mi']:.3f}  MSI {routing.msi:.3f}  cross-rank "
+                    f"{metrics['train/cross_rank_rate']:.3f}  {tok_s:,.0f} tok/s  eta {_fmt_time(eta)}")
+                window.zero_()
+                comm_acc = RoutingAccumulator(moe_layers)
+                tokens_since_log, time_since_log = 0, 0.0
+        epoch += 1
+        if data.val is not None and cfg.run.eval_every_epoch:
+            val = exact_match_accuracy(engine, data.val, cfg.run.eval_batch_size, cfg.run.max_new_tokens, device)
+            tracker.log_metrics({f"val/{k}": v for k, v in val.items() if k.startswith("acc")}, step=step)
+            log(f"  validation after epoch {epoch}: multimodal {val['acc_multimodal']:.3f}, "
+                f"language {val['acc_language']:.3f}")
+    total_tokens = float(distributed.world_sum_(torch.tensor([float(tokens_local)], dtype=torch.float64)))
+    return {"tokens_per_s": total_tokens / max(train_time, 1e-9), "train_seconds": train_time,
+            "final_loss": last_loss}

@@ -1,0 +1,101 @@
+"""MLflow, in one thin layer.  Only this module (and callers' choice of URI) knows MLflow.
+
+Default store: a SQLite file `mlflow.db` in the working directory, addressed by an absolute
+URI so every process (DeepSpeed ranks, Ray workers) talks to the same store.  Open the UI with
+`mlflow ui --backend-store-uri sqlite:///ABSOLUTE/PATH/mlflow.db`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def default_tracking_uri(directory: Path | None = None) -> str:
+    path = (Path(directory) if directory else Path.cwd()).resolve() / "mlflow.db"
+    return f"sqlite:///{path}"
+
+
+def flatten(prefix: str, obj: Any, out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and paths become strings."""
+    out = {} if out is None else out
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = obj if isinstance(obj, (int, float, bool)) or obj is None else str(obj)
+    return out
+
+
+class Tracker:
+    """One MLflow run.  `active=False` (non-zero ranks, or tracking disabled) makes every call a no-op."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, active: bool = True,
+                 tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> None:
+        self.active = active
+        self.run_id: str | None = None
+        self.tracking_uri = tracking_uri
+        if not active:
+            return
+        import mlflow  # imported here: ranks that do not log never pay for it
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri)
+        experiment_obj = mlflow.get_experiment_by_name(experiment)
+        experiment_id = (experiment_obj.experiment_id if experiment_obj is not None
+                         else mlflow.create_experiment(experiment))
+        run_tags = dict(tags or {})
+        if parent_run_id:
+            run_tags["mlflow.parentRunId"] = parent_run_id
+        self._client = mlflow.MlflowClient(tracking_uri)
+        run = self._client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+        self.run_id = run.info.run_id
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        for i in range(0, len(items), 500):
+            self._client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            for k, v in tags.items():
+                self._client.set_tag(self.run_id, k, str(v))
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        if not self.active:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(obj, indent=2, default=str) if name.endswith(".json") else str(obj))
+            self._client.log_artifact(self.run_id, str(path))
+
+    def log_file(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.active and Path(path).exists():
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, figure, name: str) -> None:
+        if self.active:
+            self._client.log_figure(self.run_id, figure, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active and self.run_id:
+            self._client.set_terminated(self.run_id, status=status)

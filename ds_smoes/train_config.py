@@ -1,0 +1,128 @@
+"""The training job's configuration: one file (YAML or JSON) validated into `TrainConfig`.
+
+Relative paths in the file are resolved against the directory of the file itself, so a
+config works from any working directory.  `--set section.field=value` overrides any field.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ds_smoes.config import SMoESConfig, validate
+from ds_smoes.errors import ConfigError
+from ds_smoes.model.config import ModelConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    train_json: Path = Field(Path("data/digits/train.json"), description="LLaVA-format training conversations")
+    val_json: Path | None = Field(Path("data/digits/val.json"), description="validation split (None: skip)")
+    test_json: Path = Field(Path("data/digits/test.json"), description="held-out split for the final figures")
+    image_folder: Path = Field(Path("data/digits"), description="root that the records' \"image\" paths are under")
+    generate_digits: bool = Field(True, description="generate the digits dataset into image_folder when missing")
+    digits_seed: int = Field(0, description="seed of the generated digits dataset")
+
+
+class OptimConfig(_Section):
+    epochs: float = Field(6.0, gt=0, description="passes over the training split (fractions allowed)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    micro_batch_size: int = Field(32, ge=1, description="sequences per rank per step")
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="cosine decay floor, as a share of lr")
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="MLflow URI; None: sqlite store mlflow.db in the working dir")
+    experiment: str = Field("ds-smoes", description="MLflow experiment name")
+    run_name: str | None = Field(None, description="MLflow run name (default: gate-score-bins-seed)")
+    enabled: bool = Field(True, description="log to MLflow at all")
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    output_dir: Path = Field(Path("runs/latest"), description="tokenizer, figures, checkpoint and metrics go here")
+    deepspeed_config: Path = Field(Path("ds_configs/cpu_ep.json"), description="DeepSpeed JSON (ZeRO, clipping)")
+    eval_batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(4, ge=1, description="greedy decoding length for exact-match evaluation")
+    log_every: int = Field(20, ge=1, description="print and log training metrics every N steps")
+    eval_every_epoch: bool = Field(True, description="validation accuracy after every epoch")
+    save_checkpoint: bool = Field(True, description="DeepSpeed checkpoint in output_dir/checkpoint at the end")
+
+
+class TrainConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    smoes: SMoESConfig = SMoESConfig()
+    optim: OptimConfig = OptimConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.model.moe_layers == "none":
+            return self
+        if self.smoes.num_experts < self.smoes.k:
+            raise ValueError("smoes.k exceeds smoes.num_experts")
+        return self
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 4 -> int, 0.5 -> float, true -> bool, null -> None."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. --set smoes.num_bins=4")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """Make relative paths in the file relative to the file's directory."""
+    for section, fields in (("data", ("train_json", "val_json", "test_json", "image_folder")),
+                            ("run", ("output_dir", "deepspeed_config"))):
+        sec = data.get(section) or {}
+        for name in fields:
+            value = sec.get(name)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                sec[name] = str((base / value).resolve())
+        if sec:
+            data[section] = sec
+    return data
+
+
+def load_train_config(path: Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+        data = data or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, smoes, optim, tracking, run)")
+        data = _resolve_paths(data, path.parent)
+    data = apply_overrides(data, overrides or [])
+    return validate(TrainConfig, data, source=str(path) if path else "config")

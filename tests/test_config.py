@@ -1,0 +1,47 @@
+"""Configuration errors a user can act on."""
+import pytest
+
+from ds_smoes.config import SMoESConfig, validate
+from ds_smoes.errors import ConfigError
+from ds_smoes.train_config import TrainConfig, load_train_config
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_experts": 8, "num_bins": 3, "ep_size": 1}, "num_bins=3 does not divide num_experts=8"),
+    ({"num_experts": 8, "num_bins": 2, "ep_size": 4}, "num_bins=2 is not a multiple of ep_size=4"),
+    ({"num_experts": 6, "num_bins": 2, "ep_size": 4}, "num_experts=6 is not divisible by ep_size=4"),
+    ({"num_experts": 4, "k": 5, "num_bins": 2}, "k=5 exceeds num_experts=4"),
+    ({"score_type": "cosine"}, "score_type: Input should be 'attention', 'gaussian' or 'hard'"),
+    ({"num_bin": 2}, "num_bin: unknown field"),
+])
+def test_smoes_config_rejects_with_message(fields, message):
+    with pytest.raises(ConfigError) as err:
+        validate(SMoESConfig, fields)
+    assert message in str(err.value)
+
+
+def test_valid_bins_are_suggested():
+    with pytest.raises(ConfigError, match=r"valid num_bins for ep_size=2: \[2, 4, 8\]"):
+        validate(SMoESConfig, {"num_experts": 8, "num_bins": 6, "ep_size": 2})
+
+
+def test_config_file_paths_resolve_against_file(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("data:\n  image_folder: imgs\nsmoes:\n  num_bins: 2\n")
+    cfg = load_train_config(tmp_path / "cfg.yaml", ["smoes.score_type=gaussian", "optim.lr=0.01"])
+    assert cfg.data.image_folder == (tmp_path / "imgs").resolve()
+    assert cfg.smoes.score_type == "gaussian" and cfg.optim.lr == 0.01
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        load_train_config(None, ["smoes.num_bins"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_train_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("smoes: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_train_config(tmp_path / "bad.yaml")
+
+
+def test_demo_config_is_valid():
+    cfg = load_train_config(__import__("pathlib").Path(__file__).parents[1] / "configs" / "demo.yaml")
+    assert isinstance(cfg, TrainConfig) and cfg.smoes.ep_size == 2

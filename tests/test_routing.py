@@ -1,0 +1,51 @@
+"""Sparse routes: slots, capacity, weights."""
+import torch
+
+from ds_smoes.routing import assign_slots, capacity_for, finalize_routes
+
+
+def test_assign_slots_route_major():
+    top_idx = torch.tensor([[0, 1], [1, 0], [0, 2]])  # [S=3, K=2]
+    valid = torch.tensor([True, True, True])
+    loc, counts = assign_slots(top_idx, valid, 3)
+    # first choices: t0->e0 slot0, t1->e1 slot0, t2->e0 slot1; second: t0->e1 slot1, t1->e0 slot2, t2->e2 slot0
+    assert loc.tolist() == [[0, 0, 1], [1, 2, 0]]
+    assert counts.tolist() == [3, 2, 1]
+
+
+def test_padding_gets_no_slot():
+    loc, counts = assign_slots(torch.tensor([[0], [0], [0]]), torch.tensor([True, False, True]), 2)
+    assert loc.tolist() == [[0, 0, 1]] and counts.tolist() == [2, 0]
+
+
+def test_capacity_drops_are_minus_one_and_weights_renormalised():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.7, 0.2, 0.1]])
+    top_idx = probs.topk(2, dim=1).indices
+    valid = torch.ones(3, dtype=torch.bool)
+    loc, counts = assign_slots(top_idx, valid, 3)
+    r = finalize_routes(probs, top_idx, valid, loc, counts, capacity=2, normalize=True)
+    # every token picks e0 then e1; token 2 lands in slot 2 of both, beyond capacity 2: both routes dropped
+    assert r.indices_KS.tolist() == [[0, 0, -1], [1, 1, -1]]
+    assert r.num_dropped == 2
+    assert torch.allclose(r.gates_KS[:, 0], torch.tensor([0.6 / 0.9, 0.3 / 0.9]))
+    assert torch.allclose(r.gates_KS[:, 2], torch.tensor([0.0, 0.0]))
+    # a larger capacity keeps everything
+    r3 = finalize_routes(probs, top_idx, valid, loc, counts, capacity=3, normalize=True)
+    assert r3.num_dropped == 0 and torch.allclose(r3.gates_KS[:, 2], torch.tensor([0.7 / 0.9, 0.2 / 0.9]))
+    assert r.indices_KS.dtype == torch.int32 and r.locations_KS.dtype == torch.int32
+
+
+def test_k1_keeps_raw_probability_so_the_router_learns():
+    logits = torch.tensor([[2.0, 0.0]], requires_grad=True)
+    probs = logits.softmax(-1)
+    top_idx = probs.topk(1, dim=1).indices
+    loc, counts = assign_slots(top_idx, torch.tensor([True]), 2)
+    r = finalize_routes(probs, top_idx, torch.tensor([True]), loc, counts, capacity=4, normalize=True)
+    assert torch.allclose(r.gates_KS, probs[:, :1].T)
+    r.gates_KS.sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_capacity_for():
+    assert capacity_for(10, 4, 2, 1.0, 1) == 5
+    assert capacity_for(10, 4, 2, 1.0, 8) == 8

@@ -1,0 +1,107 @@
+"""The training entry point: a real 2-rank run logged to MLflow, and bad input handled cleanly."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch import ROOT, deepspeed_run, python_run
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    from ds_smoes.data import generate_digits_dataset
+
+    out = tmp_path_factory.mktemp("digits")
+    generate_digits_dataset(out, seed=0)
+    return out
+
+
+def write_config(tmp_path: Path, data_dir: Path, **sections) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg["data"] = {"train_json": str(data_dir / "train.json"), "val_json": str(data_dir / "val.json"),
+                   "test_json": str(data_dir / "test.json"), "image_folder": str(data_dir),
+                   "generate_digits": False}
+    cfg["run"]["output_dir"] = str(tmp_path / "out")
+    cfg["run"]["deepspeed_config"] = str(ROOT / "ds_configs" / "cpu_ep.json")
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_two_rank_training_logs_to_mlflow(tmp_path, digits):
+    cfg = write_config(tmp_path, digits, optim={"max_steps": 12}, run={"log_every": 4, "eval_every_epoch": False})
+    db = tmp_path / "mlflow.db"
+    out_json = tmp_path / "metrics.json"
+    proc = deepspeed_run(["--module", "ds_smoes.train", "--config", str(cfg), "--output-json", str(out_json),
+                          "--tracking-uri", f"sqlite:///{db}", "--experiment", "e2e"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "[epoch 1 step 12/12]" in proc.stdout and "== results" in proc.stdout
+    m = json.loads(out_json.read_text())
+    for key in ("acc_multimodal", "acc_language", "msi", "tokens_per_s", "cross_rank_rate", "ranks_per_token",
+                "mlflow_run_id", "gate", "score_type", "num_bins"):
+        assert key in m, key
+    assert m["world_size"] == 2 and m["ep_size"] == 2 and m["gate"] == "smoes" and m["num_bins"] == 2
+    assert 0.0 <= m["acc_multimodal"] <= 1.0 and m["tokens_per_s"] > 0
+    assert 0.0 < m["cross_rank_rate"] <= 1.0 and 1.0 <= m["ranks_per_token"] <= 2.0
+    assert m["num_test_multimodal"] + m["num_test_language"] == 759  # every test question, counted once
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    run = client.get_run(m["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    for key in ("acc_multimodal", "acc_language", "msi", "tokens_per_s", "cross_rank_rate", "train/loss"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3  # steps 4, 8, 12
+    assert run.data.params["smoes.score_type"] == "attention" and run.data.tags["gate"] == "smoes"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "metrics.json", "expert_modality_heatmap.png"} <= artifacts
+    assert (tmp_path / "out" / "checkpoint" / "final").is_dir()
+
+
+def _fails_cleanly(proc, *needles):
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("smoes.score_type=cosine", ["smoes.score_type", "'attention', 'gaussian' or 'hard'"]),
+    ("smoes.num_bins=3", ["num_bins=3 is not a multiple of ep_size=2"]),
+    ("smoes.ep_sise=1", ["smoes.ep_sise: unknown field"]),
+])
+def test_config_errors_exit_2_with_message(tmp_path, override, needles):
+    proc = python_run(["-m", "ds_smoes.train", "--config", str(ROOT / "configs" / "demo.yaml"), "--set", override,
+                       "--no-mlflow"])
+    _fails_cleanly(proc, *needles)
+
+
+def test_ep_size_larger_than_world(tmp_path, digits):
+    cfg = write_config(tmp_path, digits)
+    proc = python_run(["-m", "ds_smoes.train", "--config", str(cfg), "--no-mlflow"])
+    _fails_cleanly(proc, "smoes.ep_size=2 does not divide the number of ranks (1)", "deepspeed --num_gpus 2")
+
+
+@pytest.mark.parametrize("damage, needles", [
+    ("malformed", ["train.json", "line 2"]),
+    ("missing_image", ["not found under", "images/0000.png"]),
+])
+def test_dataset_errors_exit_2_with_message(tmp_path, digits, damage, needles):
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    if damage == "malformed":
+        (data / "train.json").write_text('[\n {"id": "x", "conversations": [}\n]')
+    else:
+        (data / "images" / "0000.png").unlink()
+        records = json.loads((data / "train.json").read_text())
+        records[0]["image"] = "images/0000.png"
+        (data / "train.json").write_text(json.dumps(records))
+    cfg = write_config(tmp_path, data, smoes={"ep_size": 1})
+    proc = python_run(["-m", "ds_smoes.train", "--config", str(cfg), "--no-mlflow"])
+    _fails_cleanly(proc, *needles)
