@@ -26,9 +26,12 @@ def expert_modality_heatmap(load_LME: torch.Tensor, bins_LE: torch.Tensor | None
         ax.set_xticks(range(num_experts), labels, fontsize=7)
         ax.set_title(f"MoE layer {l}: share of each modality's routed tokens per expert (MSI {msi:.2f})",
                      fontsize=8)
+        top = float(share_ME.max())
         for m in range(2):
             for e in range(num_experts):
-                ax.text(e, m, f"{float(share_ME[m, e]):.2f}", ha="center", va="center", fontsize=6, color="w")
+                value = float(share_ME[m, e])
+                ax.text(e, m, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="black" if value > 0.6 * top else "white")
         fig.colorbar(im, ax=ax, fraction=0.02)
     if title:
         fig.suptitle(title, fontsize=9)

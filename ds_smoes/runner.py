@@ -17,6 +17,7 @@ import torch
 
 from ds_smoes import distributed
 from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train, generate_digits_dataset, load_llava_json
+from ds_smoes.data.augment import random_shift
 from ds_smoes.errors import ConfigError
 from ds_smoes.evaluation import RoutingAccumulator, exact_match_accuracy, measure_routing
 from ds_smoes.model import TinyMoEVLM
@@ -263,12 +264,14 @@ def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, devic
     comm_acc = RoutingAccumulator(moe_layers)
     last_loss = float("nan")
     time_since_log, tokens_since_log = 0.0, 0
+    aug_gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + distributed.rank())
     while step < total_steps:
         sampler.set_epoch(epoch)
         for batch in loader:
             if step >= total_steps:
                 break
             t0 = time.time()
+            batch.image_BCHW = random_shift(batch.image_BCHW, cfg.data.augment_max_shift, aug_gen)
             batch = batch.to(device)
             out = engine(*model_inputs(batch), batch.labels_BT)
             engine.backward(out.loss)

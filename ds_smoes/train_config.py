@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ds_smoes.config import SMoESConfig, validate
 from ds_smoes.errors import ConfigError
@@ -28,6 +28,7 @@ class DataConfig(_Section):
     image_folder: Path = Field(Path("data/digits"), description="root that the records' \"image\" paths are under")
     generate_digits: bool = Field(True, description="generate the digits dataset into image_folder when missing")
     digits_seed: int = Field(0, description="seed of the generated digits dataset")
+    augment_max_shift: int = Field(0, ge=0, description="training images are shifted by up to N pixels per axis")
 
 
 class OptimConfig(_Section):
@@ -65,14 +66,6 @@ class TrainConfig(_Section):
     optim: OptimConfig = OptimConfig()
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfig = RunConfig()
-
-    @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if self.model.moe_layers == "none":
-            return self
-        if self.smoes.num_experts < self.smoes.k:
-            raise ValueError("smoes.k exceeds smoes.num_experts")
-        return self
 
 
 def _parse_value(text: str) -> Any:

@@ -131,3 +131,18 @@ def test_attention_score_type_requires_scores():
     moe = SMoESMoE(D, nn.Linear(D, D), SMoESConfig(num_experts=4, k=1, num_bins=2, score_type="attention"))
     with pytest.raises(ValueError, match="modality_scores"):
         moe(torch.randn(1, 3, D), modality_labels=torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("score_type", ["attention", "gaussian", "hard"])
+def test_samples_without_image_or_text_keep_losses_finite(score_type):
+    cfg = SMoESConfig(num_experts=4, k=2, ep_size=1, num_bins=2, score_type=score_type, alpha_mi=1.0, alpha_bal=1.0)
+    moe = SMoESMoE(D, nn.Linear(D, D), cfg)
+    x = torch.randn(3, 5, D, requires_grad=True)
+    labels = torch.tensor([[0] * 5, [1] * 5, [0] * 5])        # text only, vision only, padding only
+    mask = torch.tensor([[True] * 5, [True] * 5, [False] * 5])
+    scores = torch.nn.functional.one_hot(labels, 2).float() if score_type == "attention" else None
+    out, l_aux, _ = moe(x, mask, modality_labels=labels, modality_scores=scores)
+    (out.sum() + l_aux).backward()
+    assert torch.isfinite(l_aux) and torch.isfinite(x.grad).all()
+    assert torch.isfinite(moe.gate.wg.weight.grad).all()
+    assert moe.last_routing_stats.num_tokens == 10

@@ -20,6 +20,7 @@ class ModelConfig(BaseModel):
     vision_dim: int = Field(64, ge=8, description="vision encoder width")
     vision_layers: int = Field(1, ge=0, description="transformer blocks in the vision encoder")
     max_len: int = Field(96, ge=8, description="longest sequence (image patches + text)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="residual and embedding dropout in the decoder")
     attn_impl: Literal["sdpa", "eager"] = Field(
         "sdpa", description="sdpa: fused attention, probabilities recomputed for the attention score only; "
                             "eager: explicit softmax that returns the probabilities")

@@ -35,6 +35,7 @@ class DecoderBlock(nn.Module):
         self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attn_impl)
         expert = mlp(cfg.d_model, cfg.ffn_mult * cfg.d_model, cfg.d_model)
         self.ffn = SMoESMoE(cfg.d_model, expert, smoes) if use_moe else expert
+        self.drop = nn.Dropout(cfg.dropout)
 
     @property
     def is_moe(self) -> bool:
@@ -45,13 +46,13 @@ class DecoderBlock(nn.Module):
         if modality_BTM is not None:
             modality_BTM = attention_score_update(modality_BTM, probs_BTT, h_BTD.detach().norm(dim=-1),
                                                   x_BTD.detach().norm(dim=-1))
-        x_BTD = x_BTD + h_BTD
+        x_BTD = x_BTD + self.drop(h_BTD)
         if self.is_moe:
             out_BTD, l_aux, _ = self.ffn(self.ln2(x_BTD), valid_BT, modality_labels=labels_BT,
                                          modality_scores=modality_BTM)
         else:
             out_BTD, l_aux = self.ffn(self.ln2(x_BTD)), x_BTD.new_zeros(())
-        return x_BTD + out_BTD, l_aux, modality_BTM
+        return x_BTD + self.drop(out_BTD), l_aux, modality_BTM
 
 
 class TinyMoEVLM(nn.Module):
@@ -67,6 +68,7 @@ class TinyMoEVLM(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
         self.blocks = nn.ModuleList(DecoderBlock(cfg, smoes, cfg.is_moe_block(i)) for i in range(cfg.n_layers))
+        self.emb_drop = nn.Dropout(cfg.dropout)
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self._init_experts(expert_seed, ep_rank)
@@ -104,7 +106,7 @@ class TinyMoEVLM(nn.Module):
         if int(position_BT.max()) >= self.cfg.max_len:
             raise ValueError(f"sequence of {int(position_BT.max()) + 1} tokens exceeds model.max_len="
                              f"{self.cfg.max_len}; raise max_len in the config")
-        return x_BTD + self.pos_emb(position_BT)
+        return self.emb_drop(x_BTD + self.pos_emb(position_BT))
 
     def forward(self, input_ids_BT, attention_mask_BT, modality_BT, image_BCHW, has_image_B,
                 labels_BT: torch.Tensor | None = None) -> VLMOutput:
