@@ -14,6 +14,8 @@ from ds_smoes.errors import ConfigError
 
 ScoreType = Literal["attention", "gaussian", "hard"]
 BinningType = Literal["adaptive", "fixed"]
+GateType = Literal["smoes", "topk", "hard", "hybrid", "ltdr", "smar"]
+BinObjective = Literal["mi", "kl"]
 
 
 class _Strict(BaseModel):
@@ -29,6 +31,8 @@ class SMoESConfig(_Strict):
     document are options here.
     """
 
+    gate: GateType = Field("smoes", description="routing method: smoes, or a baseline (topk, hard, hybrid, ltdr, "
+                                                "smar); see docs/gates.md")
     num_experts: int = Field(8, ge=1, description="experts per MoE layer (N_e)")
     k: int = Field(2, ge=1, description="experts selected per token (top-k)")
     ep_size: int = Field(1, ge=1, description="expert-parallel group size")
@@ -42,6 +46,14 @@ class SMoESConfig(_Strict):
     gaussian_var_floor: float = Field(1e-4, gt=0.0, description="lower bound on Gaussian variances")
     alpha_bal: float = Field(1e-3, ge=0.0, description="weight of the bin-level balance loss")
     alpha_mi: float = Field(1e-4, ge=0.0, description="weight of the inter-bin mutual-information loss")
+    bin_objective: BinObjective = Field("mi", description="smoes: inter-bin mutual information, or the KL ablation")
+    text_experts: int | None = Field(None, ge=1, description="hard/hybrid: experts reserved for text tokens "
+                                                              "(default: half of the non-shared experts)")
+    shared_experts: int = Field(0, ge=0, description="hybrid: experts open to both modalities (the last ones)")
+    ltdr_top_a: int = Field(4, ge=2, description="ltdr: experts a vision tail token selects (a > k)")
+    kl_low: float = Field(0.2, ge=0.0, description="smar / smoes-kl: lower edge of the KL band (ours)")
+    kl_high: float = Field(1.0, gt=0.0, description="smar / smoes-kl: upper edge of the KL band (ours)")
+    alpha_kl: float = Field(1e-2, ge=0.0, description="smar / smoes-kl: weight of the KL band penalty")
     normalize_topk: bool = Field(True, description="renormalise the k selected gate values to sum to 1")
     drop_tokens: bool = Field(False, description="capacity-limited routing; False is dropless")
     capacity_factor: float = Field(1.0, gt=0.0, description="capacity factor when drop_tokens is true (training)")
@@ -66,7 +78,37 @@ class SMoESConfig(_Strict):
             raise ValueError(
                 f"num_bins={b} does not divide num_experts={e}: bins must hold equally many experts; "
                 f"valid num_bins for ep_size={ep}: {divisors}")
+        if self.kl_low > self.kl_high:
+            raise ValueError(f"kl_low={self.kl_low} exceeds kl_high={self.kl_high}")
+        if self.gate in ("hard", "hybrid"):
+            self._check_modality_split()
+        elif self.shared_experts:
+            raise ValueError(f"shared_experts={self.shared_experts} only applies to gate 'hybrid'")
+        if self.gate == "ltdr" and not self.k < self.ltdr_top_a <= e:
+            raise ValueError(f"ltdr_top_a={self.ltdr_top_a} must satisfy k={self.k} < ltdr_top_a <= num_experts={e}")
         return self
+
+    def _check_modality_split(self) -> None:
+        e, shared = self.num_experts, self.shared_experts
+        if self.gate == "hard" and shared:
+            raise ValueError("gate 'hard' splits all experts between text and vision; use gate 'hybrid' for "
+                             f"shared_experts={shared}")
+        if self.gate == "hybrid" and not shared:
+            raise ValueError("gate 'hybrid' needs shared_experts >= 1 (experts open to both modalities)")
+        text, vision = self.modality_split
+        if text < 1 or vision < 1:
+            raise ValueError(f"text_experts={text}, shared_experts={shared} leave {vision} vision experts of "
+                             f"{e}: each modality needs at least one expert of its own")
+        if self.k > min(text, vision) + shared:
+            raise ValueError(f"k={self.k} exceeds the experts a token may use ({min(text, vision)} of its modality "
+                             f"+ {shared} shared); lower k or change text_experts")
+
+    @property
+    def modality_split(self) -> tuple[int, int]:
+        """(text experts, vision experts) for hard/hybrid routing; shared experts come last."""
+        own = self.num_experts - self.shared_experts
+        text = self.text_experts if self.text_experts is not None else own // 2
+        return text, own - text
 
     @property
     def experts_per_bin(self) -> int:

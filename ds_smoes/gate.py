@@ -1,14 +1,19 @@
-"""SMoESGate: DeepSpeed's TopKGate with soft-modality-guided bins and the SMoES losses.
+"""Modality-aware gates on DeepSpeed's TopKGate, and SMoESGate.
 
-Honours the sparse-route contract of DeepSpeed 0.19.8 (`MOELayer` calls
+`ModalityGate` honours the sparse-route contract of DeepSpeed 0.19.8 (`MOELayer` calls
 `gate(x_SD, used_token, True, use_tutel)` and unpacks
-`(l_aux, capacity, num_experts, indices_KS, locations_KS, gates_KS, exp_counts)`) for any k >= 1.
-Routing is the paper's: global softmax over all experts, global top-k.  `l_aux` carries
-alpha_bal * L_bal + alpha_MI * L_MI, so a training loop that already adds DeepSpeed's
-`l_aux` to its loss needs no change.
+`(l_aux, capacity, num_experts, indices_KS, locations_KS, gates_KS, exp_counts)`) for any k >= 1
+and for a per-token number of experts (unused routes carry index -1).  It owns what every
+gate shares: the modality side-information of the batch, capacity agreed across the
+expert-parallel group, bins and routing statistics.  A gate says only three things:
+`routing_probs` (which experts a token may use), `select` (which it uses) and `aux_losses`.
 
-The modality side-information of the current batch is handed over by
-`set_routing_inputs` right before each forward (`ds_smoes.layer.SMoESMoE` does it).
+`SMoESGate`: global softmax, global top-k (the paper's routing); `l_aux` carries
+alpha_bal * L_bal + alpha_MI * L_MI, so a training loop that already adds DeepSpeed's `l_aux`
+to its loss needs no change.  The baselines live in `ds_smoes.baselines`.
+
+The modality side-information is handed over by `set_routing_inputs` right before each
+forward (`ds_smoes.layer.SMoESMoE` does it).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from deepspeed.moe.sharded_moe import TopKGate
 from ds_smoes import distributed
 from ds_smoes.binning import ExpertBinning, rank_of_bin_placed_expert
 from ds_smoes.config import SMoESConfig
-from ds_smoes.losses import bin_balance_loss, mutual_information_loss
+from ds_smoes.losses import bin_balance_loss, bin_kl_band_loss, mutual_information_loss
 from ds_smoes.metrics import expert_modality_load, routing_comm_stats
 from ds_smoes.routing import SparseRoutes, assign_slots, capacity_for, finalize_routes
 from ds_smoes.scores import ReduceFn
@@ -40,8 +45,7 @@ class RoutingInputs:
 class RoutingStats:
     """What one gate call decided, detached, for logging and metrics."""
     load_ME: torch.Tensor            # tokens per (hard modality, expert), this rank
-    mi: torch.Tensor                 # mean per-sample modality-bin MI (nats)
-    bin_balance: torch.Tensor        # L_bal
+    losses: dict                     # the gate's named auxiliary losses and diagnostics, detached
     capacity: int
     num_dropped: int
     num_tokens: int
@@ -50,23 +54,43 @@ class RoutingStats:
     bin_of_expert_E: torch.Tensor
     rebinned: bool
 
+    @property
+    def mi(self) -> torch.Tensor:
+        """Mean per-sample modality-bin MI in nats (SMoES with the MI objective; else 0)."""
+        return self.losses.get("mi", torch.zeros(()))
 
-class SMoESGate(TopKGate):
-    """TopKGate subclass computing SMoES routing, losses and statistics."""
 
-    def __init__(self, model_dim: int, config: SMoESConfig, ep_group=None) -> None:
+class ModalityGate(TopKGate):
+    """Base of the modality-aware gates: routing contract, capacity, bins and statistics."""
+
+    def __init__(self, model_dim: int, config: SMoESConfig, ep_group=None, num_routes: int | None = None) -> None:
         super().__init__(model_dim, config.num_experts, k=config.k, capacity_factor=config.capacity_factor,
                          eval_capacity_factor=config.eval_capacity_factor, min_capacity=config.min_capacity,
                          noisy_gate_policy=None, drop_tokens=config.drop_tokens, use_rts=False, ep_group=ep_group)
         self.config = config
-        self.binning = ExpertBinning(config.num_experts, config.num_bins, adaptive=config.binning == "adaptive",
-                                     beta=config.ema_beta, rebin_interval=config.rebin_interval,
-                                     freeze_step=config.rebin_freeze_step)
+        self.num_routes = num_routes or config.k  # rows of the sparse routes (LTDR: a > k)
+        adaptive = config.gate == "smoes" and config.binning == "adaptive"
+        self.binning = ExpertBinning(config.num_experts, config.num_bins, adaptive=adaptive, beta=config.ema_beta,
+                                     rebin_interval=config.rebin_interval, freeze_step=config.rebin_freeze_step)
         self.reduce_fn: ReduceFn = distributed.world_sum_
         self._inputs: RoutingInputs | None = None
         self.last_stats: RoutingStats | None = None
 
-    # -- side information -------------------------------------------------------------------
+    # -- what a gate decides ------------------------------------------------------------------
+    def routing_probs(self, logits_SE: torch.Tensor, inputs: RoutingInputs) -> torch.Tensor:
+        """Router probabilities [S, E]; default: softmax over all experts."""
+        return torch.softmax(logits_SE, dim=-1)
+
+    def select(self, probs_SE: torch.Tensor, inputs: RoutingInputs, valid_S: torch.Tensor) -> torch.Tensor:
+        """Chosen experts [S, num_routes], -1 for unused routes; default: top-k."""
+        return torch.topk(probs_SE, k=self.config.k, dim=1).indices
+
+    def aux_losses(self, probs_SE: torch.Tensor, routes: SparseRoutes, inputs: RoutingInputs,
+                   valid_S: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(l_aux, named losses and diagnostics for logging)."""
+        raise NotImplementedError
+
+    # -- side information -----------------------------------------------------------------------
     def set_routing_inputs(self, inputs: RoutingInputs) -> None:
         self._inputs = inputs
 
@@ -74,7 +98,7 @@ class SMoESGate(TopKGate):
         inputs, self._inputs = self._inputs, None
         if inputs is None:
             raise RuntimeError(
-                "SMoESGate got no modality information for this batch: call it through "
+                f"{type(self).__name__} got no modality information for this batch: call it through "
                 "ds_smoes.layer.SMoESMoE, or call gate.set_routing_inputs(RoutingInputs(...)) before each forward")
         if inputs.modality_SM.shape != (num_tokens, 2):
             raise ValueError(f"modality scores have shape {tuple(inputs.modality_SM.shape)}, "
@@ -82,7 +106,7 @@ class SMoESGate(TopKGate):
         return RoutingInputs(*(t.to(device) for t in (inputs.modality_SM, inputs.labels_S, inputs.sample_id_S,
                                                        inputs.valid_S)))
 
-    # -- placement -----------------------------------------------------------------------------
+    # -- placement -------------------------------------------------------------------------------
     def ep_world(self) -> tuple[int, int]:
         """(this rank's index in the expert-parallel group, the group's size)."""
         if self.ep_group is None or not distributed.is_distributed():
@@ -97,9 +121,9 @@ class SMoESGate(TopKGate):
     def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
                 use_tutel: bool = False):  # noqa: A002 (DeepSpeed's argument name)
         if not sparse_routes:
-            raise RuntimeError("SMoESGate implements only the sparse-route gate contract of DeepSpeed >= 0.19.4 "
-                               "(MOELayer passes sparse_routes=True); this DeepSpeed asked for dense combine "
-                               "weights: install the pinned deepspeed==0.19.8")
+            raise RuntimeError(f"{type(self).__name__} implements only the sparse-route gate contract of DeepSpeed "
+                               ">= 0.19.4 (MOELayer passes sparse_routes=True); this DeepSpeed asked for dense "
+                               "combine weights: install the pinned deepspeed==0.19.8")
         cfg = self.config
         x_SD = input.reshape(-1, input.shape[-1])
         num_tokens = x_SD.shape[0]
@@ -109,12 +133,15 @@ class SMoESGate(TopKGate):
             valid_S = valid_S & used_token.reshape(-1).bool()
 
         logits_SE = F.linear(x_SD.float(), self.wg.weight.float())
-        probs_SE = torch.softmax(logits_SE, dim=-1)
-        top_idx_SK = torch.topk(probs_SE, k=cfg.k, dim=1).indices
+        probs_SE = self.routing_probs(logits_SE, inputs)
+        top_idx_SK = self.select(probs_SE, inputs, valid_S)
         location_KS, counts_E = assign_slots(top_idx_SK, valid_S, cfg.num_experts)
         if self.drop_tokens:
             cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-            local_capacity = capacity_for(num_tokens, cfg.num_experts, cfg.k, cf, cfg.min_capacity)
+            # sized from the routes actually requested, so extra routes (LTDR's tail tokens) get room too
+            routes_per_token = int(counts_E.sum()) / max(1, int(valid_S.sum()))
+            local_capacity = capacity_for(num_tokens, cfg.num_experts, max(routes_per_token, 1e-9), cf,
+                                          cfg.min_capacity)
         else:
             local_capacity = int(counts_E.max()) if counts_E.numel() else 0
         # The all-to-all moves [experts, capacity, hidden] blocks: every EP rank needs one capacity.
@@ -123,38 +150,28 @@ class SMoESGate(TopKGate):
                                  normalize=cfg.normalize_topk)
 
         rebinned = self._update_bins(routes, inputs.labels_S, valid_S)
-        bins_E = self.binning.bin_id_E
-        l_mi = mutual_information_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S, valid_S,
-                                       num_bins=cfg.num_bins)
-        l_bal = bin_balance_loss(probs_SE, routes.selected_SE, bins_E, valid_S, num_bins=cfg.num_bins)
-        l_aux = cfg.alpha_bal * l_bal + cfg.alpha_mi * l_mi
-
-        self.last_stats = self._stats(routes, inputs, valid_S, l_mi, l_bal, capacity, rebinned)
+        l_aux, named = self.aux_losses(probs_SE, routes, inputs, valid_S)
+        self.last_stats = self._stats(routes, inputs, valid_S, named, capacity, rebinned)
         return (l_aux, torch.tensor(capacity, dtype=torch.int64), cfg.num_experts, routes.indices_KS,
                 routes.locations_KS, routes.gates_KS, routes.counts_E.detach())
 
     @torch.no_grad()
     def _update_bins(self, routes: SparseRoutes, labels_S: torch.Tensor, valid_S: torch.Tensor) -> bool:
-        if not self.training:
+        if not self.training or not self.binning.adaptive:
             return False
-        load_ME = self._load_of_selection(routes.selected_SE, labels_S, valid_S)
-        self.binning.observe(self.reduce_fn(load_ME))
+        onehot_SM = F.one_hot(labels_S.long(), 2).float() * valid_S.float().unsqueeze(-1)
+        self.binning.observe(self.reduce_fn(onehot_SM.T @ routes.selected_SE.float()))
         return self.binning.maybe_rebin()
 
-    @staticmethod
-    def _load_of_selection(selected_SE: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor) -> torch.Tensor:
-        onehot_SM = F.one_hot(labels_S.long(), 2).float() * valid_S.float().unsqueeze(-1)
-        return onehot_SM.T @ selected_SE.float()
-
     @torch.no_grad()
-    def _stats(self, routes: SparseRoutes, inputs: RoutingInputs, valid_S: torch.Tensor, l_mi: torch.Tensor,
-               l_bal: torch.Tensor, capacity: int, rebinned: bool) -> RoutingStats:
+    def _stats(self, routes: SparseRoutes, inputs: RoutingInputs, valid_S: torch.Tensor, named: dict,
+               capacity: int, rebinned: bool) -> RoutingStats:
         ep_rank, ep_size = self.ep_world()
         cfg = self.config
         bins_E = self.binning.bin_id_E.clone()
         return RoutingStats(
             load_ME=expert_modality_load(routes.indices_KS, inputs.labels_S, valid_S, cfg.num_experts),
-            mi=(-l_mi).detach(), bin_balance=l_bal.detach(), capacity=capacity, num_dropped=routes.num_dropped,
+            losses={k: v.detach() for k, v in named.items()}, capacity=capacity, num_dropped=routes.num_dropped,
             num_tokens=int(valid_S.sum()),
             comm_physical=routing_comm_stats(routes.indices_KS, self.physical_rank_of_expert(ep_size), ep_rank,
                                              valid_S, ep_size),
@@ -162,3 +179,19 @@ class SMoESGate(TopKGate):
                                            rank_of_bin_placed_expert(bins_E, cfg.num_bins, ep_size), ep_rank,
                                            valid_S, ep_size),
             bin_of_expert_E=bins_E, rebinned=rebinned)
+
+
+class SMoESGate(ModalityGate):
+    """SMoES: global top-k routing, bins, inter-bin MI (or the KL ablation) and bin balance."""
+
+    def aux_losses(self, probs_SE, routes, inputs, valid_S):
+        cfg = self.config
+        bins_E = self.binning.bin_id_E
+        l_bal = bin_balance_loss(probs_SE, routes.selected_SE, bins_E, valid_S, num_bins=cfg.num_bins)
+        if cfg.bin_objective == "mi":
+            l_mi = mutual_information_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S, valid_S,
+                                           num_bins=cfg.num_bins)
+            return cfg.alpha_bal * l_bal + cfg.alpha_mi * l_mi, {"bin_balance": l_bal, "mi": -l_mi}
+        l_kl, kl = bin_kl_band_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S, cfg.kl_low,
+                                    cfg.kl_high, valid_S, num_bins=cfg.num_bins)
+        return cfg.alpha_bal * l_bal + cfg.alpha_kl * l_kl, {"bin_balance": l_bal, "kl_band": l_kl, "bin_kl": kl}

@@ -1,4 +1,6 @@
-"""SMoESMoE: DeepSpeed's MoE layer with the SMoES gate and the batch's modality scores.
+"""SMoESMoE: DeepSpeed's MoE layer with a modality-aware gate and the batch's modality scores.
+
+The gate is `SMoESGate` unless `config.gate` names a baseline (ds_smoes.baselines).
 
 Drop-in for `deepspeed.moe.layer.MoE`: same constructor arguments where they overlap, same
 `(output, l_aux, exp_counts)` return, plus keyword inputs carrying modality information:
@@ -18,12 +20,13 @@ from torch import nn
 
 from ds_smoes import distributed
 from ds_smoes.config import SMoESConfig
-from ds_smoes.gate import RoutingInputs, RoutingStats, SMoESGate
+from ds_smoes.gate import ModalityGate, RoutingInputs, RoutingStats
+from ds_smoes.registry import build_gate
 from ds_smoes.scores import GaussianModalityStats, hard_scores
 
 
 class SMoESMoE(MoE):
-    """A `deepspeed.moe.layer.MoE` whose gate is `SMoESGate`."""
+    """A `deepspeed.moe.layer.MoE` whose gate is chosen by `config.gate` (default `SMoESGate`)."""
 
     def __init__(self, hidden_size: int, expert: nn.Module, config: SMoESConfig, use_residual: bool = False) -> None:
         super().__init__(hidden_size, expert, num_experts=config.num_experts, ep_size=config.ep_size, k=config.k,
@@ -32,13 +35,13 @@ class SMoESMoE(MoE):
                          drop_tokens=config.drop_tokens, use_rts=False)
         self.config = config
         # Replace the stock TopKGate before DeepSpeed sets process groups (`_set_ep_group` reaches the new gate).
-        self.deepspeed_moe.gate = SMoESGate(hidden_size, config)
+        self.deepspeed_moe.gate = build_gate(hidden_size, config)
         self.scorer = (GaussianModalityStats(hidden_size, beta=config.ema_beta, tau=config.gaussian_tau,
                                              var_floor=config.gaussian_var_floor)
                        if config.score_type == "gaussian" else None)
 
     @property
-    def gate(self) -> SMoESGate:
+    def gate(self) -> ModalityGate:
         return self.deepspeed_moe.gate
 
     @property

@@ -20,7 +20,7 @@ class SparseRoutes:
     locations_KS: torch.Tensor  # int32, slot inside the expert's capacity buffer (0 when not dispatched)
     gates_KS: torch.Tensor      # float32 combine weights (0 when not dispatched)
     counts_E: torch.Tensor      # int64 selections per expert by valid tokens, before capacity drops
-    selected_SE: torch.Tensor   # bool, each valid token's top-k choice (before capacity drops)
+    selected_SE: torch.Tensor   # bool, each valid token's selected experts (before capacity drops)
 
     @property
     def num_dropped(self) -> int:
@@ -36,12 +36,14 @@ def assign_slots(top_idx_SK: torch.Tensor, valid_S: torch.Tensor, num_experts: i
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot of every (route, token) in its expert's buffer, route-major (all first choices first).
 
-    Returns (location_KS int64, counts_E int64); padding tokens get no slot and are not counted.
+    An index of -1 in `top_idx_SK` is an unused route (tokens may select different numbers of
+    experts, as LTDR's tail tokens do).  Returns (location_KS int64, counts_E int64); padding
+    tokens and unused routes get no slot and are not counted.
     """
     k, num_tokens = top_idx_SK.shape[1], top_idx_SK.shape[0]
     idx_KS = top_idx_SK.T
-    live_KS = valid_S.bool().unsqueeze(0).expand(k, num_tokens)
-    onehot_KSE = torch.nn.functional.one_hot(idx_KS.long(), num_experts) * live_KS.unsqueeze(-1)
+    live_KS = valid_S.bool().unsqueeze(0) & (idx_KS >= 0)
+    onehot_KSE = torch.nn.functional.one_hot(idx_KS.long().clamp_min(0), num_experts) * live_KS.unsqueeze(-1)
     flat_XE = onehot_KSE.reshape(k * num_tokens, num_experts)
     location_KS = ((flat_XE.cumsum(0) - 1) * flat_XE).sum(-1).reshape(k, num_tokens)
     return location_KS, flat_XE.sum(0)
@@ -58,11 +60,14 @@ def finalize_routes(probs_SE: torch.Tensor, top_idx_SK: torch.Tensor, valid_S: t
     k = top_idx_SK.shape[1]
     valid_S = valid_S.bool()
     idx_KS = top_idx_SK.T
-    kept_KS = valid_S.unsqueeze(0) & (location_KS < capacity)
-    gates_KS = probs_SE.gather(1, top_idx_SK).T * kept_KS
+    used_KS = idx_KS >= 0
+    safe_idx_SK = top_idx_SK.clamp_min(0)
+    kept_KS = valid_S.unsqueeze(0) & used_KS & (location_KS < capacity)
+    gates_KS = probs_SE.gather(1, safe_idx_SK).T * kept_KS
     if normalize and k > 1:
         gates_KS = gates_KS / gates_KS.sum(0, keepdim=True).clamp_min(torch.finfo(probs_SE.dtype).eps)
-    selected_SE = torch.zeros_like(probs_SE, dtype=torch.bool).scatter_(1, top_idx_SK, True) & valid_S.unsqueeze(1)
+    selected_SE = (torch.zeros_like(probs_SE).scatter_add_(1, safe_idx_SK, (top_idx_SK >= 0).to(probs_SE.dtype))
+                   > 0) & valid_S.unsqueeze(1)
     return SparseRoutes(
         indices_KS=torch.where(kept_KS, idx_KS, torch.full_like(idx_KS, -1)).to(torch.int32),
         locations_KS=(location_KS * kept_KS).to(torch.int32),

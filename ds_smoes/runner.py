@@ -108,7 +108,7 @@ def model_inputs(batch):
 
 def run_name_for(cfg: TrainConfig) -> str:
     s = cfg.smoes
-    return cfg.tracking.run_name or f"smoes-{s.score_type}-b{s.num_bins}-k{s.k}-seed{cfg.run.seed}"
+    return cfg.tracking.run_name or f"{s.gate}-{s.score_type}-b{s.num_bins}-k{s.k}-seed{cfg.run.seed}"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -116,8 +116,18 @@ def _fmt_time(seconds: float) -> str:
 
 
 def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_id: str | None = None,
-                 init_distributed: Callable[[], None] | None = None, log: Callable = print) -> dict:
-    """Train, evaluate and log one configuration; returns the final figures (on every rank)."""
+                 init_distributed: Callable[[], None] | None = None, log: Callable = print,
+                 epoch_callback: Callable[[int, int, dict, object], None] | None = None,
+                 resume_from: Path | None = None) -> dict:
+    """Train, evaluate and log one configuration; returns the final figures (on every rank).
+
+    `epoch_callback(epoch, step, metrics, engine)` is called on every rank after each epoch (the
+    last, possibly partial, one included), after validation; `epoch` counts finished epochs and
+    `metrics` holds the latest training and validation figures.  A caller saves checkpoints there:
+    `engine.save_checkpoint(dir, client_state={"step": step, "epoch": epoch})` is a collective.
+    `resume_from` is such a DeepSpeed checkpoint folder: the engine (weights, optimizer, schedule,
+    SMoES buffers) is loaded from it and training continues from its step.
+    """
     from torch.utils.data import DataLoader, DistributedSampler
 
     from ds_smoes.plots import expert_modality_heatmap
@@ -157,13 +167,13 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
     device = engine.device
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e3:.0f}k parameters on rank 0 ({len(model.moe_layers())} MoE layers, "
-        f"{cfg.smoes.num_experts} experts, top-{cfg.smoes.k}, {cfg.smoes.num_bins} bins, ep_size {ep}, "
+        f"gate {cfg.smoes.gate}, {cfg.smoes.num_experts} experts, top-{cfg.smoes.k}, {cfg.smoes.num_bins} bins, ep_size {ep}, "
         f"score {cfg.smoes.score_type}, binning {cfg.smoes.binning}); world {world}; {total_steps} steps")
 
     s = cfg.smoes
     tracker = Tracker(cfg.tracking.tracking_uri or default_tracking_uri(), cfg.tracking.experiment,
                       run_name_for(cfg), active=rank == 0 and cfg.tracking.enabled,
-                      tags={"gate": "smoes", "score_type": s.score_type, "num_bins": str(s.num_bins),
+                      tags={"gate": s.gate, "score_type": s.score_type, "num_bins": str(s.num_bins),
                             "seed": str(cfg.run.seed), "binning": s.binning},
                       parent_run_id=parent_run_id)
     resolved = json.loads(cfg.model_dump_json())
@@ -175,7 +185,8 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
 
     status = "FAILED"
     try:
-        figures = _train_loop(cfg, engine, loader, sampler, data, device, total_steps, tracker, log)
+        figures = _train_loop(cfg, engine, loader, sampler, data, device, total_steps, tracker, log,
+                              epoch_callback=epoch_callback, resume_from=resume_from)
         status = "FINISHED"
     finally:
         if status == "FAILED":
@@ -199,7 +210,7 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
         "cross_rank_rate_physical": routing.mean("cross_rank_rate_physical"),
         "ranks_per_token_physical": routing.mean("ranks_per_token_physical"),
         "cross_rank_rate_per_layer": routing.comm.get("cross_rank_rate", []),
-        "gate": "smoes", "score_type": s.score_type, "num_bins": s.num_bins, "num_experts": s.num_experts,
+        "gate": s.gate, "score_type": s.score_type, "num_bins": s.num_bins, "num_experts": s.num_experts,
         "k": s.k, "ep_size": ep, "world_size": world, "binning": s.binning, "seed": cfg.run.seed,
         "steps": total_steps, "final_train_loss": figures["final_loss"],
         "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri if tracker.active else None,
@@ -254,11 +265,30 @@ def _print_summary(final: dict, log: Callable) -> None:
         log(f"  MLflow run {final['mlflow_run_id']}  ({final['mlflow_tracking_uri']})")
 
 
+def _mean_gate_losses(moe_layers) -> dict[str, float]:
+    """The gates' named losses and diagnostics of the last step, averaged over MoE layers."""
+    sums: dict[str, list[float]] = {}
+    for layer in moe_layers:
+        if layer.last_routing_stats is not None:
+            for k, v in layer.last_routing_stats.losses.items():
+                sums.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
 def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, device, total_steps: int, tracker,
-                log: Callable) -> dict:
+                log: Callable, epoch_callback: Callable | None = None, resume_from: Path | None = None) -> dict:
     module = engine.module
     moe_layers = module.moe_layers()
     step, epoch = 0, 0
+    if resume_from is not None:
+        load_path, client_state = engine.load_checkpoint(str(resume_from))
+        if load_path is None or not {"step", "epoch"} <= set(client_state or {}):
+            raise ConfigError(f"{resume_from}: no DeepSpeed checkpoint with step and epoch in its client_state")
+        step, epoch = int(client_state["step"]), int(client_state["epoch"])
+        log(f"resumed from {load_path} at epoch {epoch}, step {step}/{total_steps}")
+    start_step = step
+    skip = max(0, step - epoch * len(loader))  # batches of this epoch already trained (a mid-epoch checkpoint)
+    last_metrics: dict = {}
     train_time, tokens_local = 0.0, 0
     window = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, count
     comm_acc = RoutingAccumulator(moe_layers)
@@ -270,6 +300,9 @@ def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, devic
         for batch in loader:
             if step >= total_steps:
                 break
+            if skip:
+                skip -= 1
+                continue
             t0 = time.time()
             batch.image_BCHW = random_shift(batch.image_BCHW, cfg.data.augment_max_shift, aug_gen)
             batch = batch.to(device)
@@ -294,14 +327,19 @@ def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, devic
                 tok_s = float(stats[4]) / max(time_since_log, 1e-9)
                 mi = [float(layer.last_routing_stats.mi) for layer in moe_layers if layer.last_routing_stats]
                 rebins = sum(int(layer.gate.binning.num_rebins) for layer in moe_layers)
+                gate_losses = _mean_gate_losses(moe_layers)
                 metrics = {"train/loss": mean[0], "train/lm_loss": mean[1], "train/aux_loss": mean[2],
                            "train/tokens_per_s": tok_s, "train/msi": routing.msi,
                            "train/cross_rank_rate": routing.mean("cross_rank_rate"),
                            "train/ranks_per_token": routing.mean("ranks_per_token"),
                            "train/mi": sum(mi) / len(mi) if mi else 0.0, "train/rebins": rebins,
-                           "train/lr": engine.get_lr()[0]}
+                           "train/lr": engine.get_lr()[0],
+                           "train/dropped_routes": sum(l.last_routing_stats.num_dropped for l in moe_layers
+                                                       if l.last_routing_stats),
+                           **{f"train/gate/{k}": v for k, v in gate_losses.items()}}
                 tracker.log_metrics(metrics, step=step)
-                eta = train_time / step * (total_steps - step)
+                last_metrics = metrics
+                eta = train_time / (step - start_step) * (total_steps - step)
                 log(f"[epoch {epoch + 1} step {step}/{total_steps}] loss {mean[0]:.4f} (lm {mean[1]:.4f}, aux "
                     f"{mean[2]:.5f})  MI {metrics['train/mi']:.3f}  MSI {routing.msi:.3f}  cross-rank "
                     f"{metrics['train/cross_rank_rate']:.3f}  {tok_s:,.0f} tok/s  eta {_fmt_time(eta)}")
@@ -309,11 +347,15 @@ def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, devic
                 comm_acc = RoutingAccumulator(moe_layers)
                 tokens_since_log, time_since_log = 0, 0.0
         epoch += 1
+        val_metrics: dict = {}
         if data.val is not None and cfg.run.eval_every_epoch:
             val = exact_match_accuracy(engine, data.val, cfg.run.eval_batch_size, cfg.run.max_new_tokens, device)
-            tracker.log_metrics({f"val/{k}": v for k, v in val.items() if k.startswith("acc")}, step=step)
+            val_metrics = {f"val/{k}": v for k, v in val.items() if k.startswith("acc")}
+            tracker.log_metrics(val_metrics, step=step)
             log(f"  validation after epoch {epoch}: multimodal {val['acc_multimodal']:.3f}, "
                 f"language {val['acc_language']:.3f}")
+        if epoch_callback is not None:
+            epoch_callback(epoch, step, {**last_metrics, **val_metrics}, engine)
     total_tokens = float(distributed.world_sum_(torch.tensor([float(tokens_local)], dtype=torch.float64)))
     return {"tokens_per_s": total_tokens / max(train_time, 1e-9), "train_seconds": train_time,
             "final_loss": last_loss}

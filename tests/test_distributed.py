@@ -28,3 +28,20 @@ def test_train_checkpoint_reload_identical_smoes_buffers(tmp_path, score_type):
         assert rep["max_logit_diff"] == 0.0
         assert rep["buffers_equal_across_ranks"]
         assert rep["binning_steps"] == [6]
+
+
+def test_every_gate_trains_on_two_ranks_with_expert_parallelism(tmp_path):
+    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "all_gates.py"), "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected_class = {"smoes": "SMoESGate", "smoes-kl": "SMoESGate", "topk": "DeepSpeedTopKGate",
+                      "hard": "ModalitySplitGate", "hybrid": "ModalitySplitGate", "ltdr": "LTDRGate",
+                      "smar": "SMARGate"}
+    for r in range(2):
+        report = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert set(report) == set(expected_class)
+        for name, rep in report.items():
+            assert rep["finite"] and len(rep["losses"]) == 3, (name, rep)
+            assert rep["gate_class"] == expected_class[name]
+            assert rep["routed"] >= rep["num_tokens"] > 0  # every valid token reached >= 1 expert
+        assert "mi" in report["smoes"]["losses_logged"] and "bin_kl" in report["smoes-kl"]["losses_logged"]
+        assert "tail_share" in report["ltdr"]["losses_logged"] and "modality_kl" in report["smar"]["losses_logged"]

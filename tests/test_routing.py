@@ -49,3 +49,17 @@ def test_k1_keeps_raw_probability_so_the_router_learns():
 def test_capacity_for():
     assert capacity_for(10, 4, 2, 1.0, 1) == 5
     assert capacity_for(10, 4, 2, 1.0, 8) == 8
+
+
+def test_variable_k_routes_with_unused_rows():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]])
+    top_idx = torch.tensor([[0, 1, 2], [0, -1, -1]])  # token 0 uses 3 experts, token 1 only one
+    valid = torch.ones(2, dtype=torch.bool)
+    loc, counts = assign_slots(top_idx, valid, 3)
+    assert counts.tolist() == [2, 1, 1] and loc.tolist() == [[0, 1], [0, 0], [0, 0]]
+    r = finalize_routes(probs, top_idx, valid, loc, counts, capacity=4, normalize=True)
+    assert r.indices_KS.tolist() == [[0, 0], [1, -1], [2, -1]]
+    assert torch.allclose(r.gates_KS[:, 0], torch.tensor([0.5, 0.3, 0.2]))
+    assert torch.allclose(r.gates_KS[:, 1], torch.tensor([1.0, 0.0, 0.0]))
+    assert r.selected_SE.tolist() == [[True, True, True], [True, False, False]]
+    assert r.num_dropped == 0

@@ -30,13 +30,14 @@ def synthetic_batch(seed: int) -> VLMBatch:
                     has_image, torch.arange(B))
 
 
-def build(seed: int, score_type: str):
+def build(seed: int, score_type: str, **smoes_fields):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     torch.manual_seed(seed)
-    smoes = SMoESConfig(num_experts=4, k=2, ep_size=2, num_bins=2, score_type=score_type, binning="adaptive",
-                        rebin_interval=2, rebin_freeze_step=100)
+    fields = dict(num_experts=4, k=2, ep_size=2, num_bins=2, score_type=score_type, binning="adaptive",
+                  rebin_interval=2, rebin_freeze_step=100)
+    smoes = SMoESConfig(**{**fields, **smoes_fields})
     model = TinyMoEVLM(ModelConfig(d_model=32, n_layers=2, n_heads=2, patch_size=4, vision_dim=32, max_len=32),
                        VOCAB, IMAGE_ID, smoes, expert_seed=seed, ep_rank=distributed.rank() % 2)
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()),

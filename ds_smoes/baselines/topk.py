@@ -1,0 +1,50 @@
+"""`topk`: DeepSpeed's own TopKGate, routing untouched (the "no specialisation" reference).
+
+DeepSpeed's top-1 gate uses Random Token Selection and the padding mask; its top-2 gate samples
+the second expert with Gumbel noise; both add the GShard load-balancing loss.  This class runs
+that code as it is and only records the same statistics as the other gates.  Two settings:
+the GShard loss is scaled by `alpha_bal` like every other balance loss here, and the 2nd-expert
+sampling (DeepSpeed's default, on) is used in training only: DeepSpeed 0.19.8 also samples in
+eval mode, which would make every evaluation of this baseline random.
+"""
+from __future__ import annotations
+
+import torch
+from deepspeed.moe.sharded_moe import TopKGate
+
+from ds_smoes.config import SMoESConfig
+from ds_smoes.gate import ModalityGate
+from ds_smoes.routing import SparseRoutes
+
+
+class DeepSpeedTopKGate(ModalityGate):
+    def __init__(self, model_dim: int, config: SMoESConfig, ep_group=None) -> None:
+        super().__init__(model_dim, config, ep_group)
+        self.use_rts = True  # DeepSpeed's default for its top-1 gate
+
+    def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
+                use_tutel: bool = False):  # noqa: A002
+        x_SD = input.reshape(-1, input.shape[-1])
+        inputs = self._take_inputs(x_SD.shape[0], x_SD.device)
+        valid_S = inputs.valid_S.bool()
+        if used_token is not None:
+            valid_S = valid_S & used_token.reshape(-1).bool()
+        # DeepSpeed's routing, unmodified (it honours the padding mask for k = 1 only).  The mask goes
+        # in as int64: a float mask makes 0.19.8's dropless top-1 path hand a float capacity to
+        # torch.topk, which raises.
+        configured = self.top2_2nd_expert_sampling
+        self.top2_2nd_expert_sampling = configured and self.training
+        try:
+            out = TopKGate.forward(self, input, valid_S.long(), sparse_routes, use_tutel)
+        finally:
+            self.top2_2nd_expert_sampling = configured
+        if not sparse_routes:
+            return out
+        l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E = out
+        routed_KS = idx_KS >= 0
+        selected_SE = torch.zeros(x_SD.shape[0], num_experts, dtype=torch.bool, device=x_SD.device)
+        for k in range(idx_KS.shape[0]):
+            selected_SE[routed_KS[k].nonzero().squeeze(-1), idx_KS[k][routed_KS[k]].long()] = True
+        routes = SparseRoutes(idx_KS, loc_KS, gates_KS, counts_E.to(torch.int64), selected_SE & valid_S[:, None])
+        self.last_stats = self._stats(routes, inputs, valid_S, {"gshard_balance": l_aux}, int(capacity), False)
+        return (self.config.alpha_bal * l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E)

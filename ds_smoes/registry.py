@@ -1,0 +1,19 @@
+"""Gate names (`SMoESConfig.gate`) to gate classes."""
+from __future__ import annotations
+
+from ds_smoes.baselines import DeepSpeedTopKGate, LTDRGate, ModalitySplitGate, SMARGate
+from ds_smoes.config import SMoESConfig
+from ds_smoes.gate import ModalityGate, SMoESGate
+
+GATES: dict[str, type[ModalityGate]] = {
+    "smoes": SMoESGate,
+    "topk": DeepSpeedTopKGate,
+    "hard": ModalitySplitGate,
+    "hybrid": ModalitySplitGate,
+    "ltdr": LTDRGate,
+    "smar": SMARGate,
+}
+
+
+def build_gate(model_dim: int, config: SMoESConfig) -> ModalityGate:
+    return GATES[config.gate](model_dim, config)

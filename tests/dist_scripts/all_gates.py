@@ -1,0 +1,49 @@
+"""Run under `deepspeed --num_gpus 2`: every gate trains a few steps with ep_size 2 on gloo.
+Each rank writes OUT/rank{r}.json with per-gate losses and routing statistics."""
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ckpt_roundtrip import build, synthetic_batch
+
+from ds_smoes import distributed
+from ds_smoes.train import init_distributed
+
+GATES = {
+    "smoes": {}, "smoes-kl": {"gate": "smoes", "bin_objective": "kl"}, "topk": {"gate": "topk"},
+    "hard": {"gate": "hard"}, "hybrid": {"gate": "hybrid", "num_experts": 6, "shared_experts": 2},
+    "ltdr": {"gate": "ltdr", "ltdr_top_a": 3}, "smar": {"gate": "smar"},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--local_rank", type=int, default=None)
+    args = p.parse_args()
+    init_distributed()
+    rank = distributed.rank()
+    report = {}
+    for name, fields in GATES.items():
+        engine = build(0, "hard", **fields)
+        losses, routes = [], []
+        for step in range(args.steps):
+            b = synthetic_batch(1000 * rank + step)
+            out = engine(b.input_ids_BT, b.attention_mask_BT, b.modality_BT, b.image_BCHW, b.has_image_B,
+                         b.labels_BT)
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+        stats = engine.module.moe_layers()[0].last_routing_stats
+        report[name] = {"losses": losses, "finite": all(math.isfinite(l) for l in losses),
+                        "gate_class": type(engine.module.moe_layers()[0].gate).__name__,
+                        "num_tokens": stats.num_tokens, "routed": int(stats.load_ME.sum()),
+                        "cross_rank_rate": float(stats.comm_binned["cross_rank_rate"]),
+                        "losses_logged": sorted(stats.losses)}
+    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
