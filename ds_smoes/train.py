@@ -11,12 +11,9 @@ run is logged to MLflow (SQLite store `mlflow.db` in the working directory unles
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 from ds_smoes.errors import SMoESError

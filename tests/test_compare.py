@@ -38,11 +38,8 @@ def test_unknown_variant_is_rejected(capsys):
 
 
 @pytest.mark.slow
-def test_two_variant_comparison_runs_logs_and_resumes(tmp_path, capsys):
-    from ds_smoes.data import generate_digits_dataset
-
-    data = tmp_path / "digits"
-    generate_digits_dataset(data, seed=0)
+def test_two_variant_comparison_runs_logs_and_resumes(tmp_path, capsys, digits_dir):
+    data = digits_dir
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--variants", "topk", "smoes", "--seeds", "0",
             "--out", str(tmp_path / "cmp"), "--tracking-uri", uri,

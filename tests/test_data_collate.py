@@ -16,7 +16,6 @@ from ds_smoes.data import (
     WordTokenizer,
     collate_prompts,
     collate_train,
-    generate_digits_dataset,
     load_image,
     load_llava_json,
 )
@@ -24,12 +23,6 @@ from ds_smoes.errors import ConfigError, DatasetError
 
 X = IGNORE_INDEX
 
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out_dir = tmp_path_factory.mktemp("digits")
-    generate_digits_dataset(out_dir, seed=0)
-    return out_dir
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,6 @@ SPLITS = ("train", "val", "test")
 WORD_TO_INT = {word: i for i, word in enumerate(NUMBER_WORDS)}
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out_dir = tmp_path_factory.mktemp("digits")
-    generate_digits_dataset(out_dir, seed=0)
-    return out_dir
-
 
 @pytest.fixture(scope="module")
 def labels() -> np.ndarray:

@@ -10,15 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ds_smoes.data import Sample, generate_digits_dataset, load_image, load_llava_json
+from ds_smoes.data import Sample, load_image, load_llava_json
 from ds_smoes.errors import DatasetError, SMoESError
 
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out_dir = tmp_path_factory.mktemp("digits")
-    generate_digits_dataset(out_dir, seed=0)
-    return out_dir
 
 
 def turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:

@@ -9,15 +9,6 @@ import yaml
 from launch import ROOT, deepspeed_run, python_run
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    from ds_smoes.data import generate_digits_dataset
-
-    out = tmp_path_factory.mktemp("digits")
-    generate_digits_dataset(out, seed=0)
-    return out
-
-
 def write_config(tmp_path: Path, data_dir: Path, **sections) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     cfg["data"] = {"train_json": str(data_dir / "train.json"), "val_json": str(data_dir / "val.json"),
@@ -33,8 +24,8 @@ def write_config(tmp_path: Path, data_dir: Path, **sections) -> Path:
 
 
 @pytest.mark.slow
-def test_two_rank_training_logs_to_mlflow(tmp_path, digits):
-    cfg = write_config(tmp_path, digits, optim={"max_steps": 12}, run={"log_every": 4, "eval_every_epoch": False})
+def test_two_rank_training_logs_to_mlflow(tmp_path, digits_dir):
+    cfg = write_config(tmp_path, digits_dir, optim={"max_steps": 12}, run={"log_every": 4, "eval_every_epoch": False})
     db = tmp_path / "mlflow.db"
     out_json = tmp_path / "metrics.json"
     proc = deepspeed_run(["--module", "ds_smoes.train", "--config", str(cfg), "--output-json", str(out_json),
@@ -82,8 +73,8 @@ def test_config_errors_exit_2_with_message(tmp_path, override, needles):
     _fails_cleanly(proc, *needles)
 
 
-def test_ep_size_larger_than_world(tmp_path, digits):
-    cfg = write_config(tmp_path, digits)
+def test_ep_size_larger_than_world(tmp_path, digits_dir):
+    cfg = write_config(tmp_path, digits_dir)
     proc = python_run(["-m", "ds_smoes.train", "--config", str(cfg), "--no-mlflow"])
     _fails_cleanly(proc, "smoes.ep_size=2 does not divide the number of ranks (1)", "deepspeed --num_gpus 2")
 
@@ -92,9 +83,9 @@ def test_ep_size_larger_than_world(tmp_path, digits):
     ("malformed", ["train.json", "line 2"]),
     ("missing_image", ["not found under", "images/0000.png"]),
 ])
-def test_dataset_errors_exit_2_with_message(tmp_path, digits, damage, needles):
+def test_dataset_errors_exit_2_with_message(tmp_path, digits_dir, damage, needles):
     data = tmp_path / "data"
-    shutil.copytree(digits, data)
+    shutil.copytree(digits_dir, data)
     if damage == "malformed":
         (data / "train.json").write_text('[\n {"id": "x", "conversations": [}\n]')
     else:

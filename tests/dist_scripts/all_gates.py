@@ -28,7 +28,7 @@ def main() -> None:
     report = {}
     for name, fields in GATES.items():
         engine = build(0, "hard", **fields)
-        losses, routes = [], []
+        losses = []
         for step in range(args.steps):
             b = synthetic_batch(1000 * rank + step)
             out = engine(b.input_ids_BT, b.attention_mask_BT, b.modality_BT, b.image_BCHW, b.has_image_B,
