@@ -16,6 +16,7 @@ ScoreType = Literal["attention", "gaussian", "hard"]
 BinningType = Literal["adaptive", "fixed"]
 GateType = Literal["smoes", "topk", "hard", "hybrid", "ltdr", "smar"]
 BinObjective = Literal["mi", "kl"]
+DispatchType = Literal["deepspeed", "rank_once"]
 
 
 class _Strict(BaseModel):
@@ -59,6 +60,13 @@ class SMoESConfig(_Strict):
     capacity_factor: float = Field(1.0, gt=0.0, description="capacity factor when drop_tokens is true (training)")
     eval_capacity_factor: float = Field(1.0, gt=0.0, description="capacity factor when drop_tokens is true (eval)")
     min_capacity: int = Field(4, ge=0, description="minimum expert capacity when drop_tokens is true")
+    dispatch: DispatchType = Field("deepspeed", description="expert-parallel dispatch: deepspeed (stock MOELayer, "
+                                                            "capacity-padded all-to-all) or rank_once (dropless, "
+                                                            "each token sent once per EP rank); see "
+                                                            "ds_smoes/dispatch.py")
+    max_bins_per_token: int | None = Field(None, ge=1, description="bin-limited routing (ours, beyond the paper): "
+                                                                   "top-k inside the token's M bins with the most "
+                                                                   "gate mass; None routes globally")
 
     @model_validator(mode="after")
     def _check_layout(self) -> "SMoESConfig":
@@ -86,7 +94,21 @@ class SMoESConfig(_Strict):
             raise ValueError(f"shared_experts={self.shared_experts} only applies to gate 'hybrid'")
         if self.gate == "ltdr" and not self.k < self.ltdr_top_a <= e:
             raise ValueError(f"ltdr_top_a={self.ltdr_top_a} must satisfy k={self.k} < ltdr_top_a <= num_experts={e}")
+        if self.max_bins_per_token is not None:
+            self._check_bin_limit()
         return self
+
+    def _check_bin_limit(self) -> None:
+        m, per_bin = self.max_bins_per_token, self.experts_per_bin
+        if self.gate not in ("smoes", "smar"):
+            raise ValueError(f"max_bins_per_token applies to gates with plain top-k selection (smoes, smar); gate "
+                             f"{self.gate!r} selects experts by its own rule: remove max_bins_per_token")
+        if m > self.num_bins:
+            raise ValueError(f"max_bins_per_token={m} exceeds num_bins={self.num_bins}")
+        if m * per_bin < self.k:
+            need = -(-self.k // per_bin)
+            raise ValueError(f"max_bins_per_token={m} bins of {per_bin} experts leave {m * per_bin} experts for "
+                             f"k={self.k}: set max_bins_per_token >= {need} or lower k")
 
     def _check_modality_split(self) -> None:
         e, shared = self.num_experts, self.shared_experts

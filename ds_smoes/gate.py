@@ -28,7 +28,7 @@ from ds_smoes.binning import ExpertBinning, rank_of_bin_placed_expert
 from ds_smoes.config import SMoESConfig
 from ds_smoes.losses import bin_balance_loss, bin_kl_band_loss, mutual_information_loss
 from ds_smoes.metrics import expert_modality_load, routing_comm_stats
-from ds_smoes.routing import SparseRoutes, assign_slots, capacity_for, finalize_routes
+from ds_smoes.routing import SparseRoutes, assign_slots, bin_limited_topk, capacity_for, finalize_routes
 from ds_smoes.scores import ReduceFn
 
 
@@ -82,8 +82,12 @@ class ModalityGate(TopKGate):
         return torch.softmax(logits_SE, dim=-1)
 
     def select(self, probs_SE: torch.Tensor, inputs: RoutingInputs, valid_S: torch.Tensor) -> torch.Tensor:
-        """Chosen experts [S, num_routes], -1 for unused routes; default: top-k."""
-        return torch.topk(probs_SE, k=self.config.k, dim=1).indices
+        """Chosen experts [S, num_routes], -1 for unused routes; default: top-k, inside the token's
+        `max_bins_per_token` best bins when that limit is set."""
+        cfg = self.config
+        if cfg.max_bins_per_token is not None:
+            return bin_limited_topk(probs_SE, self.binning.bin_id_E, cfg.num_bins, cfg.max_bins_per_token, cfg.k)
+        return torch.topk(probs_SE, k=cfg.k, dim=1).indices
 
     def aux_losses(self, probs_SE: torch.Tensor, routes: SparseRoutes, inputs: RoutingInputs,
                    valid_S: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

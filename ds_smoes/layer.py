@@ -11,6 +11,11 @@ Drop-in for `deepspeed.moe.layer.MoE`: same constructor arguments where they ove
 
 The layer owns the Gaussian statistics (score_type="gaussian"), the gate owns the bins; both
 are buffers, so `state_dict()` and DeepSpeed checkpoints carry them.
+
+`config.dispatch` picks the expert-parallel dispatch: "deepspeed" runs DeepSpeed's stock
+`MOELayer.forward` (capacity-padded all-to-all), "rank_once" the dropless token-once-per-rank
+dispatch of `ds_smoes.dispatch`.  Either way `layer.last_comm` holds what the last call sent to
+other EP ranks (`ds_smoes.dispatch.CommVolume`).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from torch import nn
 
 from ds_smoes import distributed
 from ds_smoes.config import SMoESConfig
+from ds_smoes.dispatch import CommVolume, rank_once_moe, stock_volume
 from ds_smoes.gate import ModalityGate, RoutingInputs, RoutingStats
 from ds_smoes.registry import build_gate
 from ds_smoes.scores import GaussianModalityStats, hard_scores
@@ -39,6 +45,7 @@ class SMoESMoE(MoE):
         self.scorer = (GaussianModalityStats(hidden_size, beta=config.ema_beta, tau=config.gaussian_tau,
                                              var_floor=config.gaussian_var_floor)
                        if config.score_type == "gaussian" else None)
+        self.last_comm: CommVolume | None = None
 
     @property
     def gate(self) -> ModalityGate:
@@ -88,4 +95,34 @@ class SMoESMoE(MoE):
             sample_id_S = torch.zeros(num_tokens, dtype=torch.long, device=x_SD.device)
         scores_SM = self.modality_scores(x_SD, labels_S, valid_S, modality_scores)
         self.gate.set_routing_inputs(RoutingInputs(scores_SM, labels_S, sample_id_S, valid_S))
-        return super().forward(hidden_states, None)
+        if self.config.dispatch == "rank_once":
+            return self._rank_once_forward(hidden_states, x_SD, valid_S)
+        out = super().forward(hidden_states, None)
+        self.last_comm = self._stock_comm(x_SD)
+        return out
+
+    def _rank_once_forward(self, hidden_states: torch.Tensor, x_SD: torch.Tensor, valid_S: torch.Tensor):
+        """The gate as MOELayer calls it, then the token-once-per-rank dispatch on the local experts."""
+        moe = self.deepspeed_moe
+        if moe.ep_size > 1 and moe.ep_group is None:
+            raise RuntimeError(f"ep_size={moe.ep_size} but the layer has no expert-parallel group yet: build the "
+                               "engine with deepspeed.initialize (or call layer.set_deepspeed_parallelism()) first")
+        moe.l_aux, _, num_experts, indices_KS, _, gates_KS, moe.exp_counts = moe.gate(x_SD, None, True, False)
+        out_SD, self.last_comm = rank_once_moe(x_SD, indices_KS, gates_KS, moe.experts.deepspeed_experts,
+                                               num_experts, moe.ep_group if moe.ep_size > 1 else None, valid_S)
+        output = out_SD.reshape(hidden_states.shape)
+        if self.use_residual:  # Residual MoE: a learned per-token mix of the MoE output and a dense MLP
+            mlp_out = self.mlp(hidden_states)
+            mlp_out = mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out
+            coef = torch.softmax(self.coefficient(hidden_states), dim=-1)
+            output = output * coef[..., 0:1] + mlp_out * coef[..., 1:]
+        return output, moe.l_aux, moe.exp_counts
+
+    def _stock_comm(self, x_SD: torch.Tensor) -> CommVolume | None:
+        stats = self.gate.last_stats
+        if stats is None:
+            return None
+        routing = stats.comm_physical
+        return stock_volume(self.config.num_experts, stats.capacity, x_SD.shape[1], self.deepspeed_moe.ep_size,
+                            x_SD.element_size(), float(routing["cross_rank_rate"]), float(routing["ranks_per_token"]),
+                            int(routing["num_tokens"]))

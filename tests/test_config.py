@@ -13,6 +13,11 @@ from ds_smoes.train_config import TrainConfig, load_train_config
     ({"num_experts": 4, "k": 5, "num_bins": 2}, "k=5 exceeds num_experts=4"),
     ({"score_type": "cosine"}, "score_type: Input should be 'attention', 'gaussian' or 'hard'"),
     ({"num_bin": 2}, "num_bin: unknown field"),
+    ({"num_experts": 8, "num_bins": 4, "k": 4, "max_bins_per_token": 1},
+     "max_bins_per_token=1 bins of 2 experts leave 2 experts for k=4: set max_bins_per_token >= 2"),
+    ({"num_bins": 2, "max_bins_per_token": 3}, "max_bins_per_token=3 exceeds num_bins=2"),
+    ({"gate": "ltdr", "max_bins_per_token": 1}, "max_bins_per_token applies to gates with plain top-k"),
+    ({"dispatch": "alltoall"}, "dispatch: Input should be 'deepspeed' or 'rank_once'"),
 ])
 def test_smoes_config_rejects_with_message(fields, message):
     with pytest.raises(ConfigError) as err:

@@ -35,7 +35,7 @@ def test_every_gate_trains_on_two_ranks_with_expert_parallelism(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     expected_class = {"smoes": "SMoESGate", "smoes-kl": "SMoESGate", "topk": "DeepSpeedTopKGate",
                       "hard": "ModalitySplitGate", "hybrid": "ModalitySplitGate", "ltdr": "LTDRGate",
-                      "smar": "SMARGate"}
+                      "smar": "SMARGate", "smoes-rank-once": "SMoESGate"}
     for r in range(2):
         report = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert set(report) == set(expected_class)
@@ -43,5 +43,7 @@ def test_every_gate_trains_on_two_ranks_with_expert_parallelism(tmp_path):
             assert rep["finite"] and len(rep["losses"]) == 3, (name, rep)
             assert rep["gate_class"] == expected_class[name]
             assert rep["routed"] >= rep["num_tokens"] > 0  # every valid token reached >= 1 expert
+            assert rep["dispatch"] == ("rank_once" if name == "smoes-rank-once" else "deepspeed")
+            assert rep["remote_bytes"] > 0  # ep_size 2: both dispatches send to the other rank
         assert "mi" in report["smoes"]["losses_logged"] and "bin_kl" in report["smoes-kl"]["losses_logged"]
         assert "tail_share" in report["ltdr"]["losses_logged"] and "modality_kl" in report["smar"]["losses_logged"]

@@ -63,3 +63,23 @@ def test_variable_k_routes_with_unused_rows():
     assert torch.allclose(r.gates_KS[:, 1], torch.tensor([1.0, 0.0, 0.0]))
     assert r.selected_SE.tolist() == [[True, True, True], [True, False, False]]
     assert r.num_dropped == 0
+
+
+def test_bin_limited_topk_by_hand():
+    from ds_smoes.routing import bin_limited_topk
+
+    probs = torch.tensor([[0.30, 0.02, 0.20, 0.18, 0.16, 0.14],
+                          [0.05, 0.05, 0.10, 0.10, 0.40, 0.30]])
+    contiguous = torch.tensor([0, 0, 1, 1, 2, 2])
+    # bin mass: token 0 -> b0 .32, b1 .38, b2 .30; token 1 -> b0 .10, b1 .20, b2 .70
+    one_bin = bin_limited_topk(probs, contiguous, num_bins=3, max_bins=1, k=2)
+    assert [sorted(r) for r in one_bin.tolist()] == [[2, 3], [4, 5]]  # global top-2 of token 0 would be {0, 2}
+    two_bins = bin_limited_topk(probs, contiguous, num_bins=3, max_bins=2, k=3)
+    assert sorted(two_bins[0].tolist()) == [0, 2, 3]
+    t1 = sorted(two_bins[1].tolist())  # bins 2 and 1; e2 and e3 tie for the third place
+    assert t1[1:] == [4, 5] and t1[0] in (2, 3)
+    # adaptive bins need not be contiguous: b0 = {e1, e2} .22, b1 = {e0, e4} .46, b2 = {e3, e5} .32
+    scattered = bin_limited_topk(probs[:1], torch.tensor([1, 0, 0, 2, 1, 2]), num_bins=3, max_bins=1, k=2)
+    assert sorted(scattered[0].tolist()) == [0, 4]
+    # max_bins = num_bins is plain global top-k
+    assert torch.equal(bin_limited_topk(probs, contiguous, 3, 3, 2), probs.topk(2, dim=1).indices)

@@ -14,6 +14,7 @@ GATES = {
     "smoes": {}, "smoes-kl": {"gate": "smoes", "bin_objective": "kl"}, "topk": {"gate": "topk"},
     "hard": {"gate": "hard"}, "hybrid": {"gate": "hybrid", "num_experts": 6, "shared_experts": 2},
     "ltdr": {"gate": "ltdr", "ltdr_top_a": 3}, "smar": {"gate": "smar"},
+    "smoes-rank-once": {"dispatch": "rank_once"},
 }
 
 
@@ -37,11 +38,13 @@ def main() -> None:
             engine.step()
             losses.append(out.loss.item())
         stats = engine.module.moe_layers()[0].last_routing_stats
+        comm = engine.module.moe_layers()[0].last_comm
         report[name] = {"losses": losses, "finite": all(math.isfinite(l) for l in losses),
                         "gate_class": type(engine.module.moe_layers()[0].gate).__name__,
                         "num_tokens": stats.num_tokens, "routed": int(stats.load_ME.sum()),
                         "cross_rank_rate": float(stats.comm_binned["cross_rank_rate"]),
-                        "losses_logged": sorted(stats.losses)}
+                        "losses_logged": sorted(stats.losses),
+                        "dispatch": comm.dispatch, "remote_bytes": comm.remote_bytes}
     (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
 
 

@@ -1,0 +1,251 @@
+"""Token-once-per-rank expert-parallel dispatch, and what a dispatch really sends.
+
+Shapes: S tokens on this rank, K routes per token, D hidden, E experts, R ranks in the
+expert-parallel (EP) group, L = E / R local experts per rank, N (token, rank) pairs this rank
+sends, M pairs it receives.  Expert e lives on EP rank e // L (DeepSpeed's layout).
+
+**rank_once** (dropless, no capacity): a token goes once to every EP rank that holds at least
+one of its selected experts, however many of them live there.  That rank runs its experts on
+it, sums their gate-weighted outputs and sends back ONE vector per (token, rank); the home rank
+sums what comes back.  Four `all_to_all_single` calls with split sizes in the forward:
+
+1. send counts per destination rank (a small int64 tensor; tells every rank what to expect),
+2. the token vectors [N, D],
+3. the routing of every sent row: local expert ids [N, K] (int32, -1 unused) and combine
+   weights [N, K] (float32; these carry the router's gradient),
+4. the combined vectors [M, D] back to their home rank.
+
+The backward runs the same exchanges in reverse (splits swapped) for the vectors and the
+weights.  With one EP rank nothing is exchanged.
+
+**deepspeed** (the stock `MOELayer`): the capacity-padded [E, C, D] buffer goes through an
+all-to-all twice (dispatch, combine), whatever the routing.
+
+Accounting counts the bytes a rank *sends to other ranks* in the forward: the chunk addressed to
+itself is a local copy inside `all_to_all_single` and never crosses the network.  Summed over
+the group, bytes sent equal bytes received.  The backward moves the same token/combine volume
+again in reverse for both dispatches; it is not counted here.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+INDEX_BYTES = 4   # local expert ids travel as int32
+WEIGHT_BYTES = 4  # combine weights travel as float32
+COUNT_BYTES = 8   # split sizes travel as int64
+
+
+@dataclass(frozen=True)
+class CommVolume:
+    """What one MoE forward call of one rank sends to the other EP ranks (bytes) and how it routed.
+
+    dispatch_bytes / combine_bytes: token vectors sent in the dispatch / combine phase.
+    metadata_bytes: split counts and the per-row routing (local expert ids, gate weights) that
+    rank_once needs besides the vectors; 0 for the stock dispatch, whose slot positions encode
+    the expert (its one-int capacity all-reduce in the gate is left out).
+    cross_rank_rate: share of tokens with at least one selected expert on another rank;
+    ranks_per_token: mean number of distinct ranks holding a token's selected experts;
+    both over `num_tokens` (valid, or else routed, tokens of this rank).
+    """
+    dispatch: str
+    dispatch_bytes: int
+    combine_bytes: int
+    metadata_bytes: int
+    cross_rank_rate: float
+    ranks_per_token: float
+    num_tokens: int
+
+    @property
+    def remote_bytes(self) -> int:
+        """Token vectors sent to other ranks, dispatch + combine."""
+        return self.dispatch_bytes + self.combine_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.remote_bytes + self.metadata_bytes
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+def stock_alltoall_bytes(num_experts: int, capacity: int, hidden: int, ep_size: int, element_size: int) -> int:
+    """Bytes one rank sends to other ranks in DeepSpeed's MOELayer forward (dispatch + combine).
+
+    Each all-to-all moves the [E, C, D] buffer; the own rank's [E/ep, C, D] chunk stays local.
+    """
+    if ep_size <= 1:
+        return 0
+    remote_slots = (num_experts - num_experts // ep_size) * capacity
+    return 2 * remote_slots * hidden * element_size
+
+
+def route_ranks(indices_KS: torch.Tensor, num_local_experts: int) -> torch.Tensor:
+    """route_rank_KS: EP rank of every route's expert (e // L), -1 for unused routes."""
+    return torch.where(indices_KS >= 0, indices_KS.long() // num_local_experts, torch.full_like(indices_KS.long(), -1))
+
+
+def rank_hits(route_rank_KS: torch.Tensor, ep_size: int) -> torch.Tensor:
+    """hits_SR: token s needs rank r (at least one of its selected experts lives there)."""
+    num_tokens = route_rank_KS.shape[1]
+    target_KS = torch.where(route_rank_KS >= 0, route_rank_KS, torch.full_like(route_rank_KS, ep_size))
+    hits_SX = torch.zeros(num_tokens, ep_size + 1, dtype=torch.bool, device=route_rank_KS.device)
+    hits_SX.scatter_(1, target_KS.T, True)  # column ep_size collects unused routes
+    return hits_SX[:, :ep_size]
+
+
+def send_plan(hits_SR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows this rank sends, grouped by destination rank, tokens ascending inside a group.
+
+    Returns (token_N, rank_N, send_counts_R): row n carries token token_N[n] to rank rank_N[n].
+    """
+    rank_N, token_N = hits_SR.T.nonzero(as_tuple=True)
+    return token_N, rank_N, hits_SR.sum(0).long()
+
+
+def row_routes(indices_KS: torch.Tensor, gates_KS: torch.Tensor, route_rank_KS: torch.Tensor,
+               token_N: torch.Tensor, rank_N: torch.Tensor, num_local_experts: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing that travels with each sent row: (local_expert_NK int32, -1 unused; weight_NK).
+
+    Route k of row n is kept when token_N[n]'s k-th expert lives on rank_N[n]; the weights are a
+    differentiable gather from `gates_KS` (0 where not kept).
+    """
+    here_NK = route_rank_KS.T[token_N] == rank_N.unsqueeze(1)
+    local_NK = indices_KS.T[token_N].long() - rank_N.unsqueeze(1) * num_local_experts
+    local_NK = torch.where(here_NK, local_NK, torch.full_like(local_NK, -1)).to(torch.int32)
+    weight_NK = gates_KS.T[token_N].float() * here_NK
+    return local_NK, weight_NK
+
+
+def token_rank_stats(hits_SR: torch.Tensor, home_rank: int, valid_S: torch.Tensor) -> tuple[float, float, int]:
+    """(cross_rank_rate, ranks_per_token, tokens counted) over the tokens in `valid_S`."""
+    hits_VR = hits_SR[valid_S.bool()]
+    n = hits_VR.shape[0]
+    if n == 0:
+        return 0.0, 0.0, 0
+    remote_VR = hits_VR.clone()
+    remote_VR[:, home_rank] = False
+    return float(remote_VR.any(1).float().mean()), float(hits_VR.sum(1).float().mean()), n
+
+
+def rank_once_volume(send_counts_R: Sequence[int], recv_counts_R: Sequence[int], home_rank: int, hidden: int,
+                     element_size: int, num_routes: int) -> tuple[int, int, int]:
+    """(dispatch_bytes, combine_bytes, metadata_bytes) this rank sends to other ranks.
+
+    Dispatch: one vector per (token, remote rank) pair it sends; combine: one vector back per
+    pair it received from another rank; metadata: the counts exchange (one int64 per remote
+    rank) and each dispatched row's routing (num_routes local ids + num_routes weights).
+    """
+    ep_size = len(send_counts_R)
+    sent_rows = sum(int(c) for r, c in enumerate(send_counts_R) if r != home_rank)
+    returned_rows = sum(int(c) for r, c in enumerate(recv_counts_R) if r != home_rank)
+    metadata = (ep_size - 1) * COUNT_BYTES + sent_rows * num_routes * (INDEX_BYTES + WEIGHT_BYTES)
+    return sent_rows * hidden * element_size, returned_rows * hidden * element_size, metadata
+
+
+def stock_volume(num_experts: int, capacity: int, hidden: int, ep_size: int, element_size: int,
+                 cross_rank_rate: float, ranks_per_token: float, num_tokens: int) -> CommVolume:
+    """CommVolume of DeepSpeed's stock dispatch for one call (the rates come from the routing)."""
+    half = stock_alltoall_bytes(num_experts, capacity, hidden, ep_size, element_size) // 2
+    return CommVolume("deepspeed", half, half, 0, cross_rank_rate, ranks_per_token, num_tokens)
+
+
+# -- autograd-aware exchange ------------------------------------------------------------------------
+class _AllToAllSingle(torch.autograd.Function):
+    """all_to_all_single with split sizes; its backward is the same exchange with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, send_counts, recv_counts, group):
+        ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
+        return _exchange(x, send_counts, recv_counts, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllToAllSingle.apply(grad, ctx.recv_counts, ctx.send_counts, ctx.group), None, None, None
+
+
+def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                           group=group)
+    return out
+
+
+def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
+    """Exchange rows of `x` (send_counts[r] rows to rank r), differentiable in `x`."""
+    return _AllToAllSingle.apply(x, send_counts, recv_counts, group)
+
+
+def exchange_counts(send_counts_R: torch.Tensor, group) -> torch.Tensor:
+    """recv_counts_R: how many rows each rank will send here."""
+    recv_counts_R = torch.empty_like(send_counts_R)
+    dist.all_to_all_single(recv_counts_R, send_counts_R.contiguous(), group=group)
+    return recv_counts_R
+
+
+# -- expert side --------------------------------------------------------------------------------------
+def run_local_experts(x_MD: torch.Tensor, local_MK: torch.Tensor, weight_MK: torch.Tensor,
+                      experts: Sequence[nn.Module]) -> torch.Tensor:
+    """combined_MD (float32): per received row, the gate-weighted sum of its local experts' outputs.
+
+    Every expert runs, on zero rows if nothing reached it, so its parameters always get a gradient
+    (zeros rather than None, as with DeepSpeed's padded buffer).
+    """
+    combined_MD = x_MD.new_zeros(x_MD.shape, dtype=torch.float32)
+    for i, expert in enumerate(experts):
+        hit_MK = local_MK == i
+        rows_P = hit_MK.any(1).nonzero().squeeze(1)
+        out_PD = expert(x_MD[rows_P])
+        if isinstance(out_PD, tuple):
+            out_PD = out_PD[0]
+        w_P = (weight_MK * hit_MK)[rows_P].sum(1)
+        combined_MD = combined_MD.index_add(0, rows_P, out_PD.float() * w_P.unsqueeze(1))
+    return combined_MD
+
+
+# -- the dispatch -----------------------------------------------------------------------------------
+def rank_once_moe(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.Tensor,
+                  local_experts: Sequence[nn.Module], num_experts: int, group=None,
+                  valid_S: torch.Tensor | None = None) -> tuple[torch.Tensor, CommVolume]:
+    """MoE output [S, D] (x's dtype) of the token-once-per-rank dispatch, and its CommVolume.
+
+    indices_KS / gates_KS: the gate's sparse routes (expert id or -1; combine weights).
+    local_experts: this rank's experts (global ids rank * L ... rank * L + L - 1).
+    group: the EP process group; None (or a 1-rank group) runs everything locally.
+    valid_S: the tokens the rates average over (default: tokens with at least one route).
+    Tokens without routes get zeros, as in DeepSpeed.
+    """
+    ep_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    home = dist.get_rank(group) if ep_size > 1 else 0
+    num_local = len(local_experts)
+    if num_local * ep_size != num_experts:
+        raise ValueError(f"{num_local} local experts on each of {ep_size} EP ranks do not make the gate's "
+                         f"{num_experts} experts")
+    route_rank_KS = route_ranks(indices_KS, num_local)
+    hits_SR = rank_hits(route_rank_KS, ep_size)
+    token_N, rank_N, send_counts_R = send_plan(hits_SR)
+    local_NK, weight_NK = row_routes(indices_KS, gates_KS, route_rank_KS, token_N, rank_N, num_local)
+    send_x_ND = x_SD[token_N]
+
+    if ep_size > 1:
+        recv_counts_R = exchange_counts(send_counts_R, group)
+        send, recv = send_counts_R.tolist(), recv_counts_R.tolist()
+        recv_x_MD = all_to_all_rows(send_x_ND, send, recv, group)
+        recv_local_MK = _exchange(local_NK, send, recv, group)
+        recv_weight_MK = all_to_all_rows(weight_NK, send, recv, group)
+        combined_MD = run_local_experts(recv_x_MD, recv_local_MK, recv_weight_MK, local_experts)
+        back_ND = all_to_all_rows(combined_MD.to(x_SD.dtype), recv, send, group)
+    else:
+        send = recv = send_counts_R.tolist()
+        back_ND = run_local_experts(send_x_ND, local_NK, weight_NK, local_experts)
+
+    out_SD = x_SD.new_zeros(x_SD.shape, dtype=torch.float32).index_add(0, token_N, back_ND.float())
+    if valid_S is None:
+        valid_S = hits_SR.any(1)
+    dispatch_b, combine_b, meta_b = rank_once_volume(send, recv, home, x_SD.shape[1], x_SD.element_size(),
+                                                     indices_KS.shape[0])
+    rate, ranks, n = token_rank_stats(hits_SR, home, valid_S)
+    return out_SD.to(x_SD.dtype), CommVolume("rank_once", dispatch_b, combine_b, meta_b, rate, ranks, n)

@@ -1,0 +1,185 @@
+"""Token-once-per-rank dispatch: the plan and its bytes by hand, parity with DeepSpeed's MOELayer
+on one process, and forward + backward on 2 real gloo ranks against a 1-process reference."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ds_smoes.config import SMoESConfig
+from ds_smoes.dispatch import (rank_hits, rank_once_moe, rank_once_volume, route_ranks, row_routes, send_plan,
+                               stock_alltoall_bytes, token_rank_stats)
+from ds_smoes.gate import RoutingInputs, SMoESGate
+from ds_smoes.layer import SMoESMoE
+from ds_smoes.metrics import routing_comm_stats
+
+from launch import ROOT, deepspeed_run
+
+D = 8
+
+# 2 EP ranks, 4 experts (rank 0: e0 e1, rank 1: e2 e3), this is rank 0; 5 tokens, K = 2 routes:
+#   t0 -> e0 e1    rank 0 only
+#   t1 -> e2 e0    ranks 1 and 0
+#   t2 -> e3 e2    rank 1 only: two experts there, the token travels once
+#   t3 -> e3 --    rank 1 (one unused route)
+#   t4 -> -- --    padding
+INDICES_KS = torch.tensor([[0, 2, 3, 3, -1],
+                           [1, 0, 2, -1, -1]], dtype=torch.int32)
+GATES_KS = torch.tensor([[0.6, 0.7, 0.5, 1.0, 0.0],
+                         [0.4, 0.3, 0.5, 0.0, 0.0]])
+VALID_S = torch.tensor([True, True, True, True, False])
+
+
+def test_send_plan_by_hand():
+    route_rank_KS = route_ranks(INDICES_KS, num_local_experts=2)
+    assert route_rank_KS.tolist() == [[0, 1, 1, 1, -1], [0, 0, 1, -1, -1]]
+    hits_SR = rank_hits(route_rank_KS, ep_size=2)
+    assert hits_SR.tolist() == [[True, False], [True, True], [False, True], [False, True], [False, False]]
+    token_N, rank_N, send_counts_R = send_plan(hits_SR)
+    # grouped by destination: rank 0 gets t0 t1, rank 1 gets t1 t2 t3
+    assert token_N.tolist() == [0, 1, 1, 2, 3] and rank_N.tolist() == [0, 0, 1, 1, 1]
+    assert send_counts_R.tolist() == [2, 3]
+    local_NK, weight_NK = row_routes(INDICES_KS, GATES_KS, route_rank_KS, token_N, rank_N, 2)
+    assert local_NK.tolist() == [[0, 1], [-1, 0], [0, -1], [1, 0], [1, -1]]
+    assert torch.allclose(weight_NK, torch.tensor([[0.6, 0.4], [0.0, 0.3], [0.7, 0.0], [0.5, 0.5], [1.0, 0.0]]))
+
+
+def test_bytes_and_rates_by_hand():
+    # rank 0 sends t1 t2 t3 to rank 1 (3 vectors of 8 float32 = 96 B); rank 1 sent us 4 rows (recv [2, 4]),
+    # which go back combined (4 * 32 = 128 B); its own 2 rows never leave the rank.  Metadata: one int64
+    # count to rank 1 (8 B) and, per row sent to rank 1, 2 local ids (int32) + 2 weights (float32) = 48 B.
+    assert rank_once_volume([2, 3], [2, 4], home_rank=0, hidden=D, element_size=4, num_routes=2) == (96, 128, 56)
+    # the same counts seen from rank 1 (its own chunk is the second)
+    assert rank_once_volume([4, 1], [3, 5], home_rank=1, hidden=D, element_size=2, num_routes=2) == (64, 48, 72)
+    hits_SR = rank_hits(route_ranks(INDICES_KS, 2), 2)
+    # valid t0..t3: t1, t2, t3 have an expert on rank 1 -> 3/4; ranks per token (1 + 2 + 1 + 1) / 4
+    assert token_rank_stats(hits_SR, 0, VALID_S) == (0.75, 1.25, 4)
+    ref = routing_comm_stats(INDICES_KS, torch.tensor([0, 0, 1, 1]), 0, VALID_S, 2)
+    assert float(ref["cross_rank_rate"]) == 0.75 and float(ref["ranks_per_token"]) == 1.25
+
+
+def test_stock_alltoall_bytes_by_hand():
+    # [E=4, C=3, D=8] float32 = 384 B per all-to-all, own [2, 3, 8] chunk (192 B) stays: 192 B, twice
+    assert stock_alltoall_bytes(4, 3, 8, 2, 4) == 384
+    # 64 experts on 8 ranks, capacity 10, D 4096, bf16: 2 * 56 * 10 * 4096 * 2
+    assert stock_alltoall_bytes(64, 10, 4096, 8, 2) == 9_175_040
+    assert stock_alltoall_bytes(4, 3, 8, 1, 4) == 0
+
+
+def test_rank_once_matches_a_loop_over_routes_with_gradients():
+    torch.manual_seed(0)
+    experts = nn.ModuleList(nn.Linear(D, D) for _ in range(4))
+    x = torch.randn(5, D, requires_grad=True)
+    gates = GATES_KS.clone().requires_grad_(True)
+    out, comm = rank_once_moe(x, INDICES_KS, gates, list(experts), num_experts=4)
+    ref = torch.zeros(5, D)
+    for k in range(2):
+        for s in range(5):
+            e = int(INDICES_KS[k, s])
+            if e >= 0:
+                ref[s] = ref[s] + gates[k, s] * experts[e](x[s])
+    assert torch.allclose(out, ref, atol=1e-6) and torch.equal(out[4], torch.zeros(D))
+    probe = torch.randn(5, D)
+    grads = torch.autograd.grad((out * probe).sum(), [x, gates, *experts.parameters()])
+    ref_grads = torch.autograd.grad((ref * probe).sum(), [x, gates, *experts.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
+    assert comm.remote_bytes == comm.metadata_bytes == 0 and comm.num_tokens == 4 and comm.ranks_per_token == 1.0
+
+
+def _layer(dispatch: str, use_residual: bool = False, **fields) -> SMoESMoE:
+    cfg = SMoESConfig(**{"num_experts": 4, "num_bins": 2, "score_type": "hard", "binning": "fixed", "alpha_bal": 0.5,
+                         "alpha_mi": 0.25, "dispatch": dispatch, **fields})
+    torch.manual_seed(0)
+    layer = SMoESMoE(D, nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D)), cfg, use_residual=use_residual)
+    for i, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
+        for p in expert.parameters():
+            p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(100 + i))
+    return layer
+
+
+def _run(layer: SMoESMoE):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, D, generator=g, requires_grad=True)
+    labels = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, -1] = False
+    out, l_aux, counts = layer(x, mask, modality_labels=labels)
+    ((out * torch.randn(out.shape, generator=g)).sum() + l_aux).backward()
+    expert_grads = [p.grad for p in layer.deepspeed_moe.experts.parameters()]
+    return out, l_aux, counts, x.grad, layer.gate.wg.weight.grad, expert_grads
+
+
+@pytest.mark.parametrize("fields", [{"k": 1}, {"k": 2}, {"gate": "ltdr", "k": 1, "ltdr_top_a": 3},
+                                    {"k": 2, "drop_tokens": True, "capacity_factor": 0.5, "min_capacity": 1},
+                                    {"k": 2, "use_residual": True}],
+                         ids=["k1", "k2", "ltdr_variable_k", "k2_capacity_drops", "k2_residual"])
+def test_rank_once_equals_deepspeed_moelayer_on_one_rank(fields):
+    stock, mine = _run(_layer("deepspeed", **fields)), _run(_layer("rank_once", **fields))
+    out, l_aux, counts, x_grad, wg_grad, expert_grads = mine
+    assert out.shape == (2, 6, D)
+    assert torch.allclose(out, stock[0], atol=1e-5) and torch.equal(l_aux, stock[1]) and torch.equal(counts, stock[2])
+    assert torch.allclose(x_grad, stock[3], atol=1e-5)
+    assert wg_grad.abs().sum() > 0 and torch.allclose(wg_grad, stock[4], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(expert_grads, stock[5]))
+
+
+def test_variable_k_gate_really_sends_extra_routes():
+    layer = _layer("rank_once", gate="ltdr", k=1, ltdr_top_a=3)
+    _run(layer)
+    assert layer.last_comm.ranks_per_token == 1.0  # one rank holds every expert
+    assert int(layer.deepspeed_moe.exp_counts.sum()) > 11  # some tail token used more than k = 1 expert
+
+
+def test_both_dispatches_record_their_volume():
+    for dispatch in ("deepspeed", "rank_once"):
+        layer = _layer(dispatch, k=2)
+        assert layer.last_comm is None
+        _run(layer)
+        comm = layer.last_comm
+        assert comm.dispatch == dispatch and comm.num_tokens == 11 and comm.total_bytes == 0  # one rank: nothing leaves
+        stats = layer.last_routing_stats.comm_physical
+        assert comm.cross_rank_rate == float(stats["cross_rank_rate"]) == 0.0
+        assert comm.ranks_per_token == float(stats["ranks_per_token"]) == 1.0
+
+
+def test_rank_once_without_ep_group_says_how_to_fix():
+    layer = _layer("rank_once", k=2, ep_size=2)
+    with pytest.raises(RuntimeError, match="deepspeed.initialize"):
+        layer(torch.randn(1, 3, D), modality_labels=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_bin_limited_gate_keeps_each_token_in_one_bin():
+    cfg = SMoESConfig(num_experts=8, k=2, num_bins=4, score_type="hard", binning="fixed", max_bins_per_token=1)
+    gate = SMoESGate(D, cfg)
+    s = 16
+    labels = torch.arange(s) % 2
+    gate.set_routing_inputs(RoutingInputs(torch.nn.functional.one_hot(labels, 2).float(), labels,
+                                          torch.zeros(s, dtype=torch.long), torch.ones(s, dtype=torch.bool)))
+    idx_KS = gate(torch.randn(s, D), None, True, False)[3]
+    bins_KS = gate.binning.bin_id_E[idx_KS.long()]
+    assert (idx_KS >= 0).all() and (bins_KS[0] == bins_KS[1]).all()
+
+
+@pytest.mark.slow
+def test_rank_once_on_two_gloo_ranks_matches_one_process_reference(tmp_path):
+    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "rank_once_parity.py"), "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for r in range(2):
+        report = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert set(report) == {"smoes_k2", "smoes_k1", "ltdr_variable_k", "bin_limited", "rank1_only_padding"}
+        for case, rep in report.items():
+            where = (r, case)
+            for name in ("out", "x_grad", "wg_grad", "expert_grad"):
+                assert rep[f"{name}_diff"] <= 1e-5 * max(1.0, rep[f"{name}_scale"]), (where, name, rep)
+            assert rep["expert_grad_scale"] > 0, where
+            assert rep["wg_grad_scale"] > 0 or where == (1, "rank1_only_padding"), where  # no token, no router grad
+            # measured bytes = the hand formula from the tokens each rank sends to the other
+            for part in ("dispatch", "combine", "metadata"):
+                assert rep[f"{part}_bytes"] == rep[f"expected_{part}_bytes"], (where, part, rep)
+            assert rep["cross_rank_rate"] == pytest.approx(rep["gate_cross_rank_rate"])
+            assert rep["ranks_per_token"] == pytest.approx(rep["gate_ranks_per_token"])
+        assert report["bin_limited"]["ranks_per_token"] == 1.0  # one bin per token, bins aligned with ranks
+        if r == 0:
+            assert report["ltdr_variable_k"]["max_routes"] == 3  # a tail token used a = 3 experts
+    padded = json.loads((tmp_path / "rank1.json").read_text())["rank1_only_padding"]
+    assert padded["num_tokens"] == 0 and padded["dispatch_bytes"] == 0 and padded["combine_bytes"] > 0
