@@ -74,6 +74,8 @@ class RoutingMeasurement:
     """Routing of every MoE layer over a pass: loads summed over ranks, comm figures averaged."""
     load_LME: torch.Tensor                       # [layers, 2 (text, vision), experts]
     comm: dict[str, list[float]] = field(default_factory=dict)   # figure -> per-layer value
+    # (remote_bytes_per_token: bytes the layer's dispatch sent to other EP ranks, dispatch + combine,
+    #  forward only, per valid token; the rank's own chunk is not counted)
     loss: float = float("nan")
 
     @property
@@ -98,8 +100,9 @@ class RoutingAccumulator:
         self.layers = moe_layers
         num_experts = moe_layers[0].config.num_experts if moe_layers else 0
         self.load_LME = torch.zeros(len(moe_layers), 2, num_experts, dtype=torch.float64)
-        # per layer: [tokens, sum of each comm figure for binned placement, then physical]
-        self.comm_LX = torch.zeros(len(moe_layers), 1 + 2 * len(_COMM_KEYS), dtype=torch.float64)
+        # per layer: [tokens, sum of each comm figure for binned placement, then physical, then the
+        # bytes the layer's dispatch really sent to other EP ranks (layer.last_comm)]
+        self.comm_LX = torch.zeros(len(moe_layers), 2 + 2 * len(_COMM_KEYS), dtype=torch.float64)
 
     def add(self) -> None:
         for l, layer in enumerate(self.layers):
@@ -112,6 +115,9 @@ class RoutingAccumulator:
             for j, key in enumerate(_COMM_KEYS):
                 self.comm_LX[l, 1 + j] += float(st.comm_binned[key]) * n
                 self.comm_LX[l, 1 + len(_COMM_KEYS) + j] += float(st.comm_physical[key]) * n
+            comm = getattr(layer, "last_comm", None)
+            if comm is not None:
+                self.comm_LX[l, -1] += comm.remote_bytes
 
     def result(self, loss: float = float("nan")) -> RoutingMeasurement:
         load = distributed.world_sum_(self.load_LME.clone())
@@ -121,6 +127,7 @@ class RoutingAccumulator:
         for j, key in enumerate(_COMM_KEYS):
             out[key] = (comm[:, 1 + j] / tokens_L).tolist()
             out[f"{key}_physical"] = (comm[:, 1 + len(_COMM_KEYS) + j] / tokens_L).tolist()
+        out["remote_bytes_per_token"] = (comm[:, -1] / tokens_L).tolist()
         return RoutingMeasurement(load.float(), out, loss)
 
 

@@ -207,6 +207,9 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
         "cross_rank_rate": routing.mean("cross_rank_rate"),
         "ranks_per_token": routing.mean("ranks_per_token"),
         "remote_pairs_per_token": routing.mean("remote_pairs_per_token"),
+        # measured from the dispatch's own split sizes (layer.last_comm), per MoE layer
+        "bytes_per_token": routing.mean("remote_bytes_per_token"),
+        "dispatch": s.dispatch,
         "cross_rank_rate_physical": routing.mean("cross_rank_rate_physical"),
         "ranks_per_token_physical": routing.mean("ranks_per_token_physical"),
         "cross_rank_rate_per_layer": routing.comm.get("cross_rank_rate", []),
@@ -236,13 +239,24 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
         tracker.log_dict(final, "metrics.json")
         tracker.log_file(out_dir / "tokenizer.json")
         tracker.end("FINISHED")
-        (out_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+        (out_dir / "metrics.json").write_text(_to_json(final))
         if output_json:
             Path(output_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(output_json).write_text(json.dumps(final, indent=2))
+            Path(output_json).write_text(_to_json(final))
         _print_summary(final, log)
     distributed.barrier()
     return final
+
+
+def _to_json(figures: dict) -> str:
+    """Strict JSON: NaN and infinities (e.g. communication figures of a model without MoE layers) become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps({k: clean(v) for k, v in figures.items()}, indent=2, allow_nan=False)
 
 
 def _print_summary(final: dict, log: Callable) -> None:
@@ -257,6 +271,7 @@ def _print_summary(final: dict, log: Callable) -> None:
             ("cross-rank rate, bins placed on EP ranks", f"{final['cross_rank_rate']:.4f}"),
             ("ranks per token, bins placed on EP ranks", f"{final['ranks_per_token']:.4f}"),
             ("cross-rank rate, DeepSpeed's stock layout", f"{final['cross_rank_rate_physical']:.4f}"),
+            (f"remote bytes per token and MoE layer ({final['dispatch']} dispatch)", f"{final['bytes_per_token']:.0f}"),
             ("wall time", _fmt_time(final["wall_seconds"]))]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
@@ -332,6 +347,7 @@ def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, devic
                            "train/tokens_per_s": tok_s, "train/msi": routing.msi,
                            "train/cross_rank_rate": routing.mean("cross_rank_rate"),
                            "train/ranks_per_token": routing.mean("ranks_per_token"),
+                           "train/bytes_per_token": routing.mean("remote_bytes_per_token"),
                            "train/mi": sum(mi) / len(mi) if mi else 0.0, "train/rebins": rebins,
                            "train/lr": engine.get_lr()[0],
                            "train/dropped_routes": sum(l.last_routing_stats.num_dropped for l in moe_layers

@@ -39,6 +39,8 @@ def test_two_rank_training_logs_to_mlflow(tmp_path, digits_dir):
     assert m["world_size"] == 2 and m["ep_size"] == 2 and m["gate"] == "smoes" and m["num_bins"] == 2
     assert 0.0 <= m["acc_multimodal"] <= 1.0 and m["tokens_per_s"] > 0
     assert 0.0 < m["cross_rank_rate"] <= 1.0 and 1.0 <= m["ranks_per_token"] <= 2.0
+    # the stock dispatch sends capacity-padded buffers: measured from its split sizes, never zero on 2 ranks
+    assert m["dispatch"] == "deepspeed" and m["bytes_per_token"] > 0
     assert m["num_test_multimodal"] + m["num_test_language"] == 759  # every test question, counted once
 
     import mlflow
@@ -46,7 +48,8 @@ def test_two_rank_training_logs_to_mlflow(tmp_path, digits_dir):
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     run = client.get_run(m["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    for key in ("acc_multimodal", "acc_language", "msi", "tokens_per_s", "cross_rank_rate", "train/loss"):
+    for key in ("acc_multimodal", "acc_language", "msi", "tokens_per_s", "cross_rank_rate", "bytes_per_token",
+                "train/loss", "train/bytes_per_token"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3  # steps 4, 8, 12
     assert run.data.params["smoes.score_type"] == "attention" and run.data.tags["gate"] == "smoes"
