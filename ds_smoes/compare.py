@@ -41,6 +41,8 @@ VARIANTS: dict[str, list[str]] = {
 REFERENCE = "topk"
 FIGURES = ("acc_multimodal", "acc_language", "acc_overall", "msi", "cross_rank_rate", "ranks_per_token",
            "remote_pairs_per_token", "tokens_per_s")
+# measured by the dispatch (layer.last_comm); absent from runs made before it was logged
+OPTIONAL_FIGURES = ("bytes_per_token",)
 
 
 def summarize(results: dict[str, list[dict]]) -> list[dict]:
@@ -53,8 +55,11 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
         if not runs:
             continue
         row = {"variant": name, "seeds": len(runs)}
-        for f in FIGURES:
-            values = [r[f] for r in runs]
+        for f in FIGURES + OPTIONAL_FIGURES:
+            values = [r.get(f) for r in runs]
+            if any(v is None for v in values):  # not measured in every run: no figure rather than a partial one
+                row[f] = row[f + "_sd"] = float("nan")
+                continue
             row[f] = statistics.fmean(values)
             row[f + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
         for f in ("acc_multimodal", "acc_language", "acc_overall"):
@@ -65,14 +70,14 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| variant | seeds | multimodal | Δ vs topk | language-only | Δ vs topk | overall | Δ vs topk | MSI "
-            "| cross-rank rate | remote pairs / token |")
+            "| cross-rank rate | remote pairs / token | remote bytes / token |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
-        pm = lambda f: f"{r[f]:.4f} ± {r[f + '_sd']:.4f}"  # noqa: E731
+        pm = lambda f: f"{r[f]:.4f} ± {r[f + '_sd']:.4f}" if r[f] == r[f] else "n/a"  # noqa: E731
         lines.append(f"| {r['variant']} | {r['seeds']} | {pm('acc_multimodal')} | {r['delta_acc_multimodal']:+.2f} "
                      f"| {pm('acc_language')} | {r['delta_acc_language']:+.2f} | {pm('acc_overall')} "
                      f"| {r['delta_acc_overall']:+.2f} | {pm('msi')} | {pm('cross_rank_rate')} "
-                     f"| {pm('remote_pairs_per_token')} |")
+                     f"| {pm('remote_pairs_per_token')} | {pm('bytes_per_token')} |")
     return "\n".join(lines)
 
 

@@ -22,6 +22,16 @@ def test_summary_means_spreads_and_deltas_by_hand():
     assert top["delta_acc_overall"] == pytest.approx(0.0)
     md = markdown_table(rows)
     assert "| smoes | 2 | 0.8500 ± 0.0707 | +15.00 |" in md
+    assert md.rstrip().endswith("| n/a |")  # bytes not measured in these runs
+
+
+def test_bytes_column_only_when_every_seed_measured_it():
+    a, b = _m(0.8, 0.9), _m(0.8, 0.9)
+    a["bytes_per_token"], b["bytes_per_token"] = 100.0, 300.0
+    row = summarize({"topk": [a, b]})[0]
+    assert row["bytes_per_token"] == pytest.approx(200.0)
+    del b["bytes_per_token"]
+    assert summarize({"topk": [a, b]})[0]["bytes_per_token"] != summarize({"topk": [a, b]})[0]["bytes_per_token"]
 
 
 def test_every_variant_is_a_valid_config():
