@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MLFLOW_DB := $(CURDIR)/mlflow.db
 
-.PHONY: demo test test-fast venv mlflow-ui clean
+.PHONY: demo test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-report
 
 venv: $(STAMP)
 
@@ -33,6 +33,16 @@ test: $(STAMP)
 # the unit tests only (no multi-process runs)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Ray sweeps (README, "Sweeps with Ray"): a local Ray in the sweep's process, MLflow parent + children.
+sweep-smoke: $(STAMP)
+	$(PY) ray_jobs/sweep.py run configs/sweeps/smoke.yaml --tracking-uri sqlite:///$(MLFLOW_DB)
+
+sweep: $(STAMP)
+	$(PY) ray_jobs/sweep.py run configs/sweeps/bins_scores.yaml --tracking-uri sqlite:///$(MLFLOW_DB)
+
+sweep-report: $(STAMP)
+	$(PY) ray_jobs/sweep.py report --tracking-uri sqlite:///$(MLFLOW_DB)
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000

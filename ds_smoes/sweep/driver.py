@@ -1,0 +1,238 @@
+"""The sweep driver: Ray Tune over the trials of a sweep file, one MLflow parent run over them.
+
+    start:  validate the sweep file, create the MLflow parent run, write `state.json`, fit a Tuner
+    resume: read `state.json`, reopen the parent run, `Tuner.restore` (finished trials are kept)
+    end:    read the children back from MLflow, log the comparison table and plots to the parent
+
+Ray: a local Ray started in this process unless `--address` or RAY_ADDRESS names a cluster (a
+`ray job submit` job always has RAY_ADDRESS).  Files: the sweep's folder `STORAGE/SWEEP_ID` holds
+Tune's experiment state, `state.json`, Ray Train's checkpoints (`train/tNN`) and each trial's
+output folder (`trials/tNN`); on a multi-node cluster STORAGE must be shared storage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ds_smoes.errors import ConfigError
+from ds_smoes.sweep.common import default_storage, resolve_tracking_uri
+from ds_smoes.sweep.spec import SweepSpec, load_sweep, precheck, trial_config
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class SweepOutcome:
+    sweep_id: str
+    sweep_dir: Path
+    parent_run_id: str
+    tracking_uri: str
+    finished: int
+    failed: int
+    unfinished: int
+    table_markdown: str
+    wall_seconds: float
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.unfinished else (1 if self.failed else 0)
+
+
+def init_ray(address: str | None, local_cpus: int, log: Callable) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log(f"ray: connecting to {address}")
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as err:
+            raise ConfigError(f"cannot reach a Ray cluster at {address!r} (--address / RAY_ADDRESS): {err}") from None
+        return
+    # Logical CPUs: every trial needs one for its Tune trial plus one per worker, and the workers
+    # share the physical cores; too few logical CPUs and the worker group never starts.
+    package_root = str(Path(__file__).resolve().parents[2])
+    pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    log(f"ray: starting a local Ray in this process ({local_cpus} logical CPUs on {os.cpu_count()} cores)")
+    ray.init(num_cpus=local_cpus, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+
+
+def local_cpus_for(spec: SweepSpec) -> int:
+    r = spec.resources
+    need = r.max_concurrent_trials * (1 + r.workers_per_trial * r.cpus_per_worker) + 1
+    return r.local_cpus or max(8, int(need + 0.999))
+
+
+def _trial_dirname(trial) -> str:
+    return trial.config["trial"]["id"]
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["name"]
+
+
+def start_sweep(sweep_file: Path, overrides: list[str] | None = None, address: str | None = None,
+                storage: Path | None = None, tracking_uri: str | None = None, max_concurrent: int | None = None,
+                log: Callable = print) -> SweepOutcome:
+    from ds_smoes.sweep.store import SweepStore, prepare_tracking_uri
+    from ds_smoes.train_config import load_train_config
+
+    t0 = time.time()
+    spec = load_sweep(sweep_file, overrides)
+    if max_concurrent is not None:
+        if max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent-trials {max_concurrent}: give 1 or more")
+        spec = spec.model_copy(update={"resources": spec.resources.model_copy(
+            update={"max_concurrent_trials": max_concurrent})})
+    trials = spec.expand()
+    bad = precheck(spec, trials)
+    sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = Path(storage or default_storage()).resolve()
+    sweep_dir = storage / sweep_id
+    if sweep_dir.exists():
+        raise ConfigError(f"{sweep_dir} already exists; wait a second and start again")
+    uri = prepare_tracking_uri(resolve_tracking_uri(tracking_uri))
+    experiment = spec.experiment or load_train_config(spec.base_config).tracking.experiment
+
+    log(f"sweep {sweep_id}: {len(trials)} trials over {', '.join(spec.axes)}")
+    for t in trials:
+        log(f"  {t['name']}" + (f"   <- invalid, will be recorded as failed: {bad[t['id']].splitlines()[-1].strip()}"
+                                if t["id"] in bad else ""))
+    _prepare_data(spec, [t for t in trials if t["id"] not in bad], log)
+
+    store = SweepStore(uri)
+    params = {"sweep.axes": json.dumps(spec.axes), "sweep.num_trials": len(trials),
+              "sweep.base_config": str(spec.base_config), "sweep.overrides": json.dumps(spec.overrides),
+              "sweep.workers_per_trial": spec.resources.workers_per_trial,
+              "sweep.max_concurrent_trials": spec.resources.max_concurrent_trials,
+              "sweep.max_failures": spec.max_failures,
+              **{f"grid.{k}": json.dumps(v) for k, v in spec.grid.items()}}
+    parent = store.create_parent(experiment, sweep_id, tags={"sweep.id": sweep_id, "sweep.name": spec.name,
+                                                             "sweep.file": str(Path(sweep_file).resolve())},
+                                 params=params)
+    store.log_text(parent, Path(sweep_file).read_text(), "sweep.yaml")
+    store.log_text(parent, json.dumps(trials, indent=2), "trials.json")
+    ctx = {"sweep_id": sweep_id, "sweep_name": spec.name, "sweep_dir": str(sweep_dir), "tracking_uri": uri,
+           "experiment": experiment, "parent_run_id": parent, "spec": json.loads(spec.model_dump_json())}
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / STATE_FILE).write_text(json.dumps({**ctx, "trials": trials, "created": time.time()}, indent=2))
+    log(f"mlflow: parent run {parent} in experiment {experiment!r} at {uri}")
+    log(f"files: {sweep_dir}")
+
+    init_ray(address, local_cpus_for(spec), log)
+    from ray import tune
+
+    tuner = tune.Tuner(
+        trainable(ctx),
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+    grid = tuner.fit()
+    return _conclude(store, ctx, trials, grid, t0, log)
+
+
+def resume_sweep(sweep: str, address: str | None = None, storage: Path | None = None,
+                 log: Callable = print) -> SweepOutcome:
+    """Continue an interrupted sweep: trials that finished (or failed) are not run again."""
+    from ds_smoes.sweep.store import SweepStore
+
+    t0 = time.time()
+    sweep_dir = Path(sweep) if Path(sweep).is_dir() else Path(storage or default_storage()).resolve() / sweep
+    state_path = sweep_dir / STATE_FILE
+    if not state_path.is_file():
+        raise ConfigError(f"no sweep at {sweep_dir} ({STATE_FILE} missing): give the sweep id printed when it "
+                          f"started, with --storage-path if it was not the default")
+    state = json.loads(state_path.read_text())
+    ctx = {k: state[k] for k in ("sweep_id", "sweep_name", "sweep_dir", "tracking_uri", "experiment",
+                                 "parent_run_id", "spec")}
+    spec = SweepSpec.model_validate(state["spec"])
+    store = SweepStore(ctx["tracking_uri"])
+    store.reopen(ctx["parent_run_id"])
+    log(f"sweep {ctx['sweep_id']}: resuming ({len(state['trials'])} trials); MLflow parent run "
+        f"{ctx['parent_run_id']} at {ctx['tracking_uri']}")
+    init_ray(address, local_cpus_for(spec), log)
+    from ray import tune
+
+    tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable(ctx),
+                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    grid = tuner.fit()
+    return _conclude(store, ctx, state["trials"], grid, t0, log)
+
+
+def trainable(ctx: dict):
+    """The Tune trainable: `run_trial` with the sweep's context; one logical CPU per Tune trial."""
+    from ray import tune
+
+    from ds_smoes.sweep.trial import run_trial
+
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": 1})
+
+
+def _prepare_data(spec: SweepSpec, trials: list[dict], log: Callable) -> None:
+    """Generate the digits data once here, not in concurrent trials racing to write one folder."""
+    from ds_smoes.data import generate_digits_dataset
+
+    done = set()
+    for t in trials:
+        d = trial_config(spec, t).data
+        if d.generate_digits and not Path(d.train_json).exists() and d.image_folder not in done:
+            log(f"generating the digits dataset (seed {d.digits_seed}) into {d.image_folder} ...")
+            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed)
+            done.add(d.image_folder)
+
+
+def _trial_states(grid, trials: list[dict]) -> dict[str, str]:
+    """Tune's view: {trial id: FINISHED | FAILED | UNFINISHED}."""
+    states = {t["id"]: "UNFINISHED" for t in trials}
+    for result in grid:
+        tid = (result.config or {}).get("trial", {}).get("id")
+        if tid is None:
+            continue
+        if result.error is not None:
+            states[tid] = "FAILED"
+        elif (result.metrics or {}).get("done"):
+            states[tid] = "FINISHED"
+    return states
+
+
+def _conclude(store, ctx: dict, trials: list[dict], grid, t0: float, log: Callable) -> SweepOutcome:
+    from ds_smoes.sweep import report
+
+    states = _trial_states(grid, trials)
+    finished = sum(s == "FINISHED" for s in states.values())
+    failed = sum(s == "FAILED" for s in states.values())
+    unfinished = len(trials) - finished - failed
+    parent = ctx["parent_run_id"]
+    rows = report.collect(store, parent)
+    table = report.trial_table(rows)
+    summary = report.seed_table(rows)
+    report.log_to_parent(store, parent, rows)
+    wall = time.time() - t0
+    store.log_metrics(parent, {"trials_finished": finished, "trials_failed": failed,
+                               "trials_unfinished": unfinished, "wall_seconds": wall})
+    log("")
+    log(f"== sweep {ctx['sweep_id']}: {finished} finished, {failed} failed"
+        + (f", {unfinished} not run (interrupted)" if unfinished else "") + f"  ({wall / 60:.1f} min this session)")
+    log(table)
+    log("")
+    log("mean and spread over seeds:")
+    log(summary)
+    if unfinished:
+        store.finish(parent, "KILLED")
+        log(f"\nresume with: python ray_jobs/sweep.py resume {ctx['sweep_id']} "
+            f"--storage-path {Path(ctx['sweep_dir']).parent}")
+    else:
+        store.finish(parent, "FINISHED" if finished else "FAILED")
+    log(f"\nMLflow: parent run {parent}, experiment {ctx['experiment']!r}; open the UI with\n"
+        f"  mlflow ui --backend-store-uri {ctx['tracking_uri']}")
+    return SweepOutcome(ctx["sweep_id"], Path(ctx["sweep_dir"]), parent, ctx["tracking_uri"], finished, failed,
+                        unfinished, table, wall)

@@ -1,0 +1,227 @@
+"""Sweeps on a real Ray: every trial a TorchTrainer of 2 DeepSpeed ranks (gloo, ep_size 2).
+
+The runs use a small copy of the digits data (10 steps per epoch) so that each trial takes
+seconds of training; what they test is the machinery: MLflow parent and children, a failing
+trial that does not stop the others, a crashed worker group restarted from its checkpoint, an
+interrupted sweep resumed without re-running finished trials, and `ray job submit` against a
+head node started here.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import ROOT, free_port
+from sweep_util import (make_small_split, small_data_fields, start_sweep, sweep, sweep_id, tail, write_base_config,
+                        write_sweep)
+
+pytestmark = pytest.mark.slow
+
+REQUIRED_TAGS = ("gate", "score_type", "num_bins", "seed", "sweep.trial_id")
+REQUIRED_METRICS = ("acc_multimodal", "acc_language", "acc_overall", "msi", "msi_layer", "tokens_per_s",
+                    "cross_rank_rate", "ranks_per_token", "remote_pairs_per_token", "train/loss", "train/msi")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, digits_dir):
+    folder = tmp_path_factory.mktemp("sweeps")
+    small = make_small_split(digits_dir, folder / "small")
+    return folder, small_data_fields(digits_dir, small), write_base_config(folder, digits_dir, small)
+
+
+def store_at(uri):
+    from ds_smoes.sweep.store import SweepStore
+
+    return SweepStore(uri)
+
+
+def check_finished_child(store, run, steps=20):
+    assert run.status == "FINISHED", (run.name, run.status, run.tags.get("sweep.error"))
+    for tag in REQUIRED_TAGS:
+        assert run.tags.get(tag), (run.name, tag)
+    for key in REQUIRED_METRICS:
+        assert key in run.metrics, (run.name, key)
+    assert 0.0 <= run.metrics["acc_multimodal"] <= 1.0 and 0.0 <= run.metrics["acc_language"] <= 1.0
+    assert run.metrics["tokens_per_s"] > 0 and 1.0 <= run.metrics["ranks_per_token"] <= 2.0
+    assert [s for s, _ in store.history(run.run_id, "train/loss")] == list(range(5, steps + 1, 5))  # every 5 steps
+    assert len(store.history(run.run_id, "msi_layer")) == 2  # two MoE layers
+    assert run.params["smoes.ep_size"] == "2" and run.params["world_size"] == "2"
+
+
+# -- failure isolation, crash restart, MLflow contents --------------------------------------------------
+@pytest.fixture(scope="module")
+def isolation(small):
+    """Three trials, two at a time: t00 loses a worker after epoch 1 (Ray Train restarts the group
+    from the epoch-1 checkpoint), t01 trains normally, t02 has an invalid config (3 bins, ep_size 2)."""
+    folder, _, base = small
+    spec = write_sweep(folder, base, "isolation", grid={"smoes.score_type": ["attention", "gaussian"]},
+                       trials=[{"smoes.num_bins": 3}], inject_crash={"trial": 0, "after_epoch": 1, "rank": 1},
+                       resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2})
+    uri = f"sqlite:///{folder / 'isolation.db'}"
+    t0 = time.time()
+    proc = sweep(["run", str(spec), "--tracking-uri", uri, "--storage-path", str(folder / "store")], timeout=540)
+    print(f"isolation sweep: {time.time() - t0:.0f}s")
+    store = store_at(uri)
+    parents = store.parents()
+    assert len(parents) == 1, tail(proc)
+    return proc, store, parents[0], {c.tags.get("sweep.trial_id"): c for c in store.children(parents[0].run_id)}
+
+
+def test_failing_trial_is_recorded_and_the_others_finish(isolation):
+    proc, store, parent, runs = isolation
+    assert proc.returncode == 1, tail(proc)  # 1: the sweep ran to its end, with a failed trial
+    assert "2 finished, 1 failed" in proc.stdout, tail(proc)
+    assert set(runs) == {"t00", "t01", "t02"}
+    assert runs["t02"].status == "FAILED"
+    assert "num_bins=3 is not a multiple of ep_size=2" in runs["t02"].tags["sweep.error"]
+    assert runs["t02"].tags["num_bins"] == "3" and runs["t02"].tags["mlflow.parentRunId"] == parent.run_id
+    assert runs["t00"].status == "FINISHED" and runs["t01"].status == "FINISHED"
+
+
+def test_every_child_run_carries_the_required_metrics(isolation):
+    _, store, parent, runs = isolation
+    for tid in ("t00", "t01"):
+        check_finished_child(store, runs[tid])
+        assert runs[tid].tags["mlflow.parentRunId"] == parent.run_id
+    assert runs["t00"].tags["score_type"] == "attention" and runs["t01"].tags["score_type"] == "gaussian"
+
+
+def test_crashed_worker_group_restarts_from_the_last_checkpoint(isolation):
+    proc, store, _, runs = isolation
+    t00 = runs["t00"]
+    assert "inject_crash: killing worker rank 1 after epoch 1" in proc.stdout + proc.stderr, tail(proc)
+    assert t00.tags["sweep.attempts"] == "2"  # two training runs, folded into one child
+    assert t00.tags["sweep.resumed_from_step"] == "10"  # the epoch-1 checkpoint, not step 0
+    assert runs["t01"].tags["sweep.attempts"] == "1" and runs["t01"].tags["sweep.resumed_from_step"] == "0"
+
+
+def test_parent_run_holds_the_comparison(isolation, tmp_path):
+    proc, store, parent, runs = isolation
+    assert parent.status == "FINISHED" and parent.metrics["trials_failed"] == 1
+    artifacts = {a.path for a in store.client.list_artifacts(parent.run_id)}
+    assert {"comparison.csv", "comparison.md", "comparison_over_seeds.csv", "accuracy_vs_communication.png",
+            "msi_per_layer.png", "sweep.yaml", "trials.json"} <= artifacts
+    csv_text = Path(store.client.download_artifacts(parent.run_id, "comparison.csv", str(tmp_path))).read_text()
+    lines = csv_text.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("trial,smoes.score_type,smoes.num_bins,status,acc_multimodal")
+    assert lines[3].startswith("t02,,3,FAILED")
+    # the report command reads the same table back from MLflow alone
+    rep = sweep(["report", parent.tags["sweep.id"], "--tracking-uri", store.tracking_uri], timeout=120)
+    assert rep.returncode == 0, tail(rep)
+    for tid in ("t00", "t01", "t02"):
+        assert f"| {tid} " in rep.stdout
+    assert "mean and spread" in rep.stdout and "num_bins=3 is not a multiple" in rep.stdout
+
+
+# -- resume after interruption ------------------------------------------------------------------------
+def _wait_for(predicate, timeout, proc=None, log=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"sweep exited early ({proc.returncode}):\n" + tail(log.read_text()))
+        time.sleep(1.0)
+    raise AssertionError("timed out" + ("\n" + tail(log.read_text()) if log else ""))
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small):
+    """Two trials at a time: t00 (20 steps) finishes, t01 (100 steps) is interrupted by Ctrl+C after
+    its first checkpoints; `resume` leaves t00 alone and continues t01 from its last checkpoint."""
+    folder, _, base = small
+    spec = write_sweep(folder, base, "resume", trials=[{"run.seed": 0}, {"run.seed": 1, "optim.max_steps": 100}],
+                       resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2})
+    uri = f"sqlite:///{folder / 'resume.db'}"
+    store_path = folder / "store"
+    log = folder / "resume-1.log"
+    proc = start_sweep(["run", str(spec), "--tracking-uri", uri, "--storage-path", str(store_path)], log)
+    try:
+        # the driver creates the store (its tables) before anything else opens it
+        _wait_for(lambda: "mlflow: parent run" in log.read_text(), 120, proc, log)
+        store = store_at(uri)
+        parent = store.parents()[0]
+        sid = sweep_id(log.read_text())
+
+        def t00_done_t01_checkpointed():  # t00 settled in MLflow and ended in Tune; t01 has a checkpoint
+            return "Trial t00:seed=0 completed" in log.read_text() and any(
+                c.tags.get("sweep.trial_id") == "t00" and "sweep.attempts" in c.tags
+                for c in store.children(parent.run_id)) and \
+                any((store_path / sid / "train" / "t01").glob("checkpoint_*"))
+        _wait_for(t00_done_t01_checkpointed, 300, proc, log)
+        proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops the running trial
+        proc.wait(180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 130, tail(out)
+    assert "1 finished, 0 failed, 1 not run (interrupted)" in out, tail(out)
+    assert f"resume with: python ray_jobs/sweep.py resume {sid}" in out
+    parent = store.get(parent.run_id)
+    assert parent.status == "KILLED"
+    before = {c.name.split(":")[0]: c for c in store.children(parent.run_id)}  # t01's run is not settled yet
+    assert before["t00"].status == "FINISHED" and before["t01"].status == "RUNNING"
+
+    resumed = sweep(["resume", sid, "--storage-path", str(store_path)], timeout=420)
+    assert resumed.returncode == 0, tail(resumed)
+    assert "2 finished, 0 failed" in resumed.stdout
+    after = {c.tags.get("sweep.trial_id"): c for c in store.children(parent.run_id)}
+    assert set(after) == {"t00", "t01"}
+    # t00 was not run again: the same run, untouched, and no other run of it, even a deleted one
+    assert after["t00"].run_id == before["t00"].run_id and after["t00"].end_time == before["t00"].end_time
+    all_t00 = store.client.search_runs([parent.experiment_id], f"attributes.run_name = '{after['t00'].name}'",
+                                       run_view_type=3)  # ViewType.ALL
+    assert len(all_t00) == 1
+    # t01 went on from a checkpoint of the interrupted session, and kept one run with its whole history
+    t01 = after["t01"]
+    check_finished_child(store, t01, steps=100)
+    assert int(t01.tags["sweep.resumed_from_step"]) >= 10 and t01.tags["sweep.attempts"] == "2"
+    assert store.get(parent.run_id).status == "FINISHED"
+
+
+# -- ray job submit against a head node ------------------------------------------------------------------
+def test_ray_job_submit_against_a_local_head_node(small):
+    folder, data, _ = small
+    bin_dir = Path(sys.executable).parent
+    ray = str(bin_dir / "ray")
+    # as README says: the venv's python first on PATH, token authentication on for the cluster and the CLI
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", DS_ACCELERATOR="cpu",
+               RAY_AUTH_MODE="token")
+    for key in ("RAY_ADDRESS", "PYTEST_CURRENT_TEST", "RANK"):
+        env.pop(key, None)
+    port, dashboard = free_port(), free_port()
+    uri = f"sqlite:///{folder / 'job.db'}"
+    token = subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=60)
+    assert token.returncode == 0, token.stderr[-2000:]
+    start = subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
+                            "--num-cpus=8", "--disable-usage-stats"], env=env, capture_output=True, text=True,
+                           timeout=180)
+    try:
+        assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+        small_data = [f"data.{k}={'null' if v is None else v}" for k, v in data.items()] + \
+            ["run.log_every=5", "optim.max_steps=20"]
+        job = subprocess.run(
+            [ray, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
+             "python", "ray_jobs/sweep.py", "run", "configs/sweeps/smoke.yaml", "--max-concurrent-trials", "2",
+             "--tracking-uri", uri,
+             "--storage-path", str(folder / "job-store"), *(a for s in small_data for a in ("--set", s))],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+        assert job.returncode == 0, tail(job)
+        assert "succeeded" in job.stdout and "ray: connecting to " in job.stdout, tail(job)
+    finally:
+        subprocess.run([ray, "stop"], env=env, capture_output=True, timeout=120)
+    store = store_at(uri)
+    parent = store.parents()[0]
+    assert parent.tags["sweep.name"] == "smoke" and parent.status == "FINISHED"
+    children = store.children(parent.run_id)
+    assert len(children) == 2
+    for run in children:
+        check_finished_child(store, run)
+    assert json.loads(parent.params["sweep.axes"]) == ["smoes.score_type", "run.seed"]
+    shutil.rmtree(folder / "job-store", ignore_errors=True)
