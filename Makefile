@@ -45,7 +45,7 @@ sweep-report: $(STAMP)
 	$(PY) ray_jobs/sweep.py report --tracking-uri sqlite:///$(MLFLOW_DB)
 
 mlflow-ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000 --workers 1
 
 clean:
 	rm -rf runs data/digits

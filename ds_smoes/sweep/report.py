@@ -170,8 +170,10 @@ def msi_per_layer(rows: list[TrialRow]):
 
     done = [r for r in rows if r.status == "FINISHED" and r.msi_per_layer]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in done:
-        ax.plot(range(len(r.msi_per_layer)), r.msi_per_layer, marker="o", label=r.name, linewidth=1)
+    colors = plt.get_cmap("tab20")
+    for i, r in enumerate(done):
+        ax.plot(range(len(r.msi_per_layer)), r.msi_per_layer, marker="o", label=r.name, linewidth=1,
+                color=colors(i % 20), linestyle="-" if i < 20 else "--")
     layers = max((len(r.msi_per_layer) for r in done), default=0)
     ax.set_xticks(range(layers), [f"MoE layer {l}" for l in range(layers)])
     ax.set_ylabel("MSI (test split)")
