@@ -17,6 +17,7 @@ BinningType = Literal["adaptive", "fixed"]
 GateType = Literal["smoes", "topk", "hard", "hybrid", "ltdr", "smar"]
 BinObjective = Literal["mi", "kl"]
 DispatchType = Literal["deepspeed", "rank_once"]
+PlacementType = Literal["bins", "none"]
 
 
 class _Strict(BaseModel):
@@ -64,6 +65,9 @@ class SMoESConfig(_Strict):
                                                             "capacity-padded all-to-all) or rank_once (dropless, "
                                                             "each token sent once per EP rank); see "
                                                             "ds_smoes/dispatch.py")
+    placement: PlacementType = Field("bins", description="bins: when adaptive bins freeze, move each bin's experts "
+                                                         "(weights and optimizer state) onto the bin's EP rank, "
+                                                         "once; none: keep DeepSpeed's layout (ds_smoes/placement.py)")
     max_bins_per_token: int | None = Field(None, ge=1, description="bin-limited routing (ours, beyond the paper): "
                                                                    "top-k inside the token's M bins with the most "
                                                                    "gate mass; None routes globally")

@@ -28,6 +28,7 @@ from ds_smoes.binning import ExpertBinning, rank_of_bin_placed_expert
 from ds_smoes.config import SMoESConfig
 from ds_smoes.losses import bin_balance_loss, bin_kl_band_loss, mutual_information_loss
 from ds_smoes.metrics import expert_modality_load, routing_comm_stats
+from ds_smoes.placement import counts_to_physical, to_physical
 from ds_smoes.routing import SparseRoutes, assign_slots, bin_limited_topk, capacity_for, finalize_routes
 from ds_smoes.scores import ReduceFn
 
@@ -72,6 +73,9 @@ class ModalityGate(TopKGate):
         adaptive = config.gate == "smoes" and config.binning == "adaptive"
         self.binning = ExpertBinning(config.num_experts, config.num_bins, adaptive=adaptive, beta=config.ema_beta,
                                      rebin_interval=config.rebin_interval, freeze_step=config.rebin_freeze_step)
+        # physical_E[e]: where logical expert e's weights live (its DeepSpeed expert index; rank = physical // local experts).
+        # The identity until ds_smoes.placement moves experts onto their bins' ranks.
+        self.register_buffer("physical_E", torch.arange(config.num_experts))
         self.reduce_fn: ReduceFn = distributed.world_sum_
         self._inputs: RoutingInputs | None = None
         self.last_stats: RoutingStats | None = None
@@ -118,8 +122,13 @@ class ModalityGate(TopKGate):
         return distributed.group_rank(self.ep_group), torch.distributed.get_world_size(self.ep_group)
 
     def physical_rank_of_expert(self, ep_size: int) -> torch.Tensor:
-        """DeepSpeed places experts [r * E/ep, (r+1) * E/ep) on EP rank r."""
-        return torch.arange(self.config.num_experts) // (self.config.num_experts // ep_size)
+        """EP rank holding each logical expert: DeepSpeed puts physical experts [r * E/ep, (r+1) * E/ep) on rank r."""
+        return self.physical_E.cpu() // (self.config.num_experts // ep_size)
+
+    def routes_for_dispatch(self, indices_KS: torch.Tensor, counts_E: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routes in physical ids (where the weights live) instead of logical expert ids."""
+        return to_physical(indices_KS, self.physical_E), counts_to_physical(counts_E, self.physical_E)
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
@@ -156,8 +165,9 @@ class ModalityGate(TopKGate):
         rebinned = self._update_bins(routes, inputs.labels_S, valid_S)
         l_aux, named = self.aux_losses(probs_SE, routes, inputs, valid_S)
         self.last_stats = self._stats(routes, inputs, valid_S, named, capacity, rebinned)
-        return (l_aux, torch.tensor(capacity, dtype=torch.int64), cfg.num_experts, routes.indices_KS,
-                routes.locations_KS, routes.gates_KS, routes.counts_E.detach())
+        indices_KS, counts_E = self.routes_for_dispatch(routes.indices_KS, routes.counts_E.detach())
+        return (l_aux, torch.tensor(capacity, dtype=torch.int64), cfg.num_experts, indices_KS,
+                routes.locations_KS, routes.gates_KS, counts_E)
 
     @torch.no_grad()
     def _update_bins(self, routes: SparseRoutes, labels_S: torch.Tensor, valid_S: torch.Tensor) -> bool:

@@ -27,6 +27,7 @@ from ds_smoes import distributed
 from ds_smoes.config import SMoESConfig
 from ds_smoes.dispatch import CommVolume, rank_once_moe, stock_volume
 from ds_smoes.gate import ModalityGate, RoutingInputs, RoutingStats
+from ds_smoes.placement import MigrationCost, is_placed, migrate_experts, plan_physical
 from ds_smoes.registry import build_gate
 from ds_smoes.scores import GaussianModalityStats, hard_scores
 
@@ -55,6 +56,26 @@ class SMoESMoE(MoE):
     def last_routing_stats(self) -> RoutingStats | None:
         """Statistics of the most recent forward (detached), or None before the first."""
         return self.gate.last_stats
+
+    # -- placement (ds_smoes/placement.py) --------------------------------------------------------
+    def placement_due(self) -> bool:
+        """True once adaptive bins have frozen while some expert is not yet on its bin's EP rank."""
+        binning = self.gate.binning
+        return (self.config.placement == "bins" and binning.adaptive and binning.frozen
+                and not is_placed(binning.bin_id_E, self.gate.physical_E, self.config.num_bins,
+                                  self.deepspeed_moe.ep_size))
+
+    def place_experts(self, optimizer=None) -> MigrationCost:
+        """Move every expert (weights and `optimizer` state) onto its bin's EP rank; a collective over
+        the EP group.  Call between optimizer steps (the runner does, when `placement_due()`)."""
+        moe, gate = self.deepspeed_moe, self.gate
+        if moe.ep_size > 1 and moe.ep_group is None:
+            raise RuntimeError("place_experts needs the expert-parallel group: build the engine first")
+        new_physical_E = plan_physical(gate.binning.bin_id_E, gate.physical_E, self.config.num_bins, moe.ep_size)
+        cost = migrate_experts(moe.experts.deepspeed_experts, gate.physical_E, new_physical_E,
+                               moe.ep_group if moe.ep_size > 1 else None, optimizer)
+        gate.physical_E.copy_(new_physical_E.to(gate.physical_E.device))
+        return cost
 
     def modality_scores(self, x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor,
                         given_SM: torch.Tensor | None) -> torch.Tensor:

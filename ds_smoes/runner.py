@@ -118,7 +118,7 @@ def _fmt_time(seconds: float) -> str:
 def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_id: str | None = None,
                  init_distributed: Callable[[], None] | None = None, log: Callable = print,
                  epoch_callback: Callable[[int, int, dict, object], None] | None = None,
-                 resume_from: Path | None = None) -> dict:
+                 resume_from: Path | None = None, init_from: Path | None = None, eval_only: bool = False) -> dict:
     """Train, evaluate and log one configuration; returns the final figures (on every rank).
 
     `epoch_callback(epoch, step, metrics, engine)` is called on every rank after each epoch (the
@@ -127,6 +127,8 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
     `engine.save_checkpoint(dir, client_state={"step": step, "epoch": epoch})` is a collective.
     `resume_from` is such a DeepSpeed checkpoint folder: the engine (weights, optimizer, schedule,
     SMoES buffers) is loaded from it and training continues from its step.
+    `init_from` is a deployment export (`python -m ds_smoes.export`): weights and SMoES buffers
+    start from it, each EP rank taking its own experts.  `eval_only` skips training.
     """
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -145,6 +147,7 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
     out_dir = Path(cfg.run.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))  # what export reads
 
     data = prepare_data(cfg, log)
     log(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test "
@@ -153,6 +156,8 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
     model = TinyMoEVLM(cfg.model, data.tokenizer.vocab_size, data.tokenizer.image_id,
                        cfg.smoes if cfg.model.moe_layers != "none" else None,
                        expert_seed=cfg.run.seed, ep_rank=rank % ep)
+    if init_from is not None:
+        _init_from_export(model, Path(init_from), data.tokenizer, ep, rank % ep, log)
     sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed,
                                  drop_last=True)
     loader = DataLoader(data.train, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
@@ -163,7 +168,10 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
     total_steps = math.ceil(cfg.optim.epochs * len(loader))
     if cfg.optim.max_steps:
         total_steps = min(total_steps, cfg.optim.max_steps)
+    if eval_only:
+        total_steps = 0
     engine, ds_config = build_engine(cfg, model, total_steps)
+    _check_placement_supported(cfg, ds_config)
     device = engine.device
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e3:.0f}k parameters on rank 0 ({len(model.moe_layers())} MoE layers, "
@@ -218,7 +226,7 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
         "steps": total_steps, "final_train_loss": figures["final_loss"],
         "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri if tracker.active else None,
     }
-    if cfg.run.save_checkpoint:
+    if cfg.run.save_checkpoint and not eval_only:
         ckpt = out_dir / "checkpoint"
         engine.save_checkpoint(str(ckpt), tag="final")
         final["checkpoint"] = str(ckpt)
@@ -290,6 +298,44 @@ def _mean_gate_losses(moe_layers) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
+def _init_from_export(model, export_dir: Path, tokenizer: WordTokenizer, ep_size: int, ep_rank: int,
+                      log: Callable) -> None:
+    from ds_smoes.export import load_export
+
+    tok_path = export_dir / "tokenizer.json"
+    if tok_path.is_file() and WordTokenizer.load(tok_path) != tokenizer:
+        raise ConfigError(f"{tok_path} differs from the vocabulary built from data.train_json: the export was "
+                          "trained on other data; point data.* at the export's data (its train_config.json)")
+    load_export(model, export_dir, ep_size, ep_rank)
+    log(f"initialised from the export {export_dir}")
+
+
+def _check_placement_supported(cfg: TrainConfig, ds_config: dict) -> None:
+    s = cfg.smoes
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if zero and s.placement == "bins" and s.binning == "adaptive" and s.gate == "smoes" and s.ep_size > 1:
+        raise ConfigError(f"smoes.placement='bins' moves experts with their Adam state between EP ranks, which "
+                          f"ds-smoes supports with ZeRO stage 0 only ({cfg.run.deepspeed_config} has stage {zero}): "
+                          f"set smoes.placement=none, smoes.binning=fixed, or ZeRO stage 0")
+
+
+def _place_experts(moe_layers, engine, step: int, tracker, log: Callable) -> None:
+    """Move every layer's experts onto their bins' EP ranks (once, when the bins freeze); log the cost."""
+    moved, bytes_sent, seconds, per_expert = 0, 0.0, 0.0, 0
+    for layer in moe_layers:
+        if layer.placement_due():
+            cost = layer.place_experts(engine.optimizer)
+            moved, seconds, per_expert = moved + cost.experts_moved, seconds + cost.seconds, cost.bytes_per_expert
+            bytes_sent += cost.bytes_sent
+    total = distributed.world_sum_(torch.tensor([bytes_sent, seconds], dtype=torch.float64))
+    world = distributed.world_size()
+    tracker.log_metrics({"placement/experts_moved": moved, "placement/bytes_sent": float(total[0]),
+                         "placement/seconds": float(total[1]) / world, "placement/step": step}, step=step)
+    log(f"placement at step {step} (bins frozen): moved {moved} experts onto their bins' EP ranks, "
+        f"{float(total[0]) / 1e6:.2f} MB sent between ranks (weights + optimizer state, "
+        f"{per_expert / 1e3:.1f} kB per expert), {float(total[1]) / world * 1e3:.1f} ms")
+
+
 def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, device, total_steps: int, tracker,
                 log: Callable, epoch_callback: Callable | None = None, resume_from: Path | None = None) -> dict:
     module = engine.module
@@ -333,6 +379,8 @@ def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, devic
             window += torch.tensor([out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), 1.0], dtype=torch.float64)
             comm_acc.add()
             step += 1
+            if any(layer.placement_due() for layer in moe_layers):
+                _place_experts(moe_layers, engine, step, tracker, log)
             if step % cfg.run.log_every == 0 or step == total_steps:
                 stats = distributed.world_sum_(torch.cat([window, torch.tensor([float(tokens_since_log)],
                                                                                dtype=torch.float64)]))

@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 -m ds_smoes.train --config configs/demo.yaml      # 2 ranks, ep_size 2
     python -m ds_smoes.train --config configs/demo.yaml --set smoes.ep_size=1  # one process
+    python -m ds_smoes.train --init-from runs/demo/export --eval-only           # evaluate an export
 
 Prints progress, evaluates exact-match accuracy separately on multimodal and language-only
 held-out questions, and reports tokens/s, MSI and the routing communication figures; every
@@ -30,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default=None, help="MLflow experiment name")
     p.add_argument("--run-name", default=None, help="MLflow run name")
     p.add_argument("--parent-run-id", default=None, help="nest this run under an MLflow parent run")
+    p.add_argument("--init-from", type=Path, default=None, metavar="EXPORT_DIR",
+                   help="start from a deployment export (python -m ds_smoes.export); without --config, its "
+                        "train_config.json is the config")
+    p.add_argument("--eval-only", action="store_true", help="evaluate without training (with --init-from)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed launcher
     return p.parse_args(argv)
@@ -78,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ds_smoes.train_config import load_train_config
 
-        cfg = load_train_config(args.config, args.overrides)
+        config, overrides = args.config, args.overrides
+        if config is None and args.init_from is not None:  # the export's own config; outputs beside it
+            config = args.init_from / "train_config.json"
+            overrides = [f"run.output_dir={(args.init_from / 'eval').resolve()}", *overrides]
+        cfg = load_train_config(config, overrides)
         tracking = cfg.tracking.model_copy(update={
             k: v for k, v in (("tracking_uri", args.tracking_uri), ("experiment", args.experiment),
                               ("run_name", args.run_name)) if v is not None})
@@ -88,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         from ds_smoes.runner import run_training
 
         run_training(cfg, output_json=args.output_json, parent_run_id=args.parent_run_id,
-                     init_distributed=init_distributed, log=log0)
+                     init_distributed=init_distributed, log=log0, init_from=args.init_from,
+                     eval_only=args.eval_only)
     except SMoESError as err:
         from ds_smoes import distributed
 

@@ -119,6 +119,33 @@ def test_parent_run_holds_the_comparison(isolation, tmp_path):
     assert "mean and spread" in rep.stdout and "num_bins=3 is not a multiple" in rep.stdout
 
 
+# -- every gate through the sweep ------------------------------------------------------------------------
+def test_every_gate_trains_through_the_sweep(small):
+    """The baselines and the KL ablation as sweep trials (a gate axis plus trials with their own knobs)."""
+    folder, _, base = small
+    spec = write_sweep(folder, base, "gates", overrides={"optim.max_steps": 10},
+                       grid={"smoes.gate": ["topk", "hard", "ltdr", "smar"]},
+                       trials=[{"smoes.gate": "hybrid", "smoes.text_experts": 1, "smoes.shared_experts": 2},
+                               {"smoes.gate": "smoes", "smoes.bin_objective": "kl"}],
+                       resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2})
+    uri = f"sqlite:///{folder / 'gates.db'}"
+    proc = sweep(["run", str(spec), "--tracking-uri", uri, "--storage-path", str(folder / "gates-store")],
+                 timeout=600)
+    assert proc.returncode == 0, tail(proc)
+    assert "6 finished, 0 failed" in proc.stdout, tail(proc)
+    store = store_at(uri)
+    parent = store.parents()[0]
+    runs = {c.tags["sweep.trial_id"]: c for c in store.children(parent.run_id)}
+    gates = {tid: run.tags["gate"] for tid, run in runs.items()}
+    assert gates == {"t00": "topk", "t01": "hard", "t02": "ltdr", "t03": "smar", "t04": "hybrid", "t05": "smoes"}
+    for run in runs.values():
+        check_finished_child(store, run, steps=10)
+    assert runs["t05"].params["smoes.bin_objective"] == "kl" and runs["t04"].params["smoes.shared_experts"] == "2"
+    assert "train/gate/kl_band" in runs["t05"].metrics and "train/gate/kl_band" in runs["t03"].metrics
+    assert "train/gate/tail_share" in runs["t02"].metrics  # LTDR's share of vision tail tokens
+    shutil.rmtree(folder / "gates-store", ignore_errors=True)
+
+
 # -- resume after interruption ------------------------------------------------------------------------
 def _wait_for(predicate, timeout, proc=None, log=None):
     end = time.time() + timeout

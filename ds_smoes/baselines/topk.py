@@ -47,4 +47,5 @@ class DeepSpeedTopKGate(ModalityGate):
             selected_SE[routed_KS[k].nonzero().squeeze(-1), idx_KS[k][routed_KS[k]].long()] = True
         routes = SparseRoutes(idx_KS, loc_KS, gates_KS, counts_E.to(torch.int64), selected_SE & valid_S[:, None])
         self.last_stats = self._stats(routes, inputs, valid_S, {"gshard_balance": l_aux}, int(capacity), False)
+        idx_KS, counts_E = self.routes_for_dispatch(idx_KS, counts_E)
         return (self.config.alpha_bal * l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E)

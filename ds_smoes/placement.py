@@ -1,0 +1,200 @@
+"""Expert placement: move every bin's experts onto the bin's expert-parallel rank.
+
+SMOES.md section 2: bin b's experts must live on EP rank b * ep_size // N_bins before the
+communication a bin saves is real.  Two numbers name an expert here:
+
+- its **logical id** e: what the router's weight rows, the bins, the losses and the metrics use;
+- its **physical id** p: where its weights live, in DeepSpeed's layout: physical expert p is
+  local expert p % L of EP rank p // L (L = E / ep_size experts per rank).
+
+`physical_E[e]` maps one to the other; it starts as the identity.  The gate computes routes on
+logical ids and hands DeepSpeed's dispatch (stock or rank_once) physical ids, so moving an expert
+means moving its weights and optimizer state and updating `physical_E`; router rows, bins and
+statistics stay where they are.
+
+**When** (our choice, see docs/dispatch.md): adaptive bins are re-cut every `rebin_interval`
+steps until `rebin_freeze_step`; the experts are placed **once, when the bins freeze**.  Moving
+them at every re-cut would ship weights and both Adam moments of up to all experts every
+`rebin_interval` steps while the bins are still settling; freezing first pays that once, and
+the bins that count for communication from then on are the final ones.  `migrate_experts`
+reports what the move cost (experts moved, bytes sent to other ranks, seconds).
+
+Shapes: E experts, B bins, R EP ranks, L = E / R experts per rank.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+# -- pure planning ----------------------------------------------------------------------------------
+def rank_of_bin(num_bins: int, ep_size: int) -> torch.Tensor:
+    """rank_B: the EP rank bin b is placed on, b * ep_size // num_bins."""
+    return torch.arange(num_bins) * ep_size // num_bins
+
+
+def plan_physical(bin_of_expert_E: torch.Tensor, physical_E: torch.Tensor, num_bins: int, ep_size: int) -> torch.Tensor:
+    """new_physical_E: every expert on its bin's rank, moving as few experts as possible.
+
+    An expert already on its bin's rank keeps its physical id; the others take the free ids of their
+    target rank in ascending order, in logical-id order.  Every rank ends with exactly L experts
+    because each holds num_bins / ep_size bins of E / num_bins experts.
+    """
+    num_experts = bin_of_expert_E.numel()
+    per_rank = num_experts // ep_size
+    target_E = rank_of_bin(num_bins, ep_size)[bin_of_expert_E.long().cpu()]
+    physical_E = physical_E.long().cpu()
+    stays_E = physical_E // per_rank == target_E
+    new_physical_E = torch.where(stays_E, physical_E, torch.full_like(physical_E, -1))
+    for r in range(ep_size):
+        taken = set(new_physical_E[stays_E & (target_E == r)].tolist())
+        free = [p for p in range(r * per_rank, (r + 1) * per_rank) if p not in taken]
+        movers = ((~stays_E) & (target_E == r)).nonzero().squeeze(1).tolist()
+        if len(movers) != len(free):
+            raise ValueError(f"bins put {len(movers) + len(taken)} experts on EP rank {r}, which has {per_rank} "
+                             "experts: every bin must hold num_experts / num_bins experts")
+        for e, p in zip(movers, free):
+            new_physical_E[e] = p
+    return new_physical_E
+
+
+def bin_ordered_physical(bin_of_expert_E: torch.Tensor) -> torch.Tensor:
+    """physical_E sorted by bin (ties by logical id): bin b takes physical ids [b*N_B, (b+1)*N_B).
+
+    This layout places every bin on its rank for *any* ep_size that divides num_bins, so an
+    exported checkpoint can be loaded at a different expert-parallel degree."""
+    order_P = torch.sort(bin_of_expert_E.long().cpu(), stable=True).indices  # physical p holds expert order_P[p]
+    physical_E = torch.empty_like(order_P)
+    physical_E[order_P] = torch.arange(order_P.numel())
+    return physical_E
+
+
+def is_placed(bin_of_expert_E: torch.Tensor, physical_E: torch.Tensor, num_bins: int, ep_size: int) -> bool:
+    """Every expert sits on its bin's rank."""
+    per_rank = bin_of_expert_E.numel() // ep_size
+    target_E = rank_of_bin(num_bins, ep_size)[bin_of_expert_E.long().cpu()]
+    return bool((physical_E.long().cpu() // per_rank == target_E).all())
+
+
+def to_physical(indices_KS: torch.Tensor, physical_E: torch.Tensor) -> torch.Tensor:
+    """Routes in logical ids -> routes in physical ids (-1, an unused route, stays -1)."""
+    physical_E = physical_E.to(indices_KS.device)
+    return torch.where(indices_KS >= 0, physical_E[indices_KS.clamp_min(0).long()].to(indices_KS.dtype), indices_KS)
+
+
+def counts_to_physical(counts_E: torch.Tensor, physical_E: torch.Tensor) -> torch.Tensor:
+    """Per-expert counts in logical order -> in physical order."""
+    out_P = torch.zeros_like(counts_E)
+    out_P[physical_E.to(counts_E.device).long()] = counts_E
+    return out_P
+
+
+# -- moving weights and optimizer state ----------------------------------------------------------------
+@dataclass(frozen=True)
+class MigrationCost:
+    """What one layer's migration did, seen from this rank."""
+    experts_moved: int      # experts (of the whole layer) whose EP rank changed
+    bytes_sent: int         # weights + optimizer state this rank sent to other ranks
+    bytes_per_expert: int   # one expert's weights + optimizer state
+    seconds: float
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer holding per-parameter state (DeepSpeed's engine hands its client optimizer
+    through at ZeRO stage 0; a wrapper with an inner torch optimizer is unwrapped)."""
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        return inner
+    raise ValueError(f"{type(optimizer).__name__} is not a torch optimizer: expert migration moves per-parameter "
+                     "optimizer state and supports DeepSpeed ZeRO stage 0; set smoes.placement=none")
+
+
+def _state_keys(optimizer, params: Sequence[nn.Parameter]) -> list[str]:
+    """Per-parameter optimizer tensors shaped like the parameter (Adam: exp_avg, exp_avg_sq)."""
+    if optimizer is None:
+        return []
+    keys = sorted(k for k, v in optimizer.state.get(params[0], {}).items()
+                  if torch.is_tensor(v) and v.shape == params[0].shape)
+    if not keys and len(optimizer.state):
+        # the optimizer has state, but not keyed by these parameters: ZeRO's flat partitions
+        raise ValueError("the optimizer's state is not kept per expert parameter (DeepSpeed ZeRO stage >= 1 "
+                         "flattens it): expert migration supports ZeRO stage 0; set smoes.placement=none")
+    for p in params:
+        if sorted(k for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v) and v.shape == p.shape) != keys:
+            raise ValueError("expert parameters carry different optimizer state; cannot migrate them together")
+    return keys
+
+
+def _pack(expert: nn.Module, optimizer, keys: list[str]) -> torch.Tensor:
+    params = list(expert.parameters())
+    parts = [p.detach().reshape(-1).float() for p in params]
+    parts += [optimizer.state[p][k].reshape(-1).float() for k in keys for p in params]
+    return torch.cat(parts)
+
+
+def _unpack(row: torch.Tensor, expert: nn.Module, optimizer, keys: list[str]) -> None:
+    params = list(expert.parameters())
+    targets = [p.data for p in params] + [optimizer.state[p][k] for k in keys for p in params]
+    offset = 0
+    for t in targets:
+        n = t.numel()
+        t.copy_(row[offset:offset + n].view_as(t))
+        offset += n
+
+
+@torch.no_grad()
+def migrate_experts(local_experts: Sequence[nn.Module], physical_E: torch.Tensor, new_physical_E: torch.Tensor,
+                    group=None, optimizer=None) -> MigrationCost:
+    """Move every expert e from physical id `physical_E[e]` to `new_physical_E[e]`, with its optimizer state.
+
+    local_experts: this rank's expert modules (physical ids rank * L ... rank * L + L - 1), all of the
+    same architecture.  group: the EP process group (None: one rank holds every expert).
+    optimizer: a torch optimizer whose state tensors shaped like the parameters (Adam's two
+    moments) move with them; None moves weights only.  Rows travel with one
+    `all_to_all_single` with split sizes; the rows a rank keeps never cross the network.
+    Gradients are not moved: call this between optimizer steps.
+    """
+    t0 = time.perf_counter()
+    ep_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    rank = dist.get_rank(group) if ep_size > 1 else 0
+    num_local = len(local_experts)
+    physical_E, new_physical_E = physical_E.long().cpu(), new_physical_E.long().cpu()
+    if num_local * ep_size != physical_E.numel():
+        raise ValueError(f"{num_local} local experts on {ep_size} ranks do not make {physical_E.numel()} experts")
+    optimizer = _torch_optimizer(optimizer)
+    keys = _state_keys(optimizer, list(local_experts[0].parameters()))
+
+    # Every rank knows the whole plan: expert e goes from physical id src to dst.
+    src_E, dst_E = physical_E, new_physical_E
+    order_E = torch.argsort(dst_E)  # rows travel in destination order
+    send_rows = [e for e in order_E.tolist() if src_E[e] // num_local == rank]
+    recv_rows = [e for e in order_E.tolist() if dst_E[e] // num_local == rank]
+    # group by the other end (stable, so destination order holds inside a group)
+    send_rows.sort(key=lambda e: int(dst_E[e] // num_local))
+    recv_rows.sort(key=lambda e: int(src_E[e] // num_local))
+    send_counts = [sum(1 for e in send_rows if dst_E[e] // num_local == r) for r in range(ep_size)]
+    recv_counts = [sum(1 for e in recv_rows if src_E[e] // num_local == r) for r in range(ep_size)]
+
+    packed = [_pack(local_experts[int(src_E[e] % num_local)], optimizer, keys) for e in send_rows]
+    row_len = packed[0].numel() if packed else _pack(local_experts[0], optimizer, keys).numel()
+    send_XN = torch.stack(packed) if packed else torch.empty(0, row_len)
+    if ep_size > 1:
+        recv_XN = send_XN.new_empty(sum(recv_counts), row_len)
+        dist.all_to_all_single(recv_XN, send_XN.contiguous(), output_split_sizes=recv_counts,
+                               input_split_sizes=send_counts, group=group)
+    else:
+        recv_XN = send_XN
+    for row, e in zip(recv_XN, recv_rows):
+        _unpack(row, local_experts[int(dst_E[e] % num_local)], optimizer, keys)
+
+    moved = int((src_E // num_local != dst_E // num_local).sum())
+    remote_rows = sum(c for r, c in enumerate(send_counts) if r != rank)
+    bytes_per_expert = row_len * 4
+    return MigrationCost(moved, remote_rows * bytes_per_expert, bytes_per_expert, time.perf_counter() - t0)

@@ -1,0 +1,65 @@
+"""Placement during training and the deployment export, end to end: a 2-rank run whose bins freeze
+and whose experts move onto their bins' ranks, exported, then evaluated from the export on 2 ranks
+and on 1 process with the same results."""
+import json
+
+import pytest
+
+from launch import ROOT, deepspeed_run, python_run
+from test_train_cli import write_config
+
+
+@pytest.mark.slow
+def test_placement_then_export_round_trip(tmp_path, digits_dir):
+    cfg = write_config(tmp_path, digits_dir, optim={"max_steps": 30},
+                       smoes={"rebin_interval": 5, "rebin_freeze_step": 10, "dispatch": "rank_once"},
+                       run={"log_every": 10, "eval_every_epoch": False, "seed": 1})
+    db = tmp_path / "mlflow.db"
+    proc = deepspeed_run(["--module", "ds_smoes.train", "--config", str(cfg), "--tracking-uri", f"sqlite:///{db}"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "placement at step 10 (bins frozen): moved" in proc.stdout, proc.stdout[-3000:]
+    run_dir = tmp_path / "out"
+    trained = json.loads((run_dir / "metrics.json").read_text())
+
+    import mlflow
+
+    run = mlflow.MlflowClient(f"sqlite:///{db}").get_run(trained["mlflow_run_id"])
+    assert {"placement/experts_moved", "placement/bytes_sent", "placement/seconds"} <= set(run.data.metrics)
+
+    proc = python_run(["-m", "ds_smoes.export", "--run", str(run_dir)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    export = run_dir / "export"
+    placement = json.loads((export / "placement.json").read_text())
+    assert placement["supported_ep_sizes"] == [1, 2] and len(placement["layers"]) == 2
+    for layer in placement["layers"]:
+        # bin order: bin b's experts hold physical ids [2b, 2b + 2) -> bin b on EP rank b
+        assert layer["rank_of_expert"]["2"] == layer["bin_of_expert"]
+        assert sorted(layer["physical_of_expert"]) == [0, 1, 2, 3]
+
+    proc = deepspeed_run(["--module", "ds_smoes.train", "--init-from", str(export), "--eval-only", "--no-mlflow",
+                          "--output-json", str(tmp_path / "eval2.json")])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = python_run(["-m", "ds_smoes.train", "--init-from", str(export), "--eval-only", "--no-mlflow",
+                       "--set", "smoes.ep_size=1", "--output-json", str(tmp_path / "eval1.json")])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    eval2 = json.loads((tmp_path / "eval2.json").read_text())
+    eval1 = json.loads((tmp_path / "eval1.json").read_text())
+    for figures in (eval2, eval1):
+        assert figures["steps"] == 0
+        for key in ("acc_multimodal", "acc_language"):
+            assert figures[key] == trained[key], key
+        assert figures["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
+        assert figures["msi"] == pytest.approx(trained["msi"], abs=1e-6)
+    # same placement on 2 ranks: the same tokens cross ranks; one process: none do
+    assert eval2["cross_rank_rate"] == pytest.approx(trained["cross_rank_rate"], abs=1e-9)
+    assert eval2["bytes_per_token"] == pytest.approx(trained["bytes_per_token"], rel=1e-9)
+    assert eval1["cross_rank_rate"] == 0.0
+    assert not (export / "eval" / "checkpoint").exists()  # eval-only writes figures, not checkpoints
+
+
+def test_export_refuses_a_folder_that_is_not_a_run(tmp_path):
+    proc = python_run(["-m", "ds_smoes.export", "--run", str(tmp_path)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train_config.json not found" in proc.stderr
+    proc = python_run(["-m", "ds_smoes.train", "--init-from", str(tmp_path), "--eval-only"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
