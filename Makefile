@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MLFLOW_DB := $(CURDIR)/mlflow.db
 
-.PHONY: demo test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-report
+.PHONY: demo test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-gates sweep-report
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ sweep-smoke: $(STAMP)
 
 sweep: $(STAMP)
 	$(PY) ray_jobs/sweep.py run configs/sweeps/bins_scores.yaml --tracking-uri sqlite:///$(MLFLOW_DB)
+
+# every gate and the KL ablation, 3 seeds, the comparison recipe (21 trials; hours on 2 cores)
+sweep-gates: $(STAMP)
+	$(PY) ray_jobs/sweep.py run configs/sweeps/gates.yaml --tracking-uri sqlite:///$(MLFLOW_DB)
 
 sweep-report: $(STAMP)
 	$(PY) ray_jobs/sweep.py report --tracking-uri sqlite:///$(MLFLOW_DB)

@@ -27,6 +27,12 @@ def test_example_sweeps_validate():
             for t in trials} == {(b, s, seed) for b in (2, 4) for s in ("attention", "gaussian", "hard")
                                  for seed in (0, 1)}
     assert precheck(full, trials) == {}
+    gates = load_sweep(ROOT / "configs" / "sweeps" / "gates.yaml")
+    trials = gates.expand()
+    assert len(trials) == 21 and precheck(gates, trials) == {}
+    names = {(t["values"]["smoes.gate"], t["values"].get("smoes.bin_objective", "mi")) for t in trials}
+    assert names == {("topk", "mi"), ("smoes", "mi"), ("hard", "mi"), ("ltdr", "mi"), ("smar", "mi"),
+                     ("hybrid", "mi"), ("smoes", "kl")}
 
 
 def test_grid_expands_in_file_order_with_names(tmp_path):
