@@ -123,7 +123,7 @@ def _load_run(run_dir: Path, checkpoint: Path | None, tag: str | None, log):
 def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, tag: str | None = "final",
                log=print) -> dict:
     """Write the deployment export of a training run; returns placement.json's content."""
-    cfg, tokenizer, model = _load_run(Path(run_dir), checkpoint, tag, log)
+    cfg, _, model = _load_run(Path(run_dir), checkpoint, tag, log)
     moved = order_experts_by_bin(model)
     s = cfg.smoes
     ep_sizes = supported_ep_sizes(s.num_experts, s.num_bins)

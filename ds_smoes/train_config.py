@@ -75,16 +75,14 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. --set smoes.num_bins=4")
-        key, value = item.split("=", 1)
+        key, value = parse_override(item, "smoes.num_bins=4")
         node = data
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = value
     return data
 
 
@@ -102,20 +100,38 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     return data
 
 
+def read_mapping_file(path: Path, what: str, expected: str) -> dict:
+    """A YAML (or .json) file holding a mapping; one clear ConfigError for a missing file, bad
+    syntax or another top-level type.  `what` names the file ("config file"), `expected` the mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} not found")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        text = path.read_text()
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid {kind}: {err}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected {expected}")
+    return data
+
+
+def parse_override(item: str, example: str) -> tuple[str, Any]:
+    """`section.field=value` -> (dotted key, YAML scalar value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. --set {example}")
+    key, value = item.split("=", 1)
+    return key.strip(), _parse_value(value)
+
+
 def load_train_config(path: Path | None, overrides: list[str] | None = None) -> TrainConfig:
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found")
-        try:
-            text = path.read_text()
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
-        data = data or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (data, model, smoes, optim, tracking, run)")
+        data = read_mapping_file(path, "config file",
+                                 "a mapping of sections (data, model, smoes, optim, tracking, run)")
         data = _resolve_paths(data, path.parent)
     data = apply_overrides(data, overrides or [])
     return validate(TrainConfig, data, source=str(path) if path else "config")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from launch import ROOT, deepspeed_run, python_run
+from launch import deepspeed_run, python_run
 from test_train_cli import write_config
 
 

@@ -89,7 +89,7 @@ def test_migration_moves_weights_with_their_adam_moments():
 
 
 def test_migration_without_optimizer_and_with_zero_style_state_refused():
-    experts, opt = _experts_with_adam()
+    experts, _ = _experts_with_adam()
     w0 = experts[0][0].weight.detach().clone()
     migrate_experts(list(experts), torch.arange(4), torch.tensor([1, 0, 2, 3]))
     assert torch.equal(experts[1][0].weight, w0)

@@ -30,13 +30,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ds_smoes.config import validate
 from ds_smoes.errors import ConfigError, SMoESError
 from ds_smoes.sweep.common import short_names
-from ds_smoes.train_config import TrainConfig, load_train_config
+from ds_smoes.train_config import TrainConfig, load_train_config, parse_override, read_mapping_file
 
 
 class _Strict(BaseModel):
@@ -175,23 +174,10 @@ def check_field_path(path: str) -> None:
 def load_sweep(path: Path, overrides: list[str] | None = None) -> SweepSpec:
     """Read and validate a sweep file (YAML or JSON); `overrides` are extra `field=value` for every trial."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} not found")
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with name, base_config and grid (see configs/sweeps/)")
+    data = read_mapping_file(path, "sweep file", "a mapping with name, base_config and grid (see configs/sweeps/)")
     if isinstance(data.get("base_config"), str) and not Path(data["base_config"]).is_absolute():
         data["base_config"] = str((path.parent / data["base_config"]).resolve())
-    extra = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. --set optim.max_steps=40")
-        key, value = item.split("=", 1)
-        extra[key.strip()] = yaml.safe_load(value)
+    extra = dict(parse_override(item, "optim.max_steps=40") for item in overrides or [])
     if extra:
         data["overrides"] = {**(data.get("overrides") or {}), **extra}
     spec = validate(SweepSpec, data, source=f"sweep file {path}")
