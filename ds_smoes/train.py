@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "train_config.json is the config")
     p.add_argument("--eval-only", action="store_true", help="evaluate without training (with --init-from)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--hf-model", default=None, metavar="PATH_OR_CONFIG",
+                   help="fine-tune a Hugging Face VLM (save_pretrained folder or config JSON) converted to SMoES "
+                        "(docs/hf.md); the config then has an `hf` section instead of `model`")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed launcher
     return p.parse_args(argv)
 
@@ -81,6 +84,11 @@ def log0(*args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.hf_model is not None:  # a Hugging Face VLM converted to SMoES (ds_smoes.hf, docs/hf.md)
+            from ds_smoes.hf.train import main_hf
+
+            main_hf(args, init_distributed=init_distributed, log=log0)
+            return 0
         from ds_smoes.train_config import load_train_config
 
         config, overrides = args.config, args.overrides
