@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MLFLOW_DB := $(CURDIR)/mlflow.db
 
-.PHONY: demo test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-gates sweep-report
+.PHONY: demo test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-gates sweep-report bench-comm
 
 venv: $(STAMP)
 
@@ -47,6 +47,11 @@ sweep-gates: $(STAMP)
 
 sweep-report: $(STAMP)
 	$(PY) ray_jobs/sweep.py report --tracking-uri sqlite:///$(MLFLOW_DB)
+
+# The EP communication benchmark (docs/bench.md): trains the SMoES and top-k demo models into runs/bench/
+# when missing, measures the variants on 2 gloo ranks, simulates 2..64 ranks; runs/bench/comm.json + MLflow.
+bench-comm: $(STAMP)
+	$(PY) -m ds_smoes.bench comm --tracking-uri sqlite:///$(MLFLOW_DB)
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000 --workers 1

@@ -7,16 +7,19 @@ sends, M pairs it receives.  Expert e lives on EP rank e // L (DeepSpeed's layou
 **rank_once** (dropless, no capacity): a token goes once to every EP rank that holds at least
 one of its selected experts, however many of them live there.  That rank runs its experts on
 it, sums their gate-weighted outputs and sends back ONE vector per (token, rank); the home rank
-sums what comes back.  Four `all_to_all_single` calls with split sizes in the forward:
+sums what comes back.  Three `all_to_all_single` calls with split sizes in the forward:
 
 1. send counts per destination rank (a small int64 tensor; tells every rank what to expect),
-2. the token vectors [N, D],
-3. the routing of every sent row: local expert ids [N, K] (int32, -1 unused) and combine
-   weights [N, K] (float32; these carry the router's gradient),
-4. the combined vectors [M, D] back to their home rank.
+2. the rows: each token vector [N, D] packed with its routing, the local expert ids [N, K]
+   (-1 unused) and combine weights [N, K] (these carry the router's gradient), as one float32
+   [N, D + 2K] tensor (ids are small integers, exact in float32; for other dtypes the vectors,
+   ids (int32) and weights (float32) travel in three exchanges instead),
+3. the combined vectors [M, D] back to their home rank.
 
-The backward runs the same exchanges in reverse (splits swapped) for the vectors and the
-weights.  With one EP rank nothing is exchanged.
+As many collectives as DeepSpeed's stock path (its gate's capacity all-reduce and two
+all-to-alls); the gate skips that all-reduce for rank_once, which needs no common capacity.
+The backward runs the same exchanges in reverse (splits swapped) for the packed rows and the
+combined vectors.  With one EP rank nothing is exchanged.
 
 **deepspeed** (the stock `MOELayer`): the capacity-padded [E, C, D] buffer goes through an
 all-to-all twice (dispatch, combine), whatever the routing.
@@ -186,6 +189,22 @@ def exchange_counts(send_counts_R: torch.Tensor, group) -> torch.Tensor:
     return recv_counts_R
 
 
+def exchange_rows(x_ND: torch.Tensor, local_NK: torch.Tensor, weight_NK: torch.Tensor, send_counts: list[int],
+                  recv_counts: list[int], group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Send each row's vector, local expert ids and weights; returns the received (x_MD, local_MK, weight_MK).
+
+    float32 vectors travel packed with their routing in one exchange ([N, D + 2K]); other
+    dtypes in three.  Differentiable in x and the weights."""
+    d, k = x_ND.shape[1], local_NK.shape[1]
+    if x_ND.dtype == torch.float32:
+        packed_NX = torch.cat([x_ND, weight_NK.float(), local_NK.float()], dim=1)
+        recv_MX = all_to_all_rows(packed_NX, send_counts, recv_counts, group)
+        return recv_MX[:, :d], recv_MX[:, d + k:].detach().round().to(torch.int32), recv_MX[:, d:d + k]
+    return (all_to_all_rows(x_ND, send_counts, recv_counts, group),
+            _exchange(local_NK, send_counts, recv_counts, group),
+            all_to_all_rows(weight_NK, send_counts, recv_counts, group))
+
+
 # -- expert side --------------------------------------------------------------------------------------
 def run_local_experts(x_MD: torch.Tensor, local_MK: torch.Tensor, weight_MK: torch.Tensor,
                       experts: Sequence[nn.Module]) -> torch.Tensor:
@@ -233,9 +252,7 @@ def rank_once_moe(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.
     if ep_size > 1:
         recv_counts_R = exchange_counts(send_counts_R, group)
         send, recv = send_counts_R.tolist(), recv_counts_R.tolist()
-        recv_x_MD = all_to_all_rows(send_x_ND, send, recv, group)
-        recv_local_MK = _exchange(local_NK, send, recv, group)
-        recv_weight_MK = all_to_all_rows(weight_NK, send, recv, group)
+        recv_x_MD, recv_local_MK, recv_weight_MK = exchange_rows(send_x_ND, local_NK, weight_NK, send, recv, group)
         combined_MD = run_local_experts(recv_x_MD, recv_local_MK, recv_weight_MK, local_experts)
         back_ND = all_to_all_rows(combined_MD.to(x_SD.dtype), recv, send, group)
     else:

@@ -157,8 +157,10 @@ class ModalityGate(TopKGate):
                                           cfg.min_capacity)
         else:
             local_capacity = int(counts_E.max()) if counts_E.numel() else 0
-        # The all-to-all moves [experts, capacity, hidden] blocks: every EP rank needs one capacity.
-        capacity = max(distributed.group_max_int(local_capacity, self.ep_group), 1)
+        if cfg.dispatch == "rank_once" and not self.drop_tokens:
+            capacity = max(local_capacity, 1)  # no padded buffer, no common capacity: skip the all-reduce
+        else:  # the all-to-all moves [experts, capacity, hidden] blocks: every EP rank needs one capacity
+            capacity = max(distributed.group_max_int(local_capacity, self.ep_group), 1)
         routes = finalize_routes(probs_SE, top_idx_SK, valid_S, location_KS, counts_E, capacity,
                                  normalize=cfg.normalize_topk)
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ds_smoes.config import SMoESConfig
-from ds_smoes.dispatch import (rank_hits, rank_once_moe, rank_once_volume, route_ranks, row_routes, send_plan,
-                               stock_alltoall_bytes, token_rank_stats)
+from ds_smoes.dispatch import (CommVolume, rank_hits, rank_once_moe, rank_once_volume, route_ranks, row_routes,
+                               send_plan, stock_alltoall_bytes, stock_volume, token_rank_stats)
 from ds_smoes.gate import RoutingInputs, SMoESGate
 from ds_smoes.layer import SMoESMoE
 from ds_smoes.metrics import routing_comm_stats
@@ -64,6 +64,22 @@ def test_stock_alltoall_bytes_by_hand():
     # 64 experts on 8 ranks, capacity 10, D 4096, bf16: 2 * 56 * 10 * 4096 * 2
     assert stock_alltoall_bytes(64, 10, 4096, 8, 2) == 9_175_040
     assert stock_alltoall_bytes(4, 3, 8, 1, 4) == 0
+
+
+def test_rank_once_bytes_on_four_ranks_by_hand():
+    # rank 1 of 4 sends [2, 3, 0, 1] rows (its own 3 stay) and received [1, 4, 2, 0] (its own 4 stay):
+    # 3 vectors out, 3 back; metadata: 3 int64 counts + 3 rows x 2 routes x (int32 id + float32 weight)
+    assert rank_once_volume([2, 3, 0, 1], [1, 4, 2, 0], home_rank=1, hidden=8, element_size=4,
+                            num_routes=2) == (96, 96, 3 * 8 + 3 * 2 * 8)
+    # a rank that sends nothing still announces its (zero) counts
+    assert rank_once_volume([5, 0, 0, 0], [5, 1, 0, 0], 0, 8, 4, 2) == (0, 32, 24)
+
+
+def test_comm_volume_of_the_stock_dispatch_by_hand():
+    vol = stock_volume(4, 3, 8, 2, 4, cross_rank_rate=0.5, ranks_per_token=1.5, num_tokens=10)
+    assert vol == CommVolume("deepspeed", 192, 192, 0, 0.5, 1.5, 10)  # half of 384 B each way
+    assert vol.remote_bytes == vol.total_bytes == 384
+    assert CommVolume("rank_once", 96, 128, 56, 0.75, 1.25, 4).total_bytes == 280
 
 
 def test_rank_once_matches_a_loop_over_routes_with_gradients():

@@ -134,12 +134,15 @@ class TinyMoEVLM(nn.Module):
         """Greedy decoding from left-padded prompts.
 
         Always runs exactly `max_new_tokens` forward passes, so every expert-parallel rank
-        takes part in the same number of all-to-alls; tokens after <eos> are discarded."""
+        takes part in the same number of all-to-alls; tokens after <eos> are discarded.  The
+        <image> token is never generated: fed back, it would count as an image placeholder
+        (an untrained model would otherwise fail here)."""
         ids, mask, mod = input_ids_BT, attention_mask_BT.bool(), modality_BT
         new_BN = []
         for _ in range(max_new_tokens):
-            logits_BTV = self.forward(ids, mask, mod, image_BCHW, has_image_B).logits_BTV
-            nxt_B = logits_BTV[:, -1].argmax(-1)
+            logits_BV = self.forward(ids, mask, mod, image_BCHW, has_image_B).logits_BTV[:, -1].clone()
+            logits_BV[:, self.image_token_id] = float("-inf")
+            nxt_B = logits_BV.argmax(-1)
             new_BN.append(nxt_B)
             ids = torch.cat([ids, nxt_B.unsqueeze(1)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

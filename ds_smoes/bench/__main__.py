@@ -1,0 +1,5 @@
+import sys
+
+from ds_smoes.bench.cli import main
+
+sys.exit(main())

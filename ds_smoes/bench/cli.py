@@ -1,0 +1,130 @@
+"""`python -m ds_smoes.bench {comm,simulate}` (docs/bench.md).
+
+    python -m ds_smoes.bench comm                         # train what is missing, measure, simulate
+    python -m ds_smoes.bench comm --smoes-run runs/demo --topk-run runs/bench/topk
+    python -m ds_smoes.bench comm --init-only --batches 2 --repeats 3 --eval-questions 32   # quick
+    python -m ds_smoes.bench simulate --from runs/bench/comm.json [--capacity-factor 1.25]
+
+Errors a user can fix print one message and exit 2; a failed subprocess exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ds_smoes.bench.simulate import EP_GRID, EXPERTS_GRID
+from ds_smoes.bench.variants import VARIANTS
+from ds_smoes.errors import ConfigError, SMoESError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ds_smoes.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("comm", help="measure EP communication, step time and accuracy of the variants on 2 ranks")
+    c.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="the training recipe")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field (for training and measuring), repeatable")
+    c.add_argument("--smoes-run", type=Path, default=None, help="a finished SMoES training run (e.g. runs/demo)")
+    c.add_argument("--topk-run", type=Path, default=None, help="a finished top-k gate training run")
+    c.add_argument("--no-train", action="store_true", help="fail instead of training a missing model")
+    c.add_argument("--epochs", type=float, default=None,
+                   help="train missing models for this many epochs (into runs/bench/<gate>-epochs<N>)")
+    c.add_argument("--init-only", action="store_true", help="measure only the models at initialisation")
+    c.add_argument("--no-init", action="store_true", help="measure only the trained models")
+    c.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="V",
+                   help=f"subset of {' '.join(VARIANTS)} (default: all; e is an extra)")
+    c.add_argument("--batches", type=int, default=0, help="test batches per rank (default 0: the whole test split)")
+    c.add_argument("--batch-size", type=int, default=None, help="sequences per rank and batch (default: "
+                                                                "optim.micro_batch_size)")
+    c.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
+    c.add_argument("--repeats", type=int, default=30, help="timed fwd+bwd rounds per variant")
+    c.add_argument("--eval-questions", type=int, default=0, help="test questions for accuracy (default 0: all)")
+    c.add_argument("--out", type=Path, default=Path("runs/bench"))
+    _tracking(c)
+
+    s = sub.add_parser("simulate", help="expected remote bytes per token for 2..64 EP ranks and 8..256 experts")
+    s.add_argument("--from", dest="source_json", type=Path, default=Path("runs/bench/comm.json"),
+                   help="a comm.json written by `comm`")
+    s.add_argument("--models", choices=["trained", "init"], default=None,
+                   help="whose routers (default: trained when measured)")
+    s.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS_GRID))
+    s.add_argument("--ep-sizes", type=int, nargs="+", default=list(EP_GRID))
+    s.add_argument("--capacity-factor", type=float, default=None,
+                   help="stock capacity / mean expert load for (a) and (b) (default: measured)")
+    s.add_argument("--hidden", type=int, default=None, help="hidden size to express bytes for (default: measured)")
+    s.add_argument("--element-size", type=int, default=None, help="bytes per element (default: measured)")
+    s.add_argument("--method", choices=["analytic", "monte-carlo"], default="analytic")
+    s.add_argument("--samples", type=int, default=5000, help="monte-carlo: tokens per cell and router")
+    s.add_argument("--seed", type=int, default=0, help="monte-carlo seed")
+    s.add_argument("--out", type=Path, default=None, help="output folder (default: beside --from)")
+    _tracking(s)
+    return p
+
+
+def _tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///$PWD/mlflow.db)")
+    p.add_argument("--experiment", default="ds-smoes-bench", help="MLflow experiment")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def simulate_command(args) -> int:
+    from ds_smoes.bench.simulation import FILES, run_simulation
+    from ds_smoes.tracking import Tracker, default_tracking_uri
+
+    if not args.source_json.is_file():
+        raise ConfigError(f"{args.source_json}: no benchmark result; run `python -m ds_smoes.bench comm` first "
+                          "or pass --from PATH")
+    try:
+        result = json.loads(args.source_json.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{args.source_json}: not valid JSON: {err}") from None
+    if not isinstance(result, dict) or "sources" not in result or "setup" not in result:
+        raise ConfigError(f"{args.source_json}: not a comm.json written by `python -m ds_smoes.bench comm`")
+    out = args.out or args.source_json.parent
+    summary = run_simulation(result, out, args.models, tuple(args.experts), tuple(args.ep_sizes),
+                             args.capacity_factor, args.hidden, args.element_size, args.method, args.samples,
+                             args.seed)
+    print((out / "simulate.md").read_text())
+    for line in summary["highlights"]:
+        print(f"  {line}")
+    uri = None if args.no_mlflow else (args.tracking_uri or default_tracking_uri())
+    tracker = Tracker(uri or "", args.experiment, f"bench-simulate-{time.strftime('%Y%m%d-%H%M%S')}",
+                      active=uri is not None, tags={"kind": "bench-simulate"})
+    tracker.log_params({"from": str(args.source_json), "models": summary["source"], "method": args.method,
+                        "capacity_factor": args.capacity_factor, "hidden": summary["inputs"]["hidden"],
+                        "element_size": summary["inputs"]["element_size"]})
+    for name in FILES:
+        tracker.log_file(out / name)
+    tracker.end("FINISHED")
+    print(f"wrote {', '.join(str(out / f) for f in FILES)}"
+          + (f"; MLflow run {tracker.run_id} ({uri})" if tracker.active else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "comm":
+            from ds_smoes.bench.comm import run
+
+            return run(args)
+        return simulate_command(args)
+    except SMoESError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as err:
+        from ds_smoes.bench.runs import RunFailed
+
+        if not isinstance(err, RunFailed):
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

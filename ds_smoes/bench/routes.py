@@ -1,0 +1,142 @@
+"""What a router did, recorded on the side: per MoE-layer call, each token's modality, validity
+and selected experts, captured by forward hooks (the layer's and the gate's public interfaces).
+
+From the recorded routes, pure functions compute the router statistics the simulator needs
+(`own_route_counts`) and, independently of `ds_smoes.dispatch`, the bytes each dispatch must
+send (`expected_rank_once_dispatch_bytes`, `expected_stock_bytes`), which the benchmark checks against
+`layer.last_comm`.
+
+Shapes: S tokens, K routes per token, E experts, B bins, M = 2 modalities (0 text, 1 vision),
+J = K + 1 own-route counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+
+@dataclass
+class LayerCall:
+    labels_S: torch.Tensor      # 0 text, 1 vision
+    valid_S: torch.Tensor       # bool, False for padding
+    indices_KS: torch.Tensor    # selected experts as the dispatch gets them (physical ids), -1 unused
+    capacity: int               # the gate's (dropless: largest load, agreed over the EP group)
+
+
+@dataclass
+class RouteRecorder:
+    """Hooks on every MoE layer of a model: `calls[l]` lists the layer's calls since `clear()`."""
+    layers: list
+    calls: list[list[LayerCall]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.calls = [[] for _ in self.layers]
+        self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self._handles = []
+        for l, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(partial(self._on_layer, l), with_kwargs=True))
+            self._handles.append(layer.gate.register_forward_hook(partial(self._on_gate, l)))
+
+    def _on_layer(self, l: int, module, args, kwargs) -> None:
+        hidden = args[0]
+        used = args[1] if len(args) > 1 else kwargs.get("used_token")
+        num_tokens = hidden.reshape(-1, hidden.shape[-1]).shape[0]
+        valid_S = (used.reshape(-1).bool() if used is not None
+                   else torch.ones(num_tokens, dtype=torch.bool))
+        self._pending[l] = (kwargs["modality_labels"].reshape(-1).long().detach().cpu(), valid_S.detach().cpu())
+
+    def _on_gate(self, l: int, module, args, output) -> None:
+        labels_S, valid_S = self._pending[l]
+        self._pending[l] = None
+        self.calls[l].append(LayerCall(labels_S, valid_S, output[3].detach().cpu().long(), int(output[1])))
+
+    def clear(self) -> None:
+        self.calls = [[] for _ in self.layers]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# -- router statistics (pure) ----------------------------------------------------------------------
+def modality_load(calls: list[LayerCall], num_experts: int) -> torch.Tensor:
+    """load_ME: routes of valid tokens per (modality, expert id as recorded), summed over calls."""
+    load_ME = torch.zeros(2, num_experts, dtype=torch.float64)
+    for c in calls:
+        keep_KS = (c.indices_KS >= 0) & c.valid_S.unsqueeze(0)
+        for m in range(2):
+            sel = c.indices_KS[keep_KS & (c.labels_S == m).unsqueeze(0)]
+            load_ME[m] += torch.bincount(sel, minlength=num_experts).double()
+    return load_ME
+
+
+def bins_by_physical(bin_of_expert_E: torch.Tensor, physical_E: torch.Tensor) -> torch.Tensor:
+    """bin_of_physical_P: the bin of the expert whose weights sit at physical id p (routes reach the
+    dispatch in physical ids; bins are kept per logical expert, see ds_smoes.placement)."""
+    bins_P = torch.empty_like(bin_of_expert_E.long())
+    bins_P[physical_E.long()] = bin_of_expert_E.long()
+    return bins_P
+
+
+def own_bins(load_ME: torch.Tensor, bin_of_expert_E: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """own_MB (bool): vision owns the round(pi_v * B) bins (1 .. B - 1) with the largest share of the
+    vision routes relative to the text routes (modality-normalised load); text owns the others."""
+    load_MB = torch.zeros(2, num_bins, dtype=torch.float64)
+    load_MB.index_add_(1, bin_of_expert_E.long(), load_ME.double())
+    total_M = load_MB.sum(1)
+    share_MB = load_MB / total_M.clamp_min(1e-300).unsqueeze(1)
+    vision_share = float(total_M[1] / total_M.sum().clamp_min(1e-300))
+    n_vision = min(num_bins - 1, max(1, round(vision_share * num_bins))) if num_bins > 1 else 1
+    vision_bias_B = share_MB[1] - share_MB[0]
+    order_B = torch.sort(-vision_bias_B, stable=True).indices  # most vision-biased first
+    own_MB = torch.zeros(2, num_bins, dtype=torch.bool)
+    own_MB[1, order_B[:n_vision]] = True
+    own_MB[0] = ~own_MB[1] if num_bins > 1 else True
+    return own_MB
+
+
+def own_route_counts(calls: list[LayerCall], bin_of_expert_E: torch.Tensor, own_MB: torch.Tensor,
+                     k: int) -> torch.Tensor:
+    """counts_MJ: valid tokens of modality m with j of their routes in m's own bins (j = 0 .. k;
+    a token with more than k routes, as LTDR's tail tokens, counts in j = k at most)."""
+    counts_MJ = torch.zeros(2, k + 1, dtype=torch.float64)
+    for c in calls:
+        routed_KS = c.indices_KS >= 0
+        bins_KS = bin_of_expert_E.long()[c.indices_KS.clamp_min(0)]
+        own_KS = own_MB[c.labels_S.unsqueeze(0).expand_as(bins_KS), bins_KS] & routed_KS
+        j_S = own_KS.sum(0).clamp_max(k)
+        for m in range(2):
+            keep_S = c.valid_S & (c.labels_S == m)
+            counts_MJ[m] += torch.bincount(j_S[keep_S], minlength=k + 1)[:k + 1].double()
+    return counts_MJ
+
+
+# -- bytes a dispatch must send, computed from the routes alone (pure) ------------------------------------
+def remote_pairs(call: LayerCall, home_rank: int, experts_per_rank: int, valid_only: bool = True) -> int:
+    """(token, remote rank) pairs: for every valid (or, with valid_only=False, every routed) token,
+    the other ranks that hold one of its experts."""
+    tokens = call.valid_S if valid_only else (call.indices_KS >= 0).any(0)
+    pairs = 0
+    for s in tokens.nonzero().flatten().tolist():
+        ranks = {e // experts_per_rank for e in call.indices_KS[:, s].tolist() if e >= 0}
+        pairs += len(ranks - {home_rank})
+    return pairs
+
+
+def expected_rank_once_dispatch_bytes(calls: list[LayerCall], home_rank: int, experts_per_rank: int, hidden: int,
+                                      element_size: int) -> int:
+    """Vectors this rank dispatches: one per (routed token, remote rank) pair.  A gate that routes
+    padding (DeepSpeed's top-2 gate ignores the mask) has those tokens sent too.  Summed over the
+    group the combine phase returns as many vectors, so the group's remote bytes are twice the sum
+    of this over its ranks."""
+    pairs = sum(remote_pairs(c, home_rank, experts_per_rank, valid_only=False) for c in calls)
+    return pairs * hidden * element_size
+
+
+def expected_stock_bytes(calls: list[LayerCall], num_experts: int, ep_size: int, hidden: int,
+                         element_size: int) -> int:
+    """The padded [E, C, D] buffer twice per call, less the own rank's [E/ep, C, D] chunk."""
+    remote_experts = num_experts - num_experts // ep_size
+    return sum(2 * remote_experts * c.capacity * hidden * element_size for c in calls)

@@ -1,0 +1,113 @@
+"""The trained models the benchmark measures: found in a run directory, or trained by the demo
+recipe through the DeepSpeed launcher (as `make demo` does, output under runs/bench/)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ds_smoes.errors import ConfigError
+
+# the recipe of each gate: the base config plus these overrides
+GATE_OVERRIDES = {"smoes": [], "topk": ["smoes.gate=topk"]}
+# what must agree between the benchmark's config and a run's metrics.json
+CHECKED_FIELDS = ("num_experts", "k", "ep_size", "num_bins")
+# rank 0's lines of a training run worth echoing as progress
+PROGRESS = re.compile(r"^(\[epoch |  validation after|evaluating|data:|model:|error|Traceback|  accuracy, )")
+
+
+class RunFailed(RuntimeError):
+    """A subprocess (training or the measurement) failed; the message names its log."""
+
+
+def default_run_dir(out_dir: Path, gate: str, epochs: float | None) -> Path:
+    """runs/bench/<gate>, or runs/bench/<gate>-epochs<N> for a shortened recipe."""
+    return out_dir / (gate if epochs is None else f"{gate}-epochs{epochs:g}")
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file() and (run_dir / "checkpoint" / "final").is_dir()
+
+
+def load_run(run_dir: Path, gate: str, smoes_cfg) -> dict:
+    """metrics.json of a finished run, checked against the gate and layout the benchmark builds."""
+    if not is_complete(run_dir):
+        raise ConfigError(f"{run_dir}: not a finished training run (needs metrics.json and checkpoint/final, "
+                          f"as `make demo` or `python -m ds_smoes.train` write them); leave the flag out to let "
+                          "the benchmark train the model")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if metrics.get("gate") != gate:
+        raise ConfigError(f"{run_dir}: trained with gate {metrics.get('gate')!r}, but the benchmark needs a "
+                          f"{gate!r} model here")
+    wrong = [f"{f}={metrics.get(f)} (benchmark config: {getattr(smoes_cfg, f)})" for f in CHECKED_FIELDS
+             if f in metrics and metrics[f] != getattr(smoes_cfg, f)]
+    if wrong:
+        raise ConfigError(f"{run_dir}: trained with " + ", ".join(wrong) + "; pass the same --config/--set "
+                          "as the training run")
+    return metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(module: str, ranks: int, args: list[str]) -> list[str]:
+    """`deepspeed --num_gpus N --master_port P --module MODULE ARGS` with this interpreter's launcher."""
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module", module, *args]
+
+
+def train_args(config: Path, overrides: list[str], gate: str, run_dir: Path, epochs: float | None,
+               tracking_uri: str | None, experiment: str, parent_run_id: str | None) -> list[str]:
+    """Arguments of `ds_smoes.train` for the demo recipe of `gate` into `run_dir` (pure)."""
+    items = [*overrides, *GATE_OVERRIDES[gate], f"run.output_dir={run_dir.resolve()}", "run.save_checkpoint=true"]
+    if epochs is not None:
+        items.append(f"optim.epochs={epochs:g}")
+    args = ["--config", str(config), "--run-name", f"bench-{run_dir.name}"]
+    for item in items:
+        args += ["--set", item]
+    if tracking_uri is None:
+        args.append("--no-mlflow")
+    else:
+        args += ["--tracking-uri", tracking_uri, "--experiment", experiment]
+        if parent_run_id:
+            args += ["--parent-run-id", parent_run_id]
+    return args
+
+
+def stream(cmd: list[str], log_path: Path, echo: Callable[[str], None], keep: Callable[[str], bool]) -> int:
+    """Run `cmd`, writing all output to `log_path` and echoing the lines `keep` accepts."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, env=env) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if keep(line):
+                echo(line.rstrip("\n"))
+        return proc.wait()
+
+
+def train(gate: str, run_dir: Path, config: Path, overrides: list[str], epochs: float | None, ranks: int,
+          tracking_uri: str | None, experiment: str, parent_run_id: str | None,
+          echo: Callable[[str], None] = print) -> None:
+    """Train the demo recipe of `gate` into `run_dir` on `ranks` CPU ranks, echoing its progress."""
+    t0 = time.time()
+    echo(f"training the {gate} model by the demo recipe into {run_dir}"
+         + (f" ({epochs:g} epochs)" if epochs is not None else "") + f"; log: {run_dir / 'train.log'}")
+    cmd = launcher_command("ds_smoes.train", ranks, train_args(config, overrides, gate, run_dir, epochs,
+                                                                 tracking_uri, experiment, parent_run_id))
+    code = stream(cmd, run_dir / "train.log", lambda line: echo(f"  [{gate}] {line}"),
+                  lambda line: bool(PROGRESS.match(line)))
+    if code != 0 or not is_complete(run_dir):
+        raise RunFailed(f"training the {gate} model failed (exit {code}); see {run_dir / 'train.log'}")
+    echo(f"trained the {gate} model in {time.time() - t0:.0f}s")

@@ -1,0 +1,75 @@
+"""From raw measurements to the benchmark's figures, table, done criteria and strict JSON (by hand)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench_fixtures import raw_result
+from ds_smoes.bench.report import assemble, report_markdown, simulation_inputs, strict_json, variant_figures
+from ds_smoes.errors import ConfigError
+
+
+def test_bytes_rates_and_deltas_by_hand():
+    result = assemble(raw_result())
+    rows = result["sources"]["trained"]
+    a, b, c = rows["a"], rows["b"], rows["c"]
+    assert a["bytes_per_token"] == 700.0 and b["bytes_per_token"] == 600.0 and c["bytes_per_token"] == 280.0
+    assert c["bytes_per_token_per_layer"] == [320.0, 240.0]
+    assert c["delta_bytes_vs_a_pct"] == pytest.approx(-60.0) and a["delta_bytes_vs_a_pct"] == 0.0
+    assert c["delta_ms_vs_a_pct"] == pytest.approx(-20.0)
+    assert a["cross_rank_rate"] == pytest.approx(0.8) and c["ranks_per_token"] == pytest.approx(1.5)
+    assert c["measured_remote_bytes"] == c["expected_remote_bytes"] == 56000
+    assert c["own_route_counts_MJ"] == [[10, 20, 70], [0, 10, 40]]  # summed over the two layers
+    assert c["label"] == "SMoES gate + rank_once dispatch" and c["dispatch"] == "rank_once"
+
+
+def test_done_criteria():
+    crit = assemble(raw_result())["done_criteria"]
+    assert crit["bytes_reduction_c_vs_a_pct"] == pytest.approx(60.0) and crit["bytes_met"]
+    assert crit["accuracy_delta_c_minus_a"]["acc_overall"] == pytest.approx(0.02) and crit["accuracy_met"]
+    assert crit["speed_met"]
+    raw = raw_result()
+    raw["sources"]["trained"]["c"]["layers"][0]["dispatch_bytes"] = 30000  # (c): 70000 / 200 = 350, only 50% below (a)
+    raw["sources"]["trained"]["c"]["acc_overall"] = 0.89
+    crit = assemble(raw)["done_criteria"]
+    assert crit["bytes_reduction_c_vs_a_pct"] == pytest.approx(50.0)
+    assert not crit["bytes_met"] and not crit["accuracy_met"]
+
+
+def test_table_and_report_text():
+    result = assemble(raw_result(), runs={"smoes": {"run_dir": Path("runs/demo"), "metrics": {"acc_overall": 0.97}}})
+    md = report_markdown(result)
+    assert "| (c) | SMoES gate + rank_once dispatch | 280.0 | -60.0% | 0.500 | 1.500 | 80.0 | -20.0% |" in md
+    assert "| (a) | top-k gate + stock dispatch | 700.0 | +0.0% |" in md
+    assert "60.0% fewer (target >= 56.1%): met" in md
+    assert result["sources"]["trained"]["c"]["run_dir"] == "runs/demo"
+    assert result["sources"]["trained"]["c"]["reported_accuracy"]["acc_overall"] == 0.97
+    assert "run_dir" not in result["sources"]["trained"]["a"]  # no top-k run given
+
+
+def test_strict_json_has_no_nan():
+    raw = raw_result()
+    raw["sources"]["trained"]["a"]["ms_per_step"] = float("nan")
+    text = strict_json(assemble(raw))
+    back = json.loads(text)
+    assert "NaN" not in text and back["sources"]["trained"]["a"]["ms_per_step"] is None
+    assert back["sources"]["trained"]["c"]["delta_ms_vs_a_pct"] is None
+
+
+def test_no_tokens_gives_no_figure_rather_than_a_crash():
+    raw = raw_result()["sources"]["trained"]["c"]
+    for layer in raw["layers"]:
+        layer["tokens"] = 0
+    assert math.isnan(variant_figures(raw)["bytes_per_token"])
+
+
+def test_simulation_inputs_from_the_measurement():
+    inputs, source = simulation_inputs(assemble(raw_result()))
+    assert source == "trained"
+    # stock bytes = 2 D b k lambda (1 - 1/R) = 512 lambda here
+    assert inputs.capacity_ratio_a == pytest.approx(700 / 512) and inputs.capacity_ratio_b == pytest.approx(600 / 512)
+    assert inputs.smoes.vision_share == pytest.approx(50 / 150)
+    assert inputs.smoes.own_routes_MJ[0] == pytest.approx((0.1, 0.2, 0.7))
+    with pytest.raises(ConfigError, match="no 'init' models"):
+        simulation_inputs(assemble(raw_result()), "init")
