@@ -185,15 +185,17 @@ class ModalityGate(TopKGate):
         ep_rank, ep_size = self.ep_world()
         cfg = self.config
         bins_E = self.binning.bin_id_E.clone()
+        physical_rank_E = self.physical_rank_of_expert(ep_size)
+        bin_rank_E = rank_of_bin_placed_expert(bins_E, cfg.num_bins, ep_size).cpu()
+        comm_physical = routing_comm_stats(routes.indices_KS, physical_rank_E, ep_rank, valid_S, ep_size)
+        # once the experts sit on their bins' ranks (or bins are fixed) the two layouts are one
+        comm_binned = (comm_physical if torch.equal(physical_rank_E, bin_rank_E) else
+                       routing_comm_stats(routes.indices_KS, bin_rank_E, ep_rank, valid_S, ep_size))
         return RoutingStats(
             load_ME=expert_modality_load(routes.indices_KS, inputs.labels_S, valid_S, cfg.num_experts),
             losses={k: v.detach() for k, v in named.items()}, capacity=capacity, num_dropped=routes.num_dropped,
             num_tokens=int(valid_S.sum()),
-            comm_physical=routing_comm_stats(routes.indices_KS, self.physical_rank_of_expert(ep_size), ep_rank,
-                                             valid_S, ep_size),
-            comm_binned=routing_comm_stats(routes.indices_KS,
-                                           rank_of_bin_placed_expert(bins_E, cfg.num_bins, ep_size), ep_rank,
-                                           valid_S, ep_size),
+            comm_physical=comm_physical, comm_binned=comm_binned,
             bin_of_expert_E=bins_E, rebinned=rebinned)
 
 

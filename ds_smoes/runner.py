@@ -278,7 +278,7 @@ def _print_summary(final: dict, log: Callable) -> None:
             ("training throughput", f"{final['tokens_per_s']:.0f} tokens/s (all ranks)"),
             ("cross-rank rate, bins placed on EP ranks", f"{final['cross_rank_rate']:.4f}"),
             ("ranks per token, bins placed on EP ranks", f"{final['ranks_per_token']:.4f}"),
-            ("cross-rank rate, DeepSpeed's stock layout", f"{final['cross_rank_rate_physical']:.4f}"),
+            ("cross-rank rate, where the experts are", f"{final['cross_rank_rate_physical']:.4f}"),
             (f"remote bytes per token and MoE layer ({final['dispatch']} dispatch)", f"{final['bytes_per_token']:.0f}"),
             ("wall time", _fmt_time(final["wall_seconds"]))]
     width = max(len(r[0]) for r in rows)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from bench_fixtures import raw_result
-from ds_smoes.bench.report import assemble, report_markdown, simulation_inputs, strict_json, variant_figures
+from ds_smoes.bench.report import (assemble, paired_speed, report_markdown, simulation_inputs, strict_json,
+                                   variant_figures)
 from ds_smoes.errors import ConfigError
 
 
@@ -35,6 +36,19 @@ def test_done_criteria():
     crit = assemble(raw)["done_criteria"]
     assert crit["bytes_reduction_c_vs_a_pct"] == pytest.approx(50.0)
     assert not crit["bytes_met"] and not crit["accuracy_met"]
+
+
+def test_paired_speed_by_hand():
+    # per round (c) - (a): -2, -1, +3, -4, +1 ms -> sorted -4 -2 -1 +1 +3: median -1, (c) faster in 3 of 5
+    a = [0.010, 0.010, 0.010, 0.010, 0.010]
+    c = [0.008, 0.009, 0.013, 0.006, 0.011]
+    got = paired_speed(a, c)
+    assert got["diff_ms_median"] == pytest.approx(-1.0) and got["c_faster_share"] == pytest.approx(0.6)
+    assert got["speed_met"]
+    # (c) much faster in 2 rounds, slower in 3: not faster
+    got = paired_speed([0.010, 0.010, 0.010, 0.001, 0.001], [0.011, 0.011, 0.011, 0.000, 0.0005])
+    assert got["c_faster_share"] == pytest.approx(0.4) and not got["speed_met"]
+    assert paired_speed([], [])["speed_met"] is False
 
 
 def test_table_and_report_text():

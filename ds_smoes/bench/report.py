@@ -46,6 +46,7 @@ def variant_figures(raw: dict) -> dict:
         "remote_pairs_per_token": per(sum(l["remote_pairs"] for l in layers)),
         "ms_per_step": raw.get("ms_per_step", float("nan")),
         "ms_per_step_quartiles": [1000 * q for q in quartiles],
+        "step_seconds": list(times),  # per timed round, aligned across variants (paired comparisons)
         **{k: raw.get(k, float("nan")) for k in ACCURACY_KEYS},
         "num_questions": raw.get("num_multimodal", 0) + raw.get("num_language", 0),
         "valid_tokens": tokens // len(layers) if layers else 0,
@@ -103,8 +104,23 @@ def done_criteria(a: dict, c: dict) -> dict:
         "accuracy_delta_c_minus_a": acc_delta,
         "accuracy_met": acc_delta["acc_overall"] >= 0,
         "ms_per_step_a": a["ms_per_step"], "ms_per_step_c": c["ms_per_step"],
-        "speed_met": c["ms_per_step"] < a["ms_per_step"],
+        **paired_speed(a.get("step_seconds") or [], c.get("step_seconds") or []),
     }
+
+
+def paired_speed(a_seconds: list[float], c_seconds: list[float]) -> dict:
+    """(c) against (a) round by round (both ran in every timed round, on the same batch).
+
+    diff_ms_median / diff_ms_quartiles: of the per-round differences (c) - (a), in ms;
+    c_faster_share: the share of rounds in which (c) was faster.  speed_met: (c) was faster in
+    more than half of the rounds (the paired median difference is negative)."""
+    diffs = sorted(1000.0 * (c - a) for a, c in zip(a_seconds, c_seconds))
+    if not diffs:
+        return {"diff_ms_median": None, "diff_ms_quartiles": None, "c_faster_share": None, "speed_met": False}
+    q = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else [diffs[0]] * 3
+    share = sum(d < 0 for d in diffs) / len(diffs)
+    return {"diff_ms_median": statistics.median(diffs), "diff_ms_quartiles": [q[0], q[2]],
+            "c_faster_share": share, "speed_met": share > 0.5}
 
 
 def _fmt(value, spec: str, none: str = "n/a") -> str:
@@ -152,8 +168,11 @@ def done_lines(crit: dict) -> list[str]:
          f"(target >= {crit['bytes_target_pct']}%): {ok(crit['bytes_met'])}"),
         (f"- (c) - (a), accuracy: overall {acc['acc_overall']:+.4f}, multimodal {acc['acc_multimodal']:+.4f}, "
          f"language {acc['acc_language']:+.4f} (target >= 0 overall): {ok(crit['accuracy_met'])}"),
-        (f"- ms per step: (c) {crit['ms_per_step_c']:.1f} vs (a) {crit['ms_per_step_a']:.1f} "
-         f"(target: (c) faster): {ok(crit['speed_met'])}"),
+        (f"- ms per step: (c) {crit['ms_per_step_c']:.1f} vs (a) {crit['ms_per_step_a']:.1f}; paired per round, "
+         f"(c) - (a) median {_fmt(crit['diff_ms_median'], '+.2f')} ms (quartiles "
+         + (", ".join(f"{q:+.2f}" for q in crit["diff_ms_quartiles"]) if crit["diff_ms_quartiles"] else "n/a")
+         + f"), (c) faster in {_fmt(100 * crit['c_faster_share'] if crit['c_faster_share'] is not None else None, '.0f')}%"
+         f" of rounds (target: (c) faster): {ok(crit['speed_met'])}"),
     ]
 
 

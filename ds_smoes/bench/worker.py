@@ -181,14 +181,19 @@ def _placed(bins_P: torch.Tensor, smoes: SMoESConfig) -> bool:
 
 
 def time_round_robin(models: dict, batches: list, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per fwd+bwd of each model, per timed round (the slowest rank's)."""
+    """Seconds per fwd+bwd of each model, per timed round (the slowest rank's).
+
+    The order of the variants rotates from round to round, so no variant always runs first after
+    the barrier (or right after a given other variant)."""
     import torch.distributed as dist
 
     keys = list(models)
     times_RV = torch.zeros(repeats, len(keys), dtype=torch.float64)
     for r in range(warmup + repeats):
         batch = batches[r % len(batches)]
-        for v, key in enumerate(keys):
+        for i in range(len(keys)):
+            v = (r + i) % len(keys)
+            key = keys[v]
             if distributed.is_distributed():
                 dist.barrier()
             t0 = time.perf_counter()
