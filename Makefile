@@ -41,7 +41,7 @@ sweep-smoke: $(STAMP)
 sweep: $(STAMP)
 	$(PY) ray_jobs/sweep.py run configs/sweeps/bins_scores.yaml --tracking-uri sqlite:///$(MLFLOW_DB)
 
-# every gate and the KL ablation, 3 seeds, the comparison recipe (21 trials; hours on 2 cores)
+# every gate and the KL ablation, 3 seeds, the comparison recipe (21 trials; about 70 minutes on 2 cores)
 sweep-gates: $(STAMP)
 	$(PY) ray_jobs/sweep.py run configs/sweeps/gates.yaml --tracking-uri sqlite:///$(MLFLOW_DB)
 
