@@ -117,13 +117,13 @@ def _load_run(run_dir: Path, checkpoint: Path | None, tag: str | None, log):
                                      load_optimizer_states=False, load_lr_scheduler_states=False)
     if path is None:
         raise ConfigError(f"no DeepSpeed checkpoint in {checkpoint} (tag {tag or 'latest'})")
-    return cfg, tokenizer, engine.module
+    return cfg, engine.module
 
 
 def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, tag: str | None = "final",
                log=print) -> dict:
     """Write the deployment export of a training run; returns placement.json's content."""
-    cfg, _, model = _load_run(Path(run_dir), checkpoint, tag, log)
+    cfg, model = _load_run(Path(run_dir), checkpoint, tag, log)
     moved = order_experts_by_bin(model)
     s = cfg.smoes
     ep_sizes = supported_ep_sizes(s.num_experts, s.num_bins)

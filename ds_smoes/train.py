@@ -93,6 +93,26 @@ def log0(*args) -> None:
         print(*args, flush=True)
 
 
+def with_tracking_args(cfg, args: argparse.Namespace):
+    """The config with --tracking-uri, --experiment, --run-name and --no-mlflow applied (any config
+    with a `tracking` section: TrainConfig, HFTrainConfig)."""
+    tracking = cfg.tracking.model_copy(update={
+        k: v for k, v in (("tracking_uri", args.tracking_uri), ("experiment", args.experiment),
+                          ("run_name", args.run_name)) if v is not None})
+    if args.no_mlflow:
+        tracking = tracking.model_copy(update={"enabled": False})
+    return cfg.model_copy(update={"tracking": tracking})
+
+
+def report_error(err: SMoESError) -> int:
+    """Print a user-fixable error once (on rank 0), without a traceback; the exit status is 2."""
+    from ds_smoes import distributed
+
+    if distributed.rank() == 0:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -107,24 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         if config is None and args.init_from is not None:  # the export's own config; outputs beside it
             config = args.init_from / "train_config.json"
             overrides = [f"run.output_dir={(args.init_from / 'eval').resolve()}", *overrides]
-        cfg = load_train_config(config, overrides)
-        tracking = cfg.tracking.model_copy(update={
-            k: v for k, v in (("tracking_uri", args.tracking_uri), ("experiment", args.experiment),
-                              ("run_name", args.run_name)) if v is not None})
-        if args.no_mlflow:
-            tracking = tracking.model_copy(update={"enabled": False})
-        cfg = cfg.model_copy(update={"tracking": tracking})
+        cfg = with_tracking_args(load_train_config(config, overrides), args)
         from ds_smoes.runner import run_training
 
         run_training(cfg, output_json=args.output_json, parent_run_id=args.parent_run_id,
                      init_distributed=init_distributed, log=log0, init_from=args.init_from,
                      eval_only=args.eval_only)
     except SMoESError as err:
-        from ds_smoes import distributed
-
-        if distributed.rank() == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return report_error(err)
     return 0
 
 

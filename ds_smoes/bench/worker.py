@@ -276,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(out, indent=1))
         distributed.barrier()
     except SMoESError as err:
-        if distributed.rank() == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        from ds_smoes.train import report_error
+
+        return report_error(err)
     return 0
 
 

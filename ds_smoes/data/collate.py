@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from ds_smoes.errors import ConfigError
-from ds_smoes.data.llava import Sample, load_image
+from ds_smoes.data.llava import Sample, SampleDataset, load_image
 from ds_smoes.data.tokenizer import WordTokenizer
 
 IGNORE_INDEX = -100
@@ -148,7 +147,7 @@ def collate_prompts(items: Sequence[Item]) -> VLMBatch:
     )
 
 
-class LlavaDataset(Dataset):
+class LlavaDataset(SampleDataset):
     """Tokenized :class:`~ds_smoes.data.llava.Sample` s; images are loaded lazily and cached.
 
     ``dataset[i]`` is a dict with:
@@ -200,17 +199,6 @@ class LlavaDataset(Dataset):
     def _seq_len(self, i: int) -> int:
         image_tokens = self.num_patches if self.is_multimodal(i) else 0
         return 1 + image_tokens + len(self._prompt_ids[i]) + 1 + len(self._answer_ids[i]) + 1
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def is_multimodal(self, i: int) -> bool:
-        """Whether sample ``i`` has an image."""
-        return self.samples[i].image_path is not None
-
-    def answer(self, i: int) -> str:
-        """Reference answer text of sample ``i``."""
-        return self.samples[i].answer
 
     def image(self, i: int) -> torch.Tensor:
         """Image of sample ``i`` as ``[1, image_size, image_size]`` (zeros without one), cached."""

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 
 from ds_smoes.errors import DatasetError
 
@@ -46,6 +47,24 @@ class Sample:
     answer: str
     image_path: Path | None
     task: str | None
+
+
+class SampleDataset(Dataset):
+    """A dataset over `samples` (a list of :class:`Sample`): what evaluation asks of every dataset,
+    `len`, `is_multimodal(i)` and the reference `answer(i)`; subclasses say how a sample is encoded."""
+
+    samples: list[Sample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def is_multimodal(self, i: int) -> bool:
+        """Whether sample ``i`` has an image."""
+        return self.samples[i].image_path is not None
+
+    def answer(self, i: int) -> str:
+        """Reference answer text of sample ``i``."""
+        return self.samples[i].answer
 
 
 def strip_image_placeholder(text: str) -> str:

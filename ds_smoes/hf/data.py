@@ -20,9 +20,8 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from ds_smoes.data.llava import Sample
+from ds_smoes.data.llava import Sample, SampleDataset
 from ds_smoes.errors import ConfigError, DatasetError
 from ds_smoes.hf.adapters.base import ModelAdapter
 
@@ -133,21 +132,12 @@ def _processor_chat_template(path: Path) -> str | None:
     return None
 
 
-class HFConversationDataset(Dataset):
-    """Encoded samples (computed once, lazily); `is_multimodal(i)` and `answer(i)` as LlavaDataset has them."""
+class HFConversationDataset(SampleDataset):
+    """Encoded samples (computed once, lazily); `len`, `is_multimodal(i)` and `answer(i)` from SampleDataset."""
 
     def __init__(self, samples: Sequence[Sample], codec: VLMTextCodec) -> None:
         self.samples, self.codec = list(samples), codec
         self._cache: dict[tuple[int, bool], dict] = {}
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def is_multimodal(self, i: int) -> bool:
-        return self.samples[i].image_path is not None
-
-    def answer(self, i: int) -> str:
-        return self.samples[i].answer
 
     def item(self, i: int, with_answer: bool = True) -> dict:
         key = (i, with_answer)

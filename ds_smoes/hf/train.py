@@ -278,12 +278,8 @@ def main_hf(args, init_distributed: Callable[[], None] | None = None, log: Calla
     """The `--hf-model` branch of `ds_smoes.train.main` (same options: --config, --set, tracking flags)."""
     from ds_smoes.hf.config import load_hf_train_config
 
-    cfg = load_hf_train_config(args.config, args.overrides, args.hf_model)
-    tracking = cfg.tracking.model_copy(update={
-        k: v for k, v in (("tracking_uri", args.tracking_uri), ("experiment", args.experiment),
-                          ("run_name", args.run_name)) if v is not None})
-    if args.no_mlflow:
-        tracking = tracking.model_copy(update={"enabled": False})
-    cfg = cfg.model_copy(update={"tracking": tracking})
+    from ds_smoes.train import with_tracking_args
+
+    cfg = with_tracking_args(load_hf_train_config(args.config, args.overrides, args.hf_model), args)
     return run_hf_training(cfg, output_json=args.output_json, parent_run_id=args.parent_run_id,
                            init_distributed=init_distributed, log=log)

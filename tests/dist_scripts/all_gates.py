@@ -1,11 +1,9 @@
 """Run under `deepspeed --num_gpus 2`: every gate trains a few steps with ep_size 2 on gloo.
 Each rank writes OUT/rank{r}.json with per-gate losses and routing statistics."""
-import argparse
-import json
 import math
-from pathlib import Path
 
 from ckpt_roundtrip import build, synthetic_batch
+from rank_report import parse_args, write_report
 
 from ds_smoes import distributed
 from ds_smoes.train import init_distributed
@@ -19,11 +17,7 @@ GATES = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--local_rank", type=int, default=None)
-    args = p.parse_args()
+    args = parse_args(("--steps", {"type": int, "default": 3}))
     init_distributed()
     rank = distributed.rank()
     report = {}
@@ -45,7 +39,7 @@ def main() -> None:
                         "cross_rank_rate": float(stats.comm_binned["cross_rank_rate"]),
                         "losses_logged": sorted(stats.losses),
                         "dispatch": comm.dispatch, "remote_bytes": comm.remote_bytes}
-    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
 """Run under `deepspeed --num_gpus 2`: train a few steps with ep_size 2, checkpoint, reload into a
 freshly initialised engine and compare every SMoES buffer, the expert weights and the outputs.
 Each rank writes OUT/rank{r}.json; tests/test_distributed.py asserts on them."""
-import argparse
-import json
-from pathlib import Path
 
 import torch
+from rank_report import parse_args, write_report
 
 from ds_smoes import distributed
 from ds_smoes.config import SMoESConfig
@@ -64,12 +62,7 @@ def forward(engine, batch):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--score-type", default="gaussian")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--local_rank", type=int, default=None)
-    args = p.parse_args()
+    args = parse_args(("--score-type", {"default": "gaussian"}), ("--steps", {"type": int, "default": 6}))
     init_distributed()
     rank = distributed.rank()
     engine = build(0, args.score_type)
@@ -107,7 +100,7 @@ def main() -> None:
         "bins": {k: v.tolist() for k, v in before.items() if k.endswith("bin_id_E")},
         "binning_steps": [int(v) for k, v in before.items() if k.endswith("binning.step")],
     }
-    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

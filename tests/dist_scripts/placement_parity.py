@@ -2,11 +2,9 @@
 after 3 Adam steps one of them moves its experts onto their bins' ranks (bins [1, 0, 1, 0]: e0 and
 e3 swap ranks) with their optimizer state.  Both must compute the same thing right after the move
 and after 3 more steps.  Each rank writes OUT/rank{r}.json; tests/test_placement.py asserts on them."""
-import argparse
-import json
-from pathlib import Path
 
 import torch
+from rank_report import parse_args, write_report
 from torch import nn
 
 from ds_smoes import distributed
@@ -79,14 +77,11 @@ def check(dispatch: str, rank: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--local_rank", type=int, default=None)
-    args = p.parse_args()
+    args = parse_args()
     init_distributed()
     rank = distributed.rank()
     report = {d: check(d, rank) for d in ("deepspeed", "rank_once")}
-    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

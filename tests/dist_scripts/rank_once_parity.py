@@ -2,11 +2,9 @@
 single-process reference that holds all experts (DeepSpeed's stock MOELayer, ep_size 1, same
 weights), forward and backward; and the measured bytes against the send counts.
 Each rank writes OUT/rank{r}.json; tests/test_dispatch.py asserts on them."""
-import argparse
-import json
-from pathlib import Path
 
 import torch
+from rank_report import parse_args, write_report
 from torch import nn
 
 from ds_smoes import distributed
@@ -122,14 +120,11 @@ def check(case: str, fields: dict, rank: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--local_rank", type=int, default=None)
-    args = p.parse_args()
+    args = parse_args()
     init_distributed()
     rank = distributed.rank()
     report = {name: check(name, fields, rank) for name, fields in CASES.items()}
-    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

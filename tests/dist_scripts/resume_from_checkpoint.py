@@ -1,11 +1,10 @@
 """Run under `deepspeed --num_gpus 2`: `run_training` with an `epoch_callback` that saves a DeepSpeed
 checkpoint after each epoch, then `run_training` again from those checkpoints (`resume_from`).
 Each rank writes OUT/rank{r}.json; tests/test_sweep_runner.py asserts on them."""
-import argparse
-import json
 from pathlib import Path
 
-from ds_smoes import distributed
+from rank_report import parse_args, write_report
+
 from ds_smoes.runner import run_training
 from ds_smoes.train import init_distributed
 from ds_smoes.train_config import load_train_config
@@ -14,11 +13,7 @@ FIGURES = ("test_loss", "acc_multimodal", "acc_language", "msi", "cross_rank_rat
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--local_rank", type=int, default=None)
-    args = p.parse_args()
+    args = parse_args(("--config", {"type": Path, "required": True}))
     init_distributed()
     cfg = load_train_config(args.config, ["tracking.enabled=false", f"run.output_dir={args.out / 'run'}"])
     report = {}
@@ -40,7 +35,7 @@ def main() -> None:
     c = run_training(cfg, log=lines["c"].append, resume_from=args.out / "ckpt_e1",
                      epoch_callback=lambda e, s, m, eng: calls_c.append([e, s]))
     report.update(calls_c=calls_c, figures={k: [a[k], b[k], c[k]] for k in FIGURES}, lines=lines)
-    (args.out / f"rank{distributed.rank()}.json").write_text(json.dumps(report, indent=1))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":
