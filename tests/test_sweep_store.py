@@ -107,3 +107,33 @@ def test_concurrent_trials_log_to_one_sqlite_store(store):
     children = store.children(parent)
     assert len(children) == 4 and all(c.status == "FINISHED" for c in children)
     assert all(len(store.history(c.run_id, "train/loss")) == 100 for c in children)
+
+
+def test_trial_states_trust_a_settled_mlflow_run_over_a_lost_done_flag(store):
+    """Tune's `done` can be missing from a restored trial's last result (Ray saves its state between
+    the last report and marking the trial done); the settled MLflow run still counts it finished."""
+    from types import SimpleNamespace
+
+    from ds_smoes.sweep.driver import settled_trials, trial_states
+
+    parent = store.create_parent("e", "sweep-3", {"sweep.id": "sweep-3"}, {})
+    trials = [{"id": f"t0{i}", "name": f"t0{i}:x"} for i in range(4)]
+    _attempt(store, parent, "t00:x", [(10, {"train/loss": 1.0})], status="FINISHED")
+    store.settle_trial(parent, "t00:x", {"sweep.trial_id": "t00"}, failed=False)  # finished, settled
+    _attempt(store, parent, "t01:x", [(10, {"train/loss": 2.0})])  # interrupted: RUNNING, not settled
+    _attempt(store, parent, "t03:x", [(10, {"train/loss": 2.0})], status="FINISHED")  # ended, not settled
+
+    def result(tid, metrics, error=None):
+        return SimpleNamespace(config={"trial": {"id": tid}}, metrics=metrics, error=error)
+
+    grid = [result("t00", {"finished": 1}),  # restored as TERMINATED, but `done` lost
+            result("t01", {"step": 10}),
+            result("t02", {}, error=RuntimeError("boom")),
+            result("t03", {"step": 10})]
+    settled = settled_trials(store, parent, trials)
+    assert settled == {"t00"}
+    assert trial_states(grid, trials, settled) == {"t00": "FINISHED", "t01": "UNFINISHED", "t02": "FAILED",
+                                                   "t03": "UNFINISHED"}
+    # Tune's own `done` still counts, and a trial Tune never returned stays unfinished
+    assert trial_states([result("t01", {"done": True})], trials) == {
+        "t00": "UNFINISHED", "t01": "FINISHED", "t02": "UNFINISHED", "t03": "UNFINISHED"}

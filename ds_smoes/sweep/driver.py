@@ -190,8 +190,14 @@ def _prepare_data(spec: SweepSpec, trials: list[dict], log: Callable) -> None:
             done.add(d.image_folder)
 
 
-def _trial_states(grid, trials: list[dict]) -> dict[str, str]:
-    """Tune's view: {trial id: FINISHED | FAILED | UNFINISHED}."""
+def trial_states(grid, trials: list[dict], settled: set[str] = frozenset()) -> dict[str, str]:
+    """{trial id: FINISHED | FAILED | UNFINISHED}, from Tune's results and MLflow.
+
+    `settled` holds the ids of trials whose MLflow child run is settled and FINISHED; `run_trial`
+    settles a run only after its training finished, so that is proof on its own.  Tune's `done`
+    alone is not: Ray 2.60 marks a function trial done by editing its last result in place, and
+    an experiment state saved between the trial's last report and that edit is restored
+    without `done` (the trial reads TERMINATED yet not done after `resume`)."""
     states = {t["id"]: "UNFINISHED" for t in trials}
     for result in grid:
         tid = (result.config or {}).get("trial", {}).get("id")
@@ -201,17 +207,25 @@ def _trial_states(grid, trials: list[dict]) -> dict[str, str]:
             states[tid] = "FAILED"
         elif (result.metrics or {}).get("done"):
             states[tid] = "FINISHED"
+    for tid in settled:
+        if states.get(tid) == "UNFINISHED":
+            states[tid] = "FINISHED"
     return states
+
+
+def settled_trials(store, parent_run_id: str, trials: list[dict]) -> set[str]:
+    """Ids of the trials whose MLflow child run is settled and FINISHED."""
+    return {t["id"] for t in trials if store.finished_trial(parent_run_id, t["name"]) is not None}
 
 
 def _conclude(store, ctx: dict, trials: list[dict], grid, t0: float, log: Callable) -> SweepOutcome:
     from ds_smoes.sweep import report
 
-    states = _trial_states(grid, trials)
+    parent = ctx["parent_run_id"]
+    states = trial_states(grid, trials, settled_trials(store, parent, trials))
     finished = sum(s == "FINISHED" for s in states.values())
     failed = sum(s == "FAILED" for s in states.values())
     unfinished = len(trials) - finished - failed
-    parent = ctx["parent_run_id"]
     rows = report.collect(store, parent)
     table = report.trial_table(rows)
     summary = report.seed_table(rows)
