@@ -42,15 +42,22 @@ def expert_modality_load(indices_KS: torch.Tensor, labels_S: torch.Tensor, valid
     With `weight_SM` (soft modality scores) each route counts with the token's score instead of
     its hard label.
     """
-    keep_KS = (indices_KS >= 0) & valid_S.bool().unsqueeze(0)
-    idx_KS = indices_KS.long().clamp_min(0)
     if weight_SM is None:
         weight_SM = torch.nn.functional.one_hot(labels_S.long(), 2).float()
-    load_ME = weight_SM.new_zeros(2, num_experts)
-    for m in range(2):
-        w_KS = weight_SM[:, m].unsqueeze(0).expand_as(idx_KS) * keep_KS
-        load_ME[m].index_add_(0, idx_KS.reshape(-1), w_KS.reshape(-1).to(load_ME.dtype))
-    return load_ME
+    return weight_SM.T @ _routes_per_column(indices_KS, valid_S, num_experts).to(weight_SM.dtype)
+
+
+def _routes_per_column(indices_KS: torch.Tensor, valid_S: torch.Tensor, num_columns: int,
+                       column_E: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, C] how many of each valid token's routes land in column c (c = expert, or `column_E[expert]`)."""
+    keep_KS = (indices_KS >= 0) & valid_S.bool().unsqueeze(0)
+    col_KS = indices_KS.long().clamp_min(0)
+    if column_E is not None:
+        col_KS = column_E.to(col_KS.device).long()[col_KS]
+    col_KS = torch.where(keep_KS, col_KS, num_columns)  # an extra column collects what is not routed
+    count_SC = torch.zeros(indices_KS.shape[1], num_columns + 1, dtype=torch.int32, device=indices_KS.device)
+    count_SC.scatter_add_(1, col_KS.T, torch.ones_like(col_KS.T, dtype=torch.int32))
+    return count_SC[:, :num_columns]
 
 
 def routing_comm_stats(indices_KS: torch.Tensor, rank_of_expert_E: torch.Tensor, home_rank: int,
@@ -64,22 +71,17 @@ def routing_comm_stats(indices_KS: torch.Tensor, rank_of_expert_E: torch.Tensor,
     Values are 0-dim tensors; `num_tokens` is the count they average over.
     """
     valid_S = valid_S.bool()
-    routed_KS = indices_KS >= 0
-    rank_KS = rank_of_expert_E.to(indices_KS.device)[indices_KS.long().clamp_min(0)]
-    hits_SR = torch.zeros(indices_KS.shape[1], ep_size, dtype=torch.bool, device=indices_KS.device)
-    for k in range(indices_KS.shape[0]):
-        hits_SR[torch.arange(indices_KS.shape[1], device=indices_KS.device)[routed_KS[k]], rank_KS[k][routed_KS[k]]] = True
-    hits_VR = hits_SR[valid_S]
-    n = hits_VR.shape[0]
-    remote_VR = hits_VR.clone()
-    remote_VR[:, home_rank] = False
+    n = int(valid_S.sum())
     if n == 0:
         zero = torch.zeros(())
         return {"cross_rank_rate": zero, "ranks_per_token": zero, "remote_pairs_per_token": zero,
                 "num_tokens": torch.zeros((), dtype=torch.long)}
+    hits_SR = _routes_per_column(indices_KS, valid_S, ep_size, rank_of_expert_E) > 0  # invalid rows are empty
+    ranks_S = hits_SR.sum(1)
+    remote_S = ranks_S - hits_SR[:, home_rank].long()
     return {
-        "cross_rank_rate": remote_VR.any(1).float().mean(),
-        "ranks_per_token": hits_VR.sum(1).float().mean(),
-        "remote_pairs_per_token": remote_VR.sum(1).float().mean(),
+        "cross_rank_rate": (remote_S > 0).sum().float() / n,
+        "ranks_per_token": ranks_S.sum().float() / n,
+        "remote_pairs_per_token": remote_S.sum().float() / n,
         "num_tokens": torch.tensor(n),
     }

@@ -19,7 +19,8 @@ from ds_smoes import distributed
 from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train, generate_digits_dataset, load_llava_json
 from ds_smoes.data.augment import random_shift
 from ds_smoes.errors import ConfigError
-from ds_smoes.evaluation import RoutingAccumulator, exact_match_accuracy, measure_routing
+from ds_smoes.evaluation import exact_match_accuracy, measure_routing
+from ds_smoes.loop import TrainWindow, resumable_epochs, train_loader
 from ds_smoes.model import TinyMoEVLM
 from ds_smoes.train_config import TrainConfig
 
@@ -35,13 +36,19 @@ class Datasets:
     tokenizer: WordTokenizer
 
 
-def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
-    d = cfg.data
+def ensure_digits(d, log: Callable) -> None:
+    """Generate the digits dataset of data config `d` when it asks for it and it is missing (rank 0
+    writes, every rank waits); shared by both training entry points."""
     if d.generate_digits and not Path(d.train_json).exists():
         if distributed.rank() == 0:
             log(f"generating the digits dataset (seed {d.digits_seed}) into {d.image_folder} ...")
             generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed)
         distributed.barrier()
+
+
+def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
+    d = cfg.data
+    ensure_digits(d, log)
     train = load_llava_json(Path(d.train_json), Path(d.image_folder))
     val = load_llava_json(Path(d.val_json), Path(d.image_folder)) if d.val_json else None
     test = load_llava_json(Path(d.test_json), Path(d.image_folder))
@@ -130,7 +137,6 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
     `init_from` is a deployment export (`python -m ds_smoes.export`): weights and SMoES buffers
     start from it, each EP rank taking its own experts.  `eval_only` skips training.
     """
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from ds_smoes.plots import expert_modality_heatmap
     from ds_smoes.tracking import Tracker, default_tracking_uri, flatten
@@ -158,16 +164,7 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
                        expert_seed=cfg.run.seed, ep_rank=rank % ep)
     if init_from is not None:
         _init_from_export(model, Path(init_from), data.tokenizer, ep, rank % ep, log)
-    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed,
-                                 drop_last=True)
-    loader = DataLoader(data.train, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
-                        collate_fn=collate_train, drop_last=True)
-    if len(loader) == 0:
-        raise ConfigError(f"{len(data.train)} training conversations over {world} ranks do not fill one batch "
-                          f"of optim.micro_batch_size={cfg.optim.micro_batch_size}; lower it")
-    total_steps = math.ceil(cfg.optim.epochs * len(loader))
-    if cfg.optim.max_steps:
-        total_steps = min(total_steps, cfg.optim.max_steps)
+    sampler, loader, total_steps = train_loader(data.train, cfg, world, rank, collate_train)
     if eval_only:
         total_steps = 0
     engine, ds_config = build_engine(cfg, model, total_steps)
@@ -288,16 +285,6 @@ def _print_summary(final: dict, log: Callable) -> None:
         log(f"  MLflow run {final['mlflow_run_id']}  ({final['mlflow_tracking_uri']})")
 
 
-def _mean_gate_losses(moe_layers) -> dict[str, float]:
-    """The gates' named losses and diagnostics of the last step, averaged over MoE layers."""
-    sums: dict[str, list[float]] = {}
-    for layer in moe_layers:
-        if layer.last_routing_stats is not None:
-            for k, v in layer.last_routing_stats.losses.items():
-                sums.setdefault(k, []).append(float(v))
-    return {k: sum(v) / len(v) for k, v in sums.items()}
-
-
 def _init_from_export(model, export_dir: Path, tokenizer: WordTokenizer, ep_size: int, ep_rank: int,
                       log: Callable) -> None:
     from ds_smoes.export import load_export
@@ -348,78 +335,37 @@ def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, devic
         step, epoch = int(client_state["step"]), int(client_state["epoch"])
         log(f"resumed from {load_path} at epoch {epoch}, step {step}/{total_steps}")
     start_step = step
-    skip = max(0, step - epoch * len(loader))  # batches of this epoch already trained (a mid-epoch checkpoint)
     last_metrics: dict = {}
-    train_time, tokens_local = 0.0, 0
-    window = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, count
-    comm_acc = RoutingAccumulator(moe_layers)
-    last_loss = float("nan")
-    time_since_log, tokens_since_log = 0.0, 0
+    window = TrainWindow(moe_layers, cfg.run.log_every)
     aug_gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + distributed.rank())
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            if step >= total_steps:
-                break
-            if skip:
-                skip -= 1
-                continue
+    for epoch, batches in resumable_epochs(loader, sampler, step, epoch, total_steps):
+        for batch in batches:
             t0 = time.time()
             batch.image_BCHW = random_shift(batch.image_BCHW, cfg.data.augment_max_shift, aug_gen)
             batch = batch.to(device)
             out = engine(*model_inputs(batch), batch.labels_BT)
             engine.backward(out.loss)
             engine.step()
-            step_time = time.time() - t0
-            train_time += step_time
-            time_since_log += step_time
-            n_tok = int(batch.attention_mask_BT.sum())
-            tokens_local += n_tok
-            tokens_since_log += n_tok
-            window += torch.tensor([out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), 1.0], dtype=torch.float64)
-            comm_acc.add()
+            window.add(out, int(batch.attention_mask_BT.sum()), time.time() - t0)
             step += 1
             if any(layer.placement_due() for layer in moe_layers):
                 _place_experts(moe_layers, engine, step, tracker, log)
-            if step % cfg.run.log_every == 0 or step == total_steps:
-                stats = distributed.world_sum_(torch.cat([window, torch.tensor([float(tokens_since_log)],
-                                                                               dtype=torch.float64)]))
-                routing = comm_acc.result()
-                mean = (stats[:3] / stats[3]).tolist()
-                last_loss = mean[0]
-                tok_s = float(stats[4]) / max(time_since_log, 1e-9)
-                mi = [float(layer.last_routing_stats.mi) for layer in moe_layers if layer.last_routing_stats]
-                rebins = sum(int(layer.gate.binning.num_rebins) for layer in moe_layers)
-                gate_losses = _mean_gate_losses(moe_layers)
-                metrics = {"train/loss": mean[0], "train/lm_loss": mean[1], "train/aux_loss": mean[2],
-                           "train/tokens_per_s": tok_s, "train/msi": routing.msi,
-                           "train/cross_rank_rate": routing.mean("cross_rank_rate"),
-                           "train/ranks_per_token": routing.mean("ranks_per_token"),
-                           "train/bytes_per_token": routing.mean("remote_bytes_per_token"),
-                           "train/mi": sum(mi) / len(mi) if mi else 0.0, "train/rebins": rebins,
-                           "train/lr": engine.get_lr()[0],
-                           "train/dropped_routes": sum(l.last_routing_stats.num_dropped for l in moe_layers
-                                                       if l.last_routing_stats),
-                           **{f"train/gate/{k}": v for k, v in gate_losses.items()}}
+            if window.due(step, total_steps):
+                metrics = window.flush(engine.get_lr()[0])
                 tracker.log_metrics(metrics, step=step)
                 last_metrics = metrics
-                eta = train_time / (step - start_step) * (total_steps - step)
-                log(f"[epoch {epoch + 1} step {step}/{total_steps}] loss {mean[0]:.4f} (lm {mean[1]:.4f}, aux "
-                    f"{mean[2]:.5f})  MI {metrics['train/mi']:.3f}  MSI {routing.msi:.3f}  cross-rank "
-                    f"{metrics['train/cross_rank_rate']:.3f}  {tok_s:,.0f} tok/s  eta {_fmt_time(eta)}")
-                window.zero_()
-                comm_acc = RoutingAccumulator(moe_layers)
-                tokens_since_log, time_since_log = 0, 0.0
-        epoch += 1
+                eta = window.train_seconds / (step - start_step) * (total_steps - step)
+                log(f"[epoch {epoch + 1} step {step}/{total_steps}] loss {metrics['train/loss']:.4f} (lm "
+                    f"{metrics['train/lm_loss']:.4f}, aux {metrics['train/aux_loss']:.5f})  MI {metrics['train/mi']:.3f}"
+                    f"  MSI {metrics['train/msi']:.3f}  cross-rank {metrics['train/cross_rank_rate']:.3f}  "
+                    f"{metrics['train/tokens_per_s']:,.0f} tok/s  eta {_fmt_time(eta)}")
         val_metrics: dict = {}
         if data.val is not None and cfg.run.eval_every_epoch:
             val = exact_match_accuracy(engine, data.val, cfg.run.eval_batch_size, cfg.run.max_new_tokens, device)
             val_metrics = {f"val/{k}": v for k, v in val.items() if k.startswith("acc")}
             tracker.log_metrics(val_metrics, step=step)
-            log(f"  validation after epoch {epoch}: multimodal {val['acc_multimodal']:.3f}, "
+            log(f"  validation after epoch {epoch + 1}: multimodal {val['acc_multimodal']:.3f}, "
                 f"language {val['acc_language']:.3f}")
         if epoch_callback is not None:
-            epoch_callback(epoch, step, {**last_metrics, **val_metrics}, engine)
-    total_tokens = float(distributed.world_sum_(torch.tensor([float(tokens_local)], dtype=torch.float64)))
-    return {"tokens_per_s": total_tokens / max(train_time, 1e-9), "train_seconds": train_time,
-            "final_loss": last_loss}
+            epoch_callback(epoch + 1, step, {**last_metrics, **val_metrics}, engine)
+    return window.run_totals()

@@ -11,7 +11,7 @@ def layer(dispatch: int, combine: int, tokens: int = 100, cross: float = 0.5, ra
 
 
 def variant(layers: list, ms: float, acc: float) -> dict:
-    return {"layers": layers, "element_size": 4, "hidden": 64, "step_seconds": [ms / 1000] * 3, "ms_per_step": ms,
+    return {"layers": layers, "element_size": 4, "hidden": 64, "step_seconds": [ms / 1000] * 8, "ms_per_step": ms,
             "acc_multimodal": acc, "acc_language": acc, "acc_overall": acc, "num_multimodal": 10,
             "num_language": 10}
 

@@ -38,13 +38,36 @@ def test_done_criteria():
     assert not crit["bytes_met"] and not crit["accuracy_met"]
 
 
+def test_sign_test_and_median_interval_by_hand():
+    from ds_smoes.bench.report import median_interval, sign_test_p
+
+    # 5 wins of 5: 1/32; 4 of 5: (5 + 1)/32; 3 of 5: (10 + 5 + 1)/32; 0 rounds: no evidence
+    assert sign_test_p(5, 0) == pytest.approx(1 / 32)
+    assert sign_test_p(4, 1) == pytest.approx(6 / 32)
+    assert sign_test_p(3, 2) == pytest.approx(0.5)
+    assert sign_test_p(0, 0) == 1.0
+    # n = 5: P(B <= 0) = 1/32 > 0.025, so no 95 % interval; n = 6: P(B <= 0) = 1/64 <= 0.025 < 7/64
+    # -> j = 1, the interval is (min, max); n = 10: P(B <= 1) = 11/1024 <= 0.025 < 56/1024 -> (x2, x9)
+    assert median_interval([1.0, 2, 3, 4, 5]) is None
+    assert median_interval([1.0, 2, 3, 4, 5, 6]) == (1.0, 6.0)
+    assert median_interval([float(i) for i in range(1, 11)]) == (2.0, 9.0)
+
+
 def test_paired_speed_by_hand():
-    # per round (c) - (a): -2, -1, +3, -4, +1 ms -> sorted -4 -2 -1 +1 +3: median -1, (c) faster in 3 of 5
+    # per round (c) - (a): -2, -1, +3, -4, +1 ms -> sorted -4 -2 -1 +1 +3: median -1, (c) faster in 3 of 5,
+    # which a fair coin does half the time: not evidence that (c) is faster
     a = [0.010, 0.010, 0.010, 0.010, 0.010]
     c = [0.008, 0.009, 0.013, 0.006, 0.011]
     got = paired_speed(a, c)
     assert got["diff_ms_median"] == pytest.approx(-1.0) and got["c_faster_share"] == pytest.approx(0.6)
-    assert got["speed_met"]
+    assert got["sign_test_p"] == pytest.approx(0.5) and got["diff_ms_ci95"] is None and got["rounds"] == 5
+    assert not got["speed_met"]
+    # faster in 9 of 10 rounds: p = 11/1024; the median's interval is the 2nd to 9th smallest difference
+    a = [0.010] * 10
+    c = [0.010 - 0.001 * i for i in range(1, 10)] + [0.0105]  # -1 ... -9 ms, then +0.5 ms
+    got = paired_speed(a, c)
+    assert got["sign_test_p"] == pytest.approx(11 / 1024) and got["speed_met"]
+    assert got["diff_ms_ci95"] == pytest.approx([-8.0, -1.0]) and got["diff_ms_median"] == pytest.approx(-4.5)
     # (c) much faster in 2 rounds, slower in 3: not faster
     got = paired_speed([0.010, 0.010, 0.010, 0.001, 0.001], [0.011, 0.011, 0.011, 0.000, 0.0005])
     assert got["c_faster_share"] == pytest.approx(0.4) and not got["speed_met"]

@@ -1,6 +1,5 @@
 """LLaVA-format data through a model's chat template, tokenizer and image processor; the --hf-model config."""
 import pytest
-import torch
 
 import hf_tiny
 from ds_smoes.data import load_llava_json

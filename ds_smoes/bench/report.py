@@ -108,19 +108,53 @@ def done_criteria(a: dict, c: dict) -> dict:
     }
 
 
+SPEED_ALPHA = 0.05  # one-sided sign test for "(c) is faster than (a)"; two-sided 95 % interval for the median
+
+
+def sign_test_p(faster: int, slower: int) -> float:
+    """One-sided sign test: P(at least `faster` of n = faster + slower fair coin flips come up
+    "faster"), i.e. how likely so many wins are if (c) and (a) were equally fast.  Ties are left
+    out, as usual for the sign test.  1.0 when n = 0."""
+    n = faster + slower
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, i) for i in range(faster, n + 1)) / 2 ** n
+
+
+def median_interval(sorted_values: list[float], alpha: float = SPEED_ALPHA) -> tuple[float, float] | None:
+    """Distribution-free (1 - alpha) interval for the median: order statistics (j, n + 1 - j) with j
+    the largest rank such that P(Binomial(n, 1/2) < j) <= alpha / 2.  None when n is too small for one."""
+    n = len(sorted_values)
+    tail, j = 0.0, 0
+    while j < n:
+        nxt = tail + math.comb(n, j) / 2 ** n  # P(B <= j), i.e. P(B < j + 1)
+        if nxt > alpha / 2:
+            break
+        tail, j = nxt, j + 1
+    if j == 0:
+        return None
+    return sorted_values[j - 1], sorted_values[n - j]
+
+
 def paired_speed(a_seconds: list[float], c_seconds: list[float]) -> dict:
     """(c) against (a) round by round (both ran in every timed round, on the same batch).
 
-    diff_ms_median / diff_ms_quartiles: of the per-round differences (c) - (a), in ms;
-    c_faster_share: the share of rounds in which (c) was faster.  speed_met: (c) was faster in
-    more than half of the rounds (the paired median difference is negative)."""
+    diff_ms_median / diff_ms_quartiles / diff_ms_ci95: of the per-round differences (c) - (a), in ms
+    (the interval is distribution-free, `median_interval`); c_faster_share: the share of rounds in
+    which (c) was faster; sign_test_p: one-sided sign test of "(c) faster".  speed_met: (c) was
+    faster in significantly more than half of the rounds (sign_test_p < SPEED_ALPHA), so a median
+    difference that noise could produce does not count."""
     diffs = sorted(1000.0 * (c - a) for a, c in zip(a_seconds, c_seconds))
     if not diffs:
-        return {"diff_ms_median": None, "diff_ms_quartiles": None, "c_faster_share": None, "speed_met": False}
+        return {"diff_ms_median": None, "diff_ms_quartiles": None, "diff_ms_ci95": None, "c_faster_share": None,
+                "sign_test_p": None, "rounds": 0, "speed_met": False}
     q = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else [diffs[0]] * 3
-    share = sum(d < 0 for d in diffs) / len(diffs)
+    faster, slower = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
+    p = sign_test_p(faster, slower)
+    interval = median_interval(diffs)
     return {"diff_ms_median": statistics.median(diffs), "diff_ms_quartiles": [q[0], q[2]],
-            "c_faster_share": share, "speed_met": share > 0.5}
+            "diff_ms_ci95": list(interval) if interval else None, "c_faster_share": faster / len(diffs),
+            "sign_test_p": p, "rounds": len(diffs), "speed_met": p < SPEED_ALPHA}
 
 
 def _fmt(value, spec: str, none: str = "n/a") -> str:
@@ -168,11 +202,14 @@ def done_lines(crit: dict) -> list[str]:
          f"(target >= {crit['bytes_target_pct']}%): {ok(crit['bytes_met'])}"),
         (f"- (c) - (a), accuracy: overall {acc['acc_overall']:+.4f}, multimodal {acc['acc_multimodal']:+.4f}, "
          f"language {acc['acc_language']:+.4f} (target >= 0 overall): {ok(crit['accuracy_met'])}"),
-        (f"- ms per step: (c) {crit['ms_per_step_c']:.1f} vs (a) {crit['ms_per_step_a']:.1f}; paired per round, "
-         f"(c) - (a) median {_fmt(crit['diff_ms_median'], '+.2f')} ms (quartiles "
-         + (", ".join(f"{q:+.2f}" for q in crit["diff_ms_quartiles"]) if crit["diff_ms_quartiles"] else "n/a")
+        (f"- ms per step: (c) {crit['ms_per_step_c']:.1f} vs (a) {crit['ms_per_step_a']:.1f}; paired over "
+         f"{crit.get('rounds', 'n/a')} rounds, (c) - (a) median {_fmt(crit['diff_ms_median'], '+.2f')} ms (95% interval "
+         + (", ".join(f"{q:+.2f}" for q in crit["diff_ms_ci95"]) if crit.get("diff_ms_ci95") else "n/a")
+         + "; quartiles " + (", ".join(f"{q:+.2f}" for q in crit["diff_ms_quartiles"]) if crit["diff_ms_quartiles"]
+                               else "n/a")
          + f"), (c) faster in {_fmt(100 * crit['c_faster_share'] if crit['c_faster_share'] is not None else None, '.0f')}%"
-         f" of rounds (target: (c) faster): {ok(crit['speed_met'])}"),
+         f" of rounds, sign test p = {_fmt(crit.get('sign_test_p'), '.3g')} (target: (c) faster, p < {SPEED_ALPHA}): "
+         f"{ok(crit['speed_met'])}"),
     ]
 
 

@@ -9,7 +9,6 @@ The engine, optimizer, schedule and tracking are `ds_smoes.runner`'s.
 from __future__ import annotations
 
 import json
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Callable
 import torch
 
 from ds_smoes import distributed
-from ds_smoes.data import generate_digits_dataset, load_llava_json
+from ds_smoes.data import load_llava_json
 from ds_smoes.errors import ConfigError
 from ds_smoes.evaluation import RoutingAccumulator, lockstep_batches
 from ds_smoes.hf.config import HFTrainConfig
@@ -26,7 +25,8 @@ from ds_smoes.hf.data import HFConversationDataset, VLMTextCodec, collate
 from ds_smoes.hf.export import export_pretrained
 from ds_smoes.hf.load import load_hf_model, to_smoes
 from ds_smoes.hf.model import SMoESHFModel
-from ds_smoes.runner import _fmt_time, _to_json, build_engine, seed_everything
+from ds_smoes.loop import TrainWindow, resumable_epochs, train_loader
+from ds_smoes.runner import _fmt_time, _to_json, build_engine, ensure_digits, seed_everything
 
 
 def model_inputs(model: SMoESHFModel, batch: dict, with_labels: bool = True) -> dict:
@@ -40,11 +40,7 @@ def model_inputs(model: SMoESHFModel, batch: dict, with_labels: bool = True) -> 
 
 def _datasets(cfg: HFTrainConfig, codec: VLMTextCodec, log: Callable):
     d = cfg.data
-    if d.generate_digits and not Path(d.train_json).exists():
-        if distributed.rank() == 0:
-            log(f"generating the digits dataset (seed {d.digits_seed}) into {d.image_folder} ...")
-            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed)
-        distributed.barrier()
+    ensure_digits(d, log)
     make = lambda p: HFConversationDataset(load_llava_json(Path(p), Path(d.image_folder)), codec)  # noqa: E731
     return make(d.train_json), make(d.test_json)
 
@@ -109,7 +105,6 @@ def evaluate(model: SMoESHFModel, dataset: HFConversationDataset, batch_size: in
 
 def run_hf_training(cfg: HFTrainConfig, output_json: Path | None = None, parent_run_id: str | None = None,
                     init_distributed: Callable[[], None] | None = None, log: Callable = print) -> dict:
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from ds_smoes.tracking import Tracker, default_tracking_uri, flatten
 
@@ -137,16 +132,7 @@ def run_hf_training(cfg: HFTrainConfig, output_json: Path | None = None, parent_
         f" {len(model.moe_layers())} MoE layers, {smoes.num_experts} experts, top-{smoes.k}, {smoes.num_bins} bins, "
         f"ep_size {smoes.ep_size}; data: {len(train_set)} train / {len(test_set)} test; world {world}")
 
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed,
-                                 drop_last=True)
-    loader = DataLoader(train_set, batch_size=cfg.optim.micro_batch_size, sampler=sampler,
-                        collate_fn=partial(collate, pad_id=pad_id), drop_last=True)
-    if len(loader) == 0:
-        raise ConfigError(f"{len(train_set)} training conversations over {world} ranks do not fill one batch of "
-                          f"optim.micro_batch_size={cfg.optim.micro_batch_size}; lower it")
-    total_steps = math.ceil(cfg.optim.epochs * len(loader))
-    if cfg.optim.max_steps:
-        total_steps = min(total_steps, cfg.optim.max_steps)
+    sampler, loader, total_steps = train_loader(train_set, cfg, world, rank, partial(collate, pad_id=pad_id))
     engine, ds_config = build_engine(cfg, model, total_steps)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
 
@@ -224,54 +210,26 @@ def _train_loop(engine, model: SMoESHFModel, loader, sampler, step: int, total_s
                 tracker, log: Callable) -> dict:
     moe_layers = model.moe_layers()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    window = torch.zeros(5, dtype=torch.float64)   # loss, lm, aux, count, tokens
-    acc = RoutingAccumulator(moe_layers)
-    train_time, since_log, tokens_total, epoch, start = 0.0, 0.0, 0, step // len(loader), step
-    skip = step - epoch * len(loader)
-    last_loss = float("nan")
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            if step >= total_steps:
-                break
-            if skip:
-                skip -= 1
-                continue
+    window = TrainWindow(moe_layers, cfg.run.log_every)
+    start = step
+    for _, batches in resumable_epochs(loader, sampler, step, step // len(loader), total_steps):
+        for batch in batches:
             t0 = time.time()
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             out = engine(**model_inputs(model, batch))
             engine.backward(out.loss + every_parameter_zero(trainable))
             engine.step()
-            dt = time.time() - t0
-            train_time, since_log = train_time + dt, since_log + dt
-            n_tok = int(batch["attention_mask"].sum())
-            tokens_total += n_tok
-            window += torch.tensor([out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), 1.0, n_tok],
-                                   dtype=torch.float64)
-            acc.add()
+            window.add(out, int(batch["attention_mask"].sum()), time.time() - t0)
             step += 1
-            if step % cfg.run.log_every == 0 or step == total_steps:
-                stats = distributed.world_sum_(window.clone())
-                routing = acc.result()
-                mean = (stats[:3] / stats[3]).tolist()
-                last_loss = mean[0]
-                metrics = {"train/loss": mean[0], "train/lm_loss": mean[1], "train/aux_loss": mean[2],
-                           "train/tokens_per_s": float(stats[4]) / max(since_log, 1e-9), "train/msi": routing.msi,
-                           "train/cross_rank_rate": routing.mean("cross_rank_rate"),
-                           "train/ranks_per_token": routing.mean("ranks_per_token"), "train/lr": engine.get_lr()[0],
-                           "train/dropped_routes": sum(l.last_routing_stats.num_dropped for l in moe_layers
-                                                       if l.last_routing_stats)}
+            if window.due(step, total_steps):
+                metrics = window.flush(engine.get_lr()[0])
                 tracker.log_metrics(metrics, step=step)
-                log(f"[step {step}/{total_steps}] loss {mean[0]:.4f} (lm {mean[1]:.4f}, aux {mean[2]:.5f})  MSI "
-                    f"{routing.msi:.3f}  cross-rank {metrics['train/cross_rank_rate']:.3f}  "
-                    f"{metrics['train/tokens_per_s']:,.0f} tok/s")
-                window.zero_()
-                acc = RoutingAccumulator(moe_layers)
-                since_log = 0.0
-        epoch += 1
-    total = float(distributed.world_sum_(torch.tensor([float(tokens_total)], dtype=torch.float64)))
-    return {"tokens_per_s": total / max(train_time, 1e-9), "train_seconds": train_time, "steps": step,
-            "steps_this_run": step - start, "final_train_loss": last_loss}
+                log(f"[step {step}/{total_steps}] loss {metrics['train/loss']:.4f} (lm {metrics['train/lm_loss']:.4f}, "
+                    f"aux {metrics['train/aux_loss']:.5f})  MSI {metrics['train/msi']:.3f}  cross-rank "
+                    f"{metrics['train/cross_rank_rate']:.3f}  {metrics['train/tokens_per_s']:,.0f} tok/s")
+    totals = window.run_totals()
+    return {"tokens_per_s": totals["tokens_per_s"], "train_seconds": totals["train_seconds"], "steps": step,
+            "steps_this_run": step - start, "final_train_loss": totals["final_loss"]}
 
 
 def main_hf(args, init_distributed: Callable[[], None] | None = None, log: Callable = print) -> dict:

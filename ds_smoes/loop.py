@@ -1,0 +1,133 @@
+"""What both training loops share (`ds_smoes.runner` for the built-in model, `ds_smoes.hf.train`
+for converted Hugging Face models): resumable epochs over a sampler-driven loader, and the
+logging window that turns steps into the `train/...` metrics.
+
+    for epoch, batches in resumable_epochs(loader, sampler, step, epoch, total_steps):
+        for batch in batches:
+            ... one optimizer step ...
+            window.add(out, tokens, seconds); step += 1
+            if window.due(step, total_steps):
+                metrics = window.flush(engine)      # all-reduced over the world; resets the window
+        ... end of epoch (validation, checkpoint) ...
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ds_smoes import distributed
+from ds_smoes.errors import ConfigError
+from ds_smoes.evaluation import RoutingAccumulator
+
+
+def train_loader(dataset, cfg, world: int, rank: int, collate_fn) -> tuple:
+    """(sampler, loader, total_steps) for this rank: a seeded DistributedSampler (reshuffled per
+    epoch, full batches only) and the number of optimizer steps `cfg.optim` asks for."""
+    import math
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch_size, sampler=sampler, collate_fn=collate_fn,
+                        drop_last=True)
+    if len(loader) == 0:
+        raise ConfigError(f"{len(dataset)} training conversations over {world} ranks do not fill one batch of "
+                          f"optim.micro_batch_size={cfg.optim.micro_batch_size}; lower it")
+    total_steps = math.ceil(cfg.optim.epochs * len(loader))
+    if cfg.optim.max_steps:
+        total_steps = min(total_steps, cfg.optim.max_steps)
+    return sampler, loader, total_steps
+
+
+def resumable_epochs(loader, sampler, step: int, epoch: int, total_steps: int) -> Iterator[tuple[int, Iterator]]:
+    """(epoch, batches) from `epoch` on until `total_steps` optimizer steps are done.
+
+    A run resumed mid-epoch (step > epoch * len(loader)) skips the batches of that epoch it already
+    trained on: the sampler reshuffles by `set_epoch`, so the same order comes back.  Consume each
+    epoch's batches before asking for the next epoch.
+    """
+    skip = max(0, step - epoch * len(loader))
+    state = {"step": step}
+
+    def batches(to_skip: int) -> Iterator:
+        for batch in loader:
+            if state["step"] >= total_steps:
+                return
+            if to_skip:
+                to_skip -= 1
+                continue
+            state["step"] += 1
+            yield batch
+
+    while state["step"] < total_steps:
+        sampler.set_epoch(epoch)
+        yield epoch, batches(skip)
+        skip = 0
+        epoch += 1
+
+
+class TrainWindow:
+    """Step figures since the last log line: loss terms, tokens, seconds and routing (every MoE layer)."""
+
+    def __init__(self, moe_layers: Sequence, log_every: int) -> None:
+        self.moe_layers = list(moe_layers)
+        self.log_every = log_every
+        self.train_seconds = 0.0   # over the whole run, this process
+        self.tokens = 0            # over the whole run, this process
+        self.last_loss = float("nan")
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sums = torch.zeros(5, dtype=torch.float64)  # loss, lm, aux, steps, tokens
+        self._seconds = 0.0
+        self._routing = RoutingAccumulator(self.moe_layers)
+
+    def add(self, out, tokens: int, seconds: float) -> None:
+        """One optimizer step: `out` has .loss, .lm_loss, .aux_loss; `tokens` non-padding tokens here."""
+        self._sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), 1.0, float(tokens)],
+                                   dtype=torch.float64)
+        self._seconds += seconds
+        self.train_seconds += seconds
+        self.tokens += tokens
+        self._routing.add()
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.log_every == 0 or step == total_steps
+
+    def flush(self, lr: float) -> dict[str, float]:
+        """The window's `train/...` metrics (a collective: every rank calls it), then a fresh window."""
+        sums = distributed.world_sum_(self._sums.clone())
+        routing = self._routing.result()
+        loss, lm, aux = (sums[:3] / sums[3].clamp_min(1)).tolist()
+        self.last_loss = loss
+        stats = [layer.last_routing_stats for layer in self.moe_layers if layer.last_routing_stats is not None]
+        mi = [float(s.mi) for s in stats]
+        metrics = {"train/loss": loss, "train/lm_loss": lm, "train/aux_loss": aux,
+                   "train/tokens_per_s": float(sums[4]) / max(self._seconds, 1e-9), "train/msi": routing.msi,
+                   "train/cross_rank_rate": routing.mean("cross_rank_rate"),
+                   "train/ranks_per_token": routing.mean("ranks_per_token"),
+                   "train/bytes_per_token": routing.mean("remote_bytes_per_token"),
+                   "train/mi": sum(mi) / len(mi) if mi else 0.0,
+                   "train/rebins": sum(int(layer.gate.binning.num_rebins) for layer in self.moe_layers),
+                   "train/lr": lr, "train/dropped_routes": sum(s.num_dropped for s in stats),
+                   **{f"train/gate/{k}": v for k, v in mean_gate_losses(stats).items()}}
+        self._reset()
+        return metrics
+
+    def run_totals(self) -> dict[str, float]:
+        """tokens_per_s (all ranks' tokens over this process's training seconds), train_seconds, final loss;
+        a collective."""
+        total = float(distributed.world_sum_(torch.tensor([float(self.tokens)], dtype=torch.float64)))
+        return {"tokens_per_s": total / max(self.train_seconds, 1e-9), "train_seconds": self.train_seconds,
+                "final_loss": self.last_loss}
+
+
+def mean_gate_losses(stats: Sequence) -> dict[str, float]:
+    """The gates' named losses and diagnostics of the last step (RoutingStats per layer), averaged over layers."""
+    sums: dict[str, list[float]] = {}
+    for st in stats:
+        for k, v in st.losses.items():
+            sums.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sums.items()}

@@ -1,0 +1,78 @@
+"""The training loops' shared parts: resumable epochs (a resumed run sees exactly the batches an
+uninterrupted one would have) and the logging window's metrics (by hand, on a real SMoES layer)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from ds_smoes.config import SMoESConfig
+from ds_smoes.layer import SMoESMoE
+from ds_smoes.loop import TrainWindow, resumable_epochs
+
+
+def _loader():
+    data = TensorDataset(torch.arange(10))
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3)
+    return DataLoader(data, batch_size=3, sampler=sampler), sampler  # 4 batches per epoch (3, 3, 3, 1)
+
+
+def _run(step: int, epoch: int, total: int) -> list[tuple[int, list[int]]]:
+    loader, sampler = _loader()
+    seen = []
+    for ep, batches in resumable_epochs(loader, sampler, step, epoch, total):
+        for (x,) in batches:
+            seen.append((ep, x.tolist()))
+    return seen
+
+
+def test_resumable_epochs_stop_at_total_steps_and_reshuffle_each_epoch():
+    seen = _run(0, 0, 10)
+    assert [ep for ep, _ in seen] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    for ep in (0, 1):
+        assert sorted(sum((x for e, x in seen if e == ep), [])) == list(range(10))  # each epoch covers the data
+    assert [x for e, x in seen if e == 0] != [x for e, x in seen if e == 1]  # set_epoch reshuffled
+
+
+@pytest.mark.parametrize("step, epoch", [(6, 1), (4, 1), (8, 2), (0, 0)])
+def test_a_resumed_run_sees_the_rest_of_an_uninterrupted_one(step, epoch):
+    assert _run(step, epoch, 10) == _run(0, 0, 10)[step:]
+
+
+def test_resumable_epochs_yield_nothing_when_done():
+    assert _run(10, 2, 10) == []
+
+
+def _out(loss, lm, aux):
+    return SimpleNamespace(loss=torch.tensor(loss), lm_loss=torch.tensor(lm), aux_loss=torch.tensor(aux))
+
+
+def test_train_window_metrics_by_hand():
+    d = 8
+    cfg = SMoESConfig(num_experts=4, num_bins=2, k=2, score_type="hard", binning="fixed", dispatch="rank_once")
+    torch.manual_seed(0)
+    layer = SMoESMoE(d, nn.Linear(d, d), cfg)
+    window = TrainWindow([layer], log_every=2)
+    labels_S = torch.tensor([0, 0, 0, 1, 1, 1])
+    layer(torch.randn(1, 6, d), modality_labels=labels_S.unsqueeze(0))
+    window.add(_out(2.0, 1.5, 0.5), tokens=6, seconds=0.5)
+    layer(torch.randn(1, 6, d), modality_labels=labels_S.unsqueeze(0))
+    window.add(_out(1.0, 0.5, 0.25), tokens=4, seconds=1.5)
+    assert not window.due(1, 10) and window.due(2, 10) and window.due(7, 7)
+    m = window.flush(lr=0.01)
+    assert m["train/loss"] == pytest.approx(1.5) and m["train/lm_loss"] == pytest.approx(1.0)
+    assert m["train/aux_loss"] == pytest.approx(0.375)
+    assert m["train/tokens_per_s"] == pytest.approx(10 / 2.0) and m["train/lr"] == 0.01
+    assert m["train/cross_rank_rate"] == 0.0 and m["train/bytes_per_token"] == 0.0  # one rank: nothing leaves it
+    assert m["train/ranks_per_token"] == pytest.approx(1.0) and m["train/rebins"] == 0
+    assert m["train/dropped_routes"] == 0 and 0.0 <= m["train/msi"] <= 1.0
+    stats = layer.last_routing_stats
+    assert m["train/mi"] == pytest.approx(float(stats.mi))
+    assert m["train/gate/bin_balance"] == pytest.approx(float(stats.losses["bin_balance"]))
+    # the window starts afresh; the run's totals keep counting
+    window.add(_out(4.0, 3.0, 1.0), tokens=5, seconds=1.0)
+    assert window.flush(lr=0.02)["train/loss"] == pytest.approx(4.0)
+    totals = window.run_totals()
+    assert totals == {"tokens_per_s": pytest.approx(15 / 3.0), "train_seconds": pytest.approx(3.0),
+                      "final_loss": pytest.approx(4.0)}
