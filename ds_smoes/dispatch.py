@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ds_smoes.metrics import rank_hit_stats
+
 INDEX_BYTES = 4   # local expert ids travel as int32
 WEIGHT_BYTES = 4  # combine weights travel as float32
 COUNT_BYTES = 8   # split sizes travel as int64
@@ -125,13 +127,8 @@ def row_routes(indices_KS: torch.Tensor, gates_KS: torch.Tensor, route_rank_KS: 
 
 def token_rank_stats(hits_SR: torch.Tensor, home_rank: int, valid_S: torch.Tensor) -> tuple[float, float, int]:
     """(cross_rank_rate, ranks_per_token, tokens counted) over the tokens in `valid_S`."""
-    hits_VR = hits_SR[valid_S.bool()]
-    n = hits_VR.shape[0]
-    if n == 0:
-        return 0.0, 0.0, 0
-    remote_VR = hits_VR.clone()
-    remote_VR[:, home_rank] = False
-    return float(remote_VR.any(1).float().mean()), float(hits_VR.sum(1).float().mean()), n
+    st = rank_hit_stats(hits_SR, home_rank, valid_S)
+    return float(st["cross_rank_rate"]), float(st["ranks_per_token"]), int(st["num_tokens"])
 
 
 def rank_once_volume(send_counts_R: Sequence[int], recv_counts_R: Sequence[int], home_rank: int, hidden: int,

@@ -12,6 +12,7 @@ logging window that turns steps into the `train/...` metrics.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -24,8 +25,6 @@ from ds_smoes.evaluation import RoutingAccumulator
 def train_loader(dataset, cfg, world: int, rank: int, collate_fn) -> tuple:
     """(sampler, loader, total_steps) for this rank: a seeded DistributedSampler (reshuffled per
     epoch, full batches only) and the number of optimizer steps `cfg.optim` asks for."""
-    import math
-
     from torch.utils.data import DataLoader, DistributedSampler
 
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed,

@@ -70,13 +70,19 @@ def routing_comm_stats(indices_KS: torch.Tensor, rank_of_expert_E: torch.Tensor,
       vectors a token-once-per-rank dispatch would send (each way).
     Values are 0-dim tensors; `num_tokens` is the count they average over.
     """
+    hits_SR = _routes_per_column(indices_KS, valid_S, ep_size, rank_of_expert_E) > 0
+    return rank_hit_stats(hits_SR, home_rank, valid_S)
+
+
+def rank_hit_stats(hits_SR: torch.Tensor, home_rank: int, valid_S: torch.Tensor) -> dict[str, torch.Tensor]:
+    """routing_comm_stats' figures from hits_SR (token s needs EP rank r), over the tokens in `valid_S`."""
     valid_S = valid_S.bool()
     n = int(valid_S.sum())
     if n == 0:
         zero = torch.zeros(())
         return {"cross_rank_rate": zero, "ranks_per_token": zero, "remote_pairs_per_token": zero,
                 "num_tokens": torch.zeros((), dtype=torch.long)}
-    hits_SR = _routes_per_column(indices_KS, valid_S, ep_size, rank_of_expert_E) > 0  # invalid rows are empty
+    hits_SR = hits_SR & valid_S.unsqueeze(1)
     ranks_S = hits_SR.sum(1)
     remote_S = ranks_S - hits_SR[:, home_rank].long()
     return {

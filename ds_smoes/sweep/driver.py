@@ -215,7 +215,8 @@ def trial_states(grid, trials: list[dict], settled: set[str] = frozenset()) -> d
 
 def settled_trials(store, parent_run_id: str, trials: list[dict]) -> set[str]:
     """Ids of the trials whose MLflow child run is settled and FINISHED."""
-    return {t["id"] for t in trials if store.finished_trial(parent_run_id, t["name"]) is not None}
+    names = store.finished_trial_names(parent_run_id)
+    return {t["id"] for t in trials if t["name"] in names}
 
 
 def _conclude(store, ctx: dict, trials: list[dict], grid, t0: float, log: Callable) -> SweepOutcome:

@@ -159,10 +159,11 @@ class SweepStore:
     # -- trials ----------------------------------------------------------------------------------------
     def finished_trial(self, parent_run_id: str, run_name: str) -> RunRecord | None:
         """The trial's settled, finished child run, if it has one."""
-        for run in self.children(parent_run_id, run_name):
-            if run.status == "FINISHED" and "sweep.attempts" in run.tags:
-                return run
-        return None
+        return next((run for run in self.children(parent_run_id, run_name) if _settled_finished(run)), None)
+
+    def finished_trial_names(self, parent_run_id: str) -> set[str]:
+        """Run names of every trial with a settled, finished child run (one query)."""
+        return {run.name for run in self.children(parent_run_id) if _settled_finished(run)}
 
     def record_failed_trial(self, parent_run_id: str, run_name: str, tags: dict[str, str],
                             params: dict[str, Any], error: str) -> str:
@@ -222,6 +223,11 @@ class SweepStore:
     def _mark_failed(self, run_id: str, error: str) -> None:
         self.set_tags(run_id, {"sweep.error": error, "mlflow.note.content": f"Trial failed:\n\n```\n{error}\n```"})
         self.client.set_terminated(run_id, status="FAILED")
+
+
+def _settled_finished(run: RunRecord) -> bool:
+    """`settle_trial` tags a trial's kept run with its attempts; FINISHED means its training ended well."""
+    return run.status == "FINISHED" and "sweep.attempts" in run.tags
 
 
 def _quote(text: str) -> str:
