@@ -9,11 +9,14 @@ one of its selected experts, however many of them live there.  That rank runs it
 it, sums their gate-weighted outputs and sends back ONE vector per (token, rank); the home rank
 sums what comes back.  Three `all_to_all_single` calls with split sizes in the forward:
 
-1. send counts per destination rank (a small int64 tensor; tells every rank what to expect),
-2. the rows: each token vector [N, D] packed with its routing, the local expert ids [N, K]
-   (-1 unused) and combine weights [N, K] (these carry the router's gradient), as one float32
-   [N, D + 2K] tensor (ids are small integers, exact in float32; for other dtypes the vectors,
-   ids (int32) and weights (float32) travel in three exchanges instead),
+1. send counts per destination rank (a small int64 tensor; tells every rank what to expect).
+   It is started asynchronously and overlaps with packing the rows;
+2. the rows: each token vector [N, D] packed with the token's routes, its K global expert ids
+   (-1 unused) and K combine weights (these carry the router's gradient), as one float32
+   [N, D + 2K] tensor (ids are small integers, exact in float32; for other dtypes the vectors
+   travel in their own dtype and the routes in a second, float32, exchange).  A row is the same
+   whatever rank it goes to, so it is gathered once; the receiver keeps the routes to its own
+   experts (`local_routes`) and zeroes the other weights, which sends their gradient back as 0,
 3. the combined vectors [M, D] back to their home rank.
 
 As many collectives as DeepSpeed's stock path (its gate's capacity all-reduce and two
@@ -31,8 +34,9 @@ again in reverse for both dispatches; it is not counted here.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -40,7 +44,7 @@ from torch import nn
 
 from ds_smoes.metrics import rank_hit_stats
 
-INDEX_BYTES = 4   # local expert ids travel as int32
+INDEX_BYTES = 4   # expert ids travel as float32 (exact for small integers)
 WEIGHT_BYTES = 4  # combine weights travel as float32
 COUNT_BYTES = 8   # split sizes travel as int64
 
@@ -110,19 +114,21 @@ def send_plan(hits_SR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return token_N, rank_N, hits_SR.sum(0).long()
 
 
-def row_routes(indices_KS: torch.Tensor, gates_KS: torch.Tensor, route_rank_KS: torch.Tensor,
-               token_N: torch.Tensor, rank_N: torch.Tensor, num_local_experts: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing that travels with each sent row: (local_expert_NK int32, -1 unused; weight_NK).
+def row_routes(indices_KS: torch.Tensor, gates_KS: torch.Tensor, token_N: torch.Tensor) -> torch.Tensor:
+    """routes_NX [N, 2K] float32: the routes that travel with each sent row, K combine weights then K global
+    expert ids (-1 unused), gathered from the token's routes (differentiable in the weights)."""
+    routes_SX = torch.cat([gates_KS.T.float(), indices_KS.T.float()], dim=1)
+    return routes_SX.index_select(0, token_N)
 
-    Route k of row n is kept when token_N[n]'s k-th expert lives on rank_N[n]; the weights are a
-    differentiable gather from `gates_KS` (0 where not kept).
-    """
-    here_NK = route_rank_KS.T[token_N] == rank_N.unsqueeze(1)
-    local_NK = indices_KS.T[token_N].long() - rank_N.unsqueeze(1) * num_local_experts
-    local_NK = torch.where(here_NK, local_NK, torch.full_like(local_NK, -1)).to(torch.int32)
-    weight_NK = gates_KS.T[token_N].float() * here_NK
-    return local_NK, weight_NK
+
+def local_routes(routes_MX: torch.Tensor, home_rank: int, num_local_experts: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a rank does with the routes of the rows it received: (local_MK int64, -1 where the expert lives
+    elsewhere or the route is unused; weight_MK, 0 there)."""
+    k = routes_MX.shape[1] // 2
+    local_MK = routes_MX[:, k:].detach().round().long() - home_rank * num_local_experts
+    here_MK = (local_MK >= 0) & (local_MK < num_local_experts)
+    return torch.where(here_MK, local_MK, -1), routes_MX[:, :k] * here_MK
 
 
 def token_rank_stats(hits_SR: torch.Tensor, home_rank: int, valid_S: torch.Tensor) -> tuple[float, float, int]:
@@ -137,7 +143,7 @@ def rank_once_volume(send_counts_R: Sequence[int], recv_counts_R: Sequence[int],
 
     Dispatch: one vector per (token, remote rank) pair it sends; combine: one vector back per
     pair it received from another rank; metadata: the counts exchange (one int64 per remote
-    rank) and each dispatched row's routing (num_routes local ids + num_routes weights).
+    rank) and each dispatched row's routing (num_routes expert ids + num_routes weights, 4 bytes each).
     """
     ep_size = len(send_counts_R)
     sent_rows = sum(int(c) for r, c in enumerate(send_counts_R) if r != home_rank)
@@ -179,27 +185,24 @@ def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[i
     return _AllToAllSingle.apply(x, send_counts, recv_counts, group)
 
 
-def exchange_counts(send_counts_R: torch.Tensor, group) -> torch.Tensor:
-    """recv_counts_R: how many rows each rank will send here."""
+def start_count_exchange(send_counts_R: torch.Tensor, group) -> tuple[torch.Tensor, object]:
+    """(recv_counts_R, work): how many rows each rank will send here, filled once `work.wait()` returns."""
     recv_counts_R = torch.empty_like(send_counts_R)
-    dist.all_to_all_single(recv_counts_R, send_counts_R.contiguous(), group=group)
-    return recv_counts_R
+    work = dist.all_to_all_single(recv_counts_R, send_counts_R.contiguous(), group=group, async_op=True)
+    return recv_counts_R, work
 
 
-def exchange_rows(x_ND: torch.Tensor, local_NK: torch.Tensor, weight_NK: torch.Tensor, send_counts: list[int],
-                  recv_counts: list[int], group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Send each row's vector, local expert ids and weights; returns the received (x_MD, local_MK, weight_MK).
-
-    float32 vectors travel packed with their routing in one exchange ([N, D + 2K]); other
-    dtypes in three.  Differentiable in x and the weights."""
-    d, k = x_ND.shape[1], local_NK.shape[1]
+def exchange_rows(x_ND: torch.Tensor, routes_NX: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                  group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send each row's vector and routes; returns the received (x_MD, routes_MX), differentiable in x and
+    the weights.  float32 vectors travel packed with their routes in one exchange ([N, D + 2K]); other dtypes
+    in two."""
+    d = x_ND.shape[1]
     if x_ND.dtype == torch.float32:
-        packed_NX = torch.cat([x_ND, weight_NK.float(), local_NK.float()], dim=1)
-        recv_MX = all_to_all_rows(packed_NX, send_counts, recv_counts, group)
-        return recv_MX[:, :d], recv_MX[:, d + k:].detach().round().to(torch.int32), recv_MX[:, d:d + k]
+        recv_MX = all_to_all_rows(torch.cat([x_ND, routes_NX], dim=1), send_counts, recv_counts, group)
+        return recv_MX[:, :d], recv_MX[:, d:]
     return (all_to_all_rows(x_ND, send_counts, recv_counts, group),
-            _exchange(local_NK, send_counts, recv_counts, group),
-            all_to_all_rows(weight_NK, send_counts, recv_counts, group))
+            all_to_all_rows(routes_NX, send_counts, recv_counts, group))
 
 
 # -- expert side --------------------------------------------------------------------------------------
@@ -207,19 +210,23 @@ def run_local_experts(x_MD: torch.Tensor, local_MK: torch.Tensor, weight_MK: tor
                       experts: Sequence[nn.Module]) -> torch.Tensor:
     """combined_MD (float32): per received row, the gate-weighted sum of its local experts' outputs.
 
-    Every expert runs, on zero rows if nothing reached it, so its parameters always get a gradient
-    (zeros rather than None, as with DeepSpeed's padded buffer).
+    The (row, route) pairs are sorted by local expert, so one gather builds every expert's
+    contiguous input and one scatter-add sums the weighted outputs back (as DeepSpeed's padded
+    buffer does, without padding).  Every expert runs, on zero rows if nothing reached it, so its
+    parameters always get a gradient (zeros rather than None, as with DeepSpeed's padded buffer).
     """
-    combined_MD = x_MD.new_zeros(x_MD.shape, dtype=torch.float32)
-    for i, expert in enumerate(experts):
-        hit_MK = local_MK == i
-        rows_P = hit_MK.any(1).nonzero().squeeze(1)
-        out_PD = expert(x_MD[rows_P])
-        if isinstance(out_PD, tuple):
-            out_PD = out_PD[0]
-        w_P = (weight_MK * hit_MK)[rows_P].sum(1)
-        combined_MD = combined_MD.index_add(0, rows_P, out_PD.float() * w_P.unsqueeze(1))
-    return combined_MD
+    num_local, k = len(experts), local_MK.shape[1]
+    key_X = torch.where(local_MK >= 0, local_MK.long(), num_local).reshape(-1)  # X = M * K; unused routes last
+    order_X = torch.argsort(key_X, stable=True)
+    sizes = torch.bincount(key_X, minlength=num_local + 1).tolist()
+    pair_P = order_X[:sum(sizes[:num_local])]           # the used (row, route) pairs, grouped by expert
+    row_P = torch.div(pair_P, k, rounding_mode="floor")
+    outs = []
+    for expert, chunk_QD in zip(experts, x_MD.index_select(0, row_P).split(sizes[:num_local])):
+        out_QD = expert(chunk_QD)
+        outs.append(out_QD[0] if isinstance(out_QD, tuple) else out_QD)
+    weighted_PD = torch.cat(outs).float() * weight_MK.reshape(-1).index_select(0, pair_P).unsqueeze(1)
+    return x_MD.new_zeros(x_MD.shape, dtype=torch.float32).index_add_(0, row_P, weighted_PD)
 
 
 # -- the dispatch -----------------------------------------------------------------------------------
@@ -234,32 +241,74 @@ def rank_once_moe(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.
     valid_S: the tokens the rates average over (default: tokens with at least one route).
     Tokens without routes get zeros, as in DeepSpeed.
     """
+    out_SD, volume = rank_once_dispatch(x_SD, indices_KS, gates_KS, local_experts, num_experts, group, valid_S)
+    return out_SD, volume()
+
+
+@dataclass
+class RankOncePlan:
+    """Where this rank's rows go, with the count exchange already under way (`plan_rank_once`)."""
+    hits_SR: torch.Tensor        # token s needs EP rank r
+    token_N: torch.Tensor        # the token of each row sent, grouped by destination rank
+    send_counts_R: torch.Tensor
+    recv_counts_R: torch.Tensor  # filled once `counts()` has returned
+    _pending: object = None
+
+    def counts(self) -> tuple[list[int], list[int]]:
+        """(send, recv) split sizes; waits for the count exchange."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+        return self.send_counts_R.tolist(), self.recv_counts_R.tolist()
+
+
+def plan_rank_once(indices_KS: torch.Tensor, num_local_experts: int, group=None) -> RankOncePlan:
+    """The send plan of the routes `indices_KS` (physical expert ids); starts the count exchange without waiting,
+    so that whatever the caller computes next overlaps with it."""
+    ep_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    hits_SR = rank_hits(route_ranks(indices_KS, num_local_experts), ep_size)
+    token_N, _, send_counts_R = send_plan(hits_SR)
+    if ep_size == 1:
+        return RankOncePlan(hits_SR, token_N, send_counts_R, send_counts_R)
+    recv_counts_R, pending = start_count_exchange(send_counts_R, group)
+    return RankOncePlan(hits_SR, token_N, send_counts_R, recv_counts_R, pending)
+
+
+def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.Tensor,
+                       local_experts: Sequence[nn.Module], num_experts: int, group=None,
+                       valid_S: torch.Tensor | None = None, plan: RankOncePlan | None = None
+                       ) -> tuple[torch.Tensor, Callable[[], CommVolume]]:
+    """`rank_once_moe` with its CommVolume deferred: returns a function that computes it when called
+    (the byte counts are known already; the routing rates cost a few ops and host syncs).
+
+    plan: `plan_rank_once(indices_KS, ...)` started earlier (the layer starts it from inside the gate, so
+    the count exchange overlaps with the gate's losses); made here when None."""
     ep_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
     home = dist.get_rank(group) if ep_size > 1 else 0
     num_local = len(local_experts)
     if num_local * ep_size != num_experts:
         raise ValueError(f"{num_local} local experts on each of {ep_size} EP ranks do not make the gate's "
                          f"{num_experts} experts")
-    route_rank_KS = route_ranks(indices_KS, num_local)
-    hits_SR = rank_hits(route_rank_KS, ep_size)
-    token_N, rank_N, send_counts_R = send_plan(hits_SR)
-    local_NK, weight_NK = row_routes(indices_KS, gates_KS, route_rank_KS, token_N, rank_N, num_local)
-    send_x_ND = x_SD[token_N]
-
+    if plan is None:
+        plan = plan_rank_once(indices_KS, num_local, group)
+    token_N = plan.token_N
+    send_x_ND, routes_NX = x_SD.index_select(0, token_N), row_routes(indices_KS, gates_KS, token_N)
+    send, recv = plan.counts()
     if ep_size > 1:
-        recv_counts_R = exchange_counts(send_counts_R, group)
-        send, recv = send_counts_R.tolist(), recv_counts_R.tolist()
-        recv_x_MD, recv_local_MK, recv_weight_MK = exchange_rows(send_x_ND, local_NK, weight_NK, send, recv, group)
-        combined_MD = run_local_experts(recv_x_MD, recv_local_MK, recv_weight_MK, local_experts)
+        recv_x_MD, recv_routes_MX = exchange_rows(send_x_ND, routes_NX, send, recv, group)
+        combined_MD = run_local_experts(recv_x_MD, *local_routes(recv_routes_MX, home, num_local), local_experts)
         back_ND = all_to_all_rows(combined_MD.to(x_SD.dtype), recv, send, group)
     else:
-        send = recv = send_counts_R.tolist()
-        back_ND = run_local_experts(send_x_ND, local_NK, weight_NK, local_experts)
+        back_ND = run_local_experts(send_x_ND, *local_routes(routes_NX, 0, num_local), local_experts)
 
-    out_SD = x_SD.new_zeros(x_SD.shape, dtype=torch.float32).index_add(0, token_N, back_ND.float())
-    if valid_S is None:
-        valid_S = hits_SR.any(1)
-    dispatch_b, combine_b, meta_b = rank_once_volume(send, recv, home, x_SD.shape[1], x_SD.element_size(),
-                                                     indices_KS.shape[0])
+    out_SD = x_SD.new_zeros(x_SD.shape, dtype=torch.float32).index_add_(0, token_N, back_ND.float())
+    volume = partial(_rank_once_comm, send, recv, home, x_SD.shape[1], x_SD.element_size(), indices_KS.shape[0],
+                     plan.hits_SR, plan.hits_SR.any(1) if valid_S is None else valid_S)
+    return out_SD.to(x_SD.dtype), volume
+
+
+def _rank_once_comm(send: list[int], recv: list[int], home: int, hidden: int, element_size: int, num_routes: int,
+                    hits_SR: torch.Tensor, valid_S: torch.Tensor) -> CommVolume:
+    dispatch_b, combine_b, meta_b = rank_once_volume(send, recv, home, hidden, element_size, num_routes)
     rate, ranks, n = token_rank_stats(hits_SR, home, valid_S)
-    return out_SD.to(x_SD.dtype), CommVolume("rank_once", dispatch_b, combine_b, meta_b, rate, ranks, n)
+    return CommVolume("rank_once", dispatch_b, combine_b, meta_b, rate, ranks, n)

@@ -17,7 +17,9 @@ forward (`ds_smoes.layer.SMoESMoE` does it).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +28,12 @@ from deepspeed.moe.sharded_moe import TopKGate
 from ds_smoes import distributed
 from ds_smoes.binning import ExpertBinning, rank_of_bin_placed_expert
 from ds_smoes.config import SMoESConfig
-from ds_smoes.losses import bin_balance_loss, bin_kl_band_loss, mutual_information_loss
+from ds_smoes import fused_losses
+from ds_smoes.losses import bin_kl_band_loss
 from ds_smoes.metrics import expert_modality_load, routing_comm_stats
 from ds_smoes.placement import counts_to_physical, to_physical
-from ds_smoes.routing import SparseRoutes, assign_slots, bin_limited_topk, capacity_for, finalize_routes
+from ds_smoes.routing import (SparseRoutes, assign_slots, bin_limited_topk, capacity_for, finalize_routes,
+                              route_counts)
 from ds_smoes.scores import ReduceFn
 
 
@@ -78,7 +82,30 @@ class ModalityGate(TopKGate):
         self.register_buffer("physical_E", torch.arange(config.num_experts))
         self.reduce_fn: ReduceFn = distributed.world_sum_
         self._inputs: RoutingInputs | None = None
-        self.last_stats: RoutingStats | None = None
+        # RoutingStats of the last call, or a partial that computes them on first read: the statistics
+        # cost about as much as the routing itself on small layers, and a timed or production forward
+        # that never reads them should not pay for them
+        self._last_stats: RoutingStats | partial | None = None
+        # called with the dispatch's routes (physical ids) as soon as they are final, before the losses are
+        # computed: the rank_once dispatch starts its count exchange there, so it overlaps with the losses
+        self.on_routes: Callable[[torch.Tensor], None] | None = None
+
+    @property
+    def last_stats(self) -> RoutingStats | None:
+        """What the most recent forward decided (computed on first read, then kept), or None before it."""
+        if isinstance(self._last_stats, partial):
+            self._last_stats = self._last_stats()
+        return self._last_stats
+
+    @last_stats.setter
+    def last_stats(self, stats: RoutingStats | None) -> None:
+        self._last_stats = stats
+
+    def defer_stats(self, routes: SparseRoutes, inputs: RoutingInputs, valid_S: torch.Tensor, named: dict,
+                    capacity: int, rebinned: bool) -> None:
+        """Keep what `last_stats` needs; bins and placement are snapshot now, as they may change before it is read."""
+        self._last_stats = partial(self._stats, routes, inputs, valid_S, named, capacity, rebinned,
+                                   self.binning.bin_id_E.clone(), self.physical_E.clone())
 
     # -- what a gate decides ------------------------------------------------------------------
     def routing_probs(self, logits_SE: torch.Tensor, inputs: RoutingInputs) -> torch.Tensor:
@@ -121,9 +148,10 @@ class ModalityGate(TopKGate):
             return 0, 1
         return distributed.group_rank(self.ep_group), torch.distributed.get_world_size(self.ep_group)
 
-    def physical_rank_of_expert(self, ep_size: int) -> torch.Tensor:
+    def physical_rank_of_expert(self, ep_size: int, physical_E: torch.Tensor | None = None) -> torch.Tensor:
         """EP rank holding each logical expert: DeepSpeed puts physical experts [r * E/ep, (r+1) * E/ep) on rank r."""
-        return self.physical_E.cpu() // (self.config.num_experts // ep_size)
+        physical_E = self.physical_E if physical_E is None else physical_E
+        return physical_E.cpu() // (self.config.num_experts // ep_size)
 
     def routes_for_dispatch(self, indices_KS: torch.Tensor, counts_E: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +176,12 @@ class ModalityGate(TopKGate):
         logits_SE = F.linear(x_SD.float(), self.wg.weight.float())
         probs_SE = self.routing_probs(logits_SE, inputs)
         top_idx_SK = self.select(probs_SE, inputs, valid_S)
-        location_KS, counts_E = assign_slots(top_idx_SK, valid_S, cfg.num_experts)
+        slotless = cfg.dispatch == "rank_once" and not self.drop_tokens  # no capacity buffer: no slots needed
+        if slotless:
+            counts_E = route_counts(top_idx_SK, valid_S, cfg.num_experts)
+            location_KS = torch.zeros(top_idx_SK.shape[::-1], dtype=torch.int64, device=top_idx_SK.device)
+        else:
+            location_KS, counts_E = assign_slots(top_idx_SK, valid_S, cfg.num_experts)
         if self.drop_tokens:
             cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
             # sized from the routes actually requested, so extra routes (LTDR's tail tokens) get room too
@@ -157,7 +190,7 @@ class ModalityGate(TopKGate):
                                           cfg.min_capacity)
         else:
             local_capacity = int(counts_E.max()) if counts_E.numel() else 0
-        if cfg.dispatch == "rank_once" and not self.drop_tokens:
+        if slotless:
             capacity = max(local_capacity, 1)  # no padded buffer, no common capacity: skip the all-reduce
         else:  # the all-to-all moves [experts, capacity, hidden] blocks: every EP rank needs one capacity
             capacity = max(distributed.group_max_int(local_capacity, self.ep_group), 1)
@@ -165,9 +198,11 @@ class ModalityGate(TopKGate):
                                  normalize=cfg.normalize_topk)
 
         rebinned = self._update_bins(routes, inputs.labels_S, valid_S)
-        l_aux, named = self.aux_losses(probs_SE, routes, inputs, valid_S)
-        self.last_stats = self._stats(routes, inputs, valid_S, named, capacity, rebinned)
         indices_KS, counts_E = self.routes_for_dispatch(routes.indices_KS, routes.counts_E.detach())
+        if self.on_routes is not None:
+            self.on_routes(indices_KS)
+        l_aux, named = self.aux_losses(probs_SE, routes, inputs, valid_S)
+        self.defer_stats(routes, inputs, valid_S, named, capacity, rebinned)
         return (l_aux, torch.tensor(capacity, dtype=torch.int64), cfg.num_experts, indices_KS,
                 routes.locations_KS, routes.gates_KS, counts_E)
 
@@ -181,11 +216,10 @@ class ModalityGate(TopKGate):
 
     @torch.no_grad()
     def _stats(self, routes: SparseRoutes, inputs: RoutingInputs, valid_S: torch.Tensor, named: dict,
-               capacity: int, rebinned: bool) -> RoutingStats:
+               capacity: int, rebinned: bool, bins_E: torch.Tensor, physical_E: torch.Tensor) -> RoutingStats:
         ep_rank, ep_size = self.ep_world()
         cfg = self.config
-        bins_E = self.binning.bin_id_E.clone()
-        physical_rank_E = self.physical_rank_of_expert(ep_size)
+        physical_rank_E = self.physical_rank_of_expert(ep_size, physical_E)
         bin_rank_E = rank_of_bin_placed_expert(bins_E, cfg.num_bins, ep_size).cpu()
         comm_physical = routing_comm_stats(routes.indices_KS, physical_rank_E, ep_rank, valid_S, ep_size)
         # once the experts sit on their bins' ranks (or bins are fixed) the two layouts are one
@@ -205,9 +239,10 @@ class SMoESGate(ModalityGate):
     def aux_losses(self, probs_SE, routes, inputs, valid_S):
         cfg = self.config
         bins_E = self.binning.bin_id_E
-        l_bal = bin_balance_loss(probs_SE, routes.selected_SE, bins_E, valid_S, num_bins=cfg.num_bins)
+        # the fused forms: same values and gradients as ds_smoes.losses, one autograd node each
+        l_bal = fused_losses.bin_balance_loss(probs_SE, routes.selected_SE, bins_E, valid_S, num_bins=cfg.num_bins)
         if cfg.bin_objective == "mi":
-            l_mi = mutual_information_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S, valid_S,
+            l_mi = fused_losses.mutual_information_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S, valid_S,
                                            num_bins=cfg.num_bins)
             return cfg.alpha_bal * l_bal + cfg.alpha_mi * l_mi, {"bin_balance": l_bal, "mi": -l_mi}
         l_kl, kl = bin_kl_band_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S, cfg.kl_low,

@@ -19,13 +19,15 @@ other EP ranks (`ds_smoes.dispatch.CommVolume`).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from deepspeed.moe.layer import MoE
 from torch import nn
 
 from ds_smoes import distributed
 from ds_smoes.config import SMoESConfig
-from ds_smoes.dispatch import CommVolume, rank_once_moe, stock_volume
+from ds_smoes.dispatch import CommVolume, RankOncePlan, plan_rank_once, rank_once_dispatch, stock_volume
 from ds_smoes.gate import ModalityGate, RoutingInputs, RoutingStats
 from ds_smoes.placement import MigrationCost, is_placed, migrate_experts, plan_physical
 from ds_smoes.registry import build_gate
@@ -46,7 +48,19 @@ class SMoESMoE(MoE):
         self.scorer = (GaussianModalityStats(hidden_size, beta=config.ema_beta, tau=config.gaussian_tau,
                                              var_floor=config.gaussian_var_floor)
                        if config.score_type == "gaussian" else None)
-        self.last_comm: CommVolume | None = None
+        # CommVolume of the last call, or a partial that computes it on first read (see ModalityGate.last_stats)
+        self._last_comm: CommVolume | partial | None = None
+
+    @property
+    def last_comm(self) -> CommVolume | None:
+        """What the most recent forward sent to other EP ranks (computed on first read), or None before it."""
+        if isinstance(self._last_comm, partial):
+            self._last_comm = self._last_comm()
+        return self._last_comm
+
+    @last_comm.setter
+    def last_comm(self, comm: CommVolume | None) -> None:
+        self._last_comm = comm
 
     @property
     def gate(self) -> ModalityGate:
@@ -119,7 +133,7 @@ class SMoESMoE(MoE):
         if self.config.dispatch == "rank_once":
             return self._rank_once_forward(hidden_states, x_SD, valid_S)
         out = super().forward(hidden_states, None)
-        self.last_comm = self._stock_comm(x_SD)
+        self._last_comm = partial(self._stock_comm, x_SD.shape[1], x_SD.element_size())
         return out
 
     def _rank_once_forward(self, hidden_states: torch.Tensor, x_SD: torch.Tensor, valid_S: torch.Tensor):
@@ -128,9 +142,15 @@ class SMoESMoE(MoE):
         if moe.ep_size > 1 and moe.ep_group is None:
             raise RuntimeError(f"ep_size={moe.ep_size} but the layer has no expert-parallel group yet: build the "
                                "engine with deepspeed.initialize (or call layer.set_deepspeed_parallelism()) first")
-        moe.l_aux, _, num_experts, indices_KS, _, gates_KS, moe.exp_counts = moe.gate(x_SD, None, True, False)
-        out_SD, self.last_comm = rank_once_moe(x_SD, indices_KS, gates_KS, moe.experts.deepspeed_experts,
-                                               num_experts, moe.ep_group if moe.ep_size > 1 else None, valid_S)
+        group = moe.ep_group if moe.ep_size > 1 else None
+        plans: list[RankOncePlan] = []
+        self.gate.on_routes = lambda indices_KS: plans.append(plan_rank_once(indices_KS, moe.num_local_experts, group))
+        try:
+            moe.l_aux, _, num_experts, indices_KS, _, gates_KS, moe.exp_counts = moe.gate(x_SD, None, True, False)
+        finally:
+            self.gate.on_routes = None
+        out_SD, self._last_comm = rank_once_dispatch(x_SD, indices_KS, gates_KS, moe.experts.deepspeed_experts,
+                                                     num_experts, group, valid_S, plans[0] if plans else None)
         output = out_SD.reshape(hidden_states.shape)
         if self.use_residual:  # Residual MoE: a learned per-token mix of the MoE output and a dense MLP
             mlp_out = self.mlp(hidden_states)
@@ -139,11 +159,13 @@ class SMoESMoE(MoE):
             output = output * coef[..., 0:1] + mlp_out * coef[..., 1:]
         return output, moe.l_aux, moe.exp_counts
 
-    def _stock_comm(self, x_SD: torch.Tensor) -> CommVolume | None:
+    def _stock_comm(self, hidden: int, element_size: int) -> CommVolume | None:
+        """The stock dispatch's CommVolume from the gate's statistics of the same call (both are read lazily and
+        replaced together by the next forward)."""
         stats = self.gate.last_stats
         if stats is None:
             return None
         routing = stats.comm_physical
-        return stock_volume(self.config.num_experts, stats.capacity, x_SD.shape[1], self.deepspeed_moe.ep_size,
-                            x_SD.element_size(), float(routing["cross_rank_rate"]), float(routing["ranks_per_token"]),
+        return stock_volume(self.config.num_experts, stats.capacity, hidden, self.deepspeed_moe.ep_size,
+                            element_size, float(routing["cross_rank_rate"]), float(routing["ranks_per_token"]),
                             int(routing["num_tokens"]))

@@ -101,7 +101,7 @@ def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_of_e
         return probs_SE.sum() * 0.0
     in_bin_VE = probs_VE / (probs_VE @ onehot_EB)[:, bin_idx_E].clamp_min(_TINY)
     p_E = in_bin_VE.mean(0)
-    count_E = selected_SE[valid_S].float().sum(0)
+    count_E = selected_SE[valid_S].to(probs_SE.dtype).sum(0)
     bin_count_E = (count_E @ onehot_EB)[bin_idx_E]
     f_E = (count_E / bin_count_E.clamp_min(1.0)).detach()
     return experts_per_bin * (f_E * p_E).sum()

@@ -49,6 +49,13 @@ def assign_slots(top_idx_SK: torch.Tensor, valid_S: torch.Tensor, num_experts: i
     return location_KS, flat_XE.sum(0)
 
 
+def route_counts(top_idx_SK: torch.Tensor, valid_S: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """counts_E (int64): selections per expert by valid tokens, what `assign_slots` counts, without the slots
+    (a dispatch with no capacity buffer, like rank_once, needs none)."""
+    live_SK = valid_S.bool().unsqueeze(1) & (top_idx_SK >= 0)
+    return torch.bincount(top_idx_SK[live_SK].long(), minlength=num_experts)
+
+
 def finalize_routes(probs_SE: torch.Tensor, top_idx_SK: torch.Tensor, valid_S: torch.Tensor,
                     location_KS: torch.Tensor, counts_E: torch.Tensor, capacity: int,
                     normalize: bool) -> SparseRoutes:

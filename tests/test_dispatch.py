@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ds_smoes.config import SMoESConfig
-from ds_smoes.dispatch import (CommVolume, rank_hits, rank_once_moe, rank_once_volume, route_ranks, row_routes,
-                               send_plan, stock_alltoall_bytes, stock_volume, token_rank_stats)
+from ds_smoes.dispatch import (CommVolume, local_routes, rank_hits, rank_once_moe, rank_once_volume, route_ranks,
+                               row_routes, send_plan, stock_alltoall_bytes, stock_volume, token_rank_stats)
 from ds_smoes.gate import RoutingInputs, SMoESGate
 from ds_smoes.layer import SMoESMoE
 from ds_smoes.metrics import routing_comm_stats
@@ -39,9 +39,16 @@ def test_send_plan_by_hand():
     # grouped by destination: rank 0 gets t0 t1, rank 1 gets t1 t2 t3
     assert token_N.tolist() == [0, 1, 1, 2, 3] and rank_N.tolist() == [0, 0, 1, 1, 1]
     assert send_counts_R.tolist() == [2, 3]
-    local_NK, weight_NK = row_routes(INDICES_KS, GATES_KS, route_rank_KS, token_N, rank_N, 2)
-    assert local_NK.tolist() == [[0, 1], [-1, 0], [0, -1], [1, 0], [1, -1]]
-    assert torch.allclose(weight_NK, torch.tensor([[0.6, 0.4], [0.0, 0.3], [0.7, 0.0], [0.5, 0.5], [1.0, 0.0]]))
+    # every row carries its token's weights, then its global expert ids (the same row whatever the rank)
+    routes_NX = row_routes(INDICES_KS, GATES_KS, token_N)
+    assert torch.allclose(routes_NX, torch.tensor([[0.6, 0.4, 0, 1], [0.7, 0.3, 2, 0], [0.7, 0.3, 2, 0],
+                                                   [0.5, 0.5, 3, 2], [1.0, 0.0, 3, -1]]))
+    # rank 0 receives rows 0-1 and keeps the routes to e0 e1 (local 0 1); rank 1 rows 2-4, e2 e3 -> local 0 1
+    local_0, weight_0 = local_routes(routes_NX[:2], home_rank=0, num_local_experts=2)
+    local_1, weight_1 = local_routes(routes_NX[2:], home_rank=1, num_local_experts=2)
+    assert torch.cat([local_0, local_1]).tolist() == [[0, 1], [-1, 0], [0, -1], [1, 0], [1, -1]]
+    assert torch.allclose(torch.cat([weight_0, weight_1]),
+                          torch.tensor([[0.6, 0.4], [0.0, 0.3], [0.7, 0.0], [0.5, 0.5], [1.0, 0.0]]))
 
 
 def test_bytes_and_rates_by_hand():
@@ -156,6 +163,21 @@ def test_both_dispatches_record_their_volume():
         stats = layer.last_routing_stats.comm_physical
         assert comm.cross_rank_rate == float(stats["cross_rank_rate"]) == 0.0
         assert comm.ranks_per_token == float(stats["ranks_per_token"]) == 1.0
+
+
+def test_statistics_are_those_of_their_forward_even_when_read_later():
+    # last_comm and last_stats are computed on first read; a placement made in between must not change them
+    for dispatch in ("deepspeed", "rank_once"):
+        layer = _layer(dispatch, k=2)
+        _run(layer)
+        assert layer.gate.on_routes is None  # the rank_once hook is only set during the gate call
+        load_before = layer.gate._stats(*layer.gate._last_stats.args).load_ME
+        layer.gate.physical_E.copy_(torch.tensor([3, 2, 1, 0]))
+        layer.gate.binning.bin_id_E.copy_(torch.tensor([1, 1, 0, 0]))
+        stats = layer.last_routing_stats
+        assert stats.bin_of_expert_E.tolist() == [0, 0, 1, 1]  # the bins of the forward (fixed bins), not the new ones
+        assert torch.equal(stats.load_ME, load_before) and layer.last_comm.num_tokens == 11
+        assert layer.last_routing_stats is stats  # computed once
 
 
 def test_rank_once_without_ep_group_says_how_to_fix():

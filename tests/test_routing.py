@@ -1,7 +1,7 @@
 """Sparse routes: slots, capacity, weights."""
 import torch
 
-from ds_smoes.routing import assign_slots, capacity_for, finalize_routes
+from ds_smoes.routing import assign_slots, capacity_for, finalize_routes, route_counts
 
 
 def test_assign_slots_route_major():
@@ -11,6 +11,14 @@ def test_assign_slots_route_major():
     # first choices: t0->e0 slot0, t1->e1 slot0, t2->e0 slot1; second: t0->e1 slot1, t1->e0 slot2, t2->e2 slot0
     assert loc.tolist() == [[0, 0, 1], [1, 2, 0]]
     assert counts.tolist() == [3, 2, 1]
+
+
+def test_route_counts_without_slots_by_hand():
+    # what rank_once's gate counts instead of assigning slots: padding (t1) and unused routes (-1) do not count
+    top_idx = torch.tensor([[0, 1], [1, 0], [2, -1], [0, 2]])
+    valid = torch.tensor([True, False, True, True])
+    assert route_counts(top_idx, valid, 4).tolist() == [2, 1, 2, 0]
+    assert torch.equal(route_counts(top_idx.clamp_min(0), valid, 4), assign_slots(top_idx.clamp_min(0), valid, 4)[1])
 
 
 def test_padding_gets_no_slot():

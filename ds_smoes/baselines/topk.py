@@ -41,11 +41,11 @@ class DeepSpeedTopKGate(ModalityGate):
         if not sparse_routes:
             return out
         l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E = out
-        routed_KS = idx_KS >= 0
-        selected_SE = torch.zeros(x_SD.shape[0], num_experts, dtype=torch.bool, device=x_SD.device)
-        for k in range(idx_KS.shape[0]):
-            selected_SE[routed_KS[k].nonzero().squeeze(-1), idx_KS[k][routed_KS[k]].long()] = True
-        routes = SparseRoutes(idx_KS, loc_KS, gates_KS, counts_E.to(torch.int64), selected_SE & valid_S[:, None])
-        self.last_stats = self._stats(routes, inputs, valid_S, {"gshard_balance": l_aux}, int(capacity), False)
+        # one extra column takes the routes DeepSpeed did not dispatch (index -1)
+        column_KS = torch.where(idx_KS >= 0, idx_KS.long(), num_experts)
+        selected_SX = torch.zeros(x_SD.shape[0], num_experts + 1, dtype=torch.bool, device=x_SD.device)
+        selected_SE = selected_SX.scatter_(1, column_KS.T, True)[:, :num_experts] & valid_S[:, None]
+        routes = SparseRoutes(idx_KS, loc_KS, gates_KS, counts_E.to(torch.int64), selected_SE)
+        self.defer_stats(routes, inputs, valid_S, {"gshard_balance": l_aux}, int(capacity), False)
         idx_KS, counts_E = self.routes_for_dispatch(idx_KS, counts_E)
         return (self.config.alpha_bal * l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E)

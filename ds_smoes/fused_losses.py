@@ -1,0 +1,121 @@
+"""The SMoES gate's two auxiliary losses as single autograd nodes with analytic backwards.
+
+Same values and gradients as the reference forms in `ds_smoes.losses` (`mutual_information_loss`,
+`bin_balance_loss`; tests/test_fused_losses.py checks both on hand-made and random routings), which
+stay the readable statement of the math.  Why a second form: on a small MoE layer the references
+cost about as much as the rest of the gate, because autograd records ~60 tiny ops per call and
+replays them backwards.  Here each loss is one `torch.autograd.Function`: the forward runs without
+recording, and the backward is a few matrix products.
+
+Shapes: S tokens, E experts, B bins, M = 2 modalities, N samples, X = N * M (sample, modality) rows.
+
+Mutual information.  With G[s, (n, m)] = [sample(s) = n] * w[s, m] (w: the modality score of a
+valid token, 0 for padding) the per-sample table of `losses.modality_bin_table` is
+    num_XB = G^T @ probs_SE @ onehot_EB,   den_X = sum_s G[s, x],   s_XB = num_XB / (E/B * den_X),
+and, per sample n with T_n = sum_{m,b} s[n,m,b],
+    I_n = sum_{m,b} p log(p / (p_m p_b)),   p = s / T_n,
+    dI_n / ds[n,m,b] = (log(p[m,b] / (p_m p_b)) - I_n) / T_n.
+The loss is -mean I_n over samples holding a valid token, so
+    dL/dprobs_SE = G @ (g_XB @ onehot_EB^T),   g_XB = -dI/ds * present_X / (E/B * den_X) / #samples.
+A table entry that is 0 (a modality absent from the sample) gets no gradient, as in the reference.
+
+Bin balance.  q[s,e] = probs[s,e] / Z[s, bin(e)] with Z[s,b] = sum_{e in b} probs[s,e];
+P_e = mean over valid tokens of q[s,e]; L = E/B * sum_e f_e P_e (f: detached load shares), so
+    dL/dprobs[s,j] = E/B / V * valid_s / Z[s, bin(j)] * (f_j - sum_{e in bin(j)} f_e q[s,e]).
+"""
+from __future__ import annotations
+
+import torch
+
+from ds_smoes.binning import bin_one_hot
+
+_TINY = 1e-30
+
+
+class _MutualInformationLoss(torch.autograd.Function):
+    """-mean_n I_n from probs_SE (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, probs_SE, weight_SM, sample_id_S, onehot_EB, bin_idx_E, num_samples: int, experts_per_bin: int):
+        num_tokens, num_modalities = weight_SM.shape
+        num_bins = onehot_EB.shape[1]
+        probs_SB = probs_SE @ onehot_EB
+        mass_SX = (weight_SM.unsqueeze(-1) * probs_SB.unsqueeze(1)).reshape(num_tokens, -1)
+        num_NMB = probs_SE.new_zeros(num_samples, num_modalities * num_bins).index_add_(0, sample_id_S, mass_SX)
+        den_NM = probs_SE.new_zeros(num_samples, num_modalities).index_add_(0, sample_id_S, weight_SM)
+        scale_NM = torch.where(den_NM > 0, 1.0 / (experts_per_bin * den_NM.clamp_min(_TINY)), 0.0)
+        s_NMB = num_NMB.view(num_samples, num_modalities, num_bins) * scale_NM.unsqueeze(-1)
+        total_N = s_NMB.sum((1, 2))
+        has_N = total_N > 0
+        num_has = int(has_N.sum())
+        p_NMB = s_NMB / total_N.clamp_min(_TINY)[:, None, None]
+        log_ratio = (p_NMB.clamp_min(_TINY).log() - p_NMB.sum(2, keepdim=True).clamp_min(_TINY).log()
+                     - p_NMB.sum(1, keepdim=True).clamp_min(_TINY).log())
+        positive_NMB = p_NMB > 0
+        mi_N = (p_NMB * log_ratio * positive_NMB).sum((1, 2))
+        ctx.save_for_backward(weight_SM, sample_id_S, bin_idx_E, scale_NM, log_ratio, mi_N, total_N, positive_NMB,
+                              has_N)
+        ctx.num_has = num_has
+        return -(mi_N * has_N).sum() / max(num_has, 1)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        weight_SM, sample_id_S, bin_idx_E, scale_NM, log_ratio, mi_N, total_N, positive_NMB, has_N = ctx.saved_tensors
+        if ctx.num_has == 0:
+            grad_SE = weight_SM.new_zeros(weight_SM.shape[0], bin_idx_E.shape[0])
+        else:
+            coef_N = has_N / total_N.clamp_min(_TINY) * (-grad_loss / ctx.num_has)
+            g_NMB = (log_ratio - mi_N[:, None, None]) * positive_NMB * (coef_N[:, None, None] * scale_NM.unsqueeze(-1))
+            grad_SB = (g_NMB[sample_id_S] * weight_SM.unsqueeze(-1)).sum(1)
+            grad_SE = grad_SB[:, bin_idx_E]
+        return grad_SE, None, None, None, None, None, None
+
+
+class _BinBalanceLoss(torch.autograd.Function):
+    """E/B * sum_e f_e P_e from probs_SE (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, probs_SE, f_E, valid_S, onehot_EB, bin_idx_E, experts_per_bin: int):
+        z_SE = (probs_SE @ onehot_EB)[:, bin_idx_E].clamp_min(_TINY)
+        q_SE = probs_SE / z_SE
+        num_valid = valid_S.sum()
+        p_E = (valid_S @ q_SE) / num_valid.clamp_min(1.0)
+        ctx.save_for_backward(f_E, valid_S, onehot_EB, bin_idx_E, z_SE, q_SE, num_valid)
+        ctx.experts_per_bin = experts_per_bin
+        return experts_per_bin * (f_E * p_E).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        f_E, valid_S, onehot_EB, bin_idx_E, z_SE, q_SE, num_valid = ctx.saved_tensors
+        inside_SE = ((q_SE * f_E) @ onehot_EB)[:, bin_idx_E]
+        coef_S = valid_S * (grad_loss * ctx.experts_per_bin / num_valid.clamp_min(1.0))
+        return (f_E - inside_SE) / z_SE * coef_S.unsqueeze(1), None, None, None, None, None
+
+
+def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_of_expert_E: torch.Tensor,
+                            sample_id_S: torch.Tensor, valid_S: torch.Tensor | None = None,
+                            num_bins: int | None = None) -> torch.Tensor:
+    """`ds_smoes.losses.mutual_information_loss`, one autograd node."""
+    num_bins = int(bin_of_expert_E.max()) + 1 if num_bins is None else num_bins
+    num_samples = int(sample_id_S.max()) + 1 if sample_id_S.numel() else 0
+    if num_samples == 0:
+        return probs_SE.sum() * 0.0
+    weight_SM = modality_SM.to(probs_SE.dtype)
+    if valid_S is not None:
+        weight_SM = weight_SM * valid_S.to(probs_SE.dtype).unsqueeze(-1)
+    onehot_EB = bin_one_hot(bin_of_expert_E, num_bins).to(probs_SE)
+    return _MutualInformationLoss.apply(probs_SE, weight_SM, sample_id_S.long(), onehot_EB, bin_of_expert_E.long(),
+                                        num_samples, probs_SE.shape[1] // num_bins)
+
+
+def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_of_expert_E: torch.Tensor,
+                     valid_S: torch.Tensor | None = None, num_bins: int | None = None) -> torch.Tensor:
+    """`ds_smoes.losses.bin_balance_loss`, one autograd node."""
+    num_bins = int(bin_of_expert_E.max()) + 1 if num_bins is None else num_bins
+    valid_f_S = (torch.ones(probs_SE.shape[0], dtype=probs_SE.dtype, device=probs_SE.device) if valid_S is None
+                 else valid_S.to(probs_SE.dtype))
+    onehot_EB = bin_one_hot(bin_of_expert_E, num_bins).to(probs_SE)
+    bin_idx_E = bin_of_expert_E.long()
+    count_E = valid_f_S @ selected_SE.to(probs_SE.dtype)
+    f_E = count_E / (count_E @ onehot_EB)[bin_idx_E].clamp_min(1.0)
+    return _BinBalanceLoss.apply(probs_SE, f_E, valid_f_S, onehot_EB, bin_idx_E, probs_SE.shape[1] // num_bins)
