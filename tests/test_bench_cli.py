@@ -14,6 +14,7 @@ from ds_smoes.bench.comm import worker_args
 from ds_smoes.bench.report import assemble, strict_json
 from ds_smoes.config import SMoESConfig
 from ds_smoes.errors import ConfigError
+from ds_smoes.model.config import ModelConfig
 from launch import ROOT
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
@@ -55,6 +56,11 @@ def test_run_dir_of_another_gate_or_layout_is_refused(tmp_path):
         runs.load_run(run, "topk", cfg)
     with pytest.raises(ConfigError, match="num_experts=4 \\(benchmark config: 8\\)"):
         runs.load_run(run, "smoes", SMoESConfig(num_experts=8, k=2, ep_size=2, num_bins=2))
+    # a model of another width: refused by name, not left to fail inside DeepSpeed's checkpoint loading
+    (run / "train_config.json").write_text(json.dumps({"model": ModelConfig(d_model=64).model_dump()}))
+    assert runs.load_run(run, "smoes", cfg, ModelConfig(d_model=64))["gate"] == "smoes"
+    with pytest.raises(ConfigError, match="model.d_model=64 \\(benchmark config: 512\\).*own --out"):
+        runs.load_run(run, "smoes", cfg, ModelConfig(d_model=512))
 
 
 def test_training_and_worker_commands():

@@ -56,13 +56,13 @@ def trained_runs(args, cfg, tracking_uri: str | None, parent_run_id: str | None)
         run_dir = given[gate] or runs.default_run_dir(args.out, gate, args.epochs)
         if not runs.is_complete(run_dir):
             if given[gate] is not None:
-                runs.load_run(run_dir, gate, cfg.smoes)  # raises, saying what is missing
+                runs.load_run(run_dir, gate, cfg.smoes, cfg.model)  # raises, saying what is missing
             if args.no_train:
                 raise ConfigError(f"{run_dir}: no trained {gate} model there and --no-train was given; pass "
                                   f"--{gate}-run DIR or drop --no-train")
             runs.train(gate, run_dir, args.config, args.overrides, args.epochs, cfg.smoes.ep_size, tracking_uri,
                        args.experiment, parent_run_id, _echo)
-        out[gate] = {"run_dir": run_dir, "metrics": runs.load_run(run_dir, gate, cfg.smoes)}
+        out[gate] = {"run_dir": run_dir, "metrics": runs.load_run(run_dir, gate, cfg.smoes, cfg.model)}
         _echo(f"{gate} model: {run_dir} (reported accuracy: multimodal "
               f"{out[gate]['metrics'].get('acc_multimodal', float('nan')):.4f}, language "
               f"{out[gate]['metrics'].get('acc_language', float('nan')):.4f})")

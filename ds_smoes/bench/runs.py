@@ -35,8 +35,10 @@ def is_complete(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "checkpoint" / "final").is_dir()
 
 
-def load_run(run_dir: Path, gate: str, smoes_cfg) -> dict:
-    """metrics.json of a finished run, checked against the gate and layout the benchmark builds."""
+def load_run(run_dir: Path, gate: str, smoes_cfg, model_cfg=None) -> dict:
+    """metrics.json of a finished run, checked against the gate and layout the benchmark builds and, when
+    `model_cfg` is given and the run saved its train_config.json, against every model field (its checkpoint
+    loads only into the same architecture)."""
     if not is_complete(run_dir):
         raise ConfigError(f"{run_dir}: not a finished training run (needs metrics.json and checkpoint/final, "
                           f"as `make demo` or `python -m ds_smoes.train` write them); leave the flag out to let "
@@ -47,9 +49,15 @@ def load_run(run_dir: Path, gate: str, smoes_cfg) -> dict:
                           f"{gate!r} model here")
     wrong = [f"{f}={metrics.get(f)} (benchmark config: {getattr(smoes_cfg, f)})" for f in CHECKED_FIELDS
              if f in metrics and metrics[f] != getattr(smoes_cfg, f)]
+    saved = run_dir / "train_config.json"
+    if model_cfg is not None and saved.is_file():
+        trained_model = json.loads(saved.read_text()).get("model", {})
+        wrong += [f"model.{f}={trained_model[f]} (benchmark config: {v})" for f, v in model_cfg.model_dump().items()
+                  if f in trained_model and trained_model[f] != v]
     if wrong:
         raise ConfigError(f"{run_dir}: trained with " + ", ".join(wrong) + "; pass the same --config/--set "
-                          "as the training run")
+                          "as the training run, or give this recipe its own --out (the benchmark then trains "
+                          "its models there)")
     return metrics
 
 
