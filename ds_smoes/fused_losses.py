@@ -40,9 +40,10 @@ class _MutualInformationLoss(torch.autograd.Function):
         num_tokens, num_modalities = weight_SM.shape
         num_bins = onehot_EB.shape[1]
         probs_SB = probs_SE @ onehot_EB
-        mass_SX = (weight_SM.unsqueeze(-1) * probs_SB.unsqueeze(1)).reshape(num_tokens, -1)
-        num_NMB = probs_SE.new_zeros(num_samples, num_modalities * num_bins).index_add_(0, sample_id_S, mass_SX)
-        den_NM = probs_SE.new_zeros(num_samples, num_modalities).index_add_(0, sample_id_S, weight_SM)
+        # per sample, in one scatter: the table's numerators (M * B columns), then its denominators (M columns)
+        mass_SX = torch.cat([(weight_SM.unsqueeze(-1) * probs_SB.unsqueeze(1)).reshape(num_tokens, -1), weight_SM], 1)
+        sums_NX = probs_SE.new_zeros(num_samples, mass_SX.shape[1]).index_add_(0, sample_id_S, mass_SX)
+        num_NMB, den_NM = sums_NX[:, :num_modalities * num_bins], sums_NX[:, num_modalities * num_bins:]
         scale_NM = torch.where(den_NM > 0, 1.0 / (experts_per_bin * den_NM.clamp_min(_TINY)), 0.0)
         s_NMB = num_NMB.view(num_samples, num_modalities, num_bins) * scale_NM.unsqueeze(-1)
         total_N = s_NMB.sum((1, 2))

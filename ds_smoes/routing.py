@@ -53,7 +53,8 @@ def route_counts(top_idx_SK: torch.Tensor, valid_S: torch.Tensor, num_experts: i
     """counts_E (int64): selections per expert by valid tokens, what `assign_slots` counts, without the slots
     (a dispatch with no capacity buffer, like rank_once, needs none)."""
     live_SK = valid_S.bool().unsqueeze(1) & (top_idx_SK >= 0)
-    return torch.bincount(top_idx_SK[live_SK].long(), minlength=num_experts)
+    column_SK = torch.where(live_SK, top_idx_SK.long(), num_experts)  # one extra bin collects what is not counted
+    return torch.bincount(column_SK.reshape(-1), minlength=num_experts + 1)[:num_experts]
 
 
 def finalize_routes(probs_SE: torch.Tensor, top_idx_SK: torch.Tensor, valid_S: torch.Tensor,
