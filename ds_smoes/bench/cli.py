@@ -42,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=None, help="sequences per rank and batch (default: "
                                                                 "optim.micro_batch_size)")
     c.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
-    c.add_argument("--repeats", type=int, default=200, help="timed fwd+bwd rounds per variant")
+    c.add_argument("--repeats", type=int, default=800, help="timed fwd+bwd rounds per variant (default 800: "
+                   "enough rounds to show a 1 ms difference under several ms of noise; docs/bench.md)")
     c.add_argument("--eval-questions", type=int, default=0, help="test questions for accuracy (default 0: all)")
     c.add_argument("--out", type=Path, default=Path("runs/bench"))
     _tracking(c)
