@@ -28,6 +28,7 @@ from deepspeed.moe.sharded_moe import TopKGate
 from ds_smoes import distributed
 from ds_smoes.binning import ExpertBinning, rank_of_bin_placed_expert
 from ds_smoes.config import SMoESConfig
+from ds_smoes.deferred import Deferred
 from ds_smoes import fused_losses
 from ds_smoes.losses import bin_kl_band_loss
 from ds_smoes.metrics import expert_modality_load, routing_comm_stats
@@ -68,6 +69,9 @@ class RoutingStats:
 class ModalityGate(TopKGate):
     """Base of the modality-aware gates: routing contract, capacity, bins and statistics."""
 
+    # RoutingStats of the most recent forward (None before it), computed on first read (ds_smoes.deferred)
+    last_stats = Deferred()
+
     def __init__(self, model_dim: int, config: SMoESConfig, ep_group=None, num_routes: int | None = None) -> None:
         super().__init__(model_dim, config.num_experts, k=config.k, capacity_factor=config.capacity_factor,
                          eval_capacity_factor=config.eval_capacity_factor, min_capacity=config.min_capacity,
@@ -82,30 +86,16 @@ class ModalityGate(TopKGate):
         self.register_buffer("physical_E", torch.arange(config.num_experts))
         self.reduce_fn: ReduceFn = distributed.world_sum_
         self._inputs: RoutingInputs | None = None
-        # RoutingStats of the last call, or a partial that computes them on first read: the statistics
-        # cost about as much as the routing itself on small layers, and a timed or production forward
-        # that never reads them should not pay for them
-        self._last_stats: RoutingStats | partial | None = None
+        self.last_stats = None
         # called with the dispatch's routes (physical ids) as soon as they are final, before the losses are
         # computed: the rank_once dispatch starts its count exchange there, so it overlaps with the losses
         self.on_routes: Callable[[torch.Tensor], None] | None = None
 
-    @property
-    def last_stats(self) -> RoutingStats | None:
-        """What the most recent forward decided (computed on first read, then kept), or None before it."""
-        if isinstance(self._last_stats, partial):
-            self._last_stats = self._last_stats()
-        return self._last_stats
-
-    @last_stats.setter
-    def last_stats(self, stats: RoutingStats | None) -> None:
-        self._last_stats = stats
-
     def defer_stats(self, routes: SparseRoutes, inputs: RoutingInputs, valid_S: torch.Tensor, named: dict,
                     capacity: int, rebinned: bool) -> None:
         """Keep what `last_stats` needs; bins and placement are snapshot now, as they may change before it is read."""
-        self._last_stats = partial(self._stats, routes, inputs, valid_S, named, capacity, rebinned,
-                                   self.binning.bin_id_E.clone(), self.physical_E.clone())
+        self.last_stats = partial(self._stats, routes, inputs, valid_S, named, capacity, rebinned,
+                                  self.binning.bin_id_E.clone(), self.physical_E.clone())
 
     # -- what a gate decides ------------------------------------------------------------------
     def routing_probs(self, logits_SE: torch.Tensor, inputs: RoutingInputs) -> torch.Tensor:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ds_smoes import distributed
 from ds_smoes.config import SMoESConfig
+from ds_smoes.deferred import Deferred
 from ds_smoes.dispatch import CommVolume, RankOncePlan, plan_rank_once, rank_once_dispatch, stock_volume
 from ds_smoes.gate import ModalityGate, RoutingInputs, RoutingStats
 from ds_smoes.placement import MigrationCost, is_placed, migrate_experts, plan_physical
@@ -36,6 +37,9 @@ from ds_smoes.scores import GaussianModalityStats, hard_scores
 
 class SMoESMoE(MoE):
     """A `deepspeed.moe.layer.MoE` whose gate is chosen by `config.gate` (default `SMoESGate`)."""
+
+    # CommVolume of the most recent forward (None before it), computed on first read (ds_smoes.deferred)
+    last_comm = Deferred()
 
     def __init__(self, hidden_size: int, expert: nn.Module, config: SMoESConfig, use_residual: bool = False) -> None:
         super().__init__(hidden_size, expert, num_experts=config.num_experts, ep_size=config.ep_size, k=config.k,
@@ -48,19 +52,7 @@ class SMoESMoE(MoE):
         self.scorer = (GaussianModalityStats(hidden_size, beta=config.ema_beta, tau=config.gaussian_tau,
                                              var_floor=config.gaussian_var_floor)
                        if config.score_type == "gaussian" else None)
-        # CommVolume of the last call, or a partial that computes it on first read (see ModalityGate.last_stats)
-        self._last_comm: CommVolume | partial | None = None
-
-    @property
-    def last_comm(self) -> CommVolume | None:
-        """What the most recent forward sent to other EP ranks (computed on first read), or None before it."""
-        if isinstance(self._last_comm, partial):
-            self._last_comm = self._last_comm()
-        return self._last_comm
-
-    @last_comm.setter
-    def last_comm(self, comm: CommVolume | None) -> None:
-        self._last_comm = comm
+        self.last_comm = None
 
     @property
     def gate(self) -> ModalityGate:
@@ -133,7 +125,7 @@ class SMoESMoE(MoE):
         if self.config.dispatch == "rank_once":
             return self._rank_once_forward(hidden_states, x_SD, valid_S)
         out = super().forward(hidden_states, None)
-        self._last_comm = partial(self._stock_comm, x_SD.shape[1], x_SD.element_size())
+        self.last_comm = partial(self._stock_comm, x_SD.shape[1], x_SD.element_size())
         return out
 
     def _rank_once_forward(self, hidden_states: torch.Tensor, x_SD: torch.Tensor, valid_S: torch.Tensor):
@@ -149,7 +141,7 @@ class SMoESMoE(MoE):
             moe.l_aux, _, num_experts, indices_KS, _, gates_KS, moe.exp_counts = moe.gate(x_SD, None, True, False)
         finally:
             self.gate.on_routes = None
-        out_SD, self._last_comm = rank_once_dispatch(x_SD, indices_KS, gates_KS, moe.experts.deepspeed_experts,
+        out_SD, self.last_comm = rank_once_dispatch(x_SD, indices_KS, gates_KS, moe.experts.deepspeed_experts,
                                                      num_experts, group, valid_S, plans[0] if plans else None)
         output = out_SD.reshape(hidden_states.shape)
         if self.use_residual:  # Residual MoE: a learned per-token mix of the MoE output and a dense MLP

@@ -168,16 +168,18 @@ def test_both_dispatches_record_their_volume():
 def test_statistics_are_those_of_their_forward_even_when_read_later():
     # last_comm and last_stats are computed on first read; a placement made in between must not change them
     for dispatch in ("deepspeed", "rank_once"):
-        layer = _layer(dispatch, k=2)
-        _run(layer)
-        assert layer.gate.on_routes is None  # the rank_once hook is only set during the gate call
-        load_before = layer.gate._stats(*layer.gate._last_stats.args).load_ME
-        layer.gate.physical_E.copy_(torch.tensor([3, 2, 1, 0]))
-        layer.gate.binning.bin_id_E.copy_(torch.tensor([1, 1, 0, 0]))
-        stats = layer.last_routing_stats
+        read_at_once, read_later = _layer(dispatch, k=2), _layer(dispatch, k=2)
+        _run(read_at_once)
+        _run(read_later)
+        assert read_later.gate.on_routes is None  # the rank_once hook is only set during the gate call
+        expected = read_at_once.last_routing_stats
+        read_later.gate.physical_E.copy_(torch.tensor([3, 2, 1, 0]))
+        read_later.gate.binning.bin_id_E.copy_(torch.tensor([1, 1, 0, 0]))
+        stats = read_later.last_routing_stats
         assert stats.bin_of_expert_E.tolist() == [0, 0, 1, 1]  # the bins of the forward (fixed bins), not the new ones
-        assert torch.equal(stats.load_ME, load_before) and layer.last_comm.num_tokens == 11
-        assert layer.last_routing_stats is stats  # computed once
+        assert torch.equal(stats.load_ME, expected.load_ME) and stats.comm_physical == expected.comm_physical
+        assert read_later.last_comm == read_at_once.last_comm and read_later.last_comm.num_tokens == 11
+        assert read_later.last_routing_stats is stats  # computed once
 
 
 def test_rank_once_without_ep_group_says_how_to_fix():
