@@ -303,12 +303,12 @@ def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: t
 
     out_SD = x_SD.new_zeros(x_SD.shape, dtype=torch.float32).index_add_(0, token_N, back_ND.float())
     volume = partial(_rank_once_comm, send, recv, home, x_SD.shape[1], x_SD.element_size(), indices_KS.shape[0],
-                     plan.hits_SR, plan.hits_SR.any(1) if valid_S is None else valid_S)
+                     plan.hits_SR, valid_S)
     return out_SD.to(x_SD.dtype), volume
 
 
 def _rank_once_comm(send: list[int], recv: list[int], home: int, hidden: int, element_size: int, num_routes: int,
-                    hits_SR: torch.Tensor, valid_S: torch.Tensor) -> CommVolume:
+                    hits_SR: torch.Tensor, valid_S: torch.Tensor | None) -> CommVolume:
     dispatch_b, combine_b, meta_b = rank_once_volume(send, recv, home, hidden, element_size, num_routes)
-    rate, ranks, n = token_rank_stats(hits_SR, home, valid_S)
+    rate, ranks, n = token_rank_stats(hits_SR, home, hits_SR.any(1) if valid_S is None else valid_S)
     return CommVolume("rank_once", dispatch_b, combine_b, meta_b, rate, ranks, n)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ds_smoes.binning import bin_one_hot
+from ds_smoes.losses import resolve_num_bins
 
 _TINY = 1e-30
 
@@ -97,7 +98,7 @@ def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, b
                             sample_id_S: torch.Tensor, valid_S: torch.Tensor | None = None,
                             num_bins: int | None = None) -> torch.Tensor:
     """`ds_smoes.losses.mutual_information_loss`, one autograd node."""
-    num_bins = int(bin_of_expert_E.max()) + 1 if num_bins is None else num_bins
+    num_bins = resolve_num_bins(bin_of_expert_E, num_bins)
     num_samples = int(sample_id_S.max()) + 1 if sample_id_S.numel() else 0
     if num_samples == 0:
         return probs_SE.sum() * 0.0
@@ -112,7 +113,7 @@ def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, b
 def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_of_expert_E: torch.Tensor,
                      valid_S: torch.Tensor | None = None, num_bins: int | None = None) -> torch.Tensor:
     """`ds_smoes.losses.bin_balance_loss`, one autograd node."""
-    num_bins = int(bin_of_expert_E.max()) + 1 if num_bins is None else num_bins
+    num_bins = resolve_num_bins(bin_of_expert_E, num_bins)
     valid_f_S = (torch.ones(probs_SE.shape[0], dtype=probs_SE.dtype, device=probs_SE.device) if valid_S is None
                  else valid_S.to(probs_SE.dtype))
     onehot_EB = bin_one_hot(bin_of_expert_E, num_bins).to(probs_SE)

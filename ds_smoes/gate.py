@@ -28,8 +28,8 @@ from deepspeed.moe.sharded_moe import TopKGate
 from ds_smoes import distributed
 from ds_smoes.binning import ExpertBinning, rank_of_bin_placed_expert
 from ds_smoes.config import SMoESConfig
-from ds_smoes.deferred import Deferred
 from ds_smoes import fused_losses
+from ds_smoes.deferred import Deferred
 from ds_smoes.losses import bin_kl_band_loss
 from ds_smoes.metrics import expert_modality_load, routing_comm_stats
 from ds_smoes.placement import counts_to_physical, to_physical
@@ -232,8 +232,8 @@ class SMoESGate(ModalityGate):
         # the fused forms: same values and gradients as ds_smoes.losses, one autograd node each
         l_bal = fused_losses.bin_balance_loss(probs_SE, routes.selected_SE, bins_E, valid_S, num_bins=cfg.num_bins)
         if cfg.bin_objective == "mi":
-            l_mi = fused_losses.mutual_information_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S, valid_S,
-                                           num_bins=cfg.num_bins)
+            l_mi = fused_losses.mutual_information_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S,
+                                                        valid_S, num_bins=cfg.num_bins)
             return cfg.alpha_bal * l_bal + cfg.alpha_mi * l_mi, {"bin_balance": l_bal, "mi": -l_mi}
         l_kl, kl = bin_kl_band_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S, cfg.kl_low,
                                     cfg.kl_high, valid_S, num_bins=cfg.num_bins)

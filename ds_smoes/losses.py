@@ -12,7 +12,7 @@ from ds_smoes.binning import bin_one_hot
 _TINY = 1e-30
 
 
-def _num_bins(bin_of_expert_E: torch.Tensor, num_bins: int | None) -> int:
+def resolve_num_bins(bin_of_expert_E: torch.Tensor, num_bins: int | None) -> int:
     return int(bin_of_expert_E.max()) + 1 if num_bins is None else num_bins
 
 
@@ -24,7 +24,7 @@ def modality_bin_table(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_of
     Returns (s_NMB, present_NM): present is False where sample i has no token of modality m
     (its row of S is then 0 instead of 0/0).
     """
-    num_bins = _num_bins(bin_of_expert_E, num_bins)
+    num_bins = resolve_num_bins(bin_of_expert_E, num_bins)
     experts_per_bin = probs_SE.shape[1] // num_bins
     weight_SM = modality_SM.to(probs_SE.dtype)
     if valid_S is not None:
@@ -89,7 +89,7 @@ def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_of_e
     P_e: mean over valid tokens of g_e renormalised inside e's bin (ours).
     Equals N_bins when load and probabilities are uniform inside every bin.
     """
-    num_bins = _num_bins(bin_of_expert_E, num_bins)
+    num_bins = resolve_num_bins(bin_of_expert_E, num_bins)
     experts_per_bin = probs_SE.shape[1] // num_bins
     onehot_EB = bin_one_hot(bin_of_expert_E, num_bins).to(probs_SE)
     bin_idx_E = bin_of_expert_E.long()

@@ -44,10 +44,10 @@ def expert_modality_load(indices_KS: torch.Tensor, labels_S: torch.Tensor, valid
     """
     if weight_SM is None:
         weight_SM = torch.nn.functional.one_hot(labels_S.long(), 2).float()
-    return weight_SM.T @ _routes_per_column(indices_KS, valid_S, num_experts).to(weight_SM.dtype)
+    return weight_SM.T @ routes_per_column(indices_KS, valid_S, num_experts).to(weight_SM.dtype)
 
 
-def _routes_per_column(indices_KS: torch.Tensor, valid_S: torch.Tensor, num_columns: int,
+def routes_per_column(indices_KS: torch.Tensor, valid_S: torch.Tensor, num_columns: int,
                        column_E: torch.Tensor | None = None) -> torch.Tensor:
     """[S, C] how many of each valid token's routes land in column c (c = expert, or `column_E[expert]`)."""
     keep_KS = (indices_KS >= 0) & valid_S.bool().unsqueeze(0)
@@ -70,7 +70,7 @@ def routing_comm_stats(indices_KS: torch.Tensor, rank_of_expert_E: torch.Tensor,
       vectors a token-once-per-rank dispatch would send (each way).
     Values are 0-dim tensors; `num_tokens` is the count they average over.
     """
-    hits_SR = _routes_per_column(indices_KS, valid_S, ep_size, rank_of_expert_E) > 0
+    hits_SR = routes_per_column(indices_KS, valid_S, ep_size, rank_of_expert_E) > 0
     return rank_hit_stats(hits_SR, home_rank, valid_S)
 
 

@@ -14,6 +14,7 @@ from deepspeed.moe.sharded_moe import TopKGate
 
 from ds_smoes.config import SMoESConfig
 from ds_smoes.gate import ModalityGate
+from ds_smoes.metrics import routes_per_column
 from ds_smoes.routing import SparseRoutes
 
 
@@ -41,10 +42,7 @@ class DeepSpeedTopKGate(ModalityGate):
         if not sparse_routes:
             return out
         l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E = out
-        # one extra column takes the routes DeepSpeed did not dispatch (index -1)
-        column_KS = torch.where(idx_KS >= 0, idx_KS.long(), num_experts)
-        selected_SX = torch.zeros(x_SD.shape[0], num_experts + 1, dtype=torch.bool, device=x_SD.device)
-        selected_SE = selected_SX.scatter_(1, column_KS.T, True)[:, :num_experts] & valid_S[:, None]
+        selected_SE = routes_per_column(idx_KS, valid_S, num_experts) > 0  # valid tokens' dispatched routes
         routes = SparseRoutes(idx_KS, loc_KS, gates_KS, counts_E.to(torch.int64), selected_SE)
         self.defer_stats(routes, inputs, valid_S, {"gshard_balance": l_aux}, int(capacity), False)
         idx_KS, counts_E = self.routes_for_dispatch(idx_KS, counts_E)
