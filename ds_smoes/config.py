@@ -137,6 +137,14 @@ class SMoESConfig(_Strict):
         return text, own - text
 
     @property
+    def uses_soft_scores(self) -> bool:
+        """Whether the gate reads the soft modality score (`score_type`).  Only SMoES does (its MI or KL
+        objective); the baselines route on hard labels or not by modality at all, so a model with one of
+        them neither tracks the attention score nor fits Gaussian statistics: the score would cost time
+        and change nothing."""
+        return self.gate == "smoes"
+
+    @property
     def experts_per_bin(self) -> int:
         return self.num_experts // self.num_bins
 

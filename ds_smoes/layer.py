@@ -85,9 +85,9 @@ class SMoESMoE(MoE):
 
     def modality_scores(self, x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor,
                         given_SM: torch.Tensor | None) -> torch.Tensor:
-        """The score the config asks for, detached, [S, 2]."""
+        """The score the config asks for, detached, [S, 2]; the hard one when the gate does not read it."""
         kind = self.config.score_type
-        if kind == "hard":
+        if kind == "hard" or not self.config.uses_soft_scores:
             return hard_scores(labels_S)
         if kind == "gaussian":
             if self.training:

@@ -133,6 +133,38 @@ def test_attention_score_type_requires_scores():
         moe(torch.randn(1, 3, D), modality_labels=torch.zeros(1, 3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("score_type", ["attention", "gaussian"])
+def test_baseline_gates_neither_need_nor_compute_soft_scores(score_type):
+    # only SMoES reads the soft score: a top-k layer needs no attention score and fits no Gaussian statistics
+    cfg = SMoESConfig(num_experts=4, k=2, ep_size=1, num_bins=2, score_type=score_type, gate="topk")
+    assert not cfg.uses_soft_scores and SMoESConfig(num_experts=4, num_bins=2).uses_soft_scores
+    moe = SMoESMoE(D, nn.Linear(D, D), cfg)
+    out, _, _ = moe(torch.randn(2, 3, D), modality_labels=torch.tensor([[1, 0, 0], [1, 1, 0]]))
+    assert out.shape == (2, 3, D)
+    if score_type == "gaussian":
+        assert moe.scorer.count_M.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("gate, tracked", [("smoes", True), ("topk", False), ("ltdr", False)])
+def test_model_tracks_the_attention_score_only_for_a_gate_that_reads_it(gate, tracked, monkeypatch):
+    from ds_smoes.model import TinyMoEVLM
+    from ds_smoes.model.attention import SelfAttention
+    from ds_smoes.model.config import ModelConfig
+
+    asked = []
+    forward = SelfAttention.forward
+    monkeypatch.setattr(SelfAttention, "forward",
+                        lambda self, x, mask, need_probs=False: asked.append(need_probs) or forward(self, x, mask,
+                                                                                                     need_probs))
+    cfg = SMoESConfig(num_experts=4, k=2, ep_size=1, num_bins=2, score_type="attention", gate=gate)
+    model = TinyMoEVLM(ModelConfig(d_model=16, n_layers=2, n_heads=2, patch_size=4, vision_dim=16, vision_layers=0,
+                                   max_len=16), vocab_size=10, image_token_id=9, smoes=cfg)
+    ids = torch.tensor([[9, 9, 9, 9, 1, 2]])
+    out = model(ids, torch.ones_like(ids), (ids == 9).long(), torch.randn(1, 1, 8, 8), torch.tensor([True]))
+    assert torch.isfinite(out.logits_BTV).all()
+    assert asked == [tracked, tracked]  # the two decoder blocks
+
+
 @pytest.mark.parametrize("score_type", ["attention", "gaussian", "hard"])
 def test_samples_without_image_or_text_keep_losses_finite(score_type):
     cfg = SMoESConfig(num_experts=4, k=2, ep_size=1, num_bins=2, score_type=score_type, alpha_mi=1.0, alpha_bal=1.0)

@@ -51,7 +51,8 @@ def default_ep_rank(ep_size: int) -> int:
 
 def attach_modality_context(model: nn.Module, adapter: ModelAdapter, smoes: SMoESConfig) -> tuple[ModalityContext, list]:
     """The model's ModalityContext and, for attention scores, the per-layer hooks that carry them."""
-    context = ModalityContext(tuple(adapter.placeholder_ids(model.config)), track_scores=smoes.score_type == "attention")
+    track = smoes.score_type == "attention" and smoes.uses_soft_scores  # only SMoES reads the score
+    context = ModalityContext(tuple(adapter.placeholder_ids(model.config)), track_scores=track)
     trackers = []
     if context.track_scores:
         layers = adapter.decoder_layers(model)

@@ -23,7 +23,8 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="residual and embedding dropout in the decoder")
     attn_impl: Literal["sdpa", "eager"] = Field(
         "sdpa", description="sdpa: fused attention, probabilities recomputed for the attention score only; "
-                            "eager: explicit softmax that returns the probabilities")
+                            "eager: explicit softmax that returns the probabilities (cheaper when the attention "
+                            "score is tracked and sequences are short, as in the demo)")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
