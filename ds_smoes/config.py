@@ -145,6 +145,12 @@ class SMoESConfig(_Strict):
         return self.gate == "smoes"
 
     @property
+    def effective_score_type(self) -> ScoreType:
+        """The score the gate actually gets: `score_type` for SMoES, "hard" for a gate that does not read it
+        (the model and the layer compute only this one)."""
+        return self.score_type if self.uses_soft_scores else "hard"
+
+    @property
     def experts_per_bin(self) -> int:
         return self.num_experts // self.num_bins
 

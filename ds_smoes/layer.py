@@ -86,8 +86,8 @@ class SMoESMoE(MoE):
     def modality_scores(self, x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor,
                         given_SM: torch.Tensor | None) -> torch.Tensor:
         """The score the config asks for, detached, [S, 2]; the hard one when the gate does not read it."""
-        kind = self.config.score_type
-        if kind == "hard" or not self.config.uses_soft_scores:
+        kind = self.config.effective_score_type
+        if kind == "hard":
             return hard_scores(labels_S)
         if kind == "gaussian":
             if self.training:
@@ -142,7 +142,7 @@ class SMoESMoE(MoE):
         finally:
             self.gate.on_routes = None
         out_SD, self.last_comm = rank_once_dispatch(x_SD, indices_KS, gates_KS, moe.experts.deepspeed_experts,
-                                                     num_experts, group, valid_S, plans[0] if plans else None)
+                                                    num_experts, group, valid_S, plans[0] if plans else None)
         output = out_SD.reshape(hidden_states.shape)
         if self.use_residual:  # Residual MoE: a learned per-token mix of the MoE output and a dense MLP
             mlp_out = self.mlp(hidden_states)

@@ -48,7 +48,7 @@ def expert_modality_load(indices_KS: torch.Tensor, labels_S: torch.Tensor, valid
 
 
 def routes_per_column(indices_KS: torch.Tensor, valid_S: torch.Tensor, num_columns: int,
-                       column_E: torch.Tensor | None = None) -> torch.Tensor:
+                      column_E: torch.Tensor | None = None) -> torch.Tensor:
     """[S, C] how many of each valid token's routes land in column c (c = expert, or `column_E[expert]`)."""
     keep_KS = (indices_KS >= 0) & valid_S.bool().unsqueeze(0)
     col_KS = indices_KS.long().clamp_min(0)

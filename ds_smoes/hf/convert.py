@@ -51,7 +51,7 @@ def default_ep_rank(ep_size: int) -> int:
 
 def attach_modality_context(model: nn.Module, adapter: ModelAdapter, smoes: SMoESConfig) -> tuple[ModalityContext, list]:
     """The model's ModalityContext and, for attention scores, the per-layer hooks that carry them."""
-    track = smoes.score_type == "attention" and smoes.uses_soft_scores  # only SMoES reads the score
+    track = smoes.effective_score_type == "attention"
     context = ModalityContext(tuple(adapter.placeholder_ids(model.config)), track_scores=track)
     trackers = []
     if context.track_scores:

@@ -114,8 +114,7 @@ class TinyMoEVLM(nn.Module):
         x_BTD = self.embed(input_ids_BT, valid_BT, image_BCHW, has_image_B)
         mask_B1TT = attention_mask(valid_BT, causal=True)
         labels_mod_BT = modality_BT.long() * valid_BT
-        track = (self.smoes is not None and self.smoes.score_type == "attention" and self.smoes.uses_soft_scores
-                 and bool(self.moe_layers()))
+        track = self.smoes is not None and self.smoes.effective_score_type == "attention" and bool(self.moe_layers())
         modality_BTM = hard_scores(labels_mod_BT) if track else None  # layer 0: one-hot of the hard label
         aux = x_BTD.new_zeros(())
         for block in self.blocks:
