@@ -198,7 +198,7 @@ class ModalityGate(TopKGate):
 
     @torch.no_grad()
     def _update_bins(self, routes: SparseRoutes, labels_S: torch.Tensor, valid_S: torch.Tensor) -> bool:
-        if not self.training or not self.binning.adaptive:
+        if not self.training or self.binning.frozen:  # fixed or frozen bins: no load to observe, no all-reduce
             return False
         onehot_SM = F.one_hot(labels_S.long(), 2).float() * valid_S.float().unsqueeze(-1)
         self.binning.observe(self.reduce_fn(onehot_SM.T @ routes.selected_SE.float()))

@@ -206,7 +206,8 @@ def test_rank_once_on_two_gloo_ranks_matches_one_process_reference(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for r in range(2):
         report = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert set(report) == {"smoes_k2", "smoes_k1", "ltdr_variable_k", "bin_limited", "rank1_only_padding"}
+        assert set(report) == {"smoes_k2", "smoes_k1", "ltdr_variable_k", "bin_limited", "rank1_only_padding",
+                               "topk_k1"}
         for case, rep in report.items():
             where = (r, case)
             for name in ("out", "x_grad", "wg_grad", "expert_grad"):
@@ -218,6 +219,7 @@ def test_rank_once_on_two_gloo_ranks_matches_one_process_reference(tmp_path):
                 assert rep[f"{part}_bytes"] == rep[f"expected_{part}_bytes"], (where, part, rep)
             assert rep["cross_rank_rate"] == pytest.approx(rep["gate_cross_rank_rate"])
             assert rep["ranks_per_token"] == pytest.approx(rep["gate_ranks_per_token"])
+            assert rep["all_reduces"] == 0, where  # no gate, DeepSpeed's top-k included, agrees a capacity
         assert report["bin_limited"]["ranks_per_token"] == 1.0  # one bin per token, bins aligned with ranks
         if r == 0:
             assert report["ltdr_variable_k"]["max_routes"] == 3  # a tail token used a = 3 experts

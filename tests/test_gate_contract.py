@@ -178,3 +178,23 @@ def test_samples_without_image_or_text_keep_losses_finite(score_type):
     assert torch.isfinite(l_aux) and torch.isfinite(x.grad).all()
     assert torch.isfinite(moe.gate.wg.weight.grad).all()
     assert moe.last_routing_stats.num_tokens == 10
+
+
+def test_adaptive_bins_stop_observing_once_frozen():
+    # Each observed step all-reduces the modality load over the world: once the bins are frozen the
+    # gate skips it, so a long run pays that collective for freeze_step steps only.
+    cfg = SMoESConfig(num_experts=E, k=2, ep_size=1, num_bins=4, score_type="hard", binning="adaptive",
+                      rebin_interval=2, rebin_freeze_step=4)
+    gate = SMoESGate(D, cfg).train()
+    reduced = []
+    gate.reduce_fn = lambda t: reduced.append(t.clone()) or t   # the world sum of one rank: the identity
+    labels = torch.tensor([0, 1] * (S // 2))
+    for _ in range(7):
+        gate.set_routing_inputs(_inputs(labels))
+        gate(torch.randn(S, D), None, True, False)
+    assert len(reduced) == 4 and int(gate.binning.step) == 4 and gate.binning.frozen
+    assert all(int(r.sum()) == 2 * S for r in reduced)  # load_ME: k routes of every token, by modality
+    frozen_bins = gate.binning.bin_id_E.clone()
+    gate.set_routing_inputs(_inputs(labels))
+    gate(torch.randn(S, D), None, True, False)
+    assert torch.equal(gate.binning.bin_id_E, frozen_bins) and len(reduced) == 4

@@ -97,6 +97,25 @@ def test_generation_with_kv_cache_matches_the_original():
     assert model.context.key_scores[0].shape[1] == one["input_ids"].shape[1] + 3   # scores of cached tokens kept
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_filled_kv_cache_under_either_keyword_keeps_the_cached_scores(name):
+    # transformers >= 5.24 hands the KV cache to the model as `cache`, earlier 5.x as `past_key_values`:
+    # under either, a filled cache means a decoding step, whose keys' scores must be kept.
+    from transformers import DynamicCache
+
+    model = convert_to_smoes(hf_tiny.build(hf_tiny.qwen3_vl_moe_config()),
+                             SMoESConfig(**LOSSES_OFF, score_type="attention")).eval()
+    model.context.key_scores = {0: torch.zeros(1, 5, 2)}
+    ids = torch.ones(1, 1, dtype=torch.long)
+    model._begin_forward(model.hf_model, (), {"input_ids": ids, name: DynamicCache()})   # empty: a new sequence
+    assert model.context.key_scores == {}
+    filled = DynamicCache()
+    filled.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), 0)
+    model.context.key_scores = {0: torch.zeros(1, 5, 2)}
+    model._begin_forward(model.hf_model, (), {"input_ids": ids, name: filled})
+    assert list(model.context.key_scores) == [0]
+
+
 def test_expert_parallel_rank_keeps_its_own_experts():
     hf = hf_tiny.build(hf_tiny.qwen3_vl_moe_config())
     src = copy.deepcopy(hf.model.language_model.layers[1].mlp)

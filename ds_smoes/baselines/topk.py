@@ -33,12 +33,17 @@ class DeepSpeedTopKGate(ModalityGate):
         # DeepSpeed's routing, unmodified (it honours the padding mask for k = 1 only).  The mask goes
         # in as int64: a float mask makes 0.19.8's dropless top-1 path hand a float capacity to
         # torch.topk, which raises.
-        configured = self.top2_2nd_expert_sampling
+        configured, group = self.top2_2nd_expert_sampling, self.ep_group
         self.top2_2nd_expert_sampling = configured and self.training
+        if self.config.dispatch == "rank_once":
+            # no capacity-padded buffer: each rank's own capacity will do, so DeepSpeed's dropless
+            # all-reduce of it across the EP group (one blocking collective per layer) is left out,
+            # as SMoESGate does
+            self.ep_group = None
         try:
             out = TopKGate.forward(self, input, valid_S.long(), sparse_routes, use_tutel)
         finally:
-            self.top2_2nd_expert_sampling = configured
+            self.top2_2nd_expert_sampling, self.ep_group = configured, group
         if not sparse_routes:
             return out
         l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E = out

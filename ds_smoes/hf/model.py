@@ -32,6 +32,10 @@ class SMoESOutput:
     hf_output: Any                     # what the transformers model returned
 
 
+# the KV cache's keyword: transformers >= 5.24 passes `cache`, earlier 5.x `past_key_values`
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
 class SMoESHFModel(nn.Module):
     def __init__(self, hf_model: nn.Module, adapter: ModelAdapter, smoes: SMoESConfig, context: ModalityContext,
                  original_config, upcycled: bool) -> None:
@@ -48,8 +52,8 @@ class SMoESHFModel(nn.Module):
         if input_ids is None:
             raise ValueError("the SMoES model needs input_ids (the image/video placeholder ids give the modality "
                              "labels); inputs_embeds alone is not supported")
-        past = kwargs.get("past_key_values")
-        cached = past is not None and hasattr(past, "get_seq_length") and int(past.get_seq_length()) > 0
+        cached = any(hasattr(past, "get_seq_length") and int(past.get_seq_length()) > 0
+                     for past in (kwargs.get(name) for name in _CACHE_KWARGS))
         self.context.begin(input_ids, kwargs.get("attention_mask"), cached)
 
     def forward(self, **inputs) -> SMoESOutput:

@@ -3,6 +3,8 @@ single-process reference that holds all experts (DeepSpeed's stock MOELayer, ep_
 weights), forward and backward; and the measured bytes against the send counts.
 Each rank writes OUT/rank{r}.json; tests/test_dispatch.py asserts on them."""
 
+import contextlib
+
 import torch
 from rank_report import parse_args, write_report
 from torch import nn
@@ -23,6 +25,7 @@ CASES = {
     "ltdr_variable_k": {"gate": "ltdr", "k": 1, "ltdr_top_a": 3},
     "bin_limited": {"k": 2, "max_bins_per_token": 1},
     "rank1_only_padding": {"k": 2},
+    "topk_k1": {"gate": "topk", "k": 1},   # DeepSpeed's top-1 routing (dropless, RTS) through rank_once
 }
 
 
@@ -69,6 +72,22 @@ def routes(layer: SMoESMoE, x, labels, mask) -> torch.Tensor:
         return layer.gate(x.reshape(-1, D), None, True, False)[3]
 
 
+@contextlib.contextmanager
+def counting_all_reduces(counter: list):
+    """Appends one entry per torch.distributed.all_reduce call made inside the block."""
+    real = torch.distributed.all_reduce
+
+    def counted(*args, **kwargs):
+        counter.append(1)
+        return real(*args, **kwargs)
+
+    torch.distributed.all_reduce = counted
+    try:
+        yield counter
+    finally:
+        torch.distributed.all_reduce = real
+
+
 def max_diff(a, b) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
@@ -77,7 +96,8 @@ def check(case: str, fields: dict, rank: int) -> dict:
     layer = build(fields, EP, "rank_once", rank)
     layer.set_deepspeed_parallelism()
     x, labels, mask, probe = batch(rank, case)
-    out, x_grad = run(layer, x, labels, mask, probe)
+    with counting_all_reduces([]) as all_reduces:  # rank_once needs no common capacity: no all-reduce
+        out, x_grad = run(layer, x, labels, mask, probe)
     comm = layer.last_comm
     physical = layer.last_routing_stats.comm_physical
 
@@ -112,7 +132,7 @@ def check(case: str, fields: dict, rank: int) -> dict:
         "expected_combine_bytes": send_to_other[other] * D * 4,
         "expected_metadata_bytes": 8 + send_to_other[rank] * layer.gate.num_routes * 8,
         "cross_rank_rate": comm.cross_rank_rate, "ranks_per_token": comm.ranks_per_token,
-        "num_tokens": comm.num_tokens,
+        "num_tokens": comm.num_tokens, "all_reduces": len(all_reduces),
         "gate_cross_rank_rate": float(physical["cross_rank_rate"]),
         "gate_ranks_per_token": float(physical["ranks_per_token"]),
         "max_routes": int((routes(ref, x, labels, mask) >= 0).sum(0).max()) if mask.any() else 0,
