@@ -12,6 +12,7 @@ run is logged to MLflow (SQLite store `mlflow.db` in the working directory unles
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import socket
 import sys
@@ -60,6 +61,22 @@ def init_distributed() -> None:
     limit_threads_per_rank()
     no_shm_allreduce_segments()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    atexit.unregister(destroy_process_group_at_exit)  # once, however often this is called
+    atexit.register(destroy_process_group_at_exit)
+
+
+def destroy_process_group_at_exit() -> None:
+    """Tear the process group down while the interpreter is still whole (registered by `init_distributed`).
+
+    A rank that exits with the group alive leaves gloo's worker threads holding finished async
+    work (the rank_once count exchange is one) until interpreter finalisation, where releasing
+    their tensors can abort the process ("terminate called without an active exception", exit
+    code -6): a finished run then fails under the launcher, now and then.  Calling it twice, or
+    after the script destroyed the group itself, does nothing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def no_shm_allreduce_segments() -> None:

@@ -99,3 +99,16 @@ def test_dataset_errors_exit_2_with_message(tmp_path, digits_dir, damage, needle
     cfg = write_config(tmp_path, data, smoes={"ep_size": 1})
     proc = python_run(["-m", "ds_smoes.train", "--config", str(cfg), "--no-mlflow"])
     _fails_cleanly(proc, *needles)
+
+
+def test_the_process_group_is_destroyed_before_interpreter_exit():
+    # atexit handlers run last-registered first: one registered before init_distributed runs after
+    # its handler, and must find the group gone (gloo's threads released while Python is whole)
+    script = ("import atexit, torch, torch.distributed as dist\n"
+              "atexit.register(lambda: print('group alive at exit:', dist.is_initialized(), flush=True))\n"
+              "from ds_smoes.train import init_distributed\n"
+              "init_distributed(); init_distributed()\n"
+              "dist.all_to_all_single(torch.zeros(2), torch.ones(2), async_op=True).wait()\n")
+    proc = python_run(["-c", script])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "group alive at exit: False" in proc.stdout, proc.stdout + proc.stderr[-2000:]
