@@ -131,6 +131,12 @@ class ModalityGate(TopKGate):
         return RoutingInputs(*(t.to(device) for t in (inputs.modality_SM, inputs.labels_S, inputs.sample_id_S,
                                                        inputs.valid_S)))
 
+    @property
+    def slotless(self) -> bool:
+        """rank_once without dropping: no capacity-padded buffer, so routes need no slots and the EP ranks
+        need no common capacity (no all-reduce of it)."""
+        return self.config.dispatch == "rank_once" and not self.drop_tokens
+
     # -- placement -------------------------------------------------------------------------------
     def ep_world(self) -> tuple[int, int]:
         """(this rank's index in the expert-parallel group, the group's size)."""
@@ -166,7 +172,7 @@ class ModalityGate(TopKGate):
         logits_SE = F.linear(x_SD.float(), self.wg.weight.float())
         probs_SE = self.routing_probs(logits_SE, inputs)
         top_idx_SK = self.select(probs_SE, inputs, valid_S)
-        slotless = cfg.dispatch == "rank_once" and not self.drop_tokens  # no capacity buffer: no slots needed
+        slotless = self.slotless
         if slotless:
             counts_E = route_counts(top_idx_SK, valid_S, cfg.num_experts)
             location_KS = torch.zeros(top_idx_SK.shape[::-1], dtype=torch.int64, device=top_idx_SK.device)

@@ -35,10 +35,9 @@ class DeepSpeedTopKGate(ModalityGate):
         # torch.topk, which raises.
         configured, group = self.top2_2nd_expert_sampling, self.ep_group
         self.top2_2nd_expert_sampling = configured and self.training
-        if self.config.dispatch == "rank_once":
-            # no capacity-padded buffer: each rank's own capacity will do, so DeepSpeed's dropless
-            # all-reduce of it across the EP group (one blocking collective per layer) is left out,
-            # as SMoESGate does
+        if self.slotless:
+            # each rank's own capacity will do, so DeepSpeed's dropless all-reduce of it across the EP
+            # group (one blocking collective per layer) is left out, as in ModalityGate.forward
             self.ep_group = None
         try:
             out = TopKGate.forward(self, input, valid_S.long(), sparse_routes, use_tutel)

@@ -73,9 +73,9 @@ def routes(layer: SMoESMoE, x, labels, mask) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def counting_all_reduces(counter: list):
-    """Appends one entry per torch.distributed.all_reduce call made inside the block."""
-    real = torch.distributed.all_reduce
+def counting_all_reduces():
+    """Yields a list that gets one entry per torch.distributed.all_reduce call made inside the block."""
+    real, counter = torch.distributed.all_reduce, []
 
     def counted(*args, **kwargs):
         counter.append(1)
@@ -96,7 +96,7 @@ def check(case: str, fields: dict, rank: int) -> dict:
     layer = build(fields, EP, "rank_once", rank)
     layer.set_deepspeed_parallelism()
     x, labels, mask, probe = batch(rank, case)
-    with counting_all_reduces([]) as all_reduces:  # rank_once needs no common capacity: no all-reduce
+    with counting_all_reduces() as all_reduces:  # rank_once needs no common capacity: no all-reduce
         out, x_grad = run(layer, x, labels, mask, probe)
     comm = layer.last_comm
     physical = layer.last_routing_stats.comm_physical
