@@ -137,3 +137,40 @@ def test_trial_states_trust_a_settled_mlflow_run_over_a_lost_done_flag(store):
     # Tune's own `done` still counts, and a trial Tune never returned stays unfinished
     assert trial_states([result("t01", {"done": True})], trials) == {
         "t00": "UNFINISHED", "t01": "FINISHED", "t02": "UNFINISHED", "t03": "UNFINISHED"}
+
+
+def test_a_lost_controller_is_not_a_failed_training():
+    """When Tune stops a trial (Ctrl+C on the sweep) its Train controller dies while `fit()` waits on
+    it: that ActorDiedError must leave the run open for `resume`; Ray Train's own failures do not."""
+    from ray.exceptions import ActorDiedError, RayActorError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from ds_smoes.sweep.trial import controller_lost
+
+    assert controller_lost(ActorDiedError()) and controller_lost(RayActorError())
+    assert not controller_lost(WorkerGroupError("rank 1 died", {1: RuntimeError("boom")}))
+    assert not controller_lost(ControllerError(RuntimeError("gave up")))
+    assert not controller_lost(RuntimeError("boom"))
+
+
+def test_failed_trials_whose_run_is_still_open_are_settled_by_the_driver(store):
+    from types import SimpleNamespace
+
+    from ds_smoes.sweep.driver import settle_failed_trials, trial_errors
+
+    parent = store.create_parent("e", "sweep-4", {"sweep.id": "sweep-4"}, {})
+    ctx = {"parent_run_id": parent, "sweep_id": "sweep-4", "sweep_name": "s"}
+    trials = [{"id": f"t0{i}", "name": f"t0{i}:x", "index": i} for i in range(3)]
+    lost = _attempt(store, parent, "t00:x", [(10, {"train/loss": 1.0})])  # controller died, Tune: errored
+    paused = _attempt(store, parent, "t01:x", [(10, {"train/loss": 2.0})])  # interrupted: resumable
+    done = _attempt(store, parent, "t02:x", [(10, {"train/loss": 2.0})], status="FINISHED")
+    store.settle_trial(parent, "t02:x", {"sweep.trial_id": "t02"}, failed=False)
+    grid = [SimpleNamespace(config={"trial": trials[0]}, metrics={}, error=RuntimeError("controller gone")),
+            SimpleNamespace(config={"trial": trials[1]}, metrics={"step": 10}, error=None)]
+    errors = trial_errors(grid)
+    assert errors == {"t00": "RuntimeError: controller gone"}
+    settle_failed_trials(store, ctx, trials, {"t00": "FAILED", "t01": "UNFINISHED", "t02": "FINISHED"}, errors)
+    failed = store.get(lost)
+    assert failed.status == "FAILED" and failed.tags["sweep.error"] == "RuntimeError: controller gone"
+    assert failed.tags["sweep.trial_id"] == "t00" and failed.tags["sweep.attempts"] == "1"
+    assert store.get(paused).status == "RUNNING" and store.get(done).status == "FINISHED"

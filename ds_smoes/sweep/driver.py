@@ -219,11 +219,36 @@ def settled_trials(store, parent_run_id: str, trials: list[dict]) -> set[str]:
     return {t["id"] for t in trials if t["name"] in names}
 
 
+def trial_errors(grid) -> dict[str, str]:
+    """{trial id: Tune's error message} for the trials Tune recorded as errored."""
+    return {result.config["trial"]["id"]: f"{type(result.error).__name__}: {result.error}"
+            for result in grid if result.error is not None and "trial" in (result.config or {})}
+
+
+def settle_failed_trials(store, ctx: dict, trials: list[dict], states: dict[str, str],
+                         errors: dict[str, str]) -> None:
+    """Mark FAILED the MLflow run of every failed trial that is still RUNNING.
+
+    A trial settles its own run when training fails; one whose Train controller died under it
+    (`trial.controller_lost`) leaves the run open, because that is also how an interrupted trial
+    ends.  If Tune then recorded the trial as errored, nobody else will close the run."""
+    from ds_smoes.sweep.trial import trial_tags
+
+    for t in trials:
+        if states.get(t["id"]) != "FAILED":
+            continue
+        runs = store.children(ctx["parent_run_id"], t["name"])
+        if runs and runs[-1].status == "RUNNING":
+            store.settle_trial(ctx["parent_run_id"], t["name"], trial_tags(ctx, t), failed=True,
+                               error=errors.get(t["id"], "Tune recorded the trial as failed"))
+
+
 def _conclude(store, ctx: dict, trials: list[dict], grid, t0: float, log: Callable) -> SweepOutcome:
     from ds_smoes.sweep import report
 
     parent = ctx["parent_run_id"]
     states = trial_states(grid, trials, settled_trials(store, parent, trials))
+    settle_failed_trials(store, ctx, trials, states, trial_errors(grid))
     finished = sum(s == "FINISHED" for s in states.values())
     failed = sum(s == "FAILED" for s in states.values())
     unfinished = len(trials) - finished - failed

@@ -96,8 +96,13 @@ def run_trial(config: dict, ctx: dict) -> None:
     )
     try:
         trainer.fit()
-    except Exception as err:  # a worker group that failed more than max_failures times
+    except Exception as err:  # a worker group that failed more than max_failures times, or a lost controller
         message = f"{type(err).__name__}: {err}"
+        if controller_lost(err):
+            # Tune is stopping this trial (Ctrl+C on the sweep: `resume` continues it from its checkpoint,
+            # so its run stays RUNNING) or the controller's node died; if Tune records the trial as
+            # failed, the driver settles its run (`driver.settle_failed_trials`).
+            raise TrialFailed(f"{trial['name']}: its Ray Train controller stopped: {message}") from None
         if not store.settle_trial(ctx["parent_run_id"], trial["name"], tags, failed=True, error=message):
             store.record_failed_trial(ctx["parent_run_id"], trial["name"], {**tags, **_raw_tags(spec, trial)},
                                       {**flatten("", spec.overrides), **trial["values"]}, message)
@@ -105,6 +110,21 @@ def run_trial(config: dict, ctx: dict) -> None:
     run_id = store.settle_trial(ctx["parent_run_id"], trial["name"], tags, failed=False)
     if run_id is None or store.get(run_id).status != "FINISHED":
         raise TrialFailed(f"{trial['name']}: training ended without a finished MLflow run")
+
+
+def controller_lost(err: BaseException) -> bool:
+    """True when `TorchTrainer.fit()` raised because the trial's Train controller actor died, not
+    because training failed.
+
+    Ray Train reports a failed training (workers that failed more than `max_failures` times, a
+    controller that gave up) as a `TrainingFailedError`; a controller actor that is gone surfaces as
+    the `RayActorError` of fit's `ray.get`.  That happens when Tune stops the trial (the sweep was
+    interrupted: the trial actor exits and its controller with it, while fit is still waiting) and
+    when the controller's node dies."""
+    from ray.exceptions import RayActorError
+    from ray.train import TrainingFailedError
+
+    return isinstance(err, RayActorError) and not isinstance(err, TrainingFailedError)
 
 
 def train_worker(config: dict) -> None:
