@@ -115,3 +115,26 @@ def test_simulate_errors(tmp_path, capsys):
     comm.write_text(strict_json(assemble(raw_result())))
     assert main(["simulate", "--from", str(comm), "--no-mlflow", "--experts", "8", "--ep-sizes", "16"]) == 2
     assert "no (experts, ep_size) pair" in capsys.readouterr().err
+
+
+def test_figures_reach_mlflow(tmp_path):
+    """Every variant's figures, the expert-work ones included, land in the bench's MLflow run; a
+    figure an older measurement lacks (NaN) is left out rather than logged."""
+    from ds_smoes.bench.comm import _log
+    from ds_smoes.sweep.store import SweepStore, prepare_tracking_uri
+    from ds_smoes.tracking import Tracker
+
+    uri = prepare_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    raw = raw_result()
+    for layer in raw["sources"]["trained"]["b"]["layers"]:
+        del layer["expert_rows_busiest"]
+    result = assemble(raw)
+    tracker = Tracker(uri, "bench", "comm")
+    for name in ("comm.json", "comm.md"):
+        (tmp_path / name).write_text("{}")
+    _log(tracker, result, tmp_path, "table")
+    metrics = SweepStore(uri).get(tracker.run_id).metrics
+    assert metrics["trained/c/expert_rows_per_token"] == pytest.approx(1.2)
+    assert metrics["trained/a/expert_load_imbalance"] == 1.0
+    assert metrics["trained/c/bytes_per_token"] == 280.0
+    assert "trained/b/expert_rows_per_token" not in metrics and "trained/b/bytes_per_token" in metrics

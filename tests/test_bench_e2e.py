@@ -28,8 +28,13 @@ def _check_accounting(setup, rows):
             # the SMoES gate routes no padding: one vector out and one back per (valid token, remote rank)
             assert r["bytes_per_token"] == pytest.approx(2 * d * elt * r["remote_pairs_per_token"])
             assert r["metadata_bytes_per_token"] > 0
+            # k rows per valid token, spread over ep_size ranks: the average rank runs k / ep per token
+            average_rank = r["expert_rows_per_token"] / r["expert_load_imbalance"]
+            assert average_rank == pytest.approx(setup["k"] / setup["ep_size"])
+        assert r["expert_rows_per_token"] > 0 and r["expert_load_imbalance"] >= 1.0, key
         if r["dispatch"] == "deepspeed":
             assert r["metadata_bytes_per_token"] == 0
+            assert r["expert_load_imbalance"] == 1.0  # the padded buffer: the same rows on every rank
     if "d" in rows:
         assert rows["d"]["ranks_per_token"] == 1.0  # one bin per token, bins on ranks
 

@@ -23,6 +23,9 @@ def test_bytes_rates_and_deltas_by_hand():
     assert c["measured_remote_bytes"] == c["expected_remote_bytes"] == 56000
     assert c["own_route_counts_MJ"] == [[10, 20, 70], [0, 10, 40]]  # summed over the two layers
     assert c["label"] == "SMoES gate + rank_once dispatch" and c["dispatch"] == "rank_once"
+    # busiest-rank expert rows: (120 + 120) / 200 tokens, and 240 / (100 + 100) over the average rank
+    assert c["expert_rows_per_token"] == pytest.approx(1.2) and c["expert_load_imbalance"] == pytest.approx(1.2)
+    assert a["expert_rows_per_token"] == pytest.approx(1.5) and a["expert_load_imbalance"] == pytest.approx(1.0)
 
 
 def test_done_criteria():
@@ -77,7 +80,8 @@ def test_paired_speed_by_hand():
 def test_table_and_report_text():
     result = assemble(raw_result(), runs={"smoes": {"run_dir": Path("runs/demo"), "metrics": {"acc_overall": 0.97}}})
     md = report_markdown(result)
-    assert "| (c) | SMoES gate + rank_once dispatch | 280.0 | -60.0% | 0.500 | 1.500 | 80.0 | -20.0% |" in md
+    assert ("| (c) | SMoES gate + rank_once dispatch | 280.0 | -60.0% | 0.500 | 1.500 | 1.20 | 1.20 | 80.0 "
+            "| -20.0% |") in md
     assert "| (a) | top-k gate + stock dispatch | 700.0 | +0.0% |" in md
     assert "60.0% fewer (target >= 56.1%): met" in md
     assert result["sources"]["trained"]["c"]["run_dir"] == "runs/demo"
@@ -110,3 +114,12 @@ def test_simulation_inputs_from_the_measurement():
     assert inputs.smoes.own_routes_MJ[0] == pytest.approx((0.1, 0.2, 0.7))
     with pytest.raises(ConfigError, match="no 'init' models"):
         simulation_inputs(assemble(raw_result()), "init")
+
+
+def test_a_measurement_without_the_expert_work_tally_still_reports():
+    raw = raw_result()
+    for layer in raw["sources"]["trained"]["c"]["layers"]:
+        del layer["expert_rows_busiest"], layer["expert_rows_mean"]
+    c = assemble(raw)["sources"]["trained"]["c"]
+    assert math.isnan(c["expert_rows_per_token"]) and math.isnan(c["expert_load_imbalance"])
+    assert "| 1.500 | n/a | n/a | 80.0 |" in report_markdown(assemble(raw))

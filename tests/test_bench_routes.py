@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from ds_smoes.bench.routes import (LayerCall, RouteRecorder, bins_by_physical, expected_rank_once_dispatch_bytes,
-                                   expected_stock_bytes, modality_load, own_bins, own_route_counts, remote_pairs)
+                                   expected_stock_bytes, expert_rows_sent, expert_work, modality_load, own_bins,
+                                   own_route_counts, remote_pairs)
 from ds_smoes.config import SMoESConfig
 from ds_smoes.dispatch import rank_hits, rank_once_volume, route_ranks, send_plan, stock_alltoall_bytes
 from ds_smoes.layer import SMoESMoE
@@ -34,6 +35,17 @@ def test_remote_pairs_and_rank_once_bytes_match_the_dispatch_plan():
 def test_stock_bytes_from_the_capacity():
     assert expected_stock_bytes([CALL], num_experts=4, ep_size=2, hidden=8, element_size=4) == 384
     assert expected_stock_bytes([CALL, CALL], 4, 2, 8, 4) == 2 * stock_alltoall_bytes(4, 3, 8, 2, 4)
+
+
+def test_expert_rows_per_rank_by_hand():
+    # rank_once: the 7 routes e0 e1 | e2 e0 | e3 e2 | e3 -> 3 rows on rank 0 (e0 e1 e0), 4 on rank 1
+    assert expert_rows_sent(CALL, "rank_once", num_experts=4, ep_size=2).tolist() == [3.0, 4.0]
+    # stock: each rank's 2 experts get a capacity-3 slot block from this rank, used or not
+    assert expert_rows_sent(CALL, "deepspeed", 4, 2).tolist() == [6.0, 6.0]
+    # over the group: call 1 ranks run [3 + 5, 4 + 1] rows, call 2 [2, 2] -> busiest 8 + 2, mean 6.5 + 2
+    busiest, mean = expert_work(torch.tensor([[8.0, 5.0], [2.0, 2.0]]))
+    assert (busiest, mean) == (10.0, 8.5)
+    assert expert_work(torch.zeros(0, 2)) == (0.0, 0.0)
 
 
 def test_router_statistics_by_hand():

@@ -166,8 +166,9 @@ def _log(tracker, result: dict, out_dir: Path, md: str) -> None:
     for source, rows in result["sources"].items():
         for key, r in rows.items():
             for f in ("bytes_per_token", "total_bytes_per_token", "cross_rank_rate", "ranks_per_token",
+                      "expert_rows_per_token", "expert_load_imbalance",
                       "ms_per_step", "acc_multimodal", "acc_language", "acc_overall", "delta_bytes_vs_a_pct"):
-                if isinstance(r.get(f), (int, float)):
+                if isinstance(r.get(f), (int, float)):  # Tracker drops NaN
                     metrics[f"{source}/{key}/{f}"] = r[f]
     crit = result.get("done_criteria")
     if crit and crit["bytes_reduction_c_vs_a_pct"] is not None:

@@ -7,6 +7,11 @@ Units (docs/bench.md):
   per-row routing) is reported beside it; total_bytes_per_token adds both.
 - cross_rank_rate, ranks_per_token, remote_pairs_per_token: token-weighted over ranks, layers
   and batches, valid tokens only, under the layout the dispatch really used.
+- expert_rows_per_token (busiest rank): the rows the busiest EP rank's experts run on in each call
+  (padding included for the stock dispatch, whose experts run on the whole [E/ep, capacity] buffer),
+  summed over calls and MoE layers, per valid token and MoE layer; expert_load_imbalance: the busiest
+  rank's rows over the average rank's (1 = balanced).  Where expert compute, not the wire, limits a
+  step (small models on CPU), these explain ms_per_step better than the bytes do.
 - ms_per_step: median over the timed rounds of one fwd+bwd of the whole model on one batch per
   rank (the slowest rank's time).
 """
@@ -34,6 +39,9 @@ def variant_figures(raw: dict) -> dict:
     counts_MJ = [[sum(l["own_route_counts_MJ"][m][j] for l in layers) for j in range(len(layers[0]
                   ["own_route_counts_MJ"][m]))] for m in range(2)]
     times = raw.get("step_seconds", [])
+    # measurements from before the expert-work tally have none: nan, not 0
+    busiest = sum(l.get("expert_rows_busiest", float("nan")) for l in layers)
+    mean = sum(l.get("expert_rows_mean", float("nan")) for l in layers)
     quartiles = statistics.quantiles(times, n=4) if len(times) >= 2 else [float("nan")] * 3
     return {
         "bytes_per_token": per(remote),
@@ -44,6 +52,8 @@ def variant_figures(raw: dict) -> dict:
         "cross_rank_rate": per(sum(l["cross_rank_tokens"] for l in layers)),
         "ranks_per_token": per(sum(l["rank_token_sum"] for l in layers)),
         "remote_pairs_per_token": per(sum(l["remote_pairs"] for l in layers)),
+        "expert_rows_per_token": per(busiest),
+        "expert_load_imbalance": busiest / mean if mean else float("nan"),
         "ms_per_step": raw.get("ms_per_step", float("nan")),
         "ms_per_step_quartiles": [1000 * q for q in quartiles],
         "step_seconds": list(times),  # per timed round, aligned across variants (paired comparisons)
@@ -166,12 +176,14 @@ def _fmt(value, spec: str, none: str = "n/a") -> str:
 def markdown_table(rows: dict) -> str:
     """One source's variants as a Markdown table."""
     head = ("| variant | routing + dispatch | bytes / token | Δ vs (a) | cross-rank rate | ranks / token | "
+            "expert rows / token (busiest rank) | imbalance | "
             "ms / step | Δ ms vs (a) | acc multimodal | acc language | acc overall |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for key, r in rows.items():
         lines.append(f"| ({key}) | {r['label']} | {_fmt(r['bytes_per_token'], '.1f')} "
                      f"| {_fmt(r['delta_bytes_vs_a_pct'], '+.1f')}% | {_fmt(r['cross_rank_rate'], '.3f')} "
-                     f"| {_fmt(r['ranks_per_token'], '.3f')} | {_fmt(r['ms_per_step'], '.1f')} "
+                     f"| {_fmt(r['ranks_per_token'], '.3f')} | {_fmt(r.get('expert_rows_per_token'), '.2f')} "
+                     f"| {_fmt(r.get('expert_load_imbalance'), '.2f')} | {_fmt(r['ms_per_step'], '.1f')} "
                      f"| {_fmt(r['delta_ms_vs_a_pct'], '+.1f')}% | {_fmt(r['acc_multimodal'], '.4f')} "
                      f"| {_fmt(r['acc_language'], '.4f')} | {_fmt(r['acc_overall'], '.4f')} |")
     return "\n".join(lines)
@@ -184,7 +196,9 @@ def report_markdown(result: dict) -> str:
               f"{s['moe_layers']} MoE layers, hidden {s['d_model']}; {s['tokens']} test tokens "
               f"({s['batches_per_rank']} batches of {s['batch_size']} sequences per rank); ms/step: median of "
               f"{s['repeats']} rounds after {s['warmup']} warm-up, {s['threads_per_rank']} thread(s) per rank. "
-              "bytes / token: remote bytes (dispatch + combine, forward) per valid token and MoE layer.")]
+              "bytes / token: remote bytes (dispatch + combine, forward) per valid token and MoE layer; "
+              "expert rows / token: rows the busiest EP rank's experts run on (stock: the padded buffer), per "
+              "valid token and MoE layer; imbalance: busiest rank over the average rank.")]
     titles = {"trained": "trained by the demo recipe", "init": "at initialisation (same seed)"}
     for source, rows in result["sources"].items():
         parts.append(f"\n### Models {titles.get(source, source)}\n\n{markdown_table(rows)}")

@@ -7,7 +7,7 @@ send (`expected_rank_once_dispatch_bytes`, `expected_stock_bytes`), which the be
 `layer.last_comm`.
 
 Shapes: S tokens, K routes per token, E experts, B bins, M = 2 modalities (0 text, 1 vision),
-J = K + 1 own-route counts.
+J = K + 1 own-route counts, R EP ranks.
 """
 from __future__ import annotations
 
@@ -140,3 +140,27 @@ def expected_stock_bytes(calls: list[LayerCall], num_experts: int, ep_size: int,
     """The padded [E, C, D] buffer twice per call, less the own rank's [E/ep, C, D] chunk."""
     remote_experts = num_experts - num_experts // ep_size
     return sum(2 * remote_experts * c.capacity * hidden * element_size for c in calls)
+
+
+# -- expert work per rank (pure) -----------------------------------------------------------------------
+def expert_rows_sent(call: LayerCall, dispatch: str, num_experts: int, ep_size: int) -> torch.Tensor:
+    """rows_R (float64): the rows this rank's tokens put in front of each EP rank's experts in this call.
+
+    rank_once: one row per route of every routed token (padding a gate routed included, as it is
+    dispatched), on the rank that holds the route's expert.  deepspeed: the capacity-padded buffer,
+    whatever the routing: each rank's E/ep experts run on `capacity` rows from every sender, padding
+    included.  Summed over the group's ranks (`distributed.world_sum_`), rows_R is the expert work of
+    each rank in the call; the busiest rank's is what the whole group waits for."""
+    per_rank = num_experts // ep_size
+    if dispatch == "rank_once":
+        used = call.indices_KS[call.indices_KS >= 0]
+        return torch.bincount(used // per_rank, minlength=ep_size)[:ep_size].double()
+    return torch.full((ep_size,), float(per_rank * call.capacity), dtype=torch.float64)
+
+
+def expert_work(rows_CR: torch.Tensor) -> tuple[float, float]:
+    """(busiest, mean): the group's expert rows per call [calls, R] summed over the calls, on the busiest
+    rank of each call and on the average rank."""
+    if rows_CR.numel() == 0:
+        return 0.0, 0.0
+    return float(rows_CR.max(dim=1).values.sum()), float(rows_CR.mean(dim=1).sum())

@@ -7,7 +7,8 @@ max_bins_per_token; none of them changes a parameter, so one checkpoint loads in
 gate's variants), then, on the same fixed test batches for every variant:
 
 1. a routing pass: one fwd+bwd per batch and variant, tallying `layer.last_comm` of every MoE
-   layer and recording the routes (`ds_smoes.bench.routes`);
+   layer and recording the routes (`ds_smoes.bench.routes`), from which the expert rows each rank
+   runs in each call follow (`expert_rows_sent`);
 2. timing: `warmup + repeats` rounds; in each round every variant runs one fwd+bwd on the round's
    batch (round robin, so load from other processes hits all variants alike); a step's time is
    the slowest rank's;
@@ -30,8 +31,9 @@ from pathlib import Path
 import torch
 
 from ds_smoes import distributed
-from ds_smoes.bench.routes import (RouteRecorder, expected_rank_once_dispatch_bytes, expected_stock_bytes,
-                                   bins_by_physical, modality_load, own_bins, own_route_counts, remote_pairs)
+from ds_smoes.bench.routes import (RouteRecorder, bins_by_physical, expected_rank_once_dispatch_bytes,
+                                   expected_stock_bytes, expert_rows_sent, expert_work, modality_load, own_bins,
+                                   own_route_counts, remote_pairs)
 from ds_smoes.bench.variants import VARIANTS, Variant
 from ds_smoes.config import SMoESConfig, validate
 from ds_smoes.errors import ConfigError, SMoESError
@@ -155,8 +157,13 @@ def routing_pass(model, batches: list, smoes: SMoESConfig) -> dict:
                                          comm.ranks_per_token * comm.num_tokens, expected,
                                          remote_pairs(call, home, per_rank)], dtype=torch.float64)
     distributed.world_sum_(tally_LX)
+    # expert rows of every rank per call: what each rank's tokens put in front of each rank, summed over the ranks
+    rows_LCR = torch.stack([torch.stack([expert_rows_sent(call, smoes.dispatch, smoes.num_experts, ep)
+                                         for call in recorder.calls[l]]) for l in range(len(layers))])
+    distributed.world_sum_(rows_LCR)
     layers_out = []
     for l, layer in enumerate(layers):
+        busiest, mean = expert_work(rows_LCR[l])
         # the recorded routes name physical experts (where the weights live, ds_smoes.placement); bins are
         # kept per logical expert: bins_P is the bin of each physical expert
         bins_E = layer.gate.binning.bin_id_E.detach().cpu().long()
@@ -168,7 +175,8 @@ def routing_pass(model, batches: list, smoes: SMoESConfig) -> dict:
         layers_out.append({**dict(zip(_TALLY, tally_LX[l].tolist())), "bins": bins_E.tolist(),
                            "physical": physical_E.tolist(), "bins_placed_on_ranks": _placed(bins_P, smoes),
                            "load_MP": load_MP.tolist(), "own_bins_MB": own_MB.tolist(),
-                           "own_route_counts_MJ": counts_MJ.tolist()})
+                           "own_route_counts_MJ": counts_MJ.tolist(),
+                           "expert_rows_busiest": busiest, "expert_rows_mean": mean})
     recorder.remove()
     return {"layers": layers_out, "element_size": elt, "hidden": d}
 
