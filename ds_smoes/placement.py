@@ -84,7 +84,8 @@ def is_placed(bin_of_expert_E: torch.Tensor, physical_E: torch.Tensor, num_bins:
 def to_physical(indices_KS: torch.Tensor, physical_E: torch.Tensor) -> torch.Tensor:
     """Routes in logical ids -> routes in physical ids (-1, an unused route, stays -1)."""
     physical_E = physical_E.to(indices_KS.device)
-    return torch.where(indices_KS >= 0, physical_E[indices_KS.clamp_min(0).long()].to(indices_KS.dtype), indices_KS)
+    moved_KS = physical_E.index_select(0, indices_KS.clamp_min(0).long().reshape(-1)).view(indices_KS.shape)
+    return torch.where(indices_KS >= 0, moved_KS.to(indices_KS.dtype), indices_KS)
 
 
 def counts_to_physical(counts_E: torch.Tensor, physical_E: torch.Tensor) -> torch.Tensor:
