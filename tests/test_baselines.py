@@ -7,11 +7,11 @@ from deepspeed.moe.experts import Experts
 from deepspeed.moe.sharded_moe import MOELayer, topkgating
 from torch import nn
 
-from ds_smoes.baselines import DeepSpeedTopKGate, LTDRGate, ltdr_tail_tokens, modality_expert_mask
-from ds_smoes.config import SMoESConfig
-from ds_smoes.gate import RoutingInputs
-from ds_smoes.losses import band_penalty, bin_kl_band_loss, gshard_balance_loss, modality_kl_band_loss, symmetric_kl
-from ds_smoes.registry import GATES, build_gate
+from ds_smoes.moe.baselines import DeepSpeedTopKGate, LTDRGate, ltdr_tail_tokens, modality_expert_mask
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.moe.gate import RoutingInputs
+from ds_smoes.core.losses import band_penalty, bin_kl_band_loss, gshard_balance_loss, modality_kl_band_loss, symmetric_kl
+from ds_smoes.moe.registry import GATES, build_gate
 
 
 def _inputs(labels, sample=None, valid=None):
@@ -46,8 +46,8 @@ def test_hard_gate_routes_each_modality_inside_its_experts_with_renormalised_sof
 
 
 def test_modality_split_rejects_impossible_layouts():
-    from ds_smoes.config import validate
-    from ds_smoes.errors import ConfigError
+    from ds_smoes.core.config import validate
+    from ds_smoes.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="k=3 exceeds the experts a token may use"):
         validate(SMoESConfig, {"gate": "hard", "num_experts": 4, "k": 3, "num_bins": 2})
@@ -213,6 +213,6 @@ def test_topk_samples_second_expert_in_training_only():
 def test_registry_names_every_config_gate():
     from typing import get_args
 
-    from ds_smoes.config import GateType
+    from ds_smoes.core.config import GateType
 
     assert set(GATES) == set(get_args(GateType))

@@ -12,8 +12,8 @@ from ds_smoes.bench import runs
 from ds_smoes.bench.cli import main
 from ds_smoes.bench.comm import worker_args
 from ds_smoes.bench.report import assemble, strict_json
-from ds_smoes.config import SMoESConfig
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.model.config import ModelConfig
 from launch import ROOT
 
@@ -122,7 +122,7 @@ def test_figures_reach_mlflow(tmp_path):
     figure an older measurement lacks (NaN) is left out rather than logged."""
     from ds_smoes.bench.comm import _log
     from ds_smoes.sweep.store import SweepStore, prepare_tracking_uri
-    from ds_smoes.tracking import Tracker
+    from ds_smoes.app.tracking import Tracker
 
     uri = prepare_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     raw = raw_result()

@@ -8,7 +8,7 @@ import pytest
 from bench_fixtures import raw_result
 from ds_smoes.bench.report import (assemble, paired_speed, report_markdown, simulation_inputs, strict_json,
                                    variant_figures)
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 
 
 def test_bytes_rates_and_deltas_by_hand():

@@ -7,9 +7,9 @@ from torch import nn
 from ds_smoes.bench.routes import (LayerCall, RouteRecorder, bins_by_physical, expected_rank_once_dispatch_bytes,
                                    expected_stock_bytes, expert_rows_sent, expert_work, modality_load, own_bins,
                                    own_route_counts, remote_pairs)
-from ds_smoes.config import SMoESConfig
-from ds_smoes.dispatch import rank_hits, rank_once_volume, route_ranks, send_plan, stock_alltoall_bytes
-from ds_smoes.layer import SMoESMoE
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.parallel.dispatch import rank_hits, rank_once_volume, route_ranks, send_plan, stock_alltoall_bytes
+from ds_smoes.moe.layer import SMoESMoE
 
 # rank 0 of 2, experts e0 e1 on rank 0 and e2 e3 on rank 1 (bins 0 and 1 likewise), K = 2:
 #   t0 text   -> e0 e1      t1 vision -> e2 e0      t2 vision -> e3 e2

@@ -8,8 +8,8 @@ from ds_smoes.bench.simulate import (RouterProfile, SimulationInputs, bin_limite
                                      expected_ranks_hit, modality_groups, monte_carlo_figures, prob_one_rank,
                                      rank_once_bytes_per_token, rank_once_figures, simulate_grid, split_draws,
                                      stock_bytes_per_token)
-from ds_smoes.dispatch import stock_alltoall_bytes
-from ds_smoes.errors import ConfigError
+from ds_smoes.parallel.dispatch import stock_alltoall_bytes
+from ds_smoes.core.errors import ConfigError
 
 
 def test_ranks_hit_by_drawing_distinct_experts():

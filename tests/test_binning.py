@@ -1,7 +1,7 @@
 """Expert bins: fixed, adaptive, schedule and placement."""
 import torch
 
-from ds_smoes.binning import ExpertBinning, adaptive_bins, fixed_bins, rank_of_bin_placed_expert, text_bias
+from ds_smoes.core.binning import ExpertBinning, adaptive_bins, fixed_bins, rank_of_bin_placed_expert, text_bias
 
 
 def test_fixed_bins():

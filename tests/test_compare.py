@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ds_smoes.compare import FIGURES, VARIANTS, main, markdown_table, summarize
+from ds_smoes.app.compare import FIGURES, VARIANTS, main, markdown_table, summarize
 from launch import ROOT
 
 
@@ -35,7 +35,7 @@ def test_bytes_column_only_when_every_seed_measured_it():
 
 
 def test_every_variant_is_a_valid_config():
-    from ds_smoes.train_config import load_train_config
+    from ds_smoes.app.config import load_train_config
 
     for name, overrides in VARIANTS.items():
         cfg = load_train_config(ROOT / "configs" / "demo.yaml", overrides)

@@ -1,9 +1,9 @@
 """Configuration errors a user can act on."""
 import pytest
 
-from ds_smoes.config import SMoESConfig, validate
-from ds_smoes.errors import ConfigError
-from ds_smoes.train_config import TrainConfig, load_train_config
+from ds_smoes.core.config import SMoESConfig, validate
+from ds_smoes.core.errors import ConfigError
+from ds_smoes.app.config import TrainConfig, load_train_config
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -19,7 +19,7 @@ from ds_smoes.data import (
     load_image,
     load_llava_json,
 )
-from ds_smoes.errors import ConfigError, DatasetError
+from ds_smoes.core.errors import ConfigError, DatasetError
 
 X = IGNORE_INDEX
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ds_smoes.data import Sample, load_image, load_llava_json
-from ds_smoes.errors import DatasetError, SMoESError
+from ds_smoes.core.errors import DatasetError, SMoESError
 
 
 

@@ -1,7 +1,7 @@
 """Deferred attributes: computed on first read, once; a plain value is kept as it is."""
 from functools import partial
 
-from ds_smoes.deferred import Deferred
+from ds_smoes.core.deferred import Deferred
 
 
 class Holder:

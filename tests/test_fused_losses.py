@@ -4,7 +4,7 @@ gradcheck of the analytic backwards."""
 import pytest
 import torch
 
-from ds_smoes import fused_losses, losses
+from ds_smoes.core import fused_losses, losses
 
 
 def _case(seed: int, num_tokens=60, num_experts=8, num_bins=2, num_samples=5, dtype=torch.float64):

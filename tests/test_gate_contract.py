@@ -6,10 +6,10 @@ from deepspeed.moe.experts import Experts
 from deepspeed.moe.sharded_moe import MOELayer, TopKGate
 from torch import nn
 
-from ds_smoes.config import SMoESConfig
-from ds_smoes.gate import RoutingInputs, SMoESGate
-from ds_smoes.layer import SMoESMoE
-from ds_smoes.losses import bin_balance_loss, mutual_information_loss
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.moe.gate import RoutingInputs, SMoESGate
+from ds_smoes.moe.layer import SMoESMoE
+from ds_smoes.core.losses import bin_balance_loss, mutual_information_loss
 
 D, E, S = 8, 8, 12
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import hf_tiny
-from ds_smoes.config import SMoESConfig
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.hf import convert_to_smoes
 from ds_smoes.hf.block import SMoESBlock
 

@@ -3,9 +3,9 @@ import pytest
 
 import hf_tiny
 from ds_smoes.data import load_llava_json
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.hf.adapters import model_adapter_for
-from ds_smoes.hf.config import load_hf_train_config
+from ds_smoes.app.hf_config import load_hf_train_config
 from ds_smoes.hf.data import HFConversationDataset, VLMTextCodec, collate
 
 

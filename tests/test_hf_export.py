@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import hf_tiny
-from ds_smoes.config import SMoESConfig
+from ds_smoes.core.config import SMoESConfig
 from ds_smoes.hf import convert_to_smoes, export_pretrained, export_state_dict, upcycle_to_smoes
 from ds_smoes.hf.upcycle import upcycle_layer_ids
 
@@ -46,6 +46,24 @@ def test_export_loads_back_with_the_original_names_and_the_trained_logits(arch, 
         diff = _valid_diff(back(**batch).logits, trained, batch)
     print(f"{arch}: exported vs trained max |logit diff| = {diff:.3g}")
     assert diff < 1e-5
+
+
+def test_export_after_placement_writes_experts_in_router_order():
+    """Experts moved onto their bins' ranks (new physical ids) export under their logical ids: the
+    exported state equals the unmoved model's, and every expert moved."""
+    from ds_smoes.parallel.migration import migrate_experts
+
+    hf = hf_tiny.build(hf_tiny.qwen3_vl_moe_config())
+    model = convert_to_smoes(hf, SMoESConfig(num_bins=2, alpha_mi=0.0, alpha_bal=0.0)).eval()
+    _perturb_experts(model)
+    before = {k: v.clone() for k, v in export_state_dict(model).items()}
+    for layer in model.moe_layers():
+        new_E = torch.tensor([1, 0, 3, 2])    # a placement that swaps every expert's weights
+        migrate_experts(layer.deepspeed_moe.experts.deepspeed_experts, layer.gate.physical_E, new_E)
+        layer.gate.physical_E.copy_(new_E)
+    after = export_state_dict(model)
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_upcycle_layer_choice():

@@ -1,6 +1,7 @@
 """`--hf-model` end to end: a tiny Qwen3-VL-MoE trains on 2 gloo ranks with ep_size 2 and ZeRO-2 through the
 DeepSpeed launcher, logs to MLflow, checkpoints, exports; the export loads in transformers; a resumed run
-restores every weight from the checkpoint."""
+restores every weight from the checkpoint; at ZeRO 0 the experts move onto their bins' ranks when the
+bins freeze, as in the built-in model's run (the same session code)."""
 import json
 from pathlib import Path
 
@@ -15,15 +16,16 @@ pytestmark = pytest.mark.slow
 CONFIG = """
 data: {{train_json: data/data.json, val_json: null, test_json: data/data.json, image_folder: data,
         generate_digits: false}}
-smoes: {{num_bins: 2, ep_size: 2, score_type: attention, alpha_mi: 0.01}}
+smoes: {{num_bins: 2, ep_size: 2, score_type: attention, alpha_mi: 0.01, {smoes}}}
 optim: {{max_steps: 4, micro_batch_size: 4, lr: 0.002, warmup_steps: 1}}
 run: {{output_dir: {out}, eval_batch_size: 8, max_new_tokens: 2, log_every: 2, deepspeed_config: {ds}}}
 hf: {{image_size: 16}}
 """
 
 
-def _launch(tmp: Path, out: str, *extra: str):
-    (tmp / f"{out}.yaml").write_text(CONFIG.format(out=out, ds=ROOT / "ds_configs" / "cpu_zero2.json"))
+def _launch(tmp: Path, out: str, *extra: str, ds: str = "cpu_zero2.json",
+            smoes: str = "placement: none"):   # expert placement moves Adam state: ZeRO stage 0 only
+    (tmp / f"{out}.yaml").write_text(CONFIG.format(out=out, ds=ROOT / "ds_configs" / ds, smoes=smoes))
     return deepspeed_run(["--module", "ds_smoes.train", "--hf-model", str(tmp / "model"),
                           "--config", str(tmp / f"{out}.yaml"), *extra], timeout=300)
 
@@ -78,7 +80,7 @@ def test_resumed_run_restores_every_weight_from_the_checkpoint(trained):
     # max_steps 4 = the checkpoint's step: nothing left to train, so the export is the restored model
     proc = _launch(tmp, "run2", "--no-mlflow", "--set", f"hf.resume_from={tmp / 'run1' / 'checkpoint'}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "resumed from" in proc.stdout and "at step 4/4" in proc.stdout
+    assert "resumed from" in proc.stdout and "step 4/4" in proc.stdout
     first = load_file(tmp / "run1" / "hf_export" / "model.safetensors")
     again = load_file(tmp / "run2" / "hf_export" / "model.safetensors")
     assert set(first) == set(again)
@@ -86,3 +88,20 @@ def test_resumed_run_restores_every_weight_from_the_checkpoint(trained):
     m1 = json.loads((tmp / "run1" / "metrics.json").read_text())
     m2 = json.loads((tmp / "run2" / "metrics.json").read_text())
     assert m2["steps_this_run"] == 0 and m2["test_loss"] == pytest.approx(m1["test_loss"], abs=1e-6)
+
+
+def test_experts_are_placed_when_the_bins_freeze_and_the_run_reports_like_the_demo(trained):
+    tmp, _ = trained
+    proc = _launch(tmp, "run3", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--experiment", "hf-test",
+                   ds="cpu_ep.json", smoes="placement: bins, binning: adaptive, rebin_interval: 1, rebin_freeze_step: 2")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "placement at step 2 (bins frozen): moved" in proc.stdout, proc.stdout[-3000:]
+    assert "[epoch 1 step 4/4]" in proc.stdout and " MI " in proc.stdout and "eta " in proc.stdout
+    assert "== results (held-out test split)" in proc.stdout and "MLflow run " in proc.stdout
+    metrics = json.loads((tmp / "run3" / "metrics.json").read_text())
+    assert metrics["zero_stage"] == 0 and metrics["steps"] == 4
+    assert (tmp / "run3" / "expert_modality_heatmap.png").is_file()
+    import mlflow
+
+    run = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "placement/experts_moved" in run.data.metrics

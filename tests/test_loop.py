@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from ds_smoes.config import SMoESConfig
-from ds_smoes.layer import SMoESMoE
-from ds_smoes.loop import TrainWindow, resumable_epochs
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.moe.layer import SMoESMoE
+from ds_smoes.app.loop import TrainWindow, resumable_epochs
 
 
 def _loader():

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ds_smoes.losses import bin_balance_loss, mutual_information_loss
+from ds_smoes.core.losses import bin_balance_loss, mutual_information_loss
 
 
 def _mi(p):

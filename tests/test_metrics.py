@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ds_smoes.metrics import expert_modality_load, modality_specialization_index, routing_comm_stats
+from ds_smoes.core.metrics import expert_modality_load, modality_specialization_index, routing_comm_stats
 
 
 def test_msi_perfect_and_none():

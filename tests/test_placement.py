@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from ds_smoes.config import SMoESConfig
-from ds_smoes.export import slice_experts, supported_ep_sizes
-from ds_smoes.layer import SMoESMoE
-from ds_smoes.placement import (bin_ordered_physical, counts_to_physical, is_placed, migrate_experts, plan_physical,
-                                rank_of_bin, to_physical)
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.app.export import slice_experts, supported_ep_sizes
+from ds_smoes.moe.layer import SMoESMoE
+from ds_smoes.core.placement import bin_ordered_physical, counts_to_physical, is_placed, plan_physical, rank_of_bin, to_physical
+from ds_smoes.parallel.migration import migrate_experts
 
 from launch import ROOT, deepspeed_run
 

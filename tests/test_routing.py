@@ -1,7 +1,7 @@
 """Sparse routes: slots, capacity, weights."""
 import torch
 
-from ds_smoes.routing import assign_slots, capacity_for, finalize_routes, route_counts
+from ds_smoes.core.routing import assign_slots, capacity_for, finalize_routes, route_counts
 
 
 def test_assign_slots_route_major():
@@ -74,7 +74,7 @@ def test_variable_k_routes_with_unused_rows():
 
 
 def test_bin_limited_topk_by_hand():
-    from ds_smoes.routing import bin_limited_topk
+    from ds_smoes.core.routing import bin_limited_topk
 
     probs = torch.tensor([[0.30, 0.02, 0.20, 0.18, 0.16, 0.14],
                           [0.05, 0.05, 0.10, 0.10, 0.40, 0.30]])

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ds_smoes.scores import (GaussianModalityStats, attention_score_update, ema_welford_update,
+from ds_smoes.core.scores import (GaussianModalityStats, attention_score_update, ema_welford_update,
                              gaussian_log_likelihood, gaussian_scores, hard_scores)
 
 

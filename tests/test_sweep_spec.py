@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from launch import ROOT
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.sweep import report
 from ds_smoes.sweep.spec import load_sweep, precheck, trial_config
 
@@ -55,7 +55,7 @@ def test_any_training_field_is_an_axis(tmp_path):
 
 
 def test_gate_axis_reaches_the_config(tmp_path):
-    from ds_smoes.config import SMoESConfig
+    from ds_smoes.core.config import SMoESConfig
 
     if "gate" not in SMoESConfig.model_fields:
         pytest.skip("smoes.gate is not a config field yet")

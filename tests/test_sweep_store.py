@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 
 from ds_smoes.sweep.store import SweepStore, prepare_tracking_uri
-from ds_smoes.tracking import Tracker
+from ds_smoes.app.tracking import Tracker
 
 
 @pytest.fixture

@@ -106,7 +106,7 @@ def test_the_process_group_is_destroyed_before_interpreter_exit():
     # its handler, and must find the group gone (gloo's threads released while Python is whole)
     script = ("import atexit, torch, torch.distributed as dist\n"
               "atexit.register(lambda: print('group alive at exit:', dist.is_initialized(), flush=True))\n"
-              "from ds_smoes.train import init_distributed\n"
+              "from ds_smoes.parallel.launch import init_distributed\n"
               "init_distributed(); init_distributed()\n"
               "dist.all_to_all_single(torch.zeros(2), torch.ones(2), async_op=True).wait()\n")
     proc = python_run(["-c", script])

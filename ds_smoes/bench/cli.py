@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ds_smoes.bench.simulate import EP_GRID, EXPERTS_GRID
 from ds_smoes.bench.variants import VARIANTS
-from ds_smoes.errors import ConfigError, SMoESError
+from ds_smoes.core.errors import ConfigError, SMoESError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,7 +75,7 @@ def _tracking(p: argparse.ArgumentParser) -> None:
 
 def simulate_command(args) -> int:
     from ds_smoes.bench.simulation import FILES, run_simulation
-    from ds_smoes.tracking import Tracker, default_tracking_uri
+    from ds_smoes.app.tracking import Tracker, default_tracking_uri
 
     if not args.source_json.is_file():
         raise ConfigError(f"{args.source_json}: no benchmark result; run `python -m ds_smoes.bench comm` first "

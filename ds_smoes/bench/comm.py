@@ -19,7 +19,7 @@ from ds_smoes.bench.simulation import FILES as SIMULATION_FILES
 from ds_smoes.bench.simulation import run_simulation
 from ds_smoes.bench.variants import VARIANTS
 from ds_smoes.bench.worker import variant_config
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 
 EXPERIMENT = "ds-smoes-bench"
 SIMULATION_NEEDS = {"a", "b", "c"}  # the stock capacity of both gates and the SMoES router's profile
@@ -83,8 +83,8 @@ def worker_args(args, trained: dict, raw_path: Path, batch_size: int) -> list[st
 
 
 def run(args) -> int:
-    from ds_smoes.tracking import Tracker, default_tracking_uri
-    from ds_smoes.train_config import load_train_config
+    from ds_smoes.app.tracking import Tracker, default_tracking_uri
+    from ds_smoes.app.config import load_train_config
 
     check_args(args)
     cfg = load_train_config(args.config, args.overrides)

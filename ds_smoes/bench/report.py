@@ -23,7 +23,7 @@ import statistics
 
 from ds_smoes.bench.simulate import RouterProfile, SimulationInputs, capacity_ratio_from_bytes
 from ds_smoes.bench.variants import REFERENCE, VARIANTS
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 
 PAPER_COMM_REDUCTION_PCT = 56.1
 ACCURACY_KEYS = ("acc_multimodal", "acc_language", "acc_overall")

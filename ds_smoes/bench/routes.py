@@ -2,7 +2,7 @@
 and selected experts, captured by forward hooks (the layer's and the gate's public interfaces).
 
 From the recorded routes, pure functions compute the router statistics the simulator needs
-(`own_route_counts`) and, independently of `ds_smoes.dispatch`, the bytes each dispatch must
+(`own_route_counts`) and, independently of `ds_smoes.parallel.dispatch`, the bytes each dispatch must
 send (`expected_rank_once_dispatch_bytes`, `expected_stock_bytes`), which the benchmark checks against
 `layer.last_comm`.
 
@@ -74,7 +74,7 @@ def modality_load(calls: list[LayerCall], num_experts: int) -> torch.Tensor:
 
 def bins_by_physical(bin_of_expert_E: torch.Tensor, physical_E: torch.Tensor) -> torch.Tensor:
     """bin_of_physical_P: the bin of the expert whose weights sit at physical id p (routes reach the
-    dispatch in physical ids; bins are kept per logical expert, see ds_smoes.placement)."""
+    dispatch in physical ids; bins are kept per logical expert, see ds_smoes.core.placement)."""
     bins_P = torch.empty_like(bin_of_expert_E.long())
     bins_P[physical_E.long()] = bin_of_expert_E.long()
     return bins_P

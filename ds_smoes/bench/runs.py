@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 
 # the recipe of each gate: the base config plus these overrides
 GATE_OVERRIDES = {"smoes": [], "topk": ["smoes.gate=topk"]}

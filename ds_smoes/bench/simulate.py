@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 
 EXPERTS_GRID = (8, 16, 32, 64, 128, 256)
 EP_GRID = (2, 4, 8, 16, 32, 64)

@@ -13,7 +13,7 @@ from ds_smoes.bench.report import simulation_inputs, strict_json
 from ds_smoes.bench.simulate import (EP_GRID, EXPERTS_GRID, monte_carlo_figures, rank_once_figures,
                                      simulate_grid)
 from ds_smoes.bench.simulate_report import calibration, csv_table, figure, highlights, markdown_table, save_figure
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 
 FILES = ("simulate.json", "simulate.csv", "simulate.md", "simulate.png")
 

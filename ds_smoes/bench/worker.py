@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from ds_smoes import distributed
+from ds_smoes.parallel import distributed
 from ds_smoes.bench.routes import (RouteRecorder, bins_by_physical, expected_rank_once_dispatch_bytes,
                                    expected_stock_bytes, expert_rows_sent, expert_work, modality_load, own_bins,
                                    own_route_counts, remote_pairs)
 from ds_smoes.bench.variants import VARIANTS, Variant
-from ds_smoes.config import SMoESConfig, validate
-from ds_smoes.errors import ConfigError, SMoESError
+from ds_smoes.core.config import SMoESConfig, validate
+from ds_smoes.core.errors import ConfigError, SMoESError
 
 # per MoE layer: dispatch, combine, metadata bytes, tokens, cross-rank tokens, ranks x tokens,
 # expected bytes from the routes, remote (token, rank) pairs
@@ -78,7 +78,7 @@ def build_model(cfg, variant: Variant, vocab_size: int, image_id: int, checkpoin
     import deepspeed
 
     from ds_smoes.model import TinyMoEVLM
-    from ds_smoes.runner import seed_everything
+    from ds_smoes.app.session import seed_everything
 
     seed_everything(cfg.run.seed)
     smoes = variant_config(cfg.smoes, variant)
@@ -100,7 +100,7 @@ def build_model(cfg, variant: Variant, vocab_size: int, image_id: int, checkpoin
 def fixed_batches(dataset, batch_size: int, limit: int) -> list:
     """This rank's share of the test split as lockstep batches (padding repeats fully masked)."""
     from ds_smoes.data import collate_train
-    from ds_smoes.evaluation import lockstep_batches
+    from ds_smoes.app.evaluation import lockstep_batches
 
     out = []
     plan = lockstep_batches(len(dataset), distributed.rank(), distributed.world_size(), batch_size)
@@ -126,7 +126,7 @@ def question_subset(dataset, count: int):
 
 # -- measuring ----------------------------------------------------------------------------------------
 def fwd_bwd(model, batch) -> None:
-    from ds_smoes.runner import model_inputs
+    from ds_smoes.model import model_inputs
 
     out = model(*model_inputs(batch), labels_BT=batch.labels_BT)
     out.loss.backward()
@@ -164,7 +164,7 @@ def routing_pass(model, batches: list, smoes: SMoESConfig) -> dict:
     layers_out = []
     for l, layer in enumerate(layers):
         busiest, mean = expert_work(rows_LCR[l])
-        # the recorded routes name physical experts (where the weights live, ds_smoes.placement); bins are
+        # the recorded routes name physical experts (where the weights live, ds_smoes.core.placement); bins are
         # kept per logical expert: bins_P is the bin of each physical expert
         bins_E = layer.gate.binning.bin_id_E.detach().cpu().long()
         physical_E = layer.gate.physical_E.detach().cpu().long()
@@ -219,7 +219,7 @@ def time_round_robin(models: dict, batches: list, warmup: int, repeats: int) -> 
 
 def run_source(source: str, cfg, data, variants: list[Variant], checkpoints: dict, batches: list,
                args) -> dict:
-    from ds_smoes.evaluation import exact_match_accuracy
+    from ds_smoes.app.evaluation import exact_match_accuracy
 
     t0 = time.time()
     log0(f"{source}: building {len(variants)} models ({', '.join(v.key for v in variants)})"
@@ -250,9 +250,9 @@ def run_source(source: str, cfg, data, variants: list[Variant], checkpoints: dic
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from ds_smoes.runner import prepare_data
-        from ds_smoes.train import init_distributed
-        from ds_smoes.train_config import load_train_config
+        from ds_smoes.app.builtin import prepare_data
+        from ds_smoes.parallel.launch import init_distributed
+        from ds_smoes.app.config import load_train_config
 
         cfg = load_train_config(args.config, args.overrides)
         init_distributed()
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(out, indent=1))
         distributed.barrier()
     except SMoESError as err:
-        from ds_smoes.train import report_error
+        from ds_smoes.app.train import report_error
 
         return report_error(err)
     return 0

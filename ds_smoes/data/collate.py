@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.data.llava import Sample, SampleDataset, load_image
 from ds_smoes.data.tokenizer import WordTokenizer
 

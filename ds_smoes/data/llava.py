@@ -8,7 +8,7 @@ A record looks like::
      "task": "digit_name"}
 
 ``image`` and ``task`` are optional; ``id`` defaults to the record's index. Every
-problem raises :class:`~ds_smoes.errors.DatasetError` naming the file, the record
+problem raises :class:`~ds_smoes.core.errors.DatasetError` naming the file, the record
 (0-based index and id), what is wrong and what to do about it.
 """
 
@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ds_smoes.errors import DatasetError
+from ds_smoes.core.errors import DatasetError
 
 IMAGE_PLACEHOLDER = "<image>"
 _PLACEHOLDER_RE = re.compile(r"\s*" + re.escape(IMAGE_PLACEHOLDER) + r"\s*")

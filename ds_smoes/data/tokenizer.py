@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ds_smoes.errors import DatasetError
+from ds_smoes.core.errors import DatasetError
 
 PAD, BOS, EOS, UNK, IMAGE, SEP = "<pad>", "<bos>", "<eos>", "<unk>", "<image>", "<sep>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE, SEP)

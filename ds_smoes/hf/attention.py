@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ds_smoes.hf.context import ModalityContext
-from ds_smoes.scores import attention_score_update
+from ds_smoes.core.scores import attention_score_update
 
 _SINK = "_smoes_attention_sink"   # attribute on a decoder attention module: where recomputed probs go
 PREFIX = "smoes_"

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ds_smoes.config import SMoESConfig
+from ds_smoes.core.config import SMoESConfig
 from ds_smoes.hf.adapters.base import BlockAdapter, ExpertWeights
 from ds_smoes.hf.context import ModalityContext
 from ds_smoes.hf.experts import GatedExpert, load_expert_, local_expert_ids
-from ds_smoes.layer import SMoESMoE
+from ds_smoes.moe.layer import SMoESMoE
 
 
 class SMoESBlock(nn.Module):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds_smoes.scores import hard_scores
+from ds_smoes.core.scores import hard_scores
 
 
 @dataclass

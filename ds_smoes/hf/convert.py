@@ -14,9 +14,9 @@ import copy
 
 from torch import nn
 
-from ds_smoes import distributed
-from ds_smoes.config import SMoESConfig, validate
-from ds_smoes.errors import ConfigError
+from ds_smoes.parallel import distributed
+from ds_smoes.core.config import SMoESConfig, validate
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.hf.adapters import RouterSpec, block_adapter_for, model_adapter_for
 from ds_smoes.hf.adapters.base import ModelAdapter
 from ds_smoes.hf.attention import AttentionScoreTracker, capturing_implementation

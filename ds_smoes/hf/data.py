@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from ds_smoes.data.llava import Sample, SampleDataset
-from ds_smoes.errors import ConfigError, DatasetError
+from ds_smoes.core.errors import ConfigError, DatasetError
 from ds_smoes.hf.adapters.base import ModelAdapter
 
 IGNORE_INDEX = -100

@@ -17,29 +17,35 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ds_smoes import distributed
+from ds_smoes.parallel import distributed
 from ds_smoes.hf.adapters import ExpertWeights
 from ds_smoes.hf.block import SMoESBlock
 from ds_smoes.hf.model import SMoESHFModel
 
 
 def _gather_experts(block: SMoESBlock) -> tuple[torch.Tensor, torch.Tensor]:
-    """All experts of a block in expert order: (gate_up [E, 2I, D], down [E, D, I])."""
+    """All experts of a block in logical (router) order: (gate_up [E, 2I, D], down [E, D, I]).
+
+    The weights live in physical order (EP rank r holds physical experts [r*L, (r+1)*L)); once the
+    experts were placed on their bins' ranks, logical expert e sits at physical id `gate.physical_E[e]`."""
     moe = block.moe.deepspeed_moe
     local = moe.experts.deepspeed_experts
     gate_up_LFD = torch.stack([e.gate_up_proj.weight.detach() for e in local])
     down_LDI = torch.stack([e.down_proj.weight.detach() for e in local])
     if moe.ep_size == 1:
-        return gate_up_LFD, down_LDI
-    if moe.ep_group is None or not distributed.is_distributed():
-        raise RuntimeError(f"ep_size={moe.ep_size}: the experts are spread over EP ranks but the layer has no EP group; "
-                           "export from inside the DeepSpeed run (every rank calls export_state_dict)")
-    out = []
-    for t in (gate_up_LFD.contiguous(), down_LDI.contiguous()):
-        parts = [torch.empty_like(t) for _ in range(moe.ep_size)]
-        dist.all_gather(parts, t, group=moe.ep_group)
-        out.append(torch.cat(parts))   # group rank r holds experts [r*L, (r+1)*L)
-    return out[0], out[1]
+        gate_up_PFD, down_PDI = gate_up_LFD, down_LDI
+    else:
+        if moe.ep_group is None or not distributed.is_distributed():
+            raise RuntimeError(f"ep_size={moe.ep_size}: the experts are spread over EP ranks but the layer has no EP "
+                               "group; export from inside the DeepSpeed run (every rank calls export_state_dict)")
+        out = []
+        for t in (gate_up_LFD.contiguous(), down_LDI.contiguous()):
+            parts = [torch.empty_like(t) for _ in range(moe.ep_size)]
+            dist.all_gather(parts, t, group=moe.ep_group)
+            out.append(torch.cat(parts))
+        gate_up_PFD, down_PDI = out
+    physical_E = block.moe.gate.physical_E.to(gate_up_PFD.device)
+    return gate_up_PFD.index_select(0, physical_E), down_PDI.index_select(0, physical_E)
 
 
 def export_state_dict(model: SMoESHFModel) -> dict[str, torch.Tensor]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ds_smoes.config import SMoESConfig
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.hf.adapters import block_adapter_for, model_adapter_for
 from ds_smoes.hf.convert import convert_to_smoes
 from ds_smoes.hf.model import SMoESHFModel

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ds_smoes.config import SMoESConfig
+from ds_smoes.core.config import SMoESConfig
 from ds_smoes.hf.adapters.base import ModelAdapter
 from ds_smoes.hf.block import SMoESBlock
 from ds_smoes.hf.context import ModalityContext
-from ds_smoes.layer import SMoESMoE
+from ds_smoes.moe.layer import SMoESMoE
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ds_smoes.config import SMoESConfig
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.hf.adapters import ExpertWeights, model_adapter_for
 from ds_smoes.hf.adapters.fused import FusedTopKBlock
 from ds_smoes.hf.block import build_block

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_smoes.config import SMoESConfig
-from ds_smoes.layer import SMoESMoE
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.model.attention import SelfAttention, attention_mask
 from ds_smoes.model.config import ModelConfig
 from ds_smoes.model.vision import PatchVisionEncoder, mlp
-from ds_smoes.scores import attention_score_update, hard_scores
+from ds_smoes.core.scores import attention_score_update, hard_scores
 
 
 @dataclass
@@ -151,3 +151,8 @@ class TinyMoEVLM(nn.Module):
         for row in torch.stack(new_BN, 1).tolist():
             out.append(row[:row.index(eos_id)] if eos_id in row else row)
         return out
+
+
+def model_inputs(batch) -> tuple:
+    """The positional inputs of `TinyMoEVLM.forward` and `.generate` from a `ds_smoes.data.VLMBatch`."""
+    return (batch.input_ids_BT, batch.attention_mask_BT, batch.modality_BT, batch.image_BCHW, batch.has_image_B)

@@ -7,6 +7,6 @@
     report.py   the comparison table and figures, from MLflow
     cli.py      `python -m ds_smoes.sweep` = `python ray_jobs/sweep.py` = `ds-smoes-sweep`
 
-The training itself is `ds_smoes.runner.run_training`, unchanged: this package only decides
+The training itself is `ds_smoes.app.session.run_training`, unchanged: this package only decides
 what each trial trains, where it runs and where it logs.
 """

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ds_smoes.errors import SMoESError
+from ds_smoes.core.errors import SMoESError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ds_smoes.errors import ConfigError
+    from ds_smoes.core.errors import ConfigError
     from ds_smoes.sweep import report
     from ds_smoes.sweep.common import resolve_tracking_uri
     from ds_smoes.sweep.store import SweepStore

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.sweep.common import default_storage, resolve_tracking_uri
 from ds_smoes.sweep.spec import SweepSpec, load_sweep, precheck, trial_config
 
@@ -82,7 +82,7 @@ def start_sweep(sweep_file: Path, overrides: list[str] | None = None, address: s
                 storage: Path | None = None, tracking_uri: str | None = None, max_concurrent: int | None = None,
                 log: Callable = print) -> SweepOutcome:
     from ds_smoes.sweep.store import SweepStore, prepare_tracking_uri
-    from ds_smoes.train_config import load_train_config
+    from ds_smoes.app.config import load_train_config
 
     t0 = time.time()
     spec = load_sweep(sweep_file, overrides)

@@ -32,10 +32,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ds_smoes.config import validate
-from ds_smoes.errors import ConfigError, SMoESError
+from ds_smoes.core.config import validate
+from ds_smoes.core.errors import ConfigError, SMoESError
 from ds_smoes.sweep.common import short_names
-from ds_smoes.train_config import TrainConfig, load_train_config, parse_override, read_mapping_file
+from ds_smoes.app.config import TrainConfig, load_train_config, parse_override, read_mapping_file
 
 
 class _Strict(BaseModel):

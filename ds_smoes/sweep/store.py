@@ -1,6 +1,6 @@
 """The sweep's side of MLflow: the parent run, its children, and the queries the report needs.
 
-Like `ds_smoes.tracking` (which logs one training run), this is a thin layer: the only sweep
+Like `ds_smoes.app.tracking` (which logs one training run), this is a thin layer: the only sweep
 module that imports mlflow.  Runs come back as plain `RunRecord`s so the report is pure Python.
 
 A trial's child run is created by its rank-0 worker (`run_training`'s Tracker, nested with the

@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
-from ds_smoes.errors import SMoESError
+from ds_smoes.core.errors import SMoESError
 from ds_smoes.sweep.spec import SweepSpec, check_layout, trial_config
-from ds_smoes.tracking import flatten
+from ds_smoes.app.tracking import flatten
 
 
 PROGRESS_FILE = "progress.json"  # {"step", "epoch"} of a checkpoint, beside DeepSpeed's files
@@ -131,9 +131,9 @@ def train_worker(config: dict) -> None:
     """One Ray Train worker = one rank of the trial's DeepSpeed job."""
     import ray.train
 
-    from ds_smoes.runner import run_training
-    from ds_smoes.train import init_distributed
-    from ds_smoes.train_config import TrainConfig
+    from ds_smoes.app.session import run_training
+    from ds_smoes.parallel.launch import init_distributed
+    from ds_smoes.app.config import TrainConfig
 
     cfg = TrainConfig.model_validate(config["cfg"])
     context = ray.train.get_context()

@@ -5,8 +5,8 @@ import math
 from ckpt_roundtrip import build, synthetic_batch
 from rank_report import parse_args, write_report
 
-from ds_smoes import distributed
-from ds_smoes.train import init_distributed
+from ds_smoes.parallel import distributed
+from ds_smoes.parallel.launch import init_distributed
 
 GATES = {
     "smoes": {}, "smoes-kl": {"gate": "smoes", "bin_objective": "kl"}, "topk": {"gate": "topk"},

@@ -5,11 +5,11 @@ Each rank writes OUT/rank{r}.json; tests/test_distributed.py asserts on them."""
 import torch
 from rank_report import parse_args, write_report
 
-from ds_smoes import distributed
-from ds_smoes.config import SMoESConfig
+from ds_smoes.parallel import distributed
+from ds_smoes.core.config import SMoESConfig
 from ds_smoes.data import VLMBatch
 from ds_smoes.model import ModelConfig, TinyMoEVLM
-from ds_smoes.train import init_distributed
+from ds_smoes.parallel.launch import init_distributed
 
 VOCAB, IMAGE_ID, B, T = 20, 4, 4, 14
 

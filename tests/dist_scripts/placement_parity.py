@@ -7,10 +7,10 @@ import torch
 from rank_report import parse_args, write_report
 from torch import nn
 
-from ds_smoes import distributed
-from ds_smoes.config import SMoESConfig
-from ds_smoes.layer import SMoESMoE
-from ds_smoes.train import init_distributed
+from ds_smoes.parallel import distributed
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.moe.layer import SMoESMoE
+from ds_smoes.parallel.launch import init_distributed
 
 D, E, EP = 8, 4, 2
 

@@ -4,7 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ds_smoes import distributed
+from ds_smoes.parallel import distributed
 
 
 def parse_args(*extra: tuple[str, dict]) -> argparse.Namespace:

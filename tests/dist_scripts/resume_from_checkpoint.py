@@ -5,9 +5,9 @@ from pathlib import Path
 
 from rank_report import parse_args, write_report
 
-from ds_smoes.runner import run_training
-from ds_smoes.train import init_distributed
-from ds_smoes.train_config import load_train_config
+from ds_smoes.app.session import run_training
+from ds_smoes.parallel.launch import init_distributed
+from ds_smoes.app.config import load_train_config
 
 FIGURES = ("test_loss", "acc_multimodal", "acc_language", "msi", "cross_rank_rate")
 

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

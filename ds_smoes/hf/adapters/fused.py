@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.hf.adapters.base import BlockAdapter, ExpertWeights, RouterSpec
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ds_smoes.gate import ModalityGate
-from ds_smoes.losses import gshard_balance_loss
+from ds_smoes.moe.gate import ModalityGate
+from ds_smoes.core.losses import gshard_balance_loss
 
 
 def ltdr_tail_tokens(probs_SE: torch.Tensor, labels_S: torch.Tensor, sample_id_S: torch.Tensor,

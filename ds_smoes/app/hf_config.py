@@ -1,6 +1,6 @@
 """The `--hf-model` training job's configuration: the usual sections plus `hf`.
 
-Same file format and `--set` overrides as `ds_smoes.train_config` (relative paths resolve against
+Same file format and `--set` overrides as `ds_smoes.app.config` (relative paths resolve against
 the file's folder); `--hf-model PATH` on the command line sets `hf.model` (relative to the working
 directory).  There is no `model` section: the architecture comes from the Hugging Face model, and
 `smoes.num_experts`, `smoes.k` and `smoes.normalize_topk` from its MoE blocks (conversion) or from
@@ -15,9 +15,9 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator
 
-from ds_smoes.config import SMoESConfig, validate
-from ds_smoes.errors import ConfigError
-from ds_smoes.train_config import (DataConfig, OptimConfig, RunConfig, TrackingConfig, _resolve_paths, _Section,
+from ds_smoes.core.config import SMoESConfig, validate
+from ds_smoes.core.errors import ConfigError
+from ds_smoes.app.config import (DataConfig, OptimConfig, RunConfig, TrackingConfig, _resolve_paths, _Section,
                                    apply_overrides)
 
 

@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ds_smoes.metrics import modality_specialization_index  # noqa: E402
+from ds_smoes.core.metrics import modality_specialization_index  # noqa: E402
 
 
 def expert_modality_heatmap(load_LME: torch.Tensor, bins_LE: torch.Tensor | None = None, title: str = ""):

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from ds_smoes.binning import bin_one_hot
-from ds_smoes.losses import resolve_num_bins
+from ds_smoes.core.binning import bin_one_hot
+from ds_smoes.core.losses import resolve_num_bins
 
 _TINY = 1e-30
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ds_smoes.gate import ModalityGate
-from ds_smoes.losses import gshard_balance_loss
+from ds_smoes.moe.gate import ModalityGate
+from ds_smoes.core.losses import gshard_balance_loss
 
 
 def modality_expert_mask(labels_S: torch.Tensor, num_experts: int, text_experts: int, vision_experts: int

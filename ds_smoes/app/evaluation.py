@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds_smoes import distributed
+from ds_smoes.parallel import distributed
 from ds_smoes.data import LlavaDataset, collate_prompts, collate_train
-from ds_smoes.metrics import modality_specialization_index
+from ds_smoes.core.metrics import modality_specialization_index
+from ds_smoes.model import model_inputs
 
 
 def lockstep_batches(num_items: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], list[bool]]]:
@@ -34,10 +35,6 @@ def normalize_answer(text: str, tokenizer) -> str:
     return tokenizer.decode(tokenizer.encode(text)).strip().lower()
 
 
-def _model_inputs(batch):
-    return (batch.input_ids_BT, batch.attention_mask_BT, batch.modality_BT, batch.image_BCHW, batch.has_image_B)
-
-
 @torch.no_grad()
 def exact_match_accuracy(engine, dataset: LlavaDataset, batch_size: int, max_new_tokens: int,
                          device: torch.device) -> dict[str, float]:
@@ -50,7 +47,7 @@ def exact_match_accuracy(engine, dataset: LlavaDataset, batch_size: int, max_new
     counts = torch.zeros(4, dtype=torch.float64)
     for idx, counted in lockstep_batches(len(dataset), distributed.rank(), distributed.world_size(), batch_size):
         batch = collate_prompts([dataset[i] for i in idx]).to(device)
-        generated = module.generate(*_model_inputs(batch), max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
+        generated = module.generate(*model_inputs(batch), max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
         for i, keep, ids in zip(idx, counted, generated):
             if not keep:
                 continue
@@ -146,7 +143,7 @@ def measure_routing(engine, dataset: LlavaDataset, batch_size: int, device: torc
         batch.attention_mask_BT &= keep_B.unsqueeze(1)
         batch.labels_BT[~keep_B] = -100
         batch = batch.to(device)
-        out = module(*_model_inputs(batch), labels_BT=batch.labels_BT)
+        out = module(*model_inputs(batch), labels_BT=batch.labels_BT)
         n = int((batch.labels_BT[:, 1:] != -100).sum())
         loss_sum += torch.tensor([float(out.lm_loss) * n if n else 0.0, n], dtype=torch.float64)
         acc.add()

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_smoes.metrics import rank_hit_stats
+from ds_smoes.core.metrics import rank_hit_stats
 
 INDEX_BYTES = 4   # expert ids travel as float32 (exact for small integers)
 WEIGHT_BYTES = 4  # combine weights travel as float32

@@ -3,8 +3,8 @@ distributions, penalised outside a band [kl_low, kl_high] (the SMoES paper's "in
 comparison), plus the GShard balance loss.  Routing: global softmax, global top-k."""
 from __future__ import annotations
 
-from ds_smoes.gate import ModalityGate
-from ds_smoes.losses import gshard_balance_loss, modality_kl_band_loss
+from ds_smoes.moe.gate import ModalityGate
+from ds_smoes.core.losses import gshard_balance_loss, modality_kl_band_loss
 
 
 class SMARGate(ModalityGate):

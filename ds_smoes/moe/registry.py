@@ -1,9 +1,9 @@
 """Gate names (`SMoESConfig.gate`) to gate classes."""
 from __future__ import annotations
 
-from ds_smoes.baselines import DeepSpeedTopKGate, LTDRGate, ModalitySplitGate, SMARGate
-from ds_smoes.config import SMoESConfig
-from ds_smoes.gate import ModalityGate, SMoESGate
+from ds_smoes.moe.baselines import DeepSpeedTopKGate, LTDRGate, ModalitySplitGate, SMARGate
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.moe.gate import ModalityGate, SMoESGate
 
 GATES: dict[str, type[ModalityGate]] = {
     "smoes": SMoESGate,

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from deepspeed.moe.sharded_moe import TopKGate
 
-from ds_smoes.config import SMoESConfig
-from ds_smoes.gate import ModalityGate
-from ds_smoes.metrics import routes_per_column
-from ds_smoes.routing import SparseRoutes
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.moe.gate import ModalityGate
+from ds_smoes.core.metrics import routes_per_column
+from ds_smoes.core.routing import SparseRoutes
 
 
 class DeepSpeedTopKGate(ModalityGate):

@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from ds_smoes.config import SMoESConfig, validate
-from ds_smoes.errors import ConfigError
+from ds_smoes.core.config import SMoESConfig, validate
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.model.config import ModelConfig
 
 

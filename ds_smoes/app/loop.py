@@ -1,13 +1,12 @@
-"""What both training loops share (`ds_smoes.runner` for the built-in model, `ds_smoes.hf.train`
-for converted Hugging Face models): resumable epochs over a sampler-driven loader, and the
-logging window that turns steps into the `train/...` metrics.
+"""The training session's loop parts (`ds_smoes.app.session`, every model family): resumable epochs
+over a sampler-driven loader, and the logging window that turns steps into the `train/...` metrics.
 
     for epoch, batches in resumable_epochs(loader, sampler, step, epoch, total_steps):
         for batch in batches:
             ... one optimizer step ...
             window.add(out, tokens, seconds); step += 1
             if window.due(step, total_steps):
-                metrics = window.flush(engine)      # all-reduced over the world; resets the window
+                metrics = window.flush(lr)          # all-reduced over the world; resets the window
         ... end of epoch (validation, checkpoint) ...
 """
 from __future__ import annotations
@@ -17,9 +16,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ds_smoes import distributed
-from ds_smoes.errors import ConfigError
-from ds_smoes.evaluation import RoutingAccumulator
+from ds_smoes.parallel import distributed
+from ds_smoes.core.errors import ConfigError
+from ds_smoes.app.evaluation import RoutingAccumulator
 
 
 def train_loader(dataset, cfg, world: int, rank: int, collate_fn) -> tuple:

@@ -1,7 +1,12 @@
-"""One training run: data, model, DeepSpeed engine, training loop, evaluation, logging.
+"""One training run for every model family: engine, resumable loop, expert placement when the bins
+freeze, checkpoint, tracking, evaluation, summary.
 
-Kept apart from the CLI (`ds_smoes.train`) so the Ray jobs can call `run_training` inside
-their workers with a validated `TrainConfig`.
+    run_session(BuiltinFamily(cfg), ...)      # the built-in MoE-LLaVA (`run_training`)
+    run_session(HFFamily(hf_cfg), ...)        # a converted Hugging Face MoE-VLM (`run_hf_training`)
+
+The family (`ds_smoes.app.family`) brings the data, the model, the forward and the evaluation;
+everything here is the same for both.  Kept apart from the command line (`ds_smoes.app.train`) so
+the Ray trials can call it inside their workers with a validated config.
 """
 from __future__ import annotations
 
@@ -9,59 +14,20 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ds_smoes import distributed
-from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train, generate_digits_dataset, load_llava_json
-from ds_smoes.data.augment import random_shift
-from ds_smoes.errors import ConfigError
-from ds_smoes.evaluation import exact_match_accuracy, measure_routing
-from ds_smoes.loop import TrainWindow, resumable_epochs, train_loader
-from ds_smoes.model import TinyMoEVLM
-from ds_smoes.train_config import TrainConfig
+from ds_smoes.app.builtin import BuiltinFamily
+from ds_smoes.app.config import TrainConfig
+from ds_smoes.app.family import ModelFamily
+from ds_smoes.app.loop import TrainWindow, resumable_epochs, train_loader
+from ds_smoes.core.errors import ConfigError
+from ds_smoes.parallel import distributed
 
 FINAL_KEYS = ("acc_multimodal", "acc_language", "acc_overall", "msi", "tokens_per_s", "cross_rank_rate",
               "ranks_per_token")
-
-
-@dataclass
-class Datasets:
-    train: LlavaDataset
-    val: LlavaDataset | None
-    test: LlavaDataset
-    tokenizer: WordTokenizer
-
-
-def ensure_digits(d, log: Callable) -> None:
-    """Generate the digits dataset of data config `d` when it asks for it and it is missing (rank 0
-    writes, every rank waits); shared by both training entry points."""
-    if d.generate_digits and not Path(d.train_json).exists():
-        if distributed.rank() == 0:
-            log(f"generating the digits dataset (seed {d.digits_seed}) into {d.image_folder} ...")
-            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed)
-        distributed.barrier()
-
-
-def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
-    d = cfg.data
-    ensure_digits(d, log)
-    train = load_llava_json(Path(d.train_json), Path(d.image_folder))
-    val = load_llava_json(Path(d.val_json), Path(d.image_folder)) if d.val_json else None
-    test = load_llava_json(Path(d.test_json), Path(d.image_folder))
-    # Built from the training split only (same order on every rank, so identical ids everywhere).
-    tokenizer = WordTokenizer.build(t for s in train for t in (s.prompt, s.answer))
-    m = cfg.model
-    make = lambda samples: LlavaDataset(samples, tokenizer, m.image_size, m.patch_size)  # noqa: E731
-    sets = Datasets(make(train), make(val) if val else None, make(test), tokenizer)
-    longest = max(ds.max_seq_len for ds in (sets.train, sets.test) + ((sets.val,) if sets.val else ()))
-    if longest > m.max_len:
-        raise ConfigError(f"the data has sequences of {longest} tokens but model.max_len={m.max_len}: "
-                          f"raise model.max_len (e.g. --set model.max_len={longest + 8})")
-    return sets
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -109,15 +75,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_inputs(batch):
-    return (batch.input_ids_BT, batch.attention_mask_BT, batch.modality_BT, batch.image_BCHW, batch.has_image_B)
-
-
-def run_name_for(cfg: TrainConfig) -> str:
-    s = cfg.smoes
-    return cfg.tracking.run_name or f"{s.gate}-{s.score_type}-b{s.num_bins}-k{s.k}-seed{cfg.run.seed}"
-
-
 def _fmt_time(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
@@ -126,82 +83,118 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
                  init_distributed: Callable[[], None] | None = None, log: Callable = print,
                  epoch_callback: Callable[[int, int, dict, object], None] | None = None,
                  resume_from: Path | None = None, init_from: Path | None = None, eval_only: bool = False) -> dict:
-    """Train, evaluate and log one configuration; returns the final figures (on every rank).
+    """Train, evaluate and log one configuration of the built-in model; returns the final figures (on every
+    rank).  `init_from` is a deployment export (`python -m ds_smoes.export`): weights and SMoES buffers start
+    from it, each EP rank taking its own experts.  The other arguments are `run_session`'s."""
+    return run_session(BuiltinFamily(cfg, init_from=init_from), output_json=output_json,
+                       parent_run_id=parent_run_id, init_distributed=init_distributed, log=log,
+                       epoch_callback=epoch_callback, resume_from=resume_from, eval_only=eval_only)
+
+
+def run_session(family: ModelFamily, output_json: Path | None = None, parent_run_id: str | None = None,
+                init_distributed: Callable[[], None] | None = None, log: Callable = print,
+                epoch_callback: Callable[[int, int, dict, object], None] | None = None,
+                resume_from: Path | None = None, eval_only: bool = False) -> dict:
+    """Train, evaluate and log one run of `family`; returns the final figures (on every rank).
 
     `epoch_callback(epoch, step, metrics, engine)` is called on every rank after each epoch (the
     last, possibly partial, one included), after validation; `epoch` counts finished epochs and
     `metrics` holds the latest training and validation figures.  A caller saves checkpoints there:
     `engine.save_checkpoint(dir, client_state={"step": step, "epoch": epoch})` is a collective.
     `resume_from` is such a DeepSpeed checkpoint folder: the engine (weights, optimizer, schedule,
-    SMoES buffers) is loaded from it and training continues from its step.
-    `init_from` is a deployment export (`python -m ds_smoes.export`): weights and SMoES buffers
-    start from it, each EP rank taking its own experts.  `eval_only` skips training.
+    SMoES buffers) is loaded from it and training continues from its step.  `eval_only` skips training.
     """
+    from ds_smoes.app.plots import expert_modality_heatmap
+    from ds_smoes.app.tracking import Tracker, default_tracking_uri, flatten
 
-    from ds_smoes.plots import expert_modality_heatmap
-    from ds_smoes.tracking import Tracker, default_tracking_uri, flatten
-
+    cfg = family.cfg
     t_start = time.time()
     if init_distributed is not None:
         init_distributed()
     world, rank = distributed.world_size(), distributed.rank()
-    ep = cfg.smoes.ep_size
-    if cfg.model.moe_layers != "none" and world % ep:
-        raise ConfigError(f"smoes.ep_size={ep} does not divide the number of ranks ({world}): launch "
-                          f"`deepspeed --num_gpus {ep} -m ds_smoes.train ...` or set --set smoes.ep_size=1")
+    s = cfg.smoes
+    ep = s.ep_size
     seed_everything(cfg.run.seed)
     out_dir = Path(cfg.run.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))  # what export reads
 
-    data = prepare_data(cfg, log)
-    log(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test "
-        f"conversations, vocabulary {data.tokenizer.vocab_size}, {data.train.num_patches} image tokens per image")
-
-    model = TinyMoEVLM(cfg.model, data.tokenizer.vocab_size, data.tokenizer.image_id,
-                       cfg.smoes if cfg.model.moe_layers != "none" else None,
-                       expert_seed=cfg.run.seed, ep_rank=rank % ep)
-    if init_from is not None:
-        _init_from_export(model, Path(init_from), data.tokenizer, ep, rank % ep, log)
-    sampler, loader, total_steps = train_loader(data.train, cfg, world, rank, collate_train)
+    family.build(rank, log)
+    model = family.model
+    if model.moe_layers() and world % ep:
+        raise ConfigError(f"smoes.ep_size={ep} does not divide the number of ranks ({world}): launch "
+                          f"`deepspeed --num_gpus {ep} --module ds_smoes.train ...` or set --set smoes.ep_size=1")
+    sampler, loader, total_steps = train_loader(family.train_set, cfg, world, rank, family.collate)
     if eval_only:
         total_steps = 0
     engine, ds_config = build_engine(cfg, model, total_steps)
     _check_placement_supported(cfg, ds_config)
-    device = engine.device
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e3:.0f}k parameters on rank 0 ({len(model.moe_layers())} MoE layers, "
-        f"gate {cfg.smoes.gate}, {cfg.smoes.num_experts} experts, top-{cfg.smoes.k}, {cfg.smoes.num_bins} bins, ep_size {ep}, "
-        f"score {cfg.smoes.score_type}, binning {cfg.smoes.binning}); world {world}; {total_steps} steps")
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    log(f"{family.describe()}; world {world}; {total_steps} steps")
 
-    s = cfg.smoes
-    tracker = Tracker(cfg.tracking.tracking_uri or default_tracking_uri(), cfg.tracking.experiment,
-                      run_name_for(cfg), active=rank == 0 and cfg.tracking.enabled,
-                      tags={"gate": s.gate, "score_type": s.score_type, "num_bins": str(s.num_bins),
-                            "seed": str(cfg.run.seed), "binning": s.binning},
-                      parent_run_id=parent_run_id)
-    resolved = json.loads(cfg.model_dump_json())
-    tracker.log_params({**flatten("", resolved), "world_size": world, "deepspeed.zero_stage":
-                        ds_config.get("zero_optimization", {}).get("stage", 0)})
+    run_name = cfg.tracking.run_name or family.run_name()
+    tracker = Tracker(cfg.tracking.tracking_uri or default_tracking_uri(), cfg.tracking.experiment, run_name,
+                      active=rank == 0 and cfg.tracking.enabled, tags=family.tags(), parent_run_id=parent_run_id)
+    resolved = family.resolved_config()
+    tracker.log_params({**flatten("", resolved), "world_size": world, "deepspeed.zero_stage": zero_stage})
     tracker.log_dict(resolved, "config.json")
     if tracker.active:
         log(f"mlflow: run {tracker.run_id} in experiment {cfg.tracking.experiment!r} at {tracker.tracking_uri}")
 
     status = "FAILED"
     try:
-        figures = _train_loop(cfg, engine, loader, sampler, data, device, total_steps, tracker, log,
-                              epoch_callback=epoch_callback, resume_from=resume_from)
+        step, epoch = _resume(engine, resume_from, len(loader), total_steps, log)
+        start_step = step
+        figures = _train_loop(family, engine, loader, sampler, step, epoch, total_steps, tracker, log,
+                              epoch_callback=epoch_callback)
+        final = {"steps": total_steps, "steps_this_run": max(0, total_steps - start_step)}
+        if cfg.run.save_checkpoint and not eval_only:
+            ckpt = out_dir / "checkpoint"
+            engine.save_checkpoint(str(ckpt), tag="final", client_state={"step": total_steps,
+                                                                          "epoch": figures["epoch"]})
+            final["checkpoint"] = str(ckpt)
+
+        # -- final evaluation on the held-out split -------------------------------------------------
+        log("evaluating on the held-out test split ...")
+        acc, routing = family.evaluate(model, family.test_set, engine.device, with_routing=True)
+        final.update(_final_figures(acc, routing, figures, cfg, world, zero_stage))
+        final.update(family.final_figures())
+        final["mlflow_run_id"] = tracker.run_id
+        final["mlflow_tracking_uri"] = tracker.tracking_uri if tracker.active else None
+        final.update(family.export(out_dir, log))
         status = "FINISHED"
     finally:
         if status == "FAILED":
             tracker.end("FAILED")
+    final["wall_seconds"] = time.time() - t_start
 
-    # -- final evaluation on the held-out split -----------------------------------------------------
-    log("evaluating on the held-out test split ...")
-    acc = exact_match_accuracy(engine, data.test, cfg.run.eval_batch_size, cfg.run.max_new_tokens, device)
-    routing = measure_routing(engine, data.test, cfg.run.eval_batch_size, device)
-    final = {
+    if rank == 0:
+        family.save_artifacts(out_dir, final, tracker)
+        if model.moe_layers():
+            bins_LE = torch.stack([layer.gate.binning.bin_id_E for layer in model.moe_layers()])
+            fig = expert_modality_heatmap(routing.load_LME, bins_LE, title=f"{run_name} (test split)")
+            fig.savefig(out_dir / "expert_modality_heatmap.png", dpi=120)
+            tracker.log_figure(fig, "expert_modality_heatmap.png")
+        tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float))
+                             and not isinstance(v, bool)}, step=total_steps)
+        for l, value in enumerate(final["msi_per_layer"]):
+            tracker.log_metrics({"msi_layer": value}, step=l)
+        tracker.log_dict(final, "metrics.json")
+        tracker.end("FINISHED")
+        (out_dir / "metrics.json").write_text(_to_json(final))
+        if output_json:
+            Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(output_json).write_text(_to_json(final))
+        _print_summary(final, log)
+    distributed.barrier()
+    return final
+
+
+def _final_figures(acc: dict, routing, figures: dict, cfg, world: int, zero_stage: int) -> dict:
+    """metrics.json's common entries: accuracy, routing and communication, throughput, the run's settings."""
+    s = cfg.smoes
+    return {
         **{k: acc[k] for k in ("acc_multimodal", "acc_language", "acc_overall")},
         "num_test_multimodal": acc["num_multimodal"], "num_test_language": acc["num_language"],
         "test_loss": routing.loss,
@@ -219,38 +212,9 @@ def run_training(cfg: TrainConfig, output_json: Path | None = None, parent_run_i
         "ranks_per_token_physical": routing.mean("ranks_per_token_physical"),
         "cross_rank_rate_per_layer": routing.comm.get("cross_rank_rate", []),
         "gate": s.gate, "score_type": s.score_type, "num_bins": s.num_bins, "num_experts": s.num_experts,
-        "k": s.k, "ep_size": ep, "world_size": world, "binning": s.binning, "seed": cfg.run.seed,
-        "steps": total_steps, "final_train_loss": figures["final_loss"],
-        "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri if tracker.active else None,
+        "k": s.k, "ep_size": s.ep_size, "world_size": world, "binning": s.binning, "seed": cfg.run.seed,
+        "zero_stage": zero_stage, "final_train_loss": figures["final_loss"],
     }
-    if cfg.run.save_checkpoint and not eval_only:
-        ckpt = out_dir / "checkpoint"
-        engine.save_checkpoint(str(ckpt), tag="final")
-        final["checkpoint"] = str(ckpt)
-    final["wall_seconds"] = time.time() - t_start
-
-    if rank == 0:
-        data.tokenizer.save(out_dir / "tokenizer.json")
-        bins_LE = torch.stack([layer.gate.binning.bin_id_E for layer in model.moe_layers()]) \
-            if model.moe_layers() else None
-        if model.moe_layers():
-            fig = expert_modality_heatmap(routing.load_LME, bins_LE, title=f"{run_name_for(cfg)} (test split)")
-            fig.savefig(out_dir / "expert_modality_heatmap.png", dpi=120)
-            tracker.log_figure(fig, "expert_modality_heatmap.png")
-        tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float))
-                             and not isinstance(v, bool)}, step=total_steps)
-        for l, value in enumerate(final["msi_per_layer"]):
-            tracker.log_metrics({"msi_layer": value}, step=l)
-        tracker.log_dict(final, "metrics.json")
-        tracker.log_file(out_dir / "tokenizer.json")
-        tracker.end("FINISHED")
-        (out_dir / "metrics.json").write_text(_to_json(final))
-        if output_json:
-            Path(output_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(output_json).write_text(_to_json(final))
-        _print_summary(final, log)
-    distributed.barrier()
-    return final
 
 
 def _to_json(figures: dict) -> str:
@@ -285,18 +249,6 @@ def _print_summary(final: dict, log: Callable) -> None:
         log(f"  MLflow run {final['mlflow_run_id']}  ({final['mlflow_tracking_uri']})")
 
 
-def _init_from_export(model, export_dir: Path, tokenizer: WordTokenizer, ep_size: int, ep_rank: int,
-                      log: Callable) -> None:
-    from ds_smoes.export import load_export
-
-    tok_path = export_dir / "tokenizer.json"
-    if tok_path.is_file() and WordTokenizer.load(tok_path) != tokenizer:
-        raise ConfigError(f"{tok_path} differs from the vocabulary built from data.train_json: the export was "
-                          "trained on other data; point data.* at the export's data (its train_config.json)")
-    load_export(model, export_dir, ep_size, ep_rank)
-    log(f"initialised from the export {export_dir}")
-
-
 def _check_placement_supported(cfg: TrainConfig, ds_config: dict) -> None:
     s = cfg.smoes
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -323,30 +275,35 @@ def _place_experts(moe_layers, engine, step: int, tracker, log: Callable) -> Non
         f"{per_expert / 1e3:.1f} kB per expert), {float(total[1]) / world * 1e3:.1f} ms")
 
 
-def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, device, total_steps: int, tracker,
-                log: Callable, epoch_callback: Callable | None = None, resume_from: Path | None = None) -> dict:
-    module = engine.module
-    moe_layers = module.moe_layers()
-    step, epoch = 0, 0
-    if resume_from is not None:
-        load_path, client_state = engine.load_checkpoint(str(resume_from))
-        if load_path is None or not {"step", "epoch"} <= set(client_state or {}):
-            raise ConfigError(f"{resume_from}: no DeepSpeed checkpoint with step and epoch in its client_state")
-        step, epoch = int(client_state["step"]), int(client_state["epoch"])
-        log(f"resumed from {load_path} at epoch {epoch}, step {step}/{total_steps}")
+def _resume(engine, resume_from: Path | None, steps_per_epoch: int, total_steps: int,
+            log: Callable) -> tuple[int, int]:
+    """(step, epoch) to start from: (0, 0), or a DeepSpeed checkpoint's client_state (one without an epoch,
+    as older Hugging Face runs saved, resumes in the epoch its step falls in)."""
+    if resume_from is None:
+        return 0, 0
+    load_path, client_state = engine.load_checkpoint(str(resume_from))
+    if load_path is None or "step" not in (client_state or {}):
+        raise ConfigError(f"{resume_from}: no DeepSpeed checkpoint with a step in its client_state")
+    step = int(client_state["step"])
+    epoch = int(client_state.get("epoch", step // steps_per_epoch))
+    log(f"resumed from {load_path} at epoch {epoch}, step {step}/{total_steps}")
+    return step, epoch
+
+
+def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: int, total_steps: int, tracker,
+                log: Callable, epoch_callback: Callable | None = None) -> dict:
+    cfg = family.cfg
+    moe_layers = engine.module.moe_layers()
     start_step = step
     last_metrics: dict = {}
     window = TrainWindow(moe_layers, cfg.run.log_every)
-    aug_gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + distributed.rank())
     for epoch, batches in resumable_epochs(loader, sampler, step, epoch, total_steps):
         for batch in batches:
             t0 = time.time()
-            batch.image_BCHW = random_shift(batch.image_BCHW, cfg.data.augment_max_shift, aug_gen)
-            batch = batch.to(device)
-            out = engine(*model_inputs(batch), batch.labels_BT)
-            engine.backward(out.loss)
+            out = family.forward(engine, batch, engine.device)
+            engine.backward(family.train_loss(out))
             engine.step()
-            window.add(out, int(batch.attention_mask_BT.sum()), time.time() - t0)
+            window.add(out, family.num_tokens(batch), time.time() - t0)
             step += 1
             if any(layer.placement_due() for layer in moe_layers):
                 _place_experts(moe_layers, engine, step, tracker, log)
@@ -360,12 +317,12 @@ def _train_loop(cfg: TrainConfig, engine, loader, sampler, data: Datasets, devic
                     f"  MSI {metrics['train/msi']:.3f}  cross-rank {metrics['train/cross_rank_rate']:.3f}  "
                     f"{metrics['train/tokens_per_s']:,.0f} tok/s  eta {_fmt_time(eta)}")
         val_metrics: dict = {}
-        if data.val is not None and cfg.run.eval_every_epoch:
-            val = exact_match_accuracy(engine, data.val, cfg.run.eval_batch_size, cfg.run.max_new_tokens, device)
+        if family.val_set is not None and cfg.run.eval_every_epoch:
+            val, _ = family.evaluate(engine.module, family.val_set, engine.device, with_routing=False)
             val_metrics = {f"val/{k}": v for k, v in val.items() if k.startswith("acc")}
             tracker.log_metrics(val_metrics, step=step)
             log(f"  validation after epoch {epoch + 1}: multimodal {val['acc_multimodal']:.3f}, "
                 f"language {val['acc_language']:.3f}")
         if epoch_callback is not None:
             epoch_callback(epoch + 1, step, {**last_metrics, **val_metrics}, engine)
-    return window.run_totals()
+    return {**window.run_totals(), "epoch": epoch + 1 if step > start_step else epoch}

@@ -1,0 +1,107 @@
+"""The built-in MoE-LLaVA (`ds_smoes.model.TinyMoEVLM`) as a model family of the training session."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ds_smoes.app.config import TrainConfig
+from ds_smoes.app.evaluation import exact_match_accuracy, measure_routing
+from ds_smoes.app.family import ModelFamily, ensure_digits
+from ds_smoes.core.errors import ConfigError
+from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train, load_llava_json
+from ds_smoes.data.augment import random_shift
+from ds_smoes.model import TinyMoEVLM, model_inputs
+
+
+@dataclass
+class Datasets:
+    train: LlavaDataset
+    val: LlavaDataset | None
+    test: LlavaDataset
+    tokenizer: WordTokenizer
+
+
+def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
+    d = cfg.data
+    ensure_digits(d, log)
+    train = load_llava_json(Path(d.train_json), Path(d.image_folder))
+    val = load_llava_json(Path(d.val_json), Path(d.image_folder)) if d.val_json else None
+    test = load_llava_json(Path(d.test_json), Path(d.image_folder))
+    # Built from the training split only (same order on every rank, so identical ids everywhere).
+    tokenizer = WordTokenizer.build(t for s in train for t in (s.prompt, s.answer))
+    m = cfg.model
+    make = lambda samples: LlavaDataset(samples, tokenizer, m.image_size, m.patch_size)  # noqa: E731
+    sets = Datasets(make(train), make(val) if val else None, make(test), tokenizer)
+    longest = max(ds.max_seq_len for ds in (sets.train, sets.test) + ((sets.val,) if sets.val else ()))
+    if longest > m.max_len:
+        raise ConfigError(f"the data has sequences of {longest} tokens but model.max_len={m.max_len}: "
+                          f"raise model.max_len (e.g. --set model.max_len={longest + 8})")
+    return sets
+
+
+class BuiltinFamily(ModelFamily):
+    """`init_from`: a deployment export (`python -m ds_smoes.export`) whose weights and SMoES buffers the
+    model starts from, each EP rank taking its own experts."""
+
+    def __init__(self, cfg: TrainConfig, init_from: Path | None = None) -> None:
+        super().__init__(cfg)
+        self.init_from = init_from
+
+    def build(self, rank: int, log: Callable) -> None:
+        cfg = self.cfg
+        self.data = prepare_data(cfg, log)
+        self.train_set, self.val_set, self.test_set = self.data.train, self.data.val, self.data.test
+        self.collate = collate_train
+        log(f"data: {len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val / "
+            f"{len(self.test_set)} test conversations, vocabulary {self.data.tokenizer.vocab_size}, "
+            f"{self.train_set.num_patches} image tokens per image")
+        ep = cfg.smoes.ep_size
+        self.model = TinyMoEVLM(cfg.model, self.data.tokenizer.vocab_size, self.data.tokenizer.image_id,
+                                cfg.smoes if cfg.model.moe_layers != "none" else None,
+                                expert_seed=cfg.run.seed, ep_rank=rank % ep)
+        if self.init_from is not None:
+            self._load_export(Path(self.init_from), ep, rank % ep, log)
+        self._aug_gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + rank)
+
+    def _load_export(self, export_dir: Path, ep_size: int, ep_rank: int, log: Callable) -> None:
+        from ds_smoes.app.export import load_export
+
+        tok_path = export_dir / "tokenizer.json"
+        if tok_path.is_file() and WordTokenizer.load(tok_path) != self.data.tokenizer:
+            raise ConfigError(f"{tok_path} differs from the vocabulary built from data.train_json: the export was "
+                              "trained on other data; point data.* at the export's data (its train_config.json)")
+        load_export(self.model, export_dir, ep_size, ep_rank)
+        log(f"initialised from the export {export_dir}")
+
+    def describe(self) -> str:
+        cfg, s = self.cfg, self.cfg.smoes
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return (f"model: {n_params / 1e3:.0f}k parameters on rank 0 ({len(self.model.moe_layers())} MoE layers, "
+                f"gate {s.gate}, {s.num_experts} experts, top-{s.k}, {s.num_bins} bins, ep_size {s.ep_size}, "
+                f"score {s.score_type}, binning {s.binning})")
+
+    def run_name(self) -> str:
+        s = self.cfg.smoes
+        return f"{s.gate}-{s.score_type}-b{s.num_bins}-k{s.k}-seed{self.cfg.run.seed}"
+
+    def forward(self, engine, batch, device: torch.device):
+        batch.image_BCHW = random_shift(batch.image_BCHW, self.cfg.data.augment_max_shift, self._aug_gen)
+        batch = batch.to(device)
+        return engine(*model_inputs(batch), batch.labels_BT)
+
+    def num_tokens(self, batch) -> int:
+        return int(batch.attention_mask_BT.sum())
+
+    def evaluate(self, module, dataset, device, with_routing: bool):
+        r = self.cfg.run
+        acc = exact_match_accuracy(module, dataset, r.eval_batch_size, r.max_new_tokens, device)
+        routing = measure_routing(module, dataset, r.eval_batch_size, device) if with_routing else None
+        return acc, routing
+
+    def save_artifacts(self, out_dir: Path, final: dict, tracker) -> None:
+        self.data.tokenizer.save(out_dir / "tokenizer.json")
+        tracker.log_file(out_dir / "tokenizer.json")
+

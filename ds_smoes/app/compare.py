@@ -1,0 +1,189 @@
+"""The paper-style comparison: every gate and SMoES ablation, same recipe, same seeds.
+
+    python -m ds_smoes.compare --config configs/demo.yaml --seeds 0 1 2 --out runs/compare
+
+Each (variant, seed) is one run of the DeepSpeed entry point (`deepspeed --num_gpus N --module
+ds_smoes.train`), logged as a child of one MLflow parent run.  A run whose metrics.json exists
+is not run again, so an interrupted comparison resumes.  The table (accuracy relative to `topk`
+on multimodal and language-only questions, overall, MSI, communication) is printed and logged
+to the parent run as Markdown and CSV.  Any LLaVA-format dataset works through --set data.*=...
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ds_smoes.core.errors import ConfigError, SMoESError
+
+# name -> overrides on top of the base config (the base config's own smoes section is "smoes")
+VARIANTS: dict[str, list[str]] = {
+    "topk": ["smoes.gate=topk"],
+    "hard": ["smoes.gate=hard"],
+    "hybrid": ["smoes.gate=hybrid", "smoes.text_experts=1", "smoes.shared_experts=2"],
+    "ltdr": ["smoes.gate=ltdr", "smoes.ltdr_top_a=4"],
+    "smar": ["smoes.gate=smar"],
+    "smoes": [],
+    "smoes-gaussian": ["smoes.score_type=gaussian"],
+    "smoes-binning-only": ["smoes.alpha_mi=0"],
+    "smoes-fixed-bins": ["smoes.binning=fixed"],
+    "smoes-hard-score": ["smoes.score_type=hard"],
+    "smoes-kl": ["smoes.bin_objective=kl"],
+}
+REFERENCE = "topk"
+FIGURES = ("acc_multimodal", "acc_language", "acc_overall", "msi", "cross_rank_rate", "ranks_per_token",
+           "remote_pairs_per_token", "tokens_per_s")
+# measured by the dispatch (layer.last_comm); absent from runs made before it was logged
+OPTIONAL_FIGURES = ("bytes_per_token",)
+
+
+def summarize(results: dict[str, list[dict]]) -> list[dict]:
+    """One row per variant: mean and (sample) standard deviation over seeds of each figure, and
+    accuracy differences to the reference variant's mean in percentage points."""
+    rows = []
+    ref = results.get(REFERENCE) or []
+    ref_mean = {f: statistics.fmean(r[f] for r in ref) for f in FIGURES} if ref else {}
+    for name, runs in results.items():
+        if not runs:
+            continue
+        row = {"variant": name, "seeds": len(runs)}
+        for f in FIGURES + OPTIONAL_FIGURES:
+            values = [r.get(f) for r in runs]
+            if any(v is None for v in values):  # not measured in every run: no figure rather than a partial one
+                row[f] = row[f + "_sd"] = float("nan")
+                continue
+            row[f] = statistics.fmean(values)
+            row[f + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        for f in ("acc_multimodal", "acc_language", "acc_overall"):
+            row["delta_" + f] = 100.0 * (row[f] - ref_mean[f]) if ref_mean else float("nan")
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| variant | seeds | multimodal | Δ vs topk | language-only | Δ vs topk | overall | Δ vs topk | MSI "
+            "| cross-rank rate | remote pairs / token | remote bytes / token |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in rows:
+        pm = lambda f: f"{r[f]:.4f} ± {r[f + '_sd']:.4f}" if r[f] == r[f] else "n/a"  # noqa: E731
+        lines.append(f"| {r['variant']} | {r['seeds']} | {pm('acc_multimodal')} | {r['delta_acc_multimodal']:+.2f} "
+                     f"| {pm('acc_language')} | {r['delta_acc_language']:+.2f} | {pm('acc_overall')} "
+                     f"| {r['delta_acc_overall']:+.2f} | {pm('msi')} | {pm('cross_rank_rate')} "
+                     f"| {pm('remote_pairs_per_token')} | {pm('bytes_per_token')} |")
+    return "\n".join(lines)
+
+
+def csv_table(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_one(args, name: str, seed: int, out_dir: Path, parent_run_id: str | None, tracking_uri: str) -> dict | None:
+    metrics_path = out_dir / "metrics.json"
+    if metrics_path.exists():
+        return json.loads(metrics_path.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    cmd = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(_free_port()), "--module", "ds_smoes.train",
+           "--config", str(args.config), "--run-name", f"{name}-seed{seed}", "--tracking-uri", tracking_uri,
+           "--experiment", args.experiment, "--output-json", str(metrics_path.with_suffix(".partial"))]
+    if parent_run_id:
+        cmd += ["--parent-run-id", parent_run_id]
+    for item in [*args.overrides, *VARIANTS[name], f"run.seed={seed}", f"run.output_dir={out_dir}",
+                 "run.save_checkpoint=false", "tracking.enabled=true"]:
+        cmd += ["--set", item]
+    with open(out_dir / "train.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    partial = metrics_path.with_suffix(".partial")
+    if proc.returncode != 0 or not partial.exists():
+        return None
+    shutil.move(partial, metrics_path)
+    return json.loads(metrics_path.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ds_smoes.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override for every run, e.g. --set optim.epochs=10 or --set data.train_json=...")
+    p.add_argument("--ranks", type=int, default=2, help="CPU ranks per run (DeepSpeed launcher)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///$PWD/mlflow.db)")
+    p.add_argument("--experiment", default="ds-smoes-compare")
+    args = p.parse_args(argv)
+    try:
+        unknown = [v for v in args.variants if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        from ds_smoes.app.config import load_train_config
+        from ds_smoes.app.tracking import Tracker, default_tracking_uri
+
+        load_train_config(args.config, args.overrides)  # fail fast on a bad base config
+        for name in args.variants:
+            load_train_config(args.config, [*args.overrides, *VARIANTS[name]])
+        uri = args.tracking_uri or default_tracking_uri()
+        parent = Tracker(uri, args.experiment, f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
+                         tags={"kind": "comparison"})
+        parent.log_params({"variants": ",".join(args.variants), "seeds": ",".join(map(str, args.seeds)),
+                           "config": str(args.config), "overrides": " ".join(args.overrides)})
+        results: dict[str, list[dict]] = {name: [] for name in args.variants}
+        jobs = [(n, s) for s in args.seeds for n in args.variants]  # seed-major: partial results stay comparable
+        failed = []
+        t0 = time.time()
+        for i, (name, seed) in enumerate(jobs, 1):
+            t = time.time()
+            print(f"[{i}/{len(jobs)}] {name} seed {seed} ...", flush=True)
+            m = run_one(args, name, seed, args.out / name / f"seed{seed}", parent.run_id, uri)
+            if m is None:
+                failed.append(f"{name} seed {seed}")
+                print(f"    FAILED (log: {args.out / name / f'seed{seed}' / 'train.log'})", flush=True)
+                continue
+            results[name].append(m)
+            print(f"    {time.time() - t:.0f}s: multimodal {m['acc_multimodal']:.4f}  language {m['acc_language']:.4f}"
+                  f"  MSI {m['msi']:.3f}  cross-rank {m['cross_rank_rate']:.3f}", flush=True)
+        rows = summarize(results)
+        md, table_csv = markdown_table(rows), csv_table(rows)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").write_text(md + "\n")
+        (args.out / "table.csv").write_text(table_csv)
+        parent.log_dict(md, "comparison.md")
+        parent.log_dict(table_csv, "comparison.csv")
+        parent.log_metrics({f"{r['variant']}/{f}": r[f] for r in rows for f in ("acc_multimodal", "acc_language",
+                                                                                   "acc_overall", "msi")})
+        parent.end("FAILED" if failed else "FINISHED")
+        print(f"\n{md}\n\n{len(jobs) - len(failed)}/{len(jobs)} runs in {time.time() - t0:.0f}s; table in "
+              f"{args.out / 'table.md'}; MLflow parent run {parent.run_id} ({uri})")
+        if failed:
+            print("failed: " + ", ".join(failed), file=sys.stderr)
+            return 1
+    except SMoESError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""What a model family brings to a training session (`ds_smoes.app.session`), and nothing more.
+
+A family builds its data and model, moves a batch to the device and runs the forward, and
+evaluates on a held-out split.  Everything else a run does (engine, resumable loop, expert
+placement when the bins freeze, checkpoints, tracking, summary) is the session's, shared by
+every family:
+
+- `BuiltinFamily` (`ds_smoes.app.builtin`): the small MoE-LLaVA of `ds_smoes.model`;
+- `HFFamily` (`ds_smoes.app.hf_family`): a Hugging Face MoE-VLM converted to SMoES (`--hf-model`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ds_smoes.app.evaluation import RoutingMeasurement
+from ds_smoes.parallel import distributed
+
+
+def ensure_digits(d, log: Callable) -> None:
+    """Generate the digits dataset of data config `d` when it asks for it and it is missing (rank 0
+    writes, every rank waits)."""
+    from ds_smoes.data import generate_digits_dataset
+
+    if d.generate_digits and not Path(d.train_json).exists():
+        if distributed.rank() == 0:
+            log(f"generating the digits dataset (seed {d.digits_seed}) into {d.image_folder} ...")
+            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed)
+        distributed.barrier()
+
+
+class ModelFamily(ABC):
+    """The model-specific half of a run.  `build` sets `model`, `train_set`, `val_set` (or None),
+    `test_set` and `collate`; the session calls the rest."""
+
+    model: torch.nn.Module
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset | None
+    test_set: torch.utils.data.Dataset
+    collate: Callable
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def build(self, rank: int, log: Callable) -> None:
+        """Data and model for this rank (its EP rank's experts only)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One log line: the model, the data and the SMoES settings."""
+
+    @abstractmethod
+    def run_name(self) -> str:
+        """The MLflow run name when tracking.run_name does not give one."""
+
+    def tags(self) -> dict[str, str]:
+        s = self.cfg.smoes
+        return {"gate": s.gate, "score_type": s.score_type, "num_bins": str(s.num_bins),
+                "seed": str(self.cfg.run.seed), "binning": s.binning}
+
+    def resolved_config(self) -> dict:
+        """The config as logged (params, config.json) and written beside the run."""
+        import json
+
+        return json.loads(self.cfg.model_dump_json())
+
+    @abstractmethod
+    def forward(self, engine, batch, device: torch.device):
+        """One training forward of `batch` (still on the host): an output with .loss, .lm_loss, .aux_loss."""
+
+    @abstractmethod
+    def num_tokens(self, batch) -> int:
+        """Non-padding tokens of `batch` (for tokens/s)."""
+
+    def train_loss(self, out) -> torch.Tensor:
+        """What `engine.backward` receives."""
+        return out.loss
+
+    @abstractmethod
+    def evaluate(self, module, dataset, device: torch.device,
+                 with_routing: bool) -> tuple[dict, RoutingMeasurement | None]:
+        """Exact-match accuracy per question kind (acc_multimodal, acc_language, acc_overall, num_multimodal,
+        num_language) and, with `with_routing`, the routing measured over a teacher-forced pass (its .loss the
+        test loss).  A collective: every rank calls it."""
+
+    def final_figures(self) -> dict:
+        """Family-specific entries of metrics.json."""
+        return {}
+
+    def export(self, out_dir: Path, log: Callable) -> dict:
+        """Write what the family exports at the end of training (every rank calls it); entries for metrics.json."""
+        return {}
+
+    def save_artifacts(self, out_dir: Path, final: dict, tracker) -> None:
+        """Rank 0, after training: files beside metrics.json (and in MLflow)."""

@@ -1,0 +1,103 @@
+"""Train and evaluate a small MoE-VLM with the SMoES gate under DeepSpeed.
+
+    deepspeed --num_gpus 2 --module ds_smoes.train --config configs/demo.yaml      # 2 ranks, ep_size 2
+    python -m ds_smoes.train --config configs/demo.yaml --set smoes.ep_size=1  # one process
+    python -m ds_smoes.train --init-from runs/demo/export --eval-only --set smoes.ep_size=1  # evaluate an export
+
+Prints progress, evaluates exact-match accuracy separately on multimodal and language-only
+held-out questions, and reports tokens/s, MSI and the routing communication figures; every
+run is logged to MLflow (SQLite store `mlflow.db` in the working directory unless
+--tracking-uri says otherwise).  Errors a user can fix print one message and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ds_smoes.core.errors import SMoESError
+from ds_smoes.parallel.launch import init_distributed
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ds_smoes.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=None, help="YAML or JSON training config (default: built-in)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, e.g. --set smoes.num_bins=4 (repeatable)")
+    p.add_argument("--output-json", type=Path, default=None, help="write the final figures to this JSON file")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name")
+    p.add_argument("--run-name", default=None, help="MLflow run name")
+    p.add_argument("--parent-run-id", default=None, help="nest this run under an MLflow parent run")
+    p.add_argument("--init-from", type=Path, default=None, metavar="EXPORT_DIR",
+                   help="start from a deployment export (python -m ds_smoes.export); without --config, its "
+                        "train_config.json is the config")
+    p.add_argument("--eval-only", action="store_true", help="evaluate without training (with --init-from)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--hf-model", default=None, metavar="PATH_OR_CONFIG",
+                   help="fine-tune a Hugging Face VLM (save_pretrained folder or config JSON) converted to SMoES "
+                        "(docs/hf.md); the config then has an `hf` section instead of `model`")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed launcher
+    return p.parse_args(argv)
+
+
+def log0(*args) -> None:
+    from ds_smoes.parallel import distributed
+
+    if distributed.rank() == 0:
+        print(*args, flush=True)
+
+
+def with_tracking_args(cfg, args: argparse.Namespace):
+    """The config with --tracking-uri, --experiment, --run-name and --no-mlflow applied (any config
+    with a `tracking` section: TrainConfig, HFTrainConfig)."""
+    tracking = cfg.tracking.model_copy(update={
+        k: v for k, v in (("tracking_uri", args.tracking_uri), ("experiment", args.experiment),
+                          ("run_name", args.run_name)) if v is not None})
+    if args.no_mlflow:
+        tracking = tracking.model_copy(update={"enabled": False})
+    return cfg.model_copy(update={"tracking": tracking})
+
+
+def report_error(err: SMoESError) -> int:
+    """Print a user-fixable error once (on rank 0), without a traceback; the exit status is 2."""
+    from ds_smoes.parallel import distributed
+
+    if distributed.rank() == 0:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from ds_smoes.app.session import run_session
+
+        if args.hf_model is not None:  # a Hugging Face VLM converted to SMoES (ds_smoes.hf, docs/hf.md)
+            from ds_smoes.app.hf_config import load_hf_train_config
+            from ds_smoes.app.hf_family import HFFamily
+
+            cfg = with_tracking_args(load_hf_train_config(args.config, args.overrides, args.hf_model), args)
+            family = HFFamily(cfg)
+            resume_from = cfg.hf.resume_from
+        else:
+            from ds_smoes.app.builtin import BuiltinFamily
+            from ds_smoes.app.config import load_train_config
+
+            config, overrides = args.config, args.overrides
+            if config is None and args.init_from is not None:  # the export's own config; outputs beside it
+                config = args.init_from / "train_config.json"
+                overrides = [f"run.output_dir={(args.init_from / 'eval').resolve()}", *overrides]
+            cfg = with_tracking_args(load_train_config(config, overrides), args)
+            family = BuiltinFamily(cfg, init_from=args.init_from)
+            resume_from = None
+        run_session(family, output_json=args.output_json, parent_run_id=args.parent_run_id,
+                    init_distributed=init_distributed, log=log0, resume_from=resume_from, eval_only=args.eval_only)
+    except SMoESError as err:
+        return report_error(err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

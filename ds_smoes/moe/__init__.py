@@ -1,0 +1,9 @@
+"""The DeepSpeed integration: the gates and the MoE layer.
+
+    gate.py       ModalityGate (a DeepSpeed TopKGate with modality side-information) and SMoESGate
+    layer.py      SMoESMoE: DeepSpeed's MoE with the gate, the scores, either dispatch and placement
+    registry.py   smoes.gate -> gate class
+    baselines/    DeepSpeed top-k, hard modality routing, LTDR, the KL band (docs/gates.md)
+
+Imports `ds_smoes.core`, `ds_smoes.parallel` and DeepSpeed.
+"""

@@ -1,0 +1,164 @@
+"""SMoESMoE: DeepSpeed's MoE layer with a modality-aware gate and the batch's modality scores.
+
+The gate is `SMoESGate` unless `config.gate` names a baseline (ds_smoes.moe.baselines).
+
+Drop-in for `deepspeed.moe.layer.MoE`: same constructor arguments where they overlap, same
+`(output, l_aux, exp_counts)` return, plus keyword inputs carrying modality information:
+
+    out, l_aux, counts = moe(x_BTD, used_token_BT,
+                             modality_labels=labels_BT,       # 0 text, 1 vision (always needed)
+                             modality_scores=scores_BTM)      # needed for score_type="attention"
+
+The layer owns the Gaussian statistics (score_type="gaussian"), the gate owns the bins; both
+are buffers, so `state_dict()` and DeepSpeed checkpoints carry them.
+
+`config.dispatch` picks the expert-parallel dispatch: "deepspeed" runs DeepSpeed's stock
+`MOELayer.forward` (capacity-padded all-to-all), "rank_once" the dropless token-once-per-rank
+dispatch of `ds_smoes.parallel.dispatch`.  Either way `layer.last_comm` holds what the last call sent to
+other EP ranks (`ds_smoes.parallel.dispatch.CommVolume`).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from deepspeed.moe.layer import MoE
+from torch import nn
+
+from ds_smoes.parallel import distributed
+from ds_smoes.core.config import SMoESConfig
+from ds_smoes.core.deferred import Deferred
+from ds_smoes.parallel.dispatch import CommVolume, RankOncePlan, plan_rank_once, rank_once_dispatch, stock_volume
+from ds_smoes.moe.gate import ModalityGate, RoutingInputs, RoutingStats
+from ds_smoes.core.placement import is_placed, plan_physical
+from ds_smoes.parallel.migration import MigrationCost, migrate_experts
+from ds_smoes.moe.registry import build_gate
+from ds_smoes.core.scores import GaussianModalityStats, hard_scores
+
+
+class SMoESMoE(MoE):
+    """A `deepspeed.moe.layer.MoE` whose gate is chosen by `config.gate` (default `SMoESGate`)."""
+
+    # CommVolume of the most recent forward (None before it), computed on first read (ds_smoes.core.deferred)
+    last_comm = Deferred()
+
+    def __init__(self, hidden_size: int, expert: nn.Module, config: SMoESConfig, use_residual: bool = False) -> None:
+        super().__init__(hidden_size, expert, num_experts=config.num_experts, ep_size=config.ep_size, k=config.k,
+                         capacity_factor=config.capacity_factor, eval_capacity_factor=config.eval_capacity_factor,
+                         min_capacity=config.min_capacity, use_residual=use_residual, noisy_gate_policy=None,
+                         drop_tokens=config.drop_tokens, use_rts=False)
+        self.config = config
+        # Replace the stock TopKGate before DeepSpeed sets process groups (`_set_ep_group` reaches the new gate).
+        self.deepspeed_moe.gate = build_gate(hidden_size, config)
+        self.scorer = (GaussianModalityStats(hidden_size, beta=config.ema_beta, tau=config.gaussian_tau,
+                                             var_floor=config.gaussian_var_floor)
+                       if config.score_type == "gaussian" else None)
+        self.last_comm = None
+
+    @property
+    def gate(self) -> ModalityGate:
+        return self.deepspeed_moe.gate
+
+    @property
+    def last_routing_stats(self) -> RoutingStats | None:
+        """Statistics of the most recent forward (detached), or None before the first."""
+        return self.gate.last_stats
+
+    # -- placement (ds_smoes/placement.py) --------------------------------------------------------
+    def placement_due(self) -> bool:
+        """True once adaptive bins have frozen while some expert is not yet on its bin's EP rank."""
+        binning = self.gate.binning
+        return (self.config.placement == "bins" and binning.adaptive and binning.frozen
+                and not is_placed(binning.bin_id_E, self.gate.physical_E, self.config.num_bins,
+                                  self.deepspeed_moe.ep_size))
+
+    def place_experts(self, optimizer=None) -> MigrationCost:
+        """Move every expert (weights and `optimizer` state) onto its bin's EP rank; a collective over
+        the EP group.  Call between optimizer steps (the runner does, when `placement_due()`)."""
+        moe, gate = self.deepspeed_moe, self.gate
+        if moe.ep_size > 1 and moe.ep_group is None:
+            raise RuntimeError("place_experts needs the expert-parallel group: build the engine first")
+        new_physical_E = plan_physical(gate.binning.bin_id_E, gate.physical_E, self.config.num_bins, moe.ep_size)
+        cost = migrate_experts(moe.experts.deepspeed_experts, gate.physical_E, new_physical_E,
+                               moe.ep_group if moe.ep_size > 1 else None, optimizer)
+        gate.physical_E.copy_(new_physical_E.to(gate.physical_E.device))
+        return cost
+
+    def modality_scores(self, x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor,
+                        given_SM: torch.Tensor | None) -> torch.Tensor:
+        """The score the config asks for, detached, [S, 2]; the hard one when the gate does not read it."""
+        kind = self.config.effective_score_type
+        if kind == "hard":
+            return hard_scores(labels_S)
+        if kind == "gaussian":
+            if self.training:
+                self.scorer.update(x_SD, labels_S, valid_S, reduce_fn=distributed.world_sum_)
+            return self.scorer(x_SD)
+        if given_SM is None:
+            raise ValueError("score_type='attention' needs modality_scores=... from the model's attention "
+                             "(see ds_smoes.core.scores.attention_score_update); pass them, or use "
+                             "score_type='gaussian' or 'hard'")
+        return given_SM.reshape(-1, 2).detach().float()
+
+    def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None, *,
+                modality_labels: torch.Tensor | None = None, modality_scores: torch.Tensor | None = None,
+                sample_ids: torch.Tensor | None = None):
+        if modality_labels is None:
+            raise ValueError("SMoESMoE needs modality_labels (0 text, 1 vision per token, same leading shape as "
+                             "hidden_states)")
+        d = hidden_states.shape[-1]
+        x_SD = hidden_states.reshape(-1, d)
+        num_tokens = x_SD.shape[0]
+        labels_S = modality_labels.reshape(-1).long()
+        if labels_S.numel() != num_tokens:
+            raise ValueError(f"modality_labels has {labels_S.numel()} entries for {num_tokens} tokens")
+        valid_S = (used_token.reshape(-1).bool() if used_token is not None
+                   else torch.ones(num_tokens, dtype=torch.bool, device=x_SD.device))
+        if sample_ids is not None:
+            sample_id_S = sample_ids.reshape(-1).long()
+        elif hidden_states.dim() == 3:
+            sample_id_S = torch.arange(hidden_states.shape[0], device=x_SD.device).repeat_interleave(
+                hidden_states.shape[1])
+        else:
+            sample_id_S = torch.zeros(num_tokens, dtype=torch.long, device=x_SD.device)
+        scores_SM = self.modality_scores(x_SD, labels_S, valid_S, modality_scores)
+        self.gate.set_routing_inputs(RoutingInputs(scores_SM, labels_S, sample_id_S, valid_S))
+        if self.config.dispatch == "rank_once":
+            return self._rank_once_forward(hidden_states, x_SD, valid_S)
+        out = super().forward(hidden_states, None)
+        self.last_comm = partial(self._stock_comm, x_SD.shape[1], x_SD.element_size())
+        return out
+
+    def _rank_once_forward(self, hidden_states: torch.Tensor, x_SD: torch.Tensor, valid_S: torch.Tensor):
+        """The gate as MOELayer calls it, then the token-once-per-rank dispatch on the local experts."""
+        moe = self.deepspeed_moe
+        if moe.ep_size > 1 and moe.ep_group is None:
+            raise RuntimeError(f"ep_size={moe.ep_size} but the layer has no expert-parallel group yet: build the "
+                               "engine with deepspeed.initialize (or call layer.set_deepspeed_parallelism()) first")
+        group = moe.ep_group if moe.ep_size > 1 else None
+        plans: list[RankOncePlan] = []
+        self.gate.on_routes = lambda indices_KS: plans.append(plan_rank_once(indices_KS, moe.num_local_experts, group))
+        try:
+            moe.l_aux, _, num_experts, indices_KS, _, gates_KS, moe.exp_counts = moe.gate(x_SD, None, True, False)
+        finally:
+            self.gate.on_routes = None
+        out_SD, self.last_comm = rank_once_dispatch(x_SD, indices_KS, gates_KS, moe.experts.deepspeed_experts,
+                                                    num_experts, group, valid_S, plans[0] if plans else None)
+        output = out_SD.reshape(hidden_states.shape)
+        if self.use_residual:  # Residual MoE: a learned per-token mix of the MoE output and a dense MLP
+            mlp_out = self.mlp(hidden_states)
+            mlp_out = mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out
+            coef = torch.softmax(self.coefficient(hidden_states), dim=-1)
+            output = output * coef[..., 0:1] + mlp_out * coef[..., 1:]
+        return output, moe.l_aux, moe.exp_counts
+
+    def _stock_comm(self, hidden: int, element_size: int) -> CommVolume | None:
+        """The stock dispatch's CommVolume from the gate's statistics of the same call (both are read lazily and
+        replaced together by the next forward)."""
+        stats = self.gate.last_stats
+        if stats is None:
+            return None
+        routing = stats.comm_physical
+        return stock_volume(self.config.num_experts, stats.capacity, hidden, self.deepspeed_moe.ep_size,
+                            element_size, float(routing["cross_rank_rate"]), float(routing["ranks_per_token"]),
+                            int(routing["num_tokens"]))
