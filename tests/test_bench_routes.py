@@ -61,10 +61,10 @@ def test_router_statistics_by_hand():
 def test_placed_experts_keep_their_bins():
     # logical experts 1 and 2 swapped places (physical_E = [0, 2, 1, 3]); bins [0, 1, 0, 1] by logical id
     # are then [0, 0, 1, 1] by physical id: each bin on its own rank
-    bins_P = bins_by_physical(torch.tensor([0, 1, 0, 1]), torch.tensor([0, 2, 1, 3]))
-    assert bins_P.tolist() == [0, 0, 1, 1]
+    bin_P = bins_by_physical(torch.tensor([0, 1, 0, 1]), torch.tensor([0, 2, 1, 3]))
+    assert bin_P.tolist() == [0, 0, 1, 1]
     # the same hand routing, now in physical ids, gives the same statistics as before the move
-    assert own_route_counts([CALL], bins_P, own_bins(modality_load([CALL], 4), bins_P, 2), 2).tolist() == \
+    assert own_route_counts([CALL], bin_P, own_bins(modality_load([CALL], 4), bin_P, 2), 2).tolist() == \
         [[1, 0, 1], [0, 1, 1]]
 
 

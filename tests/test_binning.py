@@ -36,7 +36,7 @@ def test_rebin_schedule_and_freeze():
     assert not b.maybe_rebin()  # step 1: not due
     b.observe(vision_heavy_first)
     assert b.maybe_rebin()      # step 2: experts 2, 3 are text-biased -> bin 0
-    assert b.bin_id_E.tolist() == [1, 1, 0, 0]
+    assert b.bin_E.tolist() == [1, 1, 0, 0]
     assert int(b.num_rebins) == 1
     # EMA: after two observations with beta 0.5 the load is 0.75 of the observed one
     assert torch.allclose(b.load_ema_ME, 0.75 * vision_heavy_first)
@@ -46,15 +46,24 @@ def test_rebin_schedule_and_freeze():
         b.maybe_rebin()
     assert int(b.step) == 6 and b.frozen
     # step 4 re-cut (allowed), step 6 is past the freeze: the last cut stands
-    assert b.bin_id_E.tolist() == [0, 0, 1, 1]
+    assert b.bin_E.tolist() == [0, 0, 1, 1]
 
 
 def test_fixed_binning_never_rebins():
     b = ExpertBinning(4, 2, adaptive=False, rebin_interval=1)
     b.observe(torch.tensor([[0.0, 0.0, 5.0, 5.0], [5.0, 5.0, 0.0, 0.0]]))
-    assert not b.maybe_rebin() and b.bin_id_E.tolist() == [0, 0, 1, 1]
+    assert not b.maybe_rebin() and b.bin_E.tolist() == [0, 0, 1, 1]
 
 
 def test_binning_buffers_avoid_deepspeed_expert_key_filter():
     # DeepSpeed's MoE checkpointing treats any MoE state key containing "expert" as an expert weight.
     assert not any("expert" in k for k in ExpertBinning(4, 2, adaptive=True).state_dict())
+
+
+def test_state_saved_under_the_old_bin_map_name_loads():
+    """Checkpoints and exports written before the bin map was named `bin_E` call it `bin_id_E`."""
+    b = ExpertBinning(4, 2, adaptive=True)
+    old = {("bin_id_E" if k == "bin_E" else k): v for k, v in b.state_dict().items()}
+    old["bin_id_E"] = torch.tensor([1, 0, 1, 0])
+    b.load_state_dict(old)
+    assert b.bin_E.tolist() == [1, 0, 1, 0]

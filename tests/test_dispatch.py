@@ -174,9 +174,9 @@ def test_statistics_are_those_of_their_forward_even_when_read_later():
         assert read_later.gate.on_routes is None  # the rank_once hook is only set during the gate call
         expected = read_at_once.last_routing_stats
         read_later.gate.physical_E.copy_(torch.tensor([3, 2, 1, 0]))
-        read_later.gate.binning.bin_id_E.copy_(torch.tensor([1, 1, 0, 0]))
+        read_later.gate.binning.bin_E.copy_(torch.tensor([1, 1, 0, 0]))
         stats = read_later.last_routing_stats
-        assert stats.bin_of_expert_E.tolist() == [0, 0, 1, 1]  # the bins of the forward (fixed bins), not the new ones
+        assert stats.bin_E.tolist() == [0, 0, 1, 1]  # the bins of the forward (fixed bins), not the new ones
         assert torch.equal(stats.load_ME, expected.load_ME) and stats.comm_physical == expected.comm_physical
         assert read_later.last_comm == read_at_once.last_comm and read_later.last_comm.num_tokens == 11
         assert read_later.last_routing_stats is stats  # computed once
@@ -196,8 +196,8 @@ def test_bin_limited_gate_keeps_each_token_in_one_bin():
     gate.set_routing_inputs(RoutingInputs(torch.nn.functional.one_hot(labels, 2).float(), labels,
                                           torch.zeros(s, dtype=torch.long), torch.ones(s, dtype=torch.bool)))
     idx_KS = gate(torch.randn(s, D), None, True, False)[3]
-    bins_KS = gate.binning.bin_id_E[idx_KS.long()]
-    assert (idx_KS >= 0).all() and (bins_KS[0] == bins_KS[1]).all()
+    bin_KS = gate.binning.bin_E[idx_KS.long()]
+    assert (idx_KS >= 0).all() and (bin_KS[0] == bin_KS[1]).all()
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def test_moelayer_output_matches_reference_and_contract(k):
 
     # l_aux = alpha_bal * L_bal + alpha_mi * L_MI of the same routing
     selected = torch.zeros(S, E, dtype=torch.bool).scatter_(1, top, True) & valid.unsqueeze(1)
-    bins = gate.binning.bin_id_E
+    bins = gate.binning.bin_E
     expected = 0.5 * bin_balance_loss(probs, selected, bins, valid) + 0.25 * mutual_information_loss(
         probs, torch.nn.functional.one_hot(labels, 2).float(), bins, torch.arange(S) // 4, valid)
     assert torch.allclose(l_aux, expected, atol=1e-6)
@@ -119,7 +119,7 @@ def test_layer_state_dict_carries_smoes_buffers(score_type):
     out, l_aux, _ = moe(x, modality_labels=labels, modality_scores=scores)
     assert out.shape == x.shape and torch.isfinite(l_aux)
     keys = set(moe.state_dict())
-    assert {"deepspeed_moe.gate.binning.bin_id_E", "deepspeed_moe.gate.binning.load_ema_ME"} <= keys
+    assert {"deepspeed_moe.gate.binning.bin_E", "deepspeed_moe.gate.binning.load_ema_ME"} <= keys
     if score_type == "gaussian":
         assert {"scorer.mean_MD", "scorer.var_MD"} <= keys
         assert moe.scorer.count_M.tolist() == [6.0, 6.0]
@@ -194,7 +194,7 @@ def test_adaptive_bins_stop_observing_once_frozen():
         gate(torch.randn(S, D), None, True, False)
     assert len(reduced) == 4 and int(gate.binning.step) == 4 and gate.binning.frozen
     assert all(int(r.sum()) == 2 * S for r in reduced)  # load_ME: k routes of every token, by modality
-    frozen_bins = gate.binning.bin_id_E.clone()
+    frozen_bins = gate.binning.bin_E.clone()
     gate.set_routing_inputs(_inputs(labels))
     gate(torch.randn(S, D), None, True, False)
-    assert torch.equal(gate.binning.bin_id_E, frozen_bins) and len(reduced) == 4
+    assert torch.equal(gate.binning.bin_E, frozen_bins) and len(reduced) == 4

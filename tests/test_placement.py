@@ -28,33 +28,33 @@ def test_plan_moves_only_experts_on_the_wrong_rank():
     # 4 experts, 2 bins, 2 ranks (physical 0, 1 on rank 0; 2, 3 on rank 1).  Bin 0 = {e1, e3} -> rank 0,
     # bin 1 = {e0, e2} -> rank 1.  e1 and e2 are already there and keep their ids; e0 (rank 0) and e3
     # (rank 1) swap ranks, each taking the id the other frees.
-    bins_E = torch.tensor([1, 0, 1, 0])
-    new_E = plan_physical(bins_E, torch.arange(4), num_bins=2, ep_size=2)
+    bin_E = torch.tensor([1, 0, 1, 0])
+    new_E = plan_physical(bin_E, torch.arange(4), num_bins=2, ep_size=2)
     assert new_E.tolist() == [3, 1, 2, 0]
-    assert is_placed(bins_E, new_E, 2, 2) and not is_placed(bins_E, torch.arange(4), 2, 2)
+    assert is_placed(bin_E, new_E, 2, 2) and not is_placed(bin_E, torch.arange(4), 2, 2)
     # already placed: nothing moves
-    assert plan_physical(bins_E, new_E, 2, 2).tolist() == [3, 1, 2, 0]
+    assert plan_physical(bin_E, new_E, 2, 2).tolist() == [3, 1, 2, 0]
 
 
 def test_plan_with_two_bins_per_rank():
     # 8 experts, 4 bins of 2, 2 ranks (bins 0, 1 -> rank 0; bins 2, 3 -> rank 1)
-    bins_E = torch.tensor([3, 0, 2, 1, 0, 3, 1, 2])
+    bin_E = torch.tensor([3, 0, 2, 1, 0, 3, 1, 2])
     # rank of each expert's bin:      1  0  1  0  0  1  0  1 ; current rank: 0 0 0 0 1 1 1 1
     # stay: e1 (0), e3 (3), e5 (5), e7 (7); movers to rank 0: e4, e6 -> free ids 0, 2;
     # movers to rank 1: e0, e2 -> free ids 4, 6
-    new_E = plan_physical(bins_E, torch.arange(8), num_bins=4, ep_size=2)
+    new_E = plan_physical(bin_E, torch.arange(8), num_bins=4, ep_size=2)
     assert new_E.tolist() == [4, 1, 6, 3, 0, 5, 2, 7]
-    assert is_placed(bins_E, new_E, 4, 2)
+    assert is_placed(bin_E, new_E, 4, 2)
     assert sorted(new_E.tolist()) == list(range(8))
 
 
 def test_bin_order_places_bins_for_every_supported_ep_size():
-    bins_E = torch.tensor([1, 0, 1, 0])
-    assert bin_ordered_physical(bins_E).tolist() == [2, 0, 3, 1]  # physical 0, 1 = bin 0 (e1, e3)
-    bins_E = torch.tensor([3, 0, 2, 1, 0, 3, 1, 2])
-    physical_E = bin_ordered_physical(bins_E)
+    bin_E = torch.tensor([1, 0, 1, 0])
+    assert bin_ordered_physical(bin_E).tolist() == [2, 0, 3, 1]  # physical 0, 1 = bin 0 (e1, e3)
+    bin_E = torch.tensor([3, 0, 2, 1, 0, 3, 1, 2])
+    physical_E = bin_ordered_physical(bin_E)
     for ep in supported_ep_sizes(8, 4):
-        assert is_placed(bins_E, physical_E, 4, ep), ep
+        assert is_placed(bin_E, physical_E, 4, ep), ep
     assert supported_ep_sizes(8, 4) == [1, 2, 4] and supported_ep_sizes(64, 8) == [1, 2, 4, 8]
 
 
@@ -110,7 +110,7 @@ def _layer(dispatch: str) -> SMoESMoE:
     for i, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
         for p in expert.parameters():
             p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(100 + i))
-    layer.gate.binning.bin_id_E.copy_(torch.tensor([1, 0, 1, 0]))
+    layer.gate.binning.bin_E.copy_(torch.tensor([1, 0, 1, 0]))
     return layer
 
 
@@ -126,7 +126,7 @@ def _forward_backward(layer: SMoESMoE):
 @pytest.mark.parametrize("dispatch", ["deepspeed", "rank_once"])
 def test_moving_experts_leaves_the_layer_function_unchanged(dispatch):
     ref, moved = _layer(dispatch), _layer(dispatch)
-    new_E = bin_ordered_physical(moved.gate.binning.bin_id_E)
+    new_E = bin_ordered_physical(moved.gate.binning.bin_E)
     migrate_experts(moved.deepspeed_moe.experts.deepspeed_experts, moved.gate.physical_E, new_E)
     moved.gate.physical_E.copy_(new_E)
     a, b = _forward_backward(ref), _forward_backward(moved)
@@ -147,11 +147,11 @@ def test_placement_due_only_for_frozen_adaptive_bins_not_yet_placed():
     assert not layer.placement_due()  # bins still adaptive (step 0 < freeze step)
     binning.step.fill_(binning.freeze_step)
     assert layer.placement_due()
-    layer.gate.physical_E.copy_(plan_physical(binning.bin_id_E, layer.gate.physical_E, 2, 2))
+    layer.gate.physical_E.copy_(plan_physical(binning.bin_E, layer.gate.physical_E, 2, 2))
     assert not layer.placement_due()
     off = SMoESMoE(D, nn.Linear(D, D), layer.config.model_copy(update={"placement": "none"}))
     off.deepspeed_moe.ep_size = 2
-    off.gate.binning.bin_id_E.copy_(torch.tensor([1, 0, 1, 0]))
+    off.gate.binning.bin_E.copy_(torch.tensor([1, 0, 1, 0]))
     off.gate.binning.step.fill_(10**6)
     assert not off.placement_due()
 

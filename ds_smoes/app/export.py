@@ -62,7 +62,7 @@ def placement_report(model, ep_sizes: list[int]) -> dict:
         physical_E = gate.physical_E.cpu()
         layers.append({
             "moe_layer": i,
-            "bin_of_expert": gate.binning.bin_id_E.tolist(),
+            "bin_of_expert": gate.binning.bin_E.tolist(),
             "physical_of_expert": physical_E.tolist(),
             "rank_of_expert": {str(ep): (physical_E // (cfg.num_experts // ep)).tolist() for ep in ep_sizes},
         })
@@ -80,7 +80,7 @@ def order_experts_by_bin(model) -> int:
         gate = layer.gate
         if layer.deepspeed_moe.ep_size != 1:
             raise ValueError("order_experts_by_bin works on a model that holds every expert (ep_size 1)")
-        new_physical_E = bin_ordered_physical(gate.binning.bin_id_E)
+        new_physical_E = bin_ordered_physical(gate.binning.bin_E)
         moved += int((new_physical_E != gate.physical_E.cpu()).sum())
         migrate_experts(layer.deepspeed_moe.experts.deepspeed_experts, gate.physical_E, new_physical_E)
         gate.physical_E.copy_(new_physical_E)

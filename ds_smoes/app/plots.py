@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from ds_smoes.core.metrics import modality_specialization_index  # noqa: E402
 
 
-def expert_modality_heatmap(load_LME: torch.Tensor, bins_LE: torch.Tensor | None = None, title: str = ""):
+def expert_modality_heatmap(load_LME: torch.Tensor, bin_LE: torch.Tensor | None = None, title: str = ""):
     """One row per MoE layer: each modality's tokens spread over the experts (rows sum to 1),
     annotated with the layer's MSI and, when given, each expert's bin."""
     num_layers, _, num_experts = load_LME.shape
@@ -22,7 +22,7 @@ def expert_modality_heatmap(load_LME: torch.Tensor, bins_LE: torch.Tensor | None
         im = ax.imshow(share_ME.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
         msi = float(modality_specialization_index(load_LME[l, 0:1], load_LME[l, 1:2]))
         ax.set_yticks([0, 1], ["text", "vision"])
-        labels = [f"e{e}" + (f"\nb{int(bins_LE[l, e])}" if bins_LE is not None else "") for e in range(num_experts)]
+        labels = [f"e{e}" + (f"\nb{int(bin_LE[l, e])}" if bin_LE is not None else "") for e in range(num_experts)]
         ax.set_xticks(range(num_experts), labels, fontsize=7)
         ax.set_title(f"MoE layer {l}: share of each modality's routed tokens per expert (MSI {msi:.2f})",
                      fontsize=8)

@@ -172,8 +172,8 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
     if rank == 0:
         family.save_artifacts(out_dir, final, tracker)
         if model.moe_layers():
-            bins_LE = torch.stack([layer.gate.binning.bin_id_E for layer in model.moe_layers()])
-            fig = expert_modality_heatmap(routing.load_LME, bins_LE, title=f"{run_name} (test split)")
+            bin_LE = torch.stack([layer.gate.binning.bin_E for layer in model.moe_layers()])
+            fig = expert_modality_heatmap(routing.load_LME, bin_LE, title=f"{run_name} (test split)")
             fig.savefig(out_dir / "expert_modality_heatmap.png", dpi=120)
             tracker.log_figure(fig, "expert_modality_heatmap.png")
         tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float))

@@ -72,19 +72,19 @@ def modality_load(calls: list[LayerCall], num_experts: int) -> torch.Tensor:
     return load_ME
 
 
-def bins_by_physical(bin_of_expert_E: torch.Tensor, physical_E: torch.Tensor) -> torch.Tensor:
+def bins_by_physical(bin_E: torch.Tensor, physical_E: torch.Tensor) -> torch.Tensor:
     """bin_of_physical_P: the bin of the expert whose weights sit at physical id p (routes reach the
     dispatch in physical ids; bins are kept per logical expert, see ds_smoes.core.placement)."""
-    bins_P = torch.empty_like(bin_of_expert_E.long())
-    bins_P[physical_E.long()] = bin_of_expert_E.long()
-    return bins_P
+    bin_P = torch.empty_like(bin_E.long())
+    bin_P[physical_E.long()] = bin_E.long()
+    return bin_P
 
 
-def own_bins(load_ME: torch.Tensor, bin_of_expert_E: torch.Tensor, num_bins: int) -> torch.Tensor:
+def own_bins(load_ME: torch.Tensor, bin_E: torch.Tensor, num_bins: int) -> torch.Tensor:
     """own_MB (bool): vision owns the round(pi_v * B) bins (1 .. B - 1) with the largest share of the
     vision routes relative to the text routes (modality-normalised load); text owns the others."""
     load_MB = torch.zeros(2, num_bins, dtype=torch.float64)
-    load_MB.index_add_(1, bin_of_expert_E.long(), load_ME.double())
+    load_MB.index_add_(1, bin_E.long(), load_ME.double())
     total_M = load_MB.sum(1)
     share_MB = load_MB / total_M.clamp_min(1e-300).unsqueeze(1)
     vision_share = float(total_M[1] / total_M.sum().clamp_min(1e-300))
@@ -97,15 +97,15 @@ def own_bins(load_ME: torch.Tensor, bin_of_expert_E: torch.Tensor, num_bins: int
     return own_MB
 
 
-def own_route_counts(calls: list[LayerCall], bin_of_expert_E: torch.Tensor, own_MB: torch.Tensor,
+def own_route_counts(calls: list[LayerCall], bin_E: torch.Tensor, own_MB: torch.Tensor,
                      k: int) -> torch.Tensor:
     """counts_MJ: valid tokens of modality m with j of their routes in m's own bins (j = 0 .. k;
     a token with more than k routes, as LTDR's tail tokens, counts in j = k at most)."""
     counts_MJ = torch.zeros(2, k + 1, dtype=torch.float64)
     for c in calls:
         routed_KS = c.indices_KS >= 0
-        bins_KS = bin_of_expert_E.long()[c.indices_KS.clamp_min(0)]
-        own_KS = own_MB[c.labels_S.unsqueeze(0).expand_as(bins_KS), bins_KS] & routed_KS
+        bin_KS = bin_E.long()[c.indices_KS.clamp_min(0)]
+        own_KS = own_MB[c.labels_S.unsqueeze(0).expand_as(bin_KS), bin_KS] & routed_KS
         j_S = own_KS.sum(0).clamp_max(k)
         for m in range(2):
             keep_S = c.valid_S & (c.labels_S == m)

@@ -165,15 +165,15 @@ def routing_pass(model, batches: list, smoes: SMoESConfig) -> dict:
     for l, layer in enumerate(layers):
         busiest, mean = expert_work(rows_LCR[l])
         # the recorded routes name physical experts (where the weights live, ds_smoes.core.placement); bins are
-        # kept per logical expert: bins_P is the bin of each physical expert
-        bins_E = layer.gate.binning.bin_id_E.detach().cpu().long()
+        # kept per logical expert: bin_P is the bin of each physical expert
+        bin_E = layer.gate.binning.bin_E.detach().cpu().long()
         physical_E = layer.gate.physical_E.detach().cpu().long()
-        bins_P = bins_by_physical(bins_E, physical_E)
+        bin_P = bins_by_physical(bin_E, physical_E)
         load_MP = distributed.world_sum_(modality_load(recorder.calls[l], smoes.num_experts))
-        own_MB = own_bins(load_MP, bins_P, smoes.num_bins)
-        counts_MJ = distributed.world_sum_(own_route_counts(recorder.calls[l], bins_P, own_MB, smoes.k))
-        layers_out.append({**dict(zip(_TALLY, tally_LX[l].tolist())), "bins": bins_E.tolist(),
-                           "physical": physical_E.tolist(), "bins_placed_on_ranks": _placed(bins_P, smoes),
+        own_MB = own_bins(load_MP, bin_P, smoes.num_bins)
+        counts_MJ = distributed.world_sum_(own_route_counts(recorder.calls[l], bin_P, own_MB, smoes.k))
+        layers_out.append({**dict(zip(_TALLY, tally_LX[l].tolist())), "bins": bin_E.tolist(),
+                           "physical": physical_E.tolist(), "bins_placed_on_ranks": _placed(bin_P, smoes),
                            "load_MP": load_MP.tolist(), "own_bins_MB": own_MB.tolist(),
                            "own_route_counts_MJ": counts_MJ.tolist(),
                            "expert_rows_busiest": busiest, "expert_rows_mean": mean})
@@ -181,11 +181,11 @@ def routing_pass(model, batches: list, smoes: SMoESConfig) -> dict:
     return {"layers": layers_out, "element_size": elt, "hidden": d}
 
 
-def _placed(bins_P: torch.Tensor, smoes: SMoESConfig) -> bool:
+def _placed(bin_P: torch.Tensor, smoes: SMoESConfig) -> bool:
     """Every physical expert sits on its bin's EP rank (bin b on rank b * ep_size // num_bins)."""
     per_rank = smoes.num_experts // smoes.ep_size
     rank_P = torch.arange(smoes.num_experts) // per_rank
-    return bool(torch.equal(rank_P, bins_P * smoes.ep_size // smoes.num_bins))
+    return bool(torch.equal(rank_P, bin_P * smoes.ep_size // smoes.num_bins))
 
 
 def time_round_robin(models: dict, batches: list, warmup: int, repeats: int) -> dict[str, list[float]]:

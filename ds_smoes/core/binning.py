@@ -12,7 +12,7 @@ from torch import nn
 
 
 def fixed_bins(num_experts: int, num_bins: int) -> torch.Tensor:
-    """bin b = experts [b * N_B, (b + 1) * N_B): returns bin_of_expert_E (long)."""
+    """bin b = experts [b * N_B, (b + 1) * N_B): returns bin_E (long)."""
     return torch.arange(num_experts) // (num_experts // num_bins)
 
 
@@ -27,19 +27,19 @@ def adaptive_bins(load_ME: torch.Tensor, num_bins: int) -> torch.Tensor:
     num_experts = load_ME.shape[1]
     bias_E = text_bias(load_ME.float())
     order_E = torch.sort(-bias_E, stable=True).indices  # most text-biased first
-    bin_of_expert_E = torch.empty(num_experts, dtype=torch.long)
-    bin_of_expert_E[order_E] = torch.arange(num_experts) // (num_experts // num_bins)
-    return bin_of_expert_E
+    bin_E = torch.empty(num_experts, dtype=torch.long)
+    bin_E[order_E] = torch.arange(num_experts) // (num_experts // num_bins)
+    return bin_E
 
 
-def bin_one_hot(bin_of_expert_E: torch.Tensor, num_bins: int) -> torch.Tensor:
+def bin_one_hot(bin_E: torch.Tensor, num_bins: int) -> torch.Tensor:
     """[E, B] float membership matrix."""
-    return torch.nn.functional.one_hot(bin_of_expert_E.long(), num_bins).float()
+    return torch.nn.functional.one_hot(bin_E.long(), num_bins).float()
 
 
-def rank_of_bin_placed_expert(bin_of_expert_E: torch.Tensor, num_bins: int, ep_size: int) -> torch.Tensor:
+def rank_of_bin_placed_expert(bin_E: torch.Tensor, num_bins: int, ep_size: int) -> torch.Tensor:
     """EP rank an expert lives on once experts are placed by bin: bin * ep_size // num_bins."""
-    return bin_of_expert_E.long() * ep_size // num_bins
+    return bin_E.long() * ep_size // num_bins
 
 
 class ExpertBinning(nn.Module):
@@ -57,10 +57,16 @@ class ExpertBinning(nn.Module):
         self.beta, self.rebin_interval, self.freeze_step = beta, rebin_interval, freeze_step
         # Buffer names must not contain "expert": DeepSpeed's MoE checkpointing treats every such key of an
         # MoE module as an expert parameter (and drops it from the non-expert state).
-        self.register_buffer("bin_id_E", fixed_bins(num_experts, num_bins))
+        self.register_buffer("bin_E", fixed_bins(num_experts, num_bins))
         self.register_buffer("load_ema_ME", torch.zeros(2, num_experts))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_rebins", torch.zeros((), dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints and exports written before 0.2 name the bin map `bin_id_E`
+        if prefix + "bin_id_E" in state_dict and prefix + "bin_E" not in state_dict:
+            state_dict[prefix + "bin_E"] = state_dict.pop(prefix + "bin_id_E")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def observe(self, load_ME: torch.Tensor) -> None:
@@ -73,10 +79,10 @@ class ExpertBinning(nn.Module):
         step = int(self.step)
         if not self.adaptive or step == 0 or step > self.freeze_step or step % self.rebin_interval:
             return False
-        new_bins_E = adaptive_bins(self.load_ema_ME, self.num_bins).to(self.bin_id_E.device)
-        if torch.equal(new_bins_E, self.bin_id_E):
+        new_bin_E = adaptive_bins(self.load_ema_ME, self.num_bins).to(self.bin_E.device)
+        if torch.equal(new_bin_E, self.bin_E):
             return False
-        self.bin_id_E.copy_(new_bins_E)
+        self.bin_E.copy_(new_bin_E)
         self.num_rebins += 1
         return True
 

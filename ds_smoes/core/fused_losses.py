@@ -97,30 +97,30 @@ class _BinBalanceLoss(torch.autograd.Function):
         return (f_E - inside_SE) / z_SE * coef_S.unsqueeze(1), None, None, None, None, None
 
 
-def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_of_expert_E: torch.Tensor,
+def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E: torch.Tensor,
                             sample_id_S: torch.Tensor, valid_S: torch.Tensor | None = None,
                             num_bins: int | None = None) -> torch.Tensor:
     """`ds_smoes.losses.mutual_information_loss`, one autograd node."""
-    num_bins = resolve_num_bins(bin_of_expert_E, num_bins)
+    num_bins = resolve_num_bins(bin_E, num_bins)
     num_samples = int(sample_id_S.max()) + 1 if sample_id_S.numel() else 0
     if num_samples == 0:
         return probs_SE.sum() * 0.0
     weight_SM = modality_SM.to(probs_SE.dtype)
     if valid_S is not None:
         weight_SM = weight_SM * valid_S.to(probs_SE.dtype).unsqueeze(-1)
-    onehot_EB = bin_one_hot(bin_of_expert_E, num_bins).to(probs_SE)
-    return _MutualInformationLoss.apply(probs_SE, weight_SM, sample_id_S.long(), onehot_EB, bin_of_expert_E.long(),
+    onehot_EB = bin_one_hot(bin_E, num_bins).to(probs_SE)
+    return _MutualInformationLoss.apply(probs_SE, weight_SM, sample_id_S.long(), onehot_EB, bin_E.long(),
                                         num_samples, probs_SE.shape[1] // num_bins)
 
 
-def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_of_expert_E: torch.Tensor,
+def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_E: torch.Tensor,
                      valid_S: torch.Tensor | None = None, num_bins: int | None = None) -> torch.Tensor:
     """`ds_smoes.losses.bin_balance_loss`, one autograd node."""
-    num_bins = resolve_num_bins(bin_of_expert_E, num_bins)
+    num_bins = resolve_num_bins(bin_E, num_bins)
     valid_f_S = (torch.ones(probs_SE.shape[0], dtype=probs_SE.dtype, device=probs_SE.device) if valid_S is None
                  else valid_S.to(probs_SE.dtype))
-    onehot_EB = bin_one_hot(bin_of_expert_E, num_bins).to(probs_SE)
-    bin_idx_E = bin_of_expert_E.long()
+    onehot_EB = bin_one_hot(bin_E, num_bins).to(probs_SE)
+    bin_idx_E = bin_E.long()
     count_E = valid_f_S @ selected_SE.to(probs_SE.dtype)
     f_E = count_E / (count_E @ onehot_EB).index_select(0, bin_idx_E).clamp_min(1.0)
     return _BinBalanceLoss.apply(probs_SE, f_E, valid_f_S, onehot_EB, bin_idx_E, probs_SE.shape[1] // num_bins)

@@ -12,11 +12,11 @@ from ds_smoes.core.binning import bin_one_hot
 _TINY = 1e-30
 
 
-def resolve_num_bins(bin_of_expert_E: torch.Tensor, num_bins: int | None) -> int:
-    return int(bin_of_expert_E.max()) + 1 if num_bins is None else num_bins
+def resolve_num_bins(bin_E: torch.Tensor, num_bins: int | None) -> int:
+    return int(bin_E.max()) + 1 if num_bins is None else num_bins
 
 
-def modality_bin_table(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_of_expert_E: torch.Tensor,
+def modality_bin_table(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E: torch.Tensor,
                        sample_id_S: torch.Tensor, valid_S: torch.Tensor | None = None,
                        num_bins: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S[i,m,b] = sum_{e in b} sum_j M[j,m] g[j,e] / (N_B sum_j M[j,m]) for every sample i.
@@ -24,13 +24,13 @@ def modality_bin_table(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_of
     Returns (s_NMB, present_NM): present is False where sample i has no token of modality m
     (its row of S is then 0 instead of 0/0).
     """
-    num_bins = resolve_num_bins(bin_of_expert_E, num_bins)
+    num_bins = resolve_num_bins(bin_E, num_bins)
     experts_per_bin = probs_SE.shape[1] // num_bins
     weight_SM = modality_SM.to(probs_SE.dtype)
     if valid_S is not None:
         weight_SM = weight_SM * valid_S.to(probs_SE.dtype).unsqueeze(-1)
     num_samples = int(sample_id_S.max()) + 1 if sample_id_S.numel() else 0
-    probs_SB = probs_SE @ bin_one_hot(bin_of_expert_E, num_bins).to(probs_SE)
+    probs_SB = probs_SE @ bin_one_hot(bin_E, num_bins).to(probs_SE)
     mass_SMB = weight_SM.unsqueeze(-1) * probs_SB.unsqueeze(1)
     num_NMB = probs_SE.new_zeros(num_samples, *mass_SMB.shape[1:]).index_add(0, sample_id_S, mass_SMB)
     den_NM = probs_SE.new_zeros(num_samples, weight_SM.shape[1]).index_add(0, sample_id_S, weight_SM)
@@ -45,7 +45,7 @@ def _safe(t: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample_mutual_information(probs_SE: torch.Tensor, modality_SM: torch.Tensor,
-                                  bin_of_expert_E: torch.Tensor, sample_id_S: torch.Tensor,
+                                  bin_E: torch.Tensor, sample_id_S: torch.Tensor,
                                   valid_S: torch.Tensor | None = None,
                                   num_bins: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """I_i between modality and bin for every sample i (natural log).
@@ -56,7 +56,7 @@ def per_sample_mutual_information(probs_SE: torch.Tensor, modality_SM: torch.Ten
     A modality absent from a sample contributes nothing (0 log 0 = 0), so I_i stays finite.
     Returns (mi_N, has_tokens_N): padding-only samples have has_tokens False.
     """
-    s_NMB, _ = modality_bin_table(probs_SE, modality_SM, bin_of_expert_E, sample_id_S, valid_S, num_bins)
+    s_NMB, _ = modality_bin_table(probs_SE, modality_SM, bin_E, sample_id_S, valid_S, num_bins)
     total_N = s_NMB.sum((1, 2))
     has_tokens_N = total_N > 0
     p_NMB = s_NMB / torch.where(has_tokens_N, total_N, 1.0)[:, None, None]
@@ -67,21 +67,21 @@ def per_sample_mutual_information(probs_SE: torch.Tensor, modality_SM: torch.Ten
     return mi_N, has_tokens_N
 
 
-def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_of_expert_E: torch.Tensor,
+def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E: torch.Tensor,
                             sample_id_S: torch.Tensor, valid_S: torch.Tensor | None = None,
                             num_bins: int | None = None) -> torch.Tensor:
     """L_MI of one layer: minus the batch mean of per-sample modality-bin MI (natural log).
 
     Samples with no valid token are left out of the mean; an all-padding batch gives 0.
     """
-    mi_N, has_tokens_N = per_sample_mutual_information(probs_SE, modality_SM, bin_of_expert_E, sample_id_S,
+    mi_N, has_tokens_N = per_sample_mutual_information(probs_SE, modality_SM, bin_E, sample_id_S,
                                                        valid_S, num_bins)
     if not bool(has_tokens_N.any()):
         return probs_SE.sum() * 0.0
     return -mi_N[has_tokens_N].mean()
 
 
-def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_of_expert_E: torch.Tensor,
+def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_E: torch.Tensor,
                      valid_S: torch.Tensor | None = None, num_bins: int | None = None) -> torch.Tensor:
     """L_bal of one layer: sum_b N_B * sum_{e in b} f_e * P_e.
 
@@ -89,10 +89,10 @@ def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_of_e
     P_e: mean over valid tokens of g_e renormalised inside e's bin (ours).
     Equals N_bins when load and probabilities are uniform inside every bin.
     """
-    num_bins = resolve_num_bins(bin_of_expert_E, num_bins)
+    num_bins = resolve_num_bins(bin_E, num_bins)
     experts_per_bin = probs_SE.shape[1] // num_bins
-    onehot_EB = bin_one_hot(bin_of_expert_E, num_bins).to(probs_SE)
-    bin_idx_E = bin_of_expert_E.long()
+    onehot_EB = bin_one_hot(bin_E, num_bins).to(probs_SE)
+    bin_idx_E = bin_E.long()
     if valid_S is None:
         valid_S = torch.ones(probs_SE.shape[0], dtype=torch.bool, device=probs_SE.device)
     valid_S = valid_S.bool()
@@ -145,13 +145,13 @@ def modality_kl_band_loss(probs_SE: torch.Tensor, labels_S: torch.Tensor, valid_
     return band_penalty(kl, low, high), kl.detach()
 
 
-def bin_kl_band_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_of_expert_E: torch.Tensor,
+def bin_kl_band_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E: torch.Tensor,
                      sample_id_S: torch.Tensor, low: float, high: float, valid_S: torch.Tensor | None = None,
                      num_bins: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SMoES "KL instead of MI" ablation: per sample, symmetric KL between the bin distributions
     of its text and its vision mass (P_i(b | m) from `modality_bin_table`), penalised outside
     [low, high] and averaged over samples holding both modalities.  Returns (loss, mean kl)."""
-    s_NMB, present_NM = modality_bin_table(probs_SE, modality_SM, bin_of_expert_E, sample_id_S, valid_S, num_bins)
+    s_NMB, present_NM = modality_bin_table(probs_SE, modality_SM, bin_E, sample_id_S, valid_S, num_bins)
     both_N = present_NM.all(1)
     if not bool(both_N.any()):
         zero = probs_SE.sum() * 0.0

@@ -38,16 +38,16 @@ def rank_of_bin(num_bins: int, ep_size: int) -> torch.Tensor:
     return torch.arange(num_bins) * ep_size // num_bins
 
 
-def plan_physical(bin_of_expert_E: torch.Tensor, physical_E: torch.Tensor, num_bins: int, ep_size: int) -> torch.Tensor:
+def plan_physical(bin_E: torch.Tensor, physical_E: torch.Tensor, num_bins: int, ep_size: int) -> torch.Tensor:
     """new_physical_E: every expert on its bin's rank, moving as few experts as possible.
 
     An expert already on its bin's rank keeps its physical id; the others take the free ids of their
     target rank in ascending order, in logical-id order.  Every rank ends with exactly L experts
     because each holds num_bins / ep_size bins of E / num_bins experts.
     """
-    num_experts = bin_of_expert_E.numel()
+    num_experts = bin_E.numel()
     per_rank = num_experts // ep_size
-    target_E = rank_of_bin(num_bins, ep_size)[bin_of_expert_E.long().cpu()]
+    target_E = rank_of_bin(num_bins, ep_size)[bin_E.long().cpu()]
     physical_E = physical_E.long().cpu()
     stays_E = physical_E // per_rank == target_E
     new_physical_E = torch.where(stays_E, physical_E, torch.full_like(physical_E, -1))
@@ -63,21 +63,21 @@ def plan_physical(bin_of_expert_E: torch.Tensor, physical_E: torch.Tensor, num_b
     return new_physical_E
 
 
-def bin_ordered_physical(bin_of_expert_E: torch.Tensor) -> torch.Tensor:
+def bin_ordered_physical(bin_E: torch.Tensor) -> torch.Tensor:
     """physical_E sorted by bin (ties by logical id): bin b takes physical ids [b*N_B, (b+1)*N_B).
 
     This layout places every bin on its rank for *any* ep_size that divides num_bins, so an
     exported checkpoint can be loaded at a different expert-parallel degree."""
-    order_P = torch.sort(bin_of_expert_E.long().cpu(), stable=True).indices  # physical p holds expert order_P[p]
+    order_P = torch.sort(bin_E.long().cpu(), stable=True).indices  # physical p holds expert order_P[p]
     physical_E = torch.empty_like(order_P)
     physical_E[order_P] = torch.arange(order_P.numel())
     return physical_E
 
 
-def is_placed(bin_of_expert_E: torch.Tensor, physical_E: torch.Tensor, num_bins: int, ep_size: int) -> bool:
+def is_placed(bin_E: torch.Tensor, physical_E: torch.Tensor, num_bins: int, ep_size: int) -> bool:
     """Every expert sits on its bin's rank."""
-    per_rank = bin_of_expert_E.numel() // ep_size
-    target_E = rank_of_bin(num_bins, ep_size)[bin_of_expert_E.long().cpu()]
+    per_rank = bin_E.numel() // ep_size
+    target_E = rank_of_bin(num_bins, ep_size)[bin_E.long().cpu()]
     return bool((physical_E.long().cpu() // per_rank == target_E).all())
 
 

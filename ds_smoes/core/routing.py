@@ -85,7 +85,7 @@ def finalize_routes(probs_SE: torch.Tensor, top_idx_SK: torch.Tensor, valid_S: t
     )
 
 
-def bin_limited_topk(probs_SE: torch.Tensor, bin_of_expert_E: torch.Tensor, num_bins: int, max_bins: int,
+def bin_limited_topk(probs_SE: torch.Tensor, bin_E: torch.Tensor, num_bins: int, max_bins: int,
                      k: int) -> torch.Tensor:
     """top_idx_SK: top-k inside each token's `max_bins` bins with the most gate mass (ours, beyond
     the paper; DeepSeek-V3's group-limited routing with bins as groups).
@@ -93,7 +93,7 @@ def bin_limited_topk(probs_SE: torch.Tensor, bin_of_expert_E: torch.Tensor, num_
     A bin's gate mass for token s is the sum of s's probabilities over the bin's experts.
     Needs max_bins * (experts per bin) >= k (SMoESConfig checks it).
     """
-    bin_E = bin_of_expert_E.to(probs_SE.device).long()
+    bin_E = bin_E.to(probs_SE.device).long()
     mass_SB = probs_SE.new_zeros(probs_SE.shape[0], num_bins).index_add(1, bin_E, probs_SE)
     top_bins_SM = torch.topk(mass_SB, k=max_bins, dim=1).indices
     allowed_SB = torch.zeros_like(mass_SB, dtype=torch.bool).scatter_(1, top_bins_SM, True)

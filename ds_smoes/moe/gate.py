@@ -57,7 +57,7 @@ class RoutingStats:
     num_tokens: int
     comm_physical: dict              # routing_comm_stats under DeepSpeed's expert layout (e // local experts)
     comm_binned: dict                # routing_comm_stats with experts placed by their bin
-    bin_of_expert_E: torch.Tensor
+    bin_E: torch.Tensor
     rebinned: bool
 
     @property
@@ -95,7 +95,7 @@ class ModalityGate(TopKGate):
                     capacity: int, rebinned: bool) -> None:
         """Keep what `last_stats` needs; bins and placement are snapshot now, as they may change before it is read."""
         self.last_stats = partial(self._stats, routes, inputs, valid_S, named, capacity, rebinned,
-                                  self.binning.bin_id_E.clone(), self.physical_E.clone())
+                                  self.binning.bin_E.clone(), self.physical_E.clone())
 
     # -- what a gate decides ------------------------------------------------------------------
     def routing_probs(self, logits_SE: torch.Tensor, inputs: RoutingInputs) -> torch.Tensor:
@@ -107,7 +107,7 @@ class ModalityGate(TopKGate):
         `max_bins_per_token` best bins when that limit is set."""
         cfg = self.config
         if cfg.max_bins_per_token is not None:
-            return bin_limited_topk(probs_SE, self.binning.bin_id_E, cfg.num_bins, cfg.max_bins_per_token, cfg.k)
+            return bin_limited_topk(probs_SE, self.binning.bin_E, cfg.num_bins, cfg.max_bins_per_token, cfg.k)
         return torch.topk(probs_SE, k=cfg.k, dim=1).indices
 
     def aux_losses(self, probs_SE: torch.Tensor, routes: SparseRoutes, inputs: RoutingInputs,
@@ -212,11 +212,11 @@ class ModalityGate(TopKGate):
 
     @torch.no_grad()
     def _stats(self, routes: SparseRoutes, inputs: RoutingInputs, valid_S: torch.Tensor, named: dict,
-               capacity: int, rebinned: bool, bins_E: torch.Tensor, physical_E: torch.Tensor) -> RoutingStats:
+               capacity: int, rebinned: bool, bin_E: torch.Tensor, physical_E: torch.Tensor) -> RoutingStats:
         ep_rank, ep_size = self.ep_world()
         cfg = self.config
         physical_rank_E = self.physical_rank_of_expert(ep_size, physical_E)
-        bin_rank_E = rank_of_bin_placed_expert(bins_E, cfg.num_bins, ep_size).cpu()
+        bin_rank_E = rank_of_bin_placed_expert(bin_E, cfg.num_bins, ep_size).cpu()
         comm_physical = routing_comm_stats(routes.indices_KS, physical_rank_E, ep_rank, valid_S, ep_size)
         # once the experts sit on their bins' ranks (or bins are fixed) the two layouts are one
         comm_binned = (comm_physical if torch.equal(physical_rank_E, bin_rank_E) else
@@ -226,7 +226,7 @@ class ModalityGate(TopKGate):
             losses={k: v.detach() for k, v in named.items()}, capacity=capacity, num_dropped=routes.num_dropped,
             num_tokens=int(valid_S.sum()),
             comm_physical=comm_physical, comm_binned=comm_binned,
-            bin_of_expert_E=bins_E, rebinned=rebinned)
+            bin_E=bin_E, rebinned=rebinned)
 
 
 class SMoESGate(ModalityGate):
@@ -234,13 +234,13 @@ class SMoESGate(ModalityGate):
 
     def aux_losses(self, probs_SE, routes, inputs, valid_S):
         cfg = self.config
-        bins_E = self.binning.bin_id_E
+        bin_E = self.binning.bin_E
         # the fused forms: same values and gradients as ds_smoes.losses, one autograd node each
-        l_bal = fused_losses.bin_balance_loss(probs_SE, routes.selected_SE, bins_E, valid_S, num_bins=cfg.num_bins)
+        l_bal = fused_losses.bin_balance_loss(probs_SE, routes.selected_SE, bin_E, valid_S, num_bins=cfg.num_bins)
         if cfg.bin_objective == "mi":
-            l_mi = fused_losses.mutual_information_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S,
+            l_mi = fused_losses.mutual_information_loss(probs_SE, inputs.modality_SM, bin_E, inputs.sample_id_S,
                                                         valid_S, num_bins=cfg.num_bins)
             return cfg.alpha_bal * l_bal + cfg.alpha_mi * l_mi, {"bin_balance": l_bal, "mi": -l_mi}
-        l_kl, kl = bin_kl_band_loss(probs_SE, inputs.modality_SM, bins_E, inputs.sample_id_S, cfg.kl_low,
+        l_kl, kl = bin_kl_band_loss(probs_SE, inputs.modality_SM, bin_E, inputs.sample_id_S, cfg.kl_low,
                                     cfg.kl_high, valid_S, num_bins=cfg.num_bins)
         return cfg.alpha_bal * l_bal + cfg.alpha_kl * l_kl, {"bin_balance": l_bal, "kl_band": l_kl, "bin_kl": kl}

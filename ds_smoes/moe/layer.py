@@ -69,7 +69,7 @@ class SMoESMoE(MoE):
         """True once adaptive bins have frozen while some expert is not yet on its bin's EP rank."""
         binning = self.gate.binning
         return (self.config.placement == "bins" and binning.adaptive and binning.frozen
-                and not is_placed(binning.bin_id_E, self.gate.physical_E, self.config.num_bins,
+                and not is_placed(binning.bin_E, self.gate.physical_E, self.config.num_bins,
                                   self.deepspeed_moe.ep_size))
 
     def place_experts(self, optimizer=None) -> MigrationCost:
@@ -78,7 +78,7 @@ class SMoESMoE(MoE):
         moe, gate = self.deepspeed_moe, self.gate
         if moe.ep_size > 1 and moe.ep_group is None:
             raise RuntimeError("place_experts needs the expert-parallel group: build the engine first")
-        new_physical_E = plan_physical(gate.binning.bin_id_E, gate.physical_E, self.config.num_bins, moe.ep_size)
+        new_physical_E = plan_physical(gate.binning.bin_E, gate.physical_E, self.config.num_bins, moe.ep_size)
         cost = migrate_experts(moe.experts.deepspeed_experts, gate.physical_E, new_physical_E,
                                moe.ep_group if moe.ep_size > 1 else None, optimizer)
         gate.physical_E.copy_(new_physical_E.to(gate.physical_E.device))

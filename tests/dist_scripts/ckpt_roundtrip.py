@@ -97,7 +97,7 @@ def main() -> None:
         "mismatched_after_load": mismatched, "max_logit_diff": float((logits_before - logits_after).abs().max()),
         "buffers_equal_across_ranks": gathered[0] == gathered[1],
         "num_rebins": [int(v) for k, v in before.items() if k.endswith("num_rebins")],
-        "bins": {k: v.tolist() for k, v in before.items() if k.endswith("bin_id_E")},
+        "bins": {k: v.tolist() for k, v in before.items() if k.endswith("bin_E")},
         "binning_steps": [int(v) for k, v in before.items() if k.endswith("binning.step")],
     }
     write_report(args.out, report)

@@ -26,7 +26,7 @@ def build(dispatch: str, rank: int) -> tuple[SMoESMoE, torch.optim.Optimizer]:
         gen = torch.Generator().manual_seed(100 + rank * len(experts) + i)
         for p in expert.parameters():
             p.data.normal_(0, 0.5, generator=gen)
-    layer.gate.binning.bin_id_E.copy_(torch.tensor([1, 0, 1, 0]))
+    layer.gate.binning.bin_E.copy_(torch.tensor([1, 0, 1, 0]))
     layer.set_deepspeed_parallelism()
     return layer, torch.optim.AdamW(layer.parameters(), lr=1e-2)
 
