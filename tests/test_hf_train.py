@@ -23,8 +23,7 @@ hf: {{image_size: 16}}
 """
 
 
-def _launch(tmp: Path, out: str, *extra: str, ds: str = "cpu_zero2.json",
-            smoes: str = "placement: none"):   # expert placement moves Adam state: ZeRO stage 0 only
+def _launch(tmp: Path, out: str, *extra: str, ds: str = "cpu_zero2.json", smoes: str = "binning: adaptive"):
     (tmp / f"{out}.yaml").write_text(CONFIG.format(out=out, ds=ROOT / "ds_configs" / ds, smoes=smoes))
     return deepspeed_run(["--module", "ds_smoes.train", "--hf-model", str(tmp / "model"),
                           "--config", str(tmp / f"{out}.yaml"), *extra], timeout=300)

@@ -112,3 +112,17 @@ def test_the_process_group_is_destroyed_before_interpreter_exit():
     proc = python_run(["-c", script])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "group alive at exit: False" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_placement_under_zero_2_is_refused_only_when_the_bins_freeze_in_the_run():
+    from ds_smoes.app.config import TrainConfig
+    from ds_smoes.app.session import _check_placement_supported
+    from ds_smoes.core.errors import ConfigError
+
+    cfg = TrainConfig.model_validate({"smoes": {"num_experts": 4, "ep_size": 2, "num_bins": 2, "binning": "adaptive",
+                                                "placement": "bins", "rebin_freeze_step": 100}})
+    zero2 = {"zero_optimization": {"stage": 2}}
+    _check_placement_supported(cfg, zero2, total_steps=99)               # bins never freeze: nothing moves
+    _check_placement_supported(cfg, {"zero_optimization": {"stage": 0}}, total_steps=500)
+    with pytest.raises(ConfigError, match=r"freeze \(step 100 of 100\).*ZeRO stage 0 only"):
+        _check_placement_supported(cfg, zero2, total_steps=100)

@@ -129,7 +129,7 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
     if eval_only:
         total_steps = 0
     engine, ds_config = build_engine(cfg, model, total_steps)
-    _check_placement_supported(cfg, ds_config)
+    _check_placement_supported(cfg, ds_config, total_steps)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     log(f"{family.describe()}; world {world}; {total_steps} steps")
 
@@ -249,13 +249,17 @@ def _print_summary(final: dict, log: Callable) -> None:
         log(f"  MLflow run {final['mlflow_run_id']}  ({final['mlflow_tracking_uri']})")
 
 
-def _check_placement_supported(cfg: TrainConfig, ds_config: dict) -> None:
+def _check_placement_supported(cfg, ds_config: dict, total_steps: int) -> None:
+    """Expert placement moves per-parameter Adam state: refuse a run whose bins freeze (and whose experts
+    would then move) under ZeRO stage 1 or 2, before it trains."""
     s = cfg.smoes
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if zero and s.placement == "bins" and s.binning == "adaptive" and s.gate == "smoes" and s.ep_size > 1:
-        raise ConfigError(f"smoes.placement='bins' moves experts with their Adam state between EP ranks, which "
-                          f"ds-smoes supports with ZeRO stage 0 only ({cfg.run.deepspeed_config} has stage {zero}): "
-                          f"set smoes.placement=none, smoes.binning=fixed, or ZeRO stage 0")
+    if (zero and s.placement == "bins" and s.binning == "adaptive" and s.gate == "smoes" and s.ep_size > 1
+            and s.rebin_freeze_step <= total_steps):
+        raise ConfigError(f"smoes.placement='bins' moves experts with their Adam state between EP ranks when the bins "
+                          f"freeze (step {s.rebin_freeze_step} of {total_steps}), which ds-smoes supports with ZeRO "
+                          f"stage 0 only ({cfg.run.deepspeed_config} has stage {zero}): set smoes.placement=none, "
+                          f"smoes.binning=fixed, or ZeRO stage 0")
 
 
 def _place_experts(moe_layers, engine, step: int, tracker, log: Callable) -> None:
