@@ -71,6 +71,12 @@ class SMoESConfig(_Strict):
     max_bins_per_token: int | None = Field(None, ge=1, description="bin-limited routing (ours, beyond the paper): "
                                                                    "top-k inside the token's M bins with the most "
                                                                    "gate mass; None routes globally")
+    validate_inputs: bool = Field(False, description="debug: check the values of the layer's inputs at every "
+                                                     "forward (modality labels in {0, 1}, sample ids in [0, tokens), "
+                                                     "finite hidden states and scores, at least one non-padding "
+                                                     "token) and raise ValueError naming the argument; costs one "
+                                                     "device-to-host sync per MoE layer call, so leave it off for "
+                                                     "training (shapes are always checked, at no cost)")
 
     @model_validator(mode="after")
     def _check_layout(self) -> "SMoESConfig":

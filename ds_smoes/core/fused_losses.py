@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ds_smoes.core.binning import bin_one_hot
-from ds_smoes.core.losses import resolve_num_bins
+from ds_smoes.core.losses import count_samples, resolve_num_bins
 
 _TINY = 1e-30
 
@@ -102,7 +102,7 @@ def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, b
                             num_bins: int | None = None) -> torch.Tensor:
     """`ds_smoes.losses.mutual_information_loss`, one autograd node."""
     num_bins = resolve_num_bins(bin_E, num_bins)
-    num_samples = int(sample_id_S.max()) + 1 if sample_id_S.numel() else 0
+    num_samples = count_samples(sample_id_S)
     if num_samples == 0:
         return probs_SE.sum() * 0.0
     weight_SM = modality_SM.to(probs_SE.dtype)

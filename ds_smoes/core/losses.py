@@ -16,6 +16,20 @@ def resolve_num_bins(bin_E: torch.Tensor, num_bins: int | None) -> int:
     return int(bin_E.max()) + 1 if num_bins is None else num_bins
 
 
+def count_samples(sample_id_S: torch.Tensor) -> int:
+    """N, the rows of a per-sample table: the largest sample id + 1 (0 without tokens).  This host read is one the
+    per-sample losses need anyway, so it also refuses, at no extra cost, ids that would allocate rows for
+    samples the batch cannot hold: at most one sample per token, so ids lie below the token count."""
+    if not sample_id_S.numel():
+        return 0
+    num_samples = int(sample_id_S.max()) + 1
+    if num_samples > sample_id_S.numel():
+        raise ValueError(f"sample ids reach {num_samples - 1} for {sample_id_S.numel()} tokens: a sample id numbers "
+                         "the token's sample within the batch (0, 1, ...), not within the dataset; pass "
+                         "sample_ids in [0, tokens)")
+    return num_samples
+
+
 def modality_bin_table(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E: torch.Tensor,
                        sample_id_S: torch.Tensor, valid_S: torch.Tensor | None = None,
                        num_bins: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +43,7 @@ def modality_bin_table(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E:
     weight_SM = modality_SM.to(probs_SE.dtype)
     if valid_S is not None:
         weight_SM = weight_SM * valid_S.to(probs_SE.dtype).unsqueeze(-1)
-    num_samples = int(sample_id_S.max()) + 1 if sample_id_S.numel() else 0
+    num_samples = count_samples(sample_id_S)
     probs_SB = probs_SE @ bin_one_hot(bin_E, num_bins).to(probs_SE)
     mass_SMB = weight_SM.unsqueeze(-1) * probs_SB.unsqueeze(1)
     num_NMB = probs_SE.new_zeros(num_samples, *mass_SMB.shape[1:]).index_add(0, sample_id_S, mass_SMB)

@@ -17,6 +17,10 @@ functions of one argument, so they can be passed directly as
 ``DataLoader(dataset, collate_fn=collate_train)``. They need no tokenizer because the
 :class:`LlavaDataset` items carry everything (the pad id is fixed at 0). The same
 functions are also reachable as ``LlavaDataset.collate_train`` / ``collate_prompts``.
+Both check their items first, on the host, where it is cheap (plain ints and CPU tensors): an item
+without tokens, image tokens (modality 1) that do not fit in its prompt, a negative sample index or an
+image of another shape or with NaN/inf pixels raises :class:`~ds_smoes.core.errors.DatasetError`
+naming the item, instead of a wrong batch or a crash inside the model.
 
 No truncation is done; :attr:`LlavaDataset.max_seq_len` tells the longest sequence so
 the model's context length can be checked up front.
@@ -25,12 +29,13 @@ the model's context length can be checked up front.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from ds_smoes.core.errors import ConfigError
+from ds_smoes.core.errors import ConfigError, DatasetError
 from ds_smoes.data.llava import Sample, SampleDataset, load_image
 from ds_smoes.data.tokenizer import WordTokenizer
 
@@ -94,9 +99,43 @@ def _pad_batch(rows: list[list[int]], num_image_tokens: list[int], left: bool) -
     return input_ids_BT, attention_mask_BT, modality_BT
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_items(items: Sequence[Item]) -> None:
+    """What the batch's modality labels, sample indices and images are made from, checked on the host (cheap:
+    plain Python values and CPU tensors, before anything reaches a device)."""
     if not items:
         raise ValueError("cannot collate an empty list of items")
+    shape = None
+    for b, item in enumerate(items):
+        where = f"item {b} of the batch (sample index {item.get('index')!r})"
+        if not item["prompt_ids"]:
+            raise DatasetError(f"{where} has no tokens: its prompt_ids are empty -- every sequence starts with "
+                               "<bos>; build items with LlavaDataset or drop empty samples")
+        n_img = item["num_image_tokens"]
+        if not _is_int(n_img) or not 0 <= n_img <= len(item["prompt_ids"]) - 1:
+            raise DatasetError(
+                f"{where}: num_image_tokens is {n_img!r}, but its image tokens (modality label 1) must fit in the "
+                f"prompt after <bos>, i.e. be an integer in 0..{len(item['prompt_ids']) - 1} -- set it to the "
+                "number of <image> ids placed right after <bos>")
+        if bool(item["has_image"]) != (n_img > 0):
+            raise DatasetError(f"{where}: has_image is {item['has_image']!r} but num_image_tokens is {n_img} -- "
+                               "a sample has image tokens exactly when it has an image")
+        index = item["index"]
+        if not _is_int(index) or index < 0:
+            raise DatasetError(f"{where}: index is {index!r}, expected the sample's non-negative position in its "
+                               "dataset (an int; LlavaDataset items carry it)")
+        image_CHW = item["image_CHW"]
+        if shape is None:
+            shape = tuple(image_CHW.shape)
+        elif tuple(image_CHW.shape) != shape:
+            raise DatasetError(f"{where}: image_CHW has shape {tuple(image_CHW.shape)}, item 0's has {shape} -- "
+                               "resize every image to the dataset's image_size")
+        if image_CHW.is_floating_point() and not bool(torch.isfinite(image_CHW).all()):
+            raise DatasetError(f"{where}: image_CHW holds NaN or inf pixels -- replace or remove the image "
+                               "(pixels are floats in [0, 1])")
 
 
 def _image_fields(items: Sequence[Item]) -> dict[str, torch.Tensor]:
@@ -108,7 +147,12 @@ def _image_fields(items: Sequence[Item]) -> dict[str, torch.Tensor]:
 
 
 def collate_train(items: Sequence[Item]) -> VLMBatch:
-    """Batch full sequences (prompt + answer), right-padded, with answer + ``<eos>`` labels."""
+    """Batch full sequences (prompt + answer), right-padded, with answer + ``<eos>`` labels.
+
+    Raises:
+        DatasetError: for an item without tokens, image tokens that do not fit in its prompt, a negative
+            sample index, or an image of another shape or with NaN/inf pixels.
+    """
     _check_items(items)
     rows = [item["prompt_ids"] + item["answer_ids"] for item in items]
     input_ids_BT, attention_mask_BT, modality_BT = _pad_batch(
@@ -132,6 +176,9 @@ def collate_prompts(items: Sequence[Item]) -> VLMBatch:
 
     Left padding puts every prompt's last token in the final column, so generated tokens
     can be appended to all rows at once.
+
+    Raises:
+        DatasetError: as :func:`collate_train`.
     """
     _check_items(items)
     rows = [item["prompt_ids"] for item in items]

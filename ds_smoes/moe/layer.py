@@ -12,6 +12,15 @@ Drop-in for `deepspeed.moe.layer.MoE`: same constructor arguments where they ove
 The layer owns the Gaussian statistics (score_type="gaussian"), the gate owns the bins; both
 are buffers, so `state_dict()` and DeepSpeed checkpoints carry them.
 
+Inputs are checked at the entry.  Shapes and dtypes always (tensor metadata: no device sync): each
+per-token argument has hidden_states' leading shape, or is flat with one entry per token.  Values
+(labels in {0, 1}, sample ids in [0, S), finite hidden states and scores, at least one valid token)
+only with `config.validate_inputs`, a debug option: reading a verdict back costs one device-to-host
+sync per call, which the default training step does not pay.  (Sample ids at or past the token count
+are refused in any case, by the per-sample losses, which read the largest id anyway.)  An input of
+0 tokens is not an error without that option: it takes the ordinary path (so an expert-parallel rank
+with no tokens still joins its group's collectives) and returns an empty output with l_aux 0.
+
 `config.dispatch` picks the expert-parallel dispatch: "deepspeed" runs DeepSpeed's stock
 `MOELayer.forward` (capacity-padded all-to-all), "rank_once" the dropless token-once-per-rank
 dispatch of `ds_smoes.parallel.dispatch`.  Either way `layer.last_comm` holds what the last call sent to
@@ -19,6 +28,7 @@ other EP ranks (`ds_smoes.parallel.dispatch.CommVolume`).
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -106,12 +116,12 @@ class SMoESMoE(MoE):
         if modality_labels is None:
             raise ValueError("SMoESMoE needs modality_labels (0 text, 1 vision per token, same leading shape as "
                              "hidden_states)")
+        check_input_shapes(hidden_states, self.gate.wg.weight.shape[1], modality_labels=modality_labels,
+                           used_token=used_token, sample_ids=sample_ids, modality_scores=modality_scores)
         d = hidden_states.shape[-1]
         x_SD = hidden_states.reshape(-1, d)
         num_tokens = x_SD.shape[0]
         labels_S = modality_labels.reshape(-1).long()
-        if labels_S.numel() != num_tokens:
-            raise ValueError(f"modality_labels has {labels_S.numel()} entries for {num_tokens} tokens")
         valid_S = (used_token.reshape(-1).bool() if used_token is not None
                    else torch.ones(num_tokens, dtype=torch.bool, device=x_SD.device))
         if sample_ids is not None:
@@ -121,6 +131,9 @@ class SMoESMoE(MoE):
                 hidden_states.shape[1])
         else:
             sample_id_S = torch.zeros(num_tokens, dtype=torch.long, device=x_SD.device)
+        if self.config.validate_inputs:  # one device-to-host sync: debug runs only
+            check_input_values(x_SD, labels_S, valid_S, sample_id_S if sample_ids is not None else None,
+                               modality_scores.reshape(-1, 2) if modality_scores is not None else None)
         scores_SM = self.modality_scores(x_SD, labels_S, valid_S, modality_scores)
         self.gate.set_routing_inputs(RoutingInputs(scores_SM, labels_S, sample_id_S, valid_S))
         if self.config.dispatch == "rank_once":
@@ -162,3 +175,80 @@ class SMoESMoE(MoE):
         return stock_volume(self.config.num_experts, stats.capacity, hidden, self.deepspeed_moe.ep_size,
                             element_size, float(routing["cross_rank_rate"]), float(routing["ranks_per_token"]),
                             int(routing["num_tokens"]))
+
+
+# -- input checks -----------------------------------------------------------------------------------
+def check_input_shapes(hidden_states: torch.Tensor, hidden_size: int, **per_token: torch.Tensor | None) -> None:
+    """Shapes and dtypes of the layer's arguments, from tensor metadata only (no device sync, so always run).
+
+    hidden_states is [..., hidden_size]; every per-token argument (modality_labels, used_token, sample_ids;
+    modality_scores with a trailing 2) has hidden_states' leading shape, or is flat with one entry per token.
+    """
+    shape = tuple(hidden_states.shape)
+    if hidden_states.dim() < 2 or shape[-1] != hidden_size:
+        raise ValueError(f"hidden_states has shape {shape}; the layer expects [..., {hidden_size}] "
+                         f"(e.g. [batch, seq, {hidden_size}]): its last dimension is the hidden size it was built with")
+    if not hidden_states.is_floating_point():
+        raise ValueError(f"hidden_states has dtype {hidden_states.dtype}; pass the floating-point hidden states "
+                         "(embed token ids first)")
+    lead = shape[:-1]
+    num_tokens = math.prod(lead)
+    for name, t in per_token.items():
+        if t is None:
+            continue
+        tail = (2,) if name == "modality_scores" else ()
+        if tuple(t.shape) not in (lead + tail, (num_tokens, *tail)):
+            what = "a [text, vision] score pair" if tail else "one entry"
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but hidden_states {shape} holds {num_tokens} "
+                             f"tokens: give {what} per token, shape {lead + tail} (or {(num_tokens, *tail)})")
+        if name in ("modality_labels", "sample_ids") and (t.is_floating_point() or t.is_complex()):
+            raise ValueError(f"{name} has dtype {t.dtype}; it holds integers ("
+                             + ("0 text, 1 vision" if name == "modality_labels" else "each token's sample index")
+                             + "): pass an integer or bool tensor, e.g. .long() of a mask")
+
+
+def check_input_values(x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor,
+                       sample_id_S: torch.Tensor | None, scores_SM: torch.Tensor | None) -> None:
+    """Value checks of `SMoESConfig.validate_inputs`, ValueError naming the argument on the first that fails.
+
+    The checks run on the device and come back as ONE boolean (one device-to-host sync); only a failure
+    pays more syncs, to say where.  sample_id_S / scores_SM: None when the caller did not pass them.
+    """
+    num_tokens = x_SD.shape[0]
+    if num_tokens == 0:
+        raise ValueError(f"hidden_states holds no token (shape {tuple(x_SD.shape)}): an empty batch reaches "
+                         "the MoE layer; check the data loader and the batch size (with validate_inputs off "
+                         "it returns an empty output and l_aux 0)")
+    bad = {
+        "modality_labels": (labels_S != 0) & (labels_S != 1),
+        "sample_ids": (((sample_id_S < 0) | (sample_id_S >= num_tokens)) if sample_id_S is not None
+                       else torch.zeros_like(valid_S)),
+        "hidden_states": ~torch.isfinite(x_SD).all(1),
+        "modality_scores": (~(torch.isfinite(scores_SM) & (scores_SM >= 0) & (scores_SM <= 1)).all(1)
+                            if scores_SM is not None else torch.zeros_like(valid_S)),
+    }
+    any_bad_X = torch.stack([b.any() for b in bad.values()] + [~valid_S.any()])
+    if not bool(any_bad_X.any()):  # the one sync
+        return
+    for name, bad_S in bad.items():
+        where = bad_S.nonzero().flatten()
+        if where.numel() == 0:
+            continue
+        first = int(where[0])
+        if name == "modality_labels":
+            raise ValueError(f"modality_labels must be 0 (text) or 1 (vision); {where.numel()} of {num_tokens} "
+                             f"tokens are not, e.g. {int(labels_S[first])} at token {first} (flattened): map image "
+                             "tokens to 1 and every other token, padding included, to 0")
+        if name == "sample_ids":
+            raise ValueError(f"sample_ids must lie in [0, {num_tokens}) (each token's sample index, at most one "
+                             f"sample per token); {where.numel()} do not, e.g. {int(sample_id_S[first])} at token "
+                             f"{first} (flattened): number the batch's samples 0, 1, ...")
+        if name == "hidden_states":
+            raise ValueError(f"hidden_states holds NaN or inf at {where.numel()} of {num_tokens} tokens, first at "
+                             f"token {first} (flattened): the layers before this MoE layer diverged or the input "
+                             "is corrupt; check the data, lower the learning rate or enable gradient clipping")
+        raise ValueError(f"modality_scores must be finite and in [0, 1] (a [text, vision] pair per token); "
+                         f"{where.numel()} of {num_tokens} tokens are not, e.g. {scores_SM[first].tolist()} at "
+                         f"token {first} (flattened)")
+    raise ValueError(f"used_token marks none of the {num_tokens} tokens as valid (all padding): check the mask's "
+                     "polarity (True or 1 = real token) and that the batch is not empty")

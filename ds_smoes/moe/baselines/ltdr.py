@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ds_smoes.moe.gate import ModalityGate
-from ds_smoes.core.losses import gshard_balance_loss
+from ds_smoes.core.losses import count_samples, gshard_balance_loss
 
 
 def ltdr_tail_tokens(probs_SE: torch.Tensor, labels_S: torch.Tensor, sample_id_S: torch.Tensor,
@@ -19,7 +19,7 @@ def ltdr_tail_tokens(probs_SE: torch.Tensor, labels_S: torch.Tensor, sample_id_S
     """tail_S: valid vision tokens whose probability variance exceeds their sample's vision mean."""
     var_S = probs_SE.detach().var(dim=1, unbiased=False)
     vision_S = valid_S.bool() & (labels_S == 1)
-    num_samples = int(sample_id_S.max()) + 1 if sample_id_S.numel() else 0
+    num_samples = count_samples(sample_id_S)
     total_N = var_S.new_zeros(num_samples).index_add(0, sample_id_S, var_S * vision_S)
     count_N = var_S.new_zeros(num_samples).index_add(0, sample_id_S, vision_S.to(var_S.dtype))
     mean_N = total_N / count_N.clamp_min(1.0)

@@ -46,6 +46,8 @@ class DeepSpeedTopKGate(ModalityGate):
         if not sparse_routes:
             return out
         l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E = out
+        if x_SD.shape[0] == 0:  # DeepSpeed's loss is a mean over no token (NaN); no token, no loss, as in SMoES
+            l_aux = self.wg.weight.sum() * 0.0
         selected_SE = routes_per_column(idx_KS, valid_S, num_experts) > 0  # valid tokens' dispatched routes
         routes = SparseRoutes(idx_KS, loc_KS, gates_KS, counts_E.to(torch.int64), selected_SE)
         self.defer_stats(routes, inputs, valid_S, {"gshard_balance": l_aux}, int(capacity), False)
