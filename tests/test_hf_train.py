@@ -95,7 +95,7 @@ def test_experts_are_placed_when_the_bins_freeze_and_the_run_reports_like_the_de
                    ds="cpu_ep.json", smoes="placement: bins, binning: adaptive, rebin_interval: 1, rebin_freeze_step: 2")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "placement at step 2 (bins frozen): moved" in proc.stdout, proc.stdout[-3000:]
-    assert "[epoch 1 step 4/4]" in proc.stdout and " MI " in proc.stdout and "eta " in proc.stdout
+    assert "[epoch 2 step 4/4]" in proc.stdout and " MI " in proc.stdout and "eta " in proc.stdout  # 2 steps an epoch
     assert "== results (held-out test split)" in proc.stdout and "MLflow run " in proc.stdout
     metrics = json.loads((tmp / "run3" / "metrics.json").read_text())
     assert metrics["zero_stage"] == 0 and metrics["steps"] == 4
