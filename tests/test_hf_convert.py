@@ -7,6 +7,8 @@ import torch
 import hf_tiny
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.errors import ConfigError
+from ds_smoes.core.losses import mutual_information_loss
+from ds_smoes.core.scores import hard_scores
 from ds_smoes.hf import convert_to_smoes
 from ds_smoes.hf.block import SMoESBlock
 
@@ -56,14 +58,39 @@ def test_converted_model_gives_the_original_logits(arch, score_type):
 
 def test_smoes_losses_on_change_the_loss_not_the_logits():
     hf = hf_tiny.build(hf_tiny.qwen3_vl_moe_config())
+    with torch.no_grad():  # a sharper router, so that the modality-bin MI (~1e-3) stands well above float32 noise
+        for name, weight in hf.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                weight.mul_(30.0)
     batch = hf_tiny.batch_for("qwen3_vl_moe")
     ref = _logits(hf, batch)
     model = convert_to_smoes(hf, SMoESConfig(num_bins=2, alpha_mi=1e-2, alpha_bal=1e-2)).eval()
+    assert model.smoes.score_type == "attention"
+    layers = model.moe_layers()
+    seen = {}   # what each MoE layer was called with: hidden states, padding mask, labels and scores (kwargs)
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: seen.__setitem__(i, (args[0].detach(), args[1], kwargs)), with_kwargs=True)
     out = model(**batch, labels=batch["input_ids"])
-    assert float(out.aux_loss) > 0 and torch.allclose(out.loss, out.lm_loss + out.aux_loss)
+    assert out.aux_loss.item() > 0 and torch.allclose(out.loss, out.lm_loss + out.aux_loss)
     assert (out.logits - ref)[batch["attention_mask"].bool()].abs().max() < 1e-5
-    mi = [float(layer.last_routing_stats.mi) for layer in model.moe_layers()]
-    assert all(m == m for m in mi)   # the MI diagnostic was computed from the attention scores
+    # the MI diagnostic is the reference MI (ds_smoes.core.losses, float64) of the layer's router probabilities
+    # and the attention scores the layer was handed; those are soft, and the MI differs from the hard-score MI
+    for i, layer in enumerate(layers):
+        x_BTD, valid_BT, kwargs = seen[i]
+        b, t = x_BTD.shape[:2]
+        scores_SM = kwargs["modality_scores"].reshape(-1, 2).double()
+        hard_SM = hard_scores(kwargs["modality_labels"].reshape(-1)).double()
+        valid_S = valid_BT.reshape(-1).bool()
+        assert torch.allclose(scores_SM.sum(-1), torch.ones(b * t, dtype=torch.float64))
+        assert not torch.allclose(scores_SM[valid_S], hard_SM[valid_S], atol=1e-3)
+        probs_SE = torch.softmax(x_BTD.reshape(b * t, -1).double() @ layer.gate.wg.weight.detach().double().T, dim=-1)
+        routing = (layer.gate.binning.bin_E, torch.arange(b).repeat_interleave(t), valid_S)
+        soft_mi = -float(mutual_information_loss(probs_SE, scores_SM, *routing, num_bins=2))
+        hard_mi = -float(mutual_information_loss(probs_SE, hard_SM, *routing, num_bins=2))
+        mi = float(layer.last_routing_stats.mi)
+        assert mi == pytest.approx(soft_mi, rel=1e-4) and mi > 1e-4
+        assert abs(soft_mi - hard_mi) > 0.2 * soft_mi, (i, soft_mi, hard_mi)
 
 
 def test_attention_scores_recomputed_for_sdpa_equal_eager_probabilities():

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -53,11 +54,17 @@ def test_train_window_metrics_by_hand():
     cfg = SMoESConfig(num_experts=4, num_bins=2, k=2, score_type="hard", binning="fixed", dispatch="rank_once")
     torch.manual_seed(0)
     layer = SMoESMoE(d, nn.Linear(d, d), cfg)
+    with torch.no_grad():  # the router reads the first 4 features: a token's top-2 are its 2 largest there
+        layer.gate.wg.weight.copy_(torch.eye(4, d))
     window = TrainWindow([layer], log_every=2)
     labels_S = torch.tensor([0, 0, 0, 1, 1, 1])
-    layer(torch.randn(1, 6, d), modality_labels=labels_S.unsqueeze(0))
+    # step 1: text -> e0 e1, e0 e1, e0 e2; vision -> e2 e3, e2 e3, e1 e3
+    step1 = torch.tensor([[2., 1, 0, 0], [2, 1, 0, 0], [2, 0, 1, 0], [0, 0, 2, 1], [0, 0, 1, 2], [0, 1, 0, 2]])
+    # step 2: every text token -> e0 e1, every vision token -> e2 e3
+    step2 = torch.tensor([[2., 1, 0, 0]] * 3 + [[0., 0, 1, 2]] * 3)
+    layer(F.pad(step1, (0, d - 4)).unsqueeze(0), modality_labels=labels_S.unsqueeze(0))
     window.add(_out(2.0, 1.5, 0.5), tokens=6, seconds=0.5)
-    layer(torch.randn(1, 6, d), modality_labels=labels_S.unsqueeze(0))
+    layer(F.pad(step2, (0, d - 4)).unsqueeze(0), modality_labels=labels_S.unsqueeze(0))
     window.add(_out(1.0, 0.5, 0.25), tokens=4, seconds=1.5)
     assert not window.due(1, 10) and window.due(2, 10) and window.due(7, 7)
     m = window.flush(lr=0.01)
@@ -66,7 +73,10 @@ def test_train_window_metrics_by_hand():
     assert m["train/tokens_per_s"] == pytest.approx(10 / 2.0) and m["train/lr"] == 0.01
     assert m["train/cross_rank_rate"] == 0.0 and m["train/bytes_per_token"] == 0.0  # one rank: nothing leaves it
     assert m["train/ranks_per_token"] == pytest.approx(1.0) and m["train/rebins"] == 0
-    assert m["train/dropped_routes"] == 0 and 0.0 <= m["train/msi"] <= 1.0
+    # MSI over the window's summed loads: text [6, 5, 1, 0], vision [0, 1, 5, 6] (12 routes each), so
+    # Ct = [1, 5/6, 1/6, 0] and MSI = mean 2 |Ct - 1/2| = (1 + 2/3 + 2/3 + 1) / 4 = 5/6
+    # (step 1 alone would give 2/3, step 2 alone 1)
+    assert m["train/dropped_routes"] == 0 and m["train/msi"] == pytest.approx(5 / 6)
     stats = layer.last_routing_stats
     assert m["train/mi"] == pytest.approx(float(stats.mi))
     assert m["train/gate/bin_balance"] == pytest.approx(float(stats.losses["bin_balance"]))

@@ -1,6 +1,7 @@
 """The MI and bin-balance losses pinned on hand-computed cases."""
 import math
 
+import pytest
 import torch
 
 from ds_smoes.core.losses import bin_balance_loss, mutual_information_loss
@@ -72,16 +73,30 @@ def test_mi_all_padding_gives_zero_with_finite_gradient():
     assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
 
 
-def test_mi_gradient_pushes_modalities_apart():
-    logits = torch.zeros(2, 2, requires_grad=True)
-    loss = mutual_information_loss(logits.softmax(-1) * 0.98 + 0.01 + torch.tensor([[0.0, 0], [0, 0]]),
-                                   torch.eye(2), torch.tensor([0, 1]), torch.tensor([0, 0]))
+@pytest.mark.parametrize("nudge", [0.0, 0.1, -0.3])
+def test_mi_gradient_pushes_modalities_apart(nudge):
+    # 2 experts = 2 bins; token 0 (text) has logits [nudge, 0], token 1 (vision) [0, nudge], so both put
+    # p = sigmoid(nudge) on "their" bin.  With q the vision token's mass on bin 1, P = S / 2 and
+    #   dI/dp = 1/2 (log(p / (1 - p)) - log((p + 1 - q) / (1 - p + q))) = nudge / 2   at q = p,
+    # and by symmetry dI/dq likewise.  Through the softmax dp/dz00 = -dp/dz01 = p (1 - p), so
+    #   dL/dz = -(nudge / 2) p (1 - p) [[1, -1], [-1, 1]]:
+    # zero at the symmetric point (I = 0 is its minimum), and otherwise a descent step raises each modality's
+    # logit of its own bin when it already leans there (nudge > 0) and lowers it when it leans away (nudge < 0):
+    # the loss always pushes the two modalities' bin distributions apart.
+    logits = torch.tensor([[nudge, 0.0], [0.0, nudge]], requires_grad=True)
+    loss = mutual_information_loss(logits.softmax(-1), torch.eye(2), torch.tensor([0, 1]), torch.tensor([0, 0]))
     loss.backward()
-    # at the symmetric point the gradient is zero; nudge and check descent separates
-    logits2 = torch.tensor([[0.1, 0.0], [0.0, 0.1]], requires_grad=True)
-    loss2 = mutual_information_loss(logits2.softmax(-1), torch.eye(2), torch.tensor([0, 1]), torch.tensor([0, 0]))
-    loss2.backward()
-    assert logits2.grad[0, 0] < 0 and logits2.grad[1, 1] < 0  # descent raises text->bin0, vision->bin1
+    p = 1 / (1 + math.exp(-nudge))
+    expected = -(nudge / 2) * p * (1 - p) * torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    assert torch.allclose(logits.grad, expected, atol=1e-7)
+    if nudge:  # one descent step lowers the loss and moves the modalities' gate mass further apart
+        stepped = (logits - 1.0 * logits.grad).detach()
+        new_loss = mutual_information_loss(stepped.softmax(-1), torch.eye(2), torch.tensor([0, 1]),
+                                           torch.tensor([0, 0]))
+        assert new_loss.item() < loss.item()
+        # |g(text)[bin 0] - g(vision)[bin 0]|: how far apart the two modalities' routing is
+        before, after = logits.detach().softmax(-1), stepped.softmax(-1)
+        assert abs(after[0, 0] - after[1, 0]) > abs(before[0, 0] - before[1, 0])
 
 
 def test_bin_balance_uniform_equals_num_bins():

@@ -24,10 +24,15 @@ def test_attention_update_by_hand():
     assert torch.allclose(out.sum(-1), torch.ones(1, 2))
 
 
-def test_attention_update_with_zero_norms_keeps_rows_finite():
-    m = torch.tensor([[[1.0, 0.0]]])
-    out = attention_score_update(m, torch.ones(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1))
-    assert torch.isfinite(out).all()
+def test_attention_update_with_zero_norms_keeps_the_previous_score():
+    # token 1 attends only to token 0, so A @ M alone would move it to [0.8, 0.2]; but |attn_out| + |x| is 0
+    # for it: no weight to mix by, so it keeps its own score exactly (not 0/0 = NaN, not a row of zeros).
+    # token 0 mixes as usual: M~ = 0.5 [0.8, 0.2] + 0.5 [0.25, 0.75] = [0.525, 0.475], M' = (M~ + M) / 2.
+    m = torch.tensor([[[0.8, 0.2], [0.25, 0.75]]])
+    a = torch.tensor([[[0.5, 0.5], [1.0, 0.0]]])
+    out = attention_score_update(m, a, torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    assert out[0, 1].tolist() == [0.25, 0.75]
+    assert torch.allclose(out[0, 0], torch.tensor([0.6625, 0.3375]))
 
 
 def test_gaussian_log_likelihood_by_hand():
