@@ -39,7 +39,7 @@ def test_send_plan_by_hand():
     # grouped by destination: rank 0 gets t0 t1, rank 1 gets t1 t2 t3
     assert token_N.tolist() == [0, 1, 1, 2, 3] and rank_N.tolist() == [0, 0, 1, 1, 1]
     assert send_counts_R.tolist() == [2, 3]
-    # every row carries its token's weights, then its global expert ids (the same row whatever the rank)
+    # every row carries its token's weights, then its physical expert ids (the same row whatever the rank)
     routes_NX = row_routes(INDICES_KS, GATES_KS, token_N)
     assert torch.allclose(routes_NX, torch.tensor([[0.6, 0.4, 0, 1], [0.7, 0.3, 2, 0], [0.7, 0.3, 2, 0],
                                                    [0.5, 0.5, 3, 2], [1.0, 0.0, 3, -1]]))
@@ -54,7 +54,7 @@ def test_send_plan_by_hand():
 def test_bytes_and_rates_by_hand():
     # rank 0 sends t1 t2 t3 to rank 1 (3 vectors of 8 float32 = 96 B); rank 1 sent us 4 rows (recv [2, 4]),
     # which go back combined (4 * 32 = 128 B); its own 2 rows never leave the rank.  Metadata: one int64
-    # count to rank 1 (8 B) and, per row sent to rank 1, 2 local ids (int32) + 2 weights (float32) = 48 B.
+    # count to rank 1 (8 B) and, per row sent to rank 1, 2 expert ids + 2 weights (float32 each) = 48 B.
     assert rank_once_volume([2, 3], [2, 4], home_rank=0, hidden=D, element_size=4, num_routes=2) == (96, 128, 56)
     # the same counts seen from rank 1 (its own chunk is the second)
     assert rank_once_volume([4, 1], [3, 5], home_rank=1, hidden=D, element_size=2, num_routes=2) == (64, 48, 72)
@@ -75,7 +75,7 @@ def test_stock_alltoall_bytes_by_hand():
 
 def test_rank_once_bytes_on_four_ranks_by_hand():
     # rank 1 of 4 sends [2, 3, 0, 1] rows (its own 3 stay) and received [1, 4, 2, 0] (its own 4 stay):
-    # 3 vectors out, 3 back; metadata: 3 int64 counts + 3 rows x 2 routes x (int32 id + float32 weight)
+    # 3 vectors out, 3 back; metadata: 3 int64 counts + 3 rows x 2 routes x (float32 id + float32 weight)
     assert rank_once_volume([2, 3, 0, 1], [1, 4, 2, 0], home_rank=1, hidden=8, element_size=4,
                             num_routes=2) == (96, 96, 3 * 8 + 3 * 2 * 8)
     # a rank that sends nothing still announces its (zero) counts

@@ -6,7 +6,7 @@ over a sampler-driven loader, and the logging window that turns steps into the `
             ... one optimizer step ...
             window.add(out, tokens, seconds); step += 1
             if window.due(step, total_steps):
-                metrics = window.flush(lr)          # all-reduced over the world; resets the window
+                metrics = window.flush(lr)          # a collective; resets the window
         ... end of epoch (validation, checkpoint) ...
 """
 from __future__ import annotations
@@ -95,7 +95,15 @@ class TrainWindow:
         return step % self.log_every == 0 or step == total_steps
 
     def flush(self, lr: float) -> dict[str, float]:
-        """The window's `train/...` metrics (a collective: every rank calls it), then a fresh window."""
+        """The window's `train/...` metrics, then a fresh window; a collective (every rank calls it).
+
+        `lr` is only reported, as train/lr.  Over the window and every rank: the loss terms (means per
+        step), tokens_per_s (all ranks' tokens over this rank's seconds), msi (from the summed routing
+        loads) and the communication figures (token-weighted; cross_rank_rate and ranks_per_token with
+        experts placed by their bins, bytes_per_token what the dispatch really sent).  This rank's last
+        step only, from the layers' `last_routing_stats`: mi and train/gate/... (means over layers) and
+        dropped_routes (summed over layers).  rebins counts every layer's re-binnings of the run so far.
+        """
         sums = distributed.world_sum_(self._sums.clone())
         routing = self._routing.result()
         loss, lm, aux = (sums[:3] / sums[3].clamp_min(1)).tolist()

@@ -47,10 +47,14 @@ def expert_modality_load(indices_KS: torch.Tensor, labels_S: torch.Tensor, valid
     return weight_SM.T @ routes_per_column(indices_KS, valid_S, num_experts).to(weight_SM.dtype)
 
 
-def routes_per_column(indices_KS: torch.Tensor, valid_S: torch.Tensor, num_columns: int,
+def routes_per_column(indices_KS: torch.Tensor, valid_S: torch.Tensor | None, num_columns: int,
                       column_E: torch.Tensor | None = None) -> torch.Tensor:
-    """[S, C] how many of each valid token's routes land in column c (c = expert, or `column_E[expert]`)."""
-    keep_KS = (indices_KS >= 0) & valid_S.bool().unsqueeze(0)
+    """[S, C] how many of each valid token's routes land in column c (c = expert, or `column_E[expert]`).
+
+    Routes with index -1 are not counted; valid_S None counts every token's routes."""
+    keep_KS = indices_KS >= 0
+    if valid_S is not None:
+        keep_KS = keep_KS & valid_S.bool().unsqueeze(0)
     col_KS = indices_KS.long().clamp_min(0)
     if column_E is not None:
         col_KS = column_E.to(col_KS.device).long()[col_KS]

@@ -86,10 +86,6 @@ def capturing_implementation(base: str) -> str:
     return name
 
 
-def restore_implementation(name: str | None) -> str | None:
-    return name[len(PREFIX):] if name and name.startswith(PREFIX) else name
-
-
 class AttentionScoreTracker:
     """Hooks on one decoder layer and its self-attention that advance the context's attention score."""
 

@@ -2,7 +2,12 @@
 
 Shapes: S tokens on this rank, K routes per token, D hidden, E experts, R ranks in the
 expert-parallel (EP) group, L = E / R local experts per rank, N (token, rank) pairs this rank
-sends, M pairs it receives.  Expert e lives on EP rank e // L (DeepSpeed's layout).
+sends, M pairs it receives.
+
+Expert ids here are physical: DeepSpeed's expert index, where the weights live.  Expert e is local
+expert e % L of EP rank e // L.  The gate routes in logical ids and maps them to physical ones
+before the dispatch (`ModalityGate.routes_for_dispatch`); the two are equal until placement moves
+experts onto their bins' ranks.  Only `local_routes` turns them into per-rank local indices.
 
 **rank_once** (dropless, no capacity): a token goes once to every EP rank that holds at least
 one of its selected experts, however many of them live there.  That rank runs its experts on
@@ -11,7 +16,7 @@ sums what comes back.  Three `all_to_all_single` calls with split sizes in the f
 
 1. send counts per destination rank (a small int64 tensor; tells every rank what to expect).
    It is started asynchronously and overlaps with packing the rows;
-2. the rows: each token vector [N, D] packed with the token's routes, its K global expert ids
+2. the rows: each token vector [N, D] packed with the token's routes, its K physical expert ids
    (-1 unused) and K combine weights (these carry the router's gradient), as one float32
    [N, D + 2K] tensor (ids are small integers, exact in float32; for other dtypes the vectors
    travel in their own dtype and the routes in a second, float32, exchange).  A row is the same
@@ -42,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_smoes.core.metrics import rank_hit_stats
+from ds_smoes.core.metrics import rank_hit_stats, routes_per_column
 
 INDEX_BYTES = 4   # expert ids travel as float32 (exact for small integers)
 WEIGHT_BYTES = 4  # combine weights travel as float32
@@ -54,8 +59,8 @@ class CommVolume:
     """What one MoE forward call of one rank sends to the other EP ranks (bytes) and how it routed.
 
     dispatch_bytes / combine_bytes: token vectors sent in the dispatch / combine phase.
-    metadata_bytes: split counts and the per-row routing (local expert ids, gate weights) that
-    rank_once needs besides the vectors; 0 for the stock dispatch, whose slot positions encode
+    metadata_bytes: split counts and the per-row routing (K physical expert ids and K gate weights,
+    float32) that rank_once needs besides the vectors; 0 for the stock dispatch, whose slot positions encode
     the expert (its one-int capacity all-reduce in the gate is left out).
     cross_rank_rate: share of tokens with at least one selected expert on another rank;
     ranks_per_token: mean number of distinct ranks holding a token's selected experts;
@@ -92,17 +97,14 @@ def stock_alltoall_bytes(num_experts: int, capacity: int, hidden: int, ep_size: 
 
 
 def route_ranks(indices_KS: torch.Tensor, num_local_experts: int) -> torch.Tensor:
-    """route_rank_KS: EP rank of every route's expert (e // L), -1 for unused routes."""
+    """route_rank_KS: EP rank of every route's physical expert (e // L), -1 for unused routes."""
     return torch.where(indices_KS >= 0, indices_KS.long() // num_local_experts, torch.full_like(indices_KS.long(), -1))
 
 
 def rank_hits(route_rank_KS: torch.Tensor, ep_size: int) -> torch.Tensor:
-    """hits_SR: token s needs rank r (at least one of its selected experts lives there)."""
-    num_tokens = route_rank_KS.shape[1]
-    target_KS = torch.where(route_rank_KS >= 0, route_rank_KS, torch.full_like(route_rank_KS, ep_size))
-    hits_SX = torch.zeros(num_tokens, ep_size + 1, dtype=torch.bool, device=route_rank_KS.device)
-    hits_SX.scatter_(1, target_KS.T, True)  # column ep_size collects unused routes
-    return hits_SX[:, :ep_size]
+    """hits_SR: token s needs rank r (at least one of its routes goes there), for every token with routes,
+    padding included (the dispatch sends what the gate routed; the rates count valid tokens only)."""
+    return routes_per_column(route_rank_KS, None, ep_size) > 0
 
 
 def send_plan(hits_SR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +117,7 @@ def send_plan(hits_SR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def row_routes(indices_KS: torch.Tensor, gates_KS: torch.Tensor, token_N: torch.Tensor) -> torch.Tensor:
-    """routes_NX [N, 2K] float32: the routes that travel with each sent row, K combine weights then K global
+    """routes_NX [N, 2K] float32: the routes that travel with each sent row, K combine weights then K physical
     expert ids (-1 unused), gathered from the token's routes (differentiable in the weights)."""
     routes_SX = torch.cat([gates_KS.T.float(), indices_KS.T.float()], dim=1)
     return routes_SX.index_select(0, token_N)
@@ -123,8 +125,9 @@ def row_routes(indices_KS: torch.Tensor, gates_KS: torch.Tensor, token_N: torch.
 
 def local_routes(routes_MX: torch.Tensor, home_rank: int, num_local_experts: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a rank does with the routes of the rows it received: (local_MK int64, -1 where the expert lives
-    elsewhere or the route is unused; weight_MK, 0 there)."""
+    """What a rank does with the routes of the rows it received: (local_MK int64, the index into this rank's
+    experts of each route's physical expert, -1 where it lives elsewhere or the route is unused; weight_MK,
+    0 there)."""
     k = routes_MX.shape[1] // 2
     local_MK = routes_MX[:, k:].detach().round().long() - home_rank * num_local_experts
     here_MK = (local_MK >= 0) & (local_MK < num_local_experts)
@@ -235,8 +238,8 @@ def rank_once_moe(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.
                   valid_S: torch.Tensor | None = None) -> tuple[torch.Tensor, CommVolume]:
     """MoE output [S, D] (x's dtype) of the token-once-per-rank dispatch, and its CommVolume.
 
-    indices_KS / gates_KS: the gate's sparse routes (expert id or -1; combine weights).
-    local_experts: this rank's experts (global ids rank * L ... rank * L + L - 1).
+    indices_KS / gates_KS: the gate's sparse routes (physical expert id or -1; combine weights).
+    local_experts: this rank's experts, physical ids rank * L ... rank * L + L - 1.
     group: the EP process group; None (or a 1-rank group) runs everything locally.
     valid_S: the tokens the rates average over (default: tokens with at least one route).
     Tokens without routes get zeros, as in DeepSpeed.

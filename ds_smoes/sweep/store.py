@@ -52,10 +52,6 @@ def prepare_tracking_uri(uri: str) -> str:
     return uri
 
 
-def is_sqlite(uri: str) -> bool:
-    return uri.startswith("sqlite:")
-
-
 class SweepStore:
     def __init__(self, tracking_uri: str) -> None:
         import mlflow
