@@ -18,7 +18,7 @@ Shape letters.  Every tensor name ends in its shape, one letter per dimension (`
     A  attention heads                       N  samples (conversations)
     B  batch: sequences or images            O  LTDR's extra routes of a vision tail token (top-a)
     C  image channels                        P  physical expert slots (where weights live)
-    D  hidden size                           Q  (sample, modality) pairs, N x M flattened
+    D  hidden size                           Q  flattened or ad-hoc (see below)
     E  experts, by logical (router) id       R  expert-parallel ranks
     F  an expert's fused gate+up width (2I)  S  tokens on this rank (batch and sequence flattened)
     G  bins (groups of experts)              T  positions of the sequence a module works on
@@ -28,6 +28,11 @@ Shape letters.  Every tensor name ends in its shape, one letter per dimension (`
     K  routes per token (top-k)              X  fields of a packed record, columns of a figure table
     L  MoE layers                            Y  rows this rank sends in the rank_once dispatch
     M  modalities (2: 0 text, 1 vision)      Z  rows this rank receives in it
+
+Lowercase letters are per-head sizes of attention: d the head dimension, a the key/value heads
+(grouped-query attention).  Q is the one letter without a fixed meaning: a flattened product or an
+ad-hoc collection, always named by a comment where the tensor is made (`# Q = N * M ...`).
+Scalars in formulas (N_B experts per bin, n = E / R experts per rank) are not shape letters.
 
 The expert-to-bin map is `bin_E` everywhere; the expert-to-physical-slot map is `physical_E`.
 """

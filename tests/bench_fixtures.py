@@ -6,7 +6,7 @@ def layer(dispatch: int, combine: int, tokens: int = 100, cross: float = 0.5, ra
     return {"dispatch_bytes": dispatch, "combine_bytes": combine, "metadata_bytes": 0, "tokens": tokens,
             "cross_rank_tokens": cross * tokens, "rank_token_sum": ranks * tokens,
             "expected_bytes": dispatch + combine, "remote_pairs": cross * tokens, "bins": [0, 0, 1, 1],
-            "physical": [0, 1, 2, 3], "bins_placed_on_ranks": True, "load_MP": [[1, 1, 1, 1], [1, 1, 1, 1]], "own_bins_MB": [[True, False], [False, True]],
+            "physical": [0, 1, 2, 3], "bins_placed_on_ranks": True, "load_MP": [[1, 1, 1, 1], [1, 1, 1, 1]], "own_bins_MG": [[True, False], [False, True]],
             "own_route_counts_MJ": [list(c) for c in counts],
             "expert_rows_busiest": rows[0], "expert_rows_mean": rows[1]}
 

@@ -59,11 +59,3 @@ def test_binning_buffers_avoid_deepspeed_expert_key_filter():
     # DeepSpeed's MoE checkpointing treats any MoE state key containing "expert" as an expert weight.
     assert not any("expert" in k for k in ExpertBinning(4, 2, adaptive=True).state_dict())
 
-
-def test_state_saved_under_the_old_bin_map_name_loads():
-    """Checkpoints and exports written before the bin map was named `bin_E` call it `bin_id_E`."""
-    b = ExpertBinning(4, 2, adaptive=True)
-    old = {("bin_id_E" if k == "bin_E" else k): v for k, v in b.state_dict().items()}
-    old["bin_id_E"] = torch.tensor([1, 0, 1, 0])
-    b.load_state_dict(old)
-    assert b.bin_E.tolist() == [1, 0, 1, 0]

@@ -58,7 +58,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     ds_config.setdefault("gradient_accumulation_steps", 1)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name.endswith("pos_PD") else decay).append(p)
+        (no_decay if p.dim() < 2 or name.endswith("pos_TD") else decay).append(p)
     groups = split_params_into_different_moe_groups_for_optimizer([
         {"params": decay, "weight_decay": cfg.optim.weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}])

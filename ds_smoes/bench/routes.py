@@ -6,7 +6,7 @@ From the recorded routes, pure functions compute the router statistics the simul
 send (`expected_rank_once_dispatch_bytes`, `expected_stock_bytes`), which the benchmark checks against
 `layer.last_comm`.
 
-Shapes: S tokens, K routes per token, E experts, B bins, M = 2 modalities (0 text, 1 vision),
+Shapes: S tokens, K routes per token, E experts, P physical expert slots, G bins, M = 2 modalities (0 text, 1 vision),
 J = K + 1 own-route counts, R EP ranks.
 """
 from __future__ import annotations
@@ -81,23 +81,23 @@ def bins_by_physical(bin_E: torch.Tensor, physical_E: torch.Tensor) -> torch.Ten
 
 
 def own_bins(load_ME: torch.Tensor, bin_E: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """own_MB (bool): vision owns the round(pi_v * B) bins (1 .. B - 1) with the largest share of the
+    """own_MG (bool): vision owns the round(pi_v * B) bins (1 .. B - 1) with the largest share of the
     vision routes relative to the text routes (modality-normalised load); text owns the others."""
-    load_MB = torch.zeros(2, num_bins, dtype=torch.float64)
-    load_MB.index_add_(1, bin_E.long(), load_ME.double())
-    total_M = load_MB.sum(1)
-    share_MB = load_MB / total_M.clamp_min(1e-300).unsqueeze(1)
+    load_MG = torch.zeros(2, num_bins, dtype=torch.float64)
+    load_MG.index_add_(1, bin_E.long(), load_ME.double())
+    total_M = load_MG.sum(1)
+    share_MG = load_MG / total_M.clamp_min(1e-300).unsqueeze(1)
     vision_share = float(total_M[1] / total_M.sum().clamp_min(1e-300))
     n_vision = min(num_bins - 1, max(1, round(vision_share * num_bins))) if num_bins > 1 else 1
-    vision_bias_B = share_MB[1] - share_MB[0]
-    order_B = torch.sort(-vision_bias_B, stable=True).indices  # most vision-biased first
-    own_MB = torch.zeros(2, num_bins, dtype=torch.bool)
-    own_MB[1, order_B[:n_vision]] = True
-    own_MB[0] = ~own_MB[1] if num_bins > 1 else True
-    return own_MB
+    vision_bias_G = share_MG[1] - share_MG[0]
+    order_G = torch.sort(-vision_bias_G, stable=True).indices  # most vision-biased first
+    own_MG = torch.zeros(2, num_bins, dtype=torch.bool)
+    own_MG[1, order_G[:n_vision]] = True
+    own_MG[0] = ~own_MG[1] if num_bins > 1 else True
+    return own_MG
 
 
-def own_route_counts(calls: list[LayerCall], bin_E: torch.Tensor, own_MB: torch.Tensor,
+def own_route_counts(calls: list[LayerCall], bin_E: torch.Tensor, own_MG: torch.Tensor,
                      k: int) -> torch.Tensor:
     """counts_MJ: valid tokens of modality m with j of their routes in m's own bins (j = 0 .. k;
     a token with more than k routes, as LTDR's tail tokens, counts in j = k at most)."""
@@ -105,7 +105,7 @@ def own_route_counts(calls: list[LayerCall], bin_E: torch.Tensor, own_MB: torch.
     for c in calls:
         routed_KS = c.indices_KS >= 0
         bin_KS = bin_E.long()[c.indices_KS.clamp_min(0)]
-        own_KS = own_MB[c.labels_S.unsqueeze(0).expand_as(bin_KS), bin_KS] & routed_KS
+        own_KS = own_MG[c.labels_S.unsqueeze(0).expand_as(bin_KS), bin_KS] & routed_KS
         j_S = own_KS.sum(0).clamp_max(k)
         for m in range(2):
             keep_S = c.valid_S & (c.labels_S == m)
@@ -158,9 +158,9 @@ def expert_rows_sent(call: LayerCall, dispatch: str, num_experts: int, ep_size: 
     return torch.full((ep_size,), float(per_rank * call.capacity), dtype=torch.float64)
 
 
-def expert_work(rows_CR: torch.Tensor) -> tuple[float, float]:
-    """(busiest, mean): the group's expert rows per call [calls, R] summed over the calls, on the busiest
+def expert_work(rows_QR: torch.Tensor) -> tuple[float, float]:
+    """(busiest, mean): the group's expert rows per call, rows_QR [Q = recorded calls, R], summed over the calls, on the busiest
     rank of each call and on the average rank."""
-    if rows_CR.numel() == 0:
+    if rows_QR.numel() == 0:
         return 0.0, 0.0
-    return float(rows_CR.max(dim=1).values.sum()), float(rows_CR.mean(dim=1).sum())
+    return float(rows_QR.max(dim=1).values.sum()), float(rows_QR.mean(dim=1).sum())

@@ -157,24 +157,25 @@ def routing_pass(model, batches: list, smoes: SMoESConfig) -> dict:
                                          comm.ranks_per_token * comm.num_tokens, expected,
                                          remote_pairs(call, home, per_rank)], dtype=torch.float64)
     distributed.world_sum_(tally_LX)
-    # expert rows of every rank per call: what each rank's tokens put in front of each rank, summed over the ranks
-    rows_LCR = torch.stack([torch.stack([expert_rows_sent(call, smoes.dispatch, smoes.num_experts, ep)
+    # expert rows of every rank per call (Q = recorded calls of the layer): what each rank's tokens put in front of
+    # each rank, summed over the ranks
+    rows_LQR = torch.stack([torch.stack([expert_rows_sent(call, smoes.dispatch, smoes.num_experts, ep)
                                          for call in recorder.calls[l]]) for l in range(len(layers))])
-    distributed.world_sum_(rows_LCR)
+    distributed.world_sum_(rows_LQR)
     layers_out = []
     for l, layer in enumerate(layers):
-        busiest, mean = expert_work(rows_LCR[l])
+        busiest, mean = expert_work(rows_LQR[l])
         # the recorded routes name physical experts (where the weights live, ds_smoes.core.placement); bins are
         # kept per logical expert: bin_P is the bin of each physical expert
         bin_E = layer.gate.binning.bin_E.detach().cpu().long()
         physical_E = layer.gate.physical_E.detach().cpu().long()
         bin_P = bins_by_physical(bin_E, physical_E)
         load_MP = distributed.world_sum_(modality_load(recorder.calls[l], smoes.num_experts))
-        own_MB = own_bins(load_MP, bin_P, smoes.num_bins)
-        counts_MJ = distributed.world_sum_(own_route_counts(recorder.calls[l], bin_P, own_MB, smoes.k))
+        own_MG = own_bins(load_MP, bin_P, smoes.num_bins)
+        counts_MJ = distributed.world_sum_(own_route_counts(recorder.calls[l], bin_P, own_MG, smoes.k))
         layers_out.append({**dict(zip(_TALLY, tally_LX[l].tolist())), "bins": bin_E.tolist(),
                            "physical": physical_E.tolist(), "bins_placed_on_ranks": _placed(bin_P, smoes),
-                           "load_MP": load_MP.tolist(), "own_bins_MB": own_MB.tolist(),
+                           "load_MP": load_MP.tolist(), "own_bins_MG": own_MG.tolist(),
                            "own_route_counts_MJ": counts_MJ.tolist(),
                            "expert_rows_busiest": busiest, "expert_rows_mean": mean})
     recorder.remove()
@@ -196,7 +197,7 @@ def time_round_robin(models: dict, batches: list, warmup: int, repeats: int) -> 
     import torch.distributed as dist
 
     keys = list(models)
-    times_RV = torch.zeros(repeats, len(keys), dtype=torch.float64)
+    times_QX = torch.zeros(repeats, len(keys), dtype=torch.float64)   # Q = timed rounds, X = variants
     for r in range(warmup + repeats):
         batch = batches[r % len(batches)]
         for i in range(len(keys)):
@@ -209,12 +210,12 @@ def time_round_robin(models: dict, batches: list, warmup: int, repeats: int) -> 
             elapsed = time.perf_counter() - t0
             models[key].zero_grad(set_to_none=True)
             if r >= warmup:
-                times_RV[r - warmup, v] = elapsed
+                times_QX[r - warmup, v] = elapsed
         if r == warmup - 1 or (r >= warmup and (r - warmup + 1) % 10 == 0):
             log0(f"    timing round {r + 1}/{warmup + repeats}")
     if distributed.is_distributed():
-        dist.all_reduce(times_RV, op=dist.ReduceOp.MAX)
-    return {key: times_RV[:, v].tolist() for v, key in enumerate(keys)}
+        dist.all_reduce(times_QX, op=dist.ReduceOp.MAX)
+    return {key: times_QX[:, v].tolist() for v, key in enumerate(keys)}
 
 
 def run_source(source: str, cfg, data, variants: list[Variant], checkpoints: dict, batches: list,

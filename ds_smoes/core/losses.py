@@ -1,7 +1,7 @@
 """SMoES auxiliary losses (SMOES.md section 3): inter-bin mutual information and bin balance.
 
-Pure functions of one MoE layer's routing.  Shapes: S tokens, E experts, M modalities,
-B bins, N samples.  `probs_SE` is the dense router softmax (differentiable).
+Pure functions of one MoE layer's routing.  Shapes (glossary: `ds_smoes/__init__.py`): S tokens, E experts, M modalities,
+G bins, N samples.  `probs_SE` is the dense router softmax (differentiable).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def modality_bin_table(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E:
                        num_bins: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S[i,m,b] = sum_{e in b} sum_j M[j,m] g[j,e] / (N_B sum_j M[j,m]) for every sample i.
 
-    Returns (s_NMB, present_NM): present is False where sample i has no token of modality m
+    Returns (s_NMG, present_NM): present is False where sample i has no token of modality m
     (its row of S is then 0 instead of 0/0).
     """
     num_bins = resolve_num_bins(bin_E, num_bins)
@@ -44,13 +44,13 @@ def modality_bin_table(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E:
     if valid_S is not None:
         weight_SM = weight_SM * valid_S.to(probs_SE.dtype).unsqueeze(-1)
     num_samples = count_samples(sample_id_S)
-    probs_SB = probs_SE @ bin_one_hot(bin_E, num_bins).to(probs_SE)
-    mass_SMB = weight_SM.unsqueeze(-1) * probs_SB.unsqueeze(1)
-    num_NMB = probs_SE.new_zeros(num_samples, *mass_SMB.shape[1:]).index_add(0, sample_id_S, mass_SMB)
+    probs_SG = probs_SE @ bin_one_hot(bin_E, num_bins).to(probs_SE)
+    mass_SMG = weight_SM.unsqueeze(-1) * probs_SG.unsqueeze(1)
+    num_NMG = probs_SE.new_zeros(num_samples, *mass_SMG.shape[1:]).index_add(0, sample_id_S, mass_SMG)
     den_NM = probs_SE.new_zeros(num_samples, weight_SM.shape[1]).index_add(0, sample_id_S, weight_SM)
     present_NM = den_NM > 0
-    s_NMB = num_NMB / (experts_per_bin * torch.where(present_NM, den_NM, 1.0)).unsqueeze(-1)
-    return s_NMB * present_NM.unsqueeze(-1), present_NM
+    s_NMG = num_NMG / (experts_per_bin * torch.where(present_NM, den_NM, 1.0)).unsqueeze(-1)
+    return s_NMG * present_NM.unsqueeze(-1), present_NM
 
 
 def _safe(t: torch.Tensor) -> torch.Tensor:
@@ -70,14 +70,14 @@ def per_sample_mutual_information(probs_SE: torch.Tensor, modality_SM: torch.Ten
     A modality absent from a sample contributes nothing (0 log 0 = 0), so I_i stays finite.
     Returns (mi_N, has_tokens_N): padding-only samples have has_tokens False.
     """
-    s_NMB, _ = modality_bin_table(probs_SE, modality_SM, bin_E, sample_id_S, valid_S, num_bins)
-    total_N = s_NMB.sum((1, 2))
+    s_NMG, _ = modality_bin_table(probs_SE, modality_SM, bin_E, sample_id_S, valid_S, num_bins)
+    total_N = s_NMG.sum((1, 2))
     has_tokens_N = total_N > 0
-    p_NMB = s_NMB / torch.where(has_tokens_N, total_N, 1.0)[:, None, None]
-    p_m_NM = p_NMB.sum(2)
-    p_b_NB = p_NMB.sum(1)
-    log_ratio = _safe(p_NMB).log() - _safe(p_m_NM).log().unsqueeze(-1) - _safe(p_b_NB).log().unsqueeze(1)
-    mi_N = torch.where(p_NMB > 0, p_NMB * log_ratio, torch.zeros_like(p_NMB)).sum((1, 2))
+    p_NMG = s_NMG / torch.where(has_tokens_N, total_N, 1.0)[:, None, None]
+    p_m_NM = p_NMG.sum(2)
+    p_b_NG = p_NMG.sum(1)
+    log_ratio = _safe(p_NMG).log() - _safe(p_m_NM).log().unsqueeze(-1) - _safe(p_b_NG).log().unsqueeze(1)
+    mi_N = torch.where(p_NMG > 0, p_NMG * log_ratio, torch.zeros_like(p_NMG)).sum((1, 2))
     return mi_N, has_tokens_N
 
 
@@ -105,18 +105,18 @@ def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_E: t
     """
     num_bins = resolve_num_bins(bin_E, num_bins)
     experts_per_bin = probs_SE.shape[1] // num_bins
-    onehot_EB = bin_one_hot(bin_E, num_bins).to(probs_SE)
+    onehot_EG = bin_one_hot(bin_E, num_bins).to(probs_SE)
     bin_idx_E = bin_E.long()
     if valid_S is None:
         valid_S = torch.ones(probs_SE.shape[0], dtype=torch.bool, device=probs_SE.device)
     valid_S = valid_S.bool()
-    probs_VE = probs_SE[valid_S]
-    if probs_VE.shape[0] == 0:
+    valid_probs_SE = probs_SE[valid_S]
+    if valid_probs_SE.shape[0] == 0:
         return probs_SE.sum() * 0.0
-    in_bin_VE = probs_VE / (probs_VE @ onehot_EB)[:, bin_idx_E].clamp_min(_TINY)
-    p_E = in_bin_VE.mean(0)
+    in_bin_SE = valid_probs_SE / (valid_probs_SE @ onehot_EG)[:, bin_idx_E].clamp_min(_TINY)
+    p_E = in_bin_SE.mean(0)
     count_E = selected_SE[valid_S].to(probs_SE.dtype).sum(0)
-    bin_count_E = (count_E @ onehot_EB)[bin_idx_E]
+    bin_count_E = (count_E @ onehot_EG)[bin_idx_E]
     f_E = (count_E / bin_count_E.clamp_min(1.0)).detach()
     return experts_per_bin * (f_E * p_E).sum()
 
@@ -135,9 +135,9 @@ def gshard_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor,
     return probs_SE.shape[1] * (f_E * probs_SE.mean(0)).sum()
 
 
-def symmetric_kl(p_X: torch.Tensor, q_X: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
-    """KL(p || q) + KL(q || p) over the last dimension (natural log)."""
-    p, q = p_X.clamp_min(eps), q_X.clamp_min(eps)
+def symmetric_kl(p_Q: torch.Tensor, q_Q: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """KL(p || q) + KL(q || p) over the last dimension Q (any distribution's support; natural log)."""
+    p, q = p_Q.clamp_min(eps), q_Q.clamp_min(eps)
     return ((p - q) * (p.log() - q.log())).sum(-1)
 
 
@@ -165,11 +165,11 @@ def bin_kl_band_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E: t
     """SMoES "KL instead of MI" ablation: per sample, symmetric KL between the bin distributions
     of its text and its vision mass (P_i(b | m) from `modality_bin_table`), penalised outside
     [low, high] and averaged over samples holding both modalities.  Returns (loss, mean kl)."""
-    s_NMB, present_NM = modality_bin_table(probs_SE, modality_SM, bin_E, sample_id_S, valid_S, num_bins)
+    s_NMG, present_NM = modality_bin_table(probs_SE, modality_SM, bin_E, sample_id_S, valid_S, num_bins)
     both_N = present_NM.all(1)
     if not bool(both_N.any()):
         zero = probs_SE.sum() * 0.0
         return zero, zero.detach()
-    cond_NMB = s_NMB[both_N] / s_NMB[both_N].sum(-1, keepdim=True)
-    kl_N = symmetric_kl(cond_NMB[:, 0], cond_NMB[:, 1])
+    cond_NMG = s_NMG[both_N] / s_NMG[both_N].sum(-1, keepdim=True)
+    kl_N = symmetric_kl(cond_NMG[:, 0], cond_NMG[:, 1])
     return band_penalty(kl_N, low, high).mean(), kl_N.mean().detach()

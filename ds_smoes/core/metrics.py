@@ -59,9 +59,9 @@ def routes_per_column(indices_KS: torch.Tensor, valid_S: torch.Tensor | None, nu
     if column_E is not None:
         col_KS = column_E.to(col_KS.device).long()[col_KS]
     col_KS = torch.where(keep_KS, col_KS, num_columns)  # an extra column collects what is not routed
-    count_SC = torch.zeros(indices_KS.shape[1], num_columns + 1, dtype=torch.int32, device=indices_KS.device)
-    count_SC.scatter_add_(1, col_KS.T, torch.ones_like(col_KS.T, dtype=torch.int32))
-    return count_SC[:, :num_columns]
+    count_SX = torch.zeros(indices_KS.shape[1], num_columns + 1, dtype=torch.int32, device=indices_KS.device)
+    count_SX.scatter_add_(1, col_KS.T, torch.ones_like(col_KS.T, dtype=torch.int32))
+    return count_SX[:, :num_columns]
 
 
 def routing_comm_stats(indices_KS: torch.Tensor, rank_of_expert_E: torch.Tensor, home_rank: int,

@@ -5,7 +5,7 @@ communication a bin saves is real.  Two numbers name an expert here:
 
 - its **logical id** e: what the router's weight rows, the bins, the losses and the metrics use;
 - its **physical id** p: where its weights live, in DeepSpeed's layout: physical expert p is
-  local expert p % L of EP rank p // L (L = E / ep_size experts per rank).
+  local expert p % n of EP rank p // n (n = E / ep_size experts per rank).
 
 `physical_E[e]` maps one to the other; it starts as the identity.  The gate computes routes on
 logical ids and hands DeepSpeed's dispatch (stock or rank_once) physical ids, so moving an expert
@@ -19,7 +19,7 @@ them at every re-cut would ship weights and both Adam moments of up to all exper
 the bins that count for communication from then on are the final ones.  `migrate_experts`
 reports what the move cost (experts moved, bytes sent to other ranks, seconds).
 
-Shapes: E experts, B bins, R EP ranks, L = E / R experts per rank.
+Shapes: E experts (logical ids), P physical expert slots, G bins, R EP ranks; n = E / R experts per rank.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from torch import nn
 
 # -- pure planning ----------------------------------------------------------------------------------
 def rank_of_bin(num_bins: int, ep_size: int) -> torch.Tensor:
-    """rank_B: the EP rank bin b is placed on, b * ep_size // num_bins."""
+    """rank_G: the EP rank bin b is placed on, b * ep_size // num_bins."""
     return torch.arange(num_bins) * ep_size // num_bins
 
 
@@ -42,7 +42,7 @@ def plan_physical(bin_E: torch.Tensor, physical_E: torch.Tensor, num_bins: int, 
     """new_physical_E: every expert on its bin's rank, moving as few experts as possible.
 
     An expert already on its bin's rank keeps its physical id; the others take the free ids of their
-    target rank in ascending order, in logical-id order.  Every rank ends with exactly L experts
+    target rank in ascending order, in logical-id order.  Every rank ends with exactly n experts
     because each holds num_bins / ep_size bins of E / num_bins experts.
     """
     num_experts = bin_E.numel()

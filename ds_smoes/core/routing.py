@@ -44,9 +44,9 @@ def assign_slots(top_idx_SK: torch.Tensor, valid_S: torch.Tensor, num_experts: i
     idx_KS = top_idx_SK.T
     live_KS = valid_S.bool().unsqueeze(0) & (idx_KS >= 0)
     onehot_KSE = torch.nn.functional.one_hot(idx_KS.long().clamp_min(0), num_experts) * live_KS.unsqueeze(-1)
-    flat_XE = onehot_KSE.reshape(k * num_tokens, num_experts)
-    location_KS = ((flat_XE.cumsum(0) - 1) * flat_XE).sum(-1).reshape(k, num_tokens)
-    return location_KS, flat_XE.sum(0)
+    flat_QE = onehot_KSE.reshape(k * num_tokens, num_experts)   # Q = K * S routes, route-major
+    location_KS = ((flat_QE.cumsum(0) - 1) * flat_QE).sum(-1).reshape(k, num_tokens)
+    return location_KS, flat_QE.sum(0)
 
 
 def route_counts(top_idx_SK: torch.Tensor, valid_S: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -94,8 +94,8 @@ def bin_limited_topk(probs_SE: torch.Tensor, bin_E: torch.Tensor, num_bins: int,
     Needs max_bins * (experts per bin) >= k (SMoESConfig checks it).
     """
     bin_E = bin_E.to(probs_SE.device).long()
-    mass_SB = probs_SE.new_zeros(probs_SE.shape[0], num_bins).index_add(1, bin_E, probs_SE)
-    top_bins_SM = torch.topk(mass_SB, k=max_bins, dim=1).indices
-    allowed_SB = torch.zeros_like(mass_SB, dtype=torch.bool).scatter_(1, top_bins_SM, True)
-    allowed_SE = allowed_SB[:, bin_E]
+    mass_SG = probs_SE.new_zeros(probs_SE.shape[0], num_bins).index_add(1, bin_E, probs_SE)
+    top_bins_SG = torch.topk(mass_SG, k=max_bins, dim=1).indices
+    allowed_SG = torch.zeros_like(mass_SG, dtype=torch.bool).scatter_(1, top_bins_SG, True)
+    allowed_SE = allowed_SG[:, bin_E]
     return torch.topk(probs_SE.masked_fill(~allowed_SE, float("-inf")), k=k, dim=1).indices

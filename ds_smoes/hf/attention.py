@@ -31,31 +31,31 @@ PREFIX = "smoes_"
 
 
 @torch.no_grad()
-def head_mean_attention_probs(query_BHQd: torch.Tensor, key_BGKd: torch.Tensor, mask: torch.Tensor | None,
+def head_mean_attention_probs(query_BATd: torch.Tensor, key_BaUd: torch.Tensor, mask: torch.Tensor | None,
                               scaling: float | None, causal: bool) -> torch.Tensor:
-    """Head-averaged softmax(q k^T * scaling + mask) -> [B, Q, K] float32, as the attention kernel computes it.
+    """Head-averaged softmax(q k^T * scaling + mask) -> [B, T, U] float32, as the attention kernel computes it.
 
-    G key heads are shared by H / G query heads (grouped-query attention).  `mask` is what the model
-    hands its attention function: None (then `causal` decides), boolean [B or 1, 1, Q, K] (True = may
+    a key heads are shared by A / a query heads (grouped-query attention).  `mask` is what the model
+    hands its attention function: None (then `causal` decides), boolean [B or 1, 1, T, U] (True = may
     attend) or additive float.  Rows with no allowed key become zeros instead of NaN.
     """
-    q = query_BHQd.float()
-    k = key_BGKd.float()
+    q = query_BATd.float()
+    k = key_BaUd.float()
     if q.shape[1] != k.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores_BHQK = (q @ k.transpose(-1, -2)) * scale
-    n_q, n_k = scores_BHQK.shape[-2:]
+    scores_BATU = (q @ k.transpose(-1, -2)) * scale
+    n_q, n_k = scores_BATU.shape[-2:]
     if mask is None:
         if causal and n_q > 1:
-            allowed_QK = (torch.arange(n_k, device=q.device)[None, :]
+            allowed_TU = (torch.arange(n_k, device=q.device)[None, :]
                           <= torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q))
-            scores_BHQK = scores_BHQK.masked_fill(~allowed_QK, float("-inf"))
+            scores_BATU = scores_BATU.masked_fill(~allowed_TU, float("-inf"))
     elif mask.dtype == torch.bool:
-        scores_BHQK = scores_BHQK.masked_fill(~mask[..., :n_k], float("-inf"))
+        scores_BATU = scores_BATU.masked_fill(~mask[..., :n_k], float("-inf"))
     else:
-        scores_BHQK = scores_BHQK + mask[..., :n_k].float()
-    return torch.softmax(scores_BHQK, dim=-1).nan_to_num(0.0).mean(1)
+        scores_BATU = scores_BATU + mask[..., :n_k].float()
+    return torch.softmax(scores_BATU, dim=-1).nan_to_num(0.0).mean(1)
 
 
 def _capturing(base: Callable) -> Callable:
@@ -95,37 +95,37 @@ class AttentionScoreTracker:
         self.handles = [layer.register_forward_pre_hook(self._enter_layer, with_kwargs=True),
                         attention.register_forward_hook(self._after_attention)]
 
-    def _record(self, probs_BQK: torch.Tensor) -> None:
-        self.context.pending_probs_BTK = probs_BQK
+    def _record(self, probs_BTU: torch.Tensor) -> None:
+        self.context.pending_probs_BTU = probs_BTU
 
     def _enter_layer(self, module, args, kwargs):
         x_BTD = args[0] if args else kwargs["hidden_states"]
         self.context.resid_norm_BT = x_BTD.detach().float().norm(dim=-1)
-        self.context.pending_probs_BTK = None
+        self.context.pending_probs_BTU = None
 
     def _after_attention(self, module, args, output):
         ctx = self.context
         if ctx.batch is None or ctx.batch.scores_BTM is None:
             return
         attn_out_BTD, weights = output[0], output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        probs_BTK = weights.detach().float().mean(1) if weights is not None else ctx.pending_probs_BTK
-        if probs_BTK is None:
+        probs_BTU = weights.detach().float().mean(1) if weights is not None else ctx.pending_probs_BTU
+        if probs_BTU is None:
             raise RuntimeError("no attention probabilities for the SMoES attention score: the model's attention "
                                "implementation neither returned them nor ran through the smoes_ wrapper; load it "
                                "with attn_implementation='sdpa' or 'eager'")
         scores_BTM = ctx.batch.scores_BTM
-        n_q, n_k = probs_BTK.shape[-2:]
+        n_q, n_k = probs_BTU.shape[-2:]
         past = ctx.key_scores.get(self.layer_idx)
-        keys_BKM = scores_BTM if n_k == n_q or past is None else torch.cat([past, scores_BTM], dim=1)
-        if keys_BKM.shape[1] != n_k:
-            raise RuntimeError(f"attention over {n_k} keys but scores for {keys_BKM.shape[1]} tokens are known")
-        ctx.key_scores[self.layer_idx] = keys_BKM
+        keys_BUM = scores_BTM if n_k == n_q or past is None else torch.cat([past, scores_BTM], dim=1)
+        if keys_BUM.shape[1] != n_k:
+            raise RuntimeError(f"attention over {n_k} keys but scores for {keys_BUM.shape[1]} tokens are known")
+        ctx.key_scores[self.layer_idx] = keys_BUM
         attn_norm_BT = attn_out_BTD.detach().float().norm(dim=-1)
         if n_k == n_q:
-            ctx.batch.scores_BTM = attention_score_update(scores_BTM, probs_BTK, attn_norm_BT, ctx.resid_norm_BT)
+            ctx.batch.scores_BTM = attention_score_update(scores_BTM, probs_BTU, attn_norm_BT, ctx.resid_norm_BT)
         else:
-            ctx.batch.scores_BTM = _cached_update(scores_BTM, keys_BKM, probs_BTK, attn_norm_BT, ctx.resid_norm_BT)
-        ctx.pending_probs_BTK = None
+            ctx.batch.scores_BTM = _cached_update(scores_BTM, keys_BUM, probs_BTU, attn_norm_BT, ctx.resid_norm_BT)
+        ctx.pending_probs_BTU = None
 
     def remove(self) -> None:
         for h in self.handles:
@@ -133,9 +133,9 @@ class AttentionScoreTracker:
 
 
 @torch.no_grad()
-def _cached_update(scores_BTM, keys_BKM, probs_BTK, attn_norm_BT, resid_norm_BT) -> torch.Tensor:
-    """The same residual update when the queries are the last T of K keys (decoding with a KV cache)."""
-    mixed_BTM = torch.bmm(probs_BTK.float(), keys_BKM.float())
+def _cached_update(scores_BTM, keys_BUM, probs_BTU, attn_norm_BT, resid_norm_BT) -> torch.Tensor:
+    """The same residual update when the queries are the last T of U key positions (decoding with a KV cache)."""
+    mixed_BTM = torch.bmm(probs_BTU.float(), keys_BUM.float())
     w_attn = attn_norm_BT.float().unsqueeze(-1)
     w_res = resid_norm_BT.float().unsqueeze(-1)
     return (w_attn * mixed_BTM + w_res * scores_BTM) / (w_attn + w_res).clamp_min(1e-12)

@@ -7,7 +7,7 @@ model fills one `ModalityContext` at the start of each forward (from `input_ids`
 `attention_mask`); hooks on the decoder layers update the attention score layer by layer; each
 `SMoESBlock` reads it and hands its `l_aux` back.
 
-Shapes: B batch, T tokens of this forward, K keys (T plus cached tokens), M = 2 modalities.
+Shapes: B batch, T tokens of this forward, U key positions (T plus cached tokens), M = 2 modalities.
 """
 from __future__ import annotations
 
@@ -33,15 +33,15 @@ class ModalityContext:
     batch: ModalityBatch | None = None
     aux_losses: list = field(default_factory=list)
     resid_norm_BT: torch.Tensor | None = None        # |x| entering the current decoder layer
-    pending_probs_BTK: torch.Tensor | None = None    # head-averaged attention probs recorded for this layer
-    key_scores: dict = field(default_factory=dict)   # layer -> [B, K, M] scores of all tokens seen (cached decoding)
+    pending_probs_BTU: torch.Tensor | None = None    # head-averaged attention probs recorded for this layer
+    key_scores: dict = field(default_factory=dict)   # layer -> [B, U, M] scores of all tokens seen (cached decoding)
 
-    def begin(self, input_ids_BT: torch.Tensor, attention_mask_BK: torch.Tensor | None, cached: bool) -> None:
+    def begin(self, input_ids_BT: torch.Tensor, attention_mask_BU: torch.Tensor | None, cached: bool) -> None:
         """Start a forward: hard labels from the placeholder token ids, validity from the attention mask."""
         ids = torch.tensor(self.image_token_ids, device=input_ids_BT.device, dtype=input_ids_BT.dtype)
         labels_BT = torch.isin(input_ids_BT, ids).long()
         t = input_ids_BT.shape[1]
-        valid_BT = (attention_mask_BK[:, -t:].bool() if attention_mask_BK is not None and attention_mask_BK.dim() == 2
+        valid_BT = (attention_mask_BU[:, -t:].bool() if attention_mask_BU is not None and attention_mask_BU.dim() == 2
                     else torch.ones_like(labels_BT, dtype=torch.bool))
         labels_BT = labels_BT * valid_BT
         scores = hard_scores(labels_BT.reshape(-1)).reshape(*labels_BT.shape, 2) if self.track_scores else None

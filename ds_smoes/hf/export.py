@@ -30,16 +30,16 @@ def _gather_experts(block: SMoESBlock) -> tuple[torch.Tensor, torch.Tensor]:
     experts were placed on their bins' ranks, logical expert e sits at physical id `gate.physical_E[e]`."""
     moe = block.moe.deepspeed_moe
     local = moe.experts.deepspeed_experts
-    gate_up_LFD = torch.stack([e.gate_up_proj.weight.detach() for e in local])
-    down_LDI = torch.stack([e.down_proj.weight.detach() for e in local])
+    gate_up_local_EFD = torch.stack([e.gate_up_proj.weight.detach() for e in local])
+    down_local_EDI = torch.stack([e.down_proj.weight.detach() for e in local])
     if moe.ep_size == 1:
-        gate_up_PFD, down_PDI = gate_up_LFD, down_LDI
+        gate_up_PFD, down_PDI = gate_up_local_EFD, down_local_EDI
     else:
         if moe.ep_group is None or not distributed.is_distributed():
             raise RuntimeError(f"ep_size={moe.ep_size}: the experts are spread over EP ranks but the layer has no EP "
                                "group; export from inside the DeepSpeed run (every rank calls export_state_dict)")
         out = []
-        for t in (gate_up_LFD.contiguous(), down_LDI.contiguous()):
+        for t in (gate_up_local_EFD.contiguous(), down_local_EDI.contiguous()):
             parts = [torch.empty_like(t) for _ in range(moe.ep_size)]
             dist.all_gather(parts, t, group=moe.ep_group)
             out.append(torch.cat(parts))

@@ -35,19 +35,19 @@ class SelfAttention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, mask_B1TT: torch.Tensor, need_probs: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t, d = x_BTD.shape
-        q_BHTd, k_BHTd, v_BHTd = (z.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        q_BATd, k_BATd, v_BATd = (z.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
                                   for z in self.qkv(x_BTD).chunk(3, dim=-1))
         probs_BTT = None
         if self.impl == "eager":
-            scores_BHTT = (q_BHTd @ k_BHTd.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            attn_BHTT = torch.softmax(scores_BHTT.masked_fill(~mask_B1TT, float("-inf")), dim=-1)
-            y_BHTd = attn_BHTT @ v_BHTd
+            scores_BATT = (q_BATd @ k_BATd.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            attn_BATT = torch.softmax(scores_BATT.masked_fill(~mask_B1TT, float("-inf")), dim=-1)
+            y_BATd = attn_BATT @ v_BATd
             if need_probs:
-                probs_BTT = attn_BHTT.detach().mean(1)
+                probs_BTT = attn_BATT.detach().mean(1)
         else:
-            y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, attn_mask=mask_B1TT)
+            y_BATd = F.scaled_dot_product_attention(q_BATd, k_BATd, v_BATd, attn_mask=mask_B1TT)
             if need_probs:
                 with torch.no_grad():
-                    scores_BHTT = (q_BHTd @ k_BHTd.transpose(-1, -2)) / math.sqrt(self.head_dim)
-                    probs_BTT = torch.softmax(scores_BHTT.masked_fill(~mask_B1TT, float("-inf")), dim=-1).mean(1)
-        return self.out(y_BHTd.transpose(1, 2).reshape(b, t, d)), probs_BTT
+                    scores_BATT = (q_BATd @ k_BATd.transpose(-1, -2)) / math.sqrt(self.head_dim)
+                    probs_BTT = torch.softmax(scores_BATT.masked_fill(~mask_B1TT, float("-inf")), dim=-1).mean(1)
+        return self.out(y_BATd.transpose(1, 2).reshape(b, t, d)), probs_BTT

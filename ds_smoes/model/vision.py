@@ -20,14 +20,14 @@ class EncoderBlock(nn.Module):
         self.attn = SelfAttention(dim, n_heads, impl)
         self.mlp = mlp(dim, 2 * dim, dim)
 
-    def forward(self, x_BPD: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask(torch.ones(x_BPD.shape[:2], dtype=torch.bool, device=x_BPD.device), causal=False)
-        x_BPD = x_BPD + self.attn(self.ln1(x_BPD), mask)[0]
-        return x_BPD + self.mlp(self.ln2(x_BPD))
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask(torch.ones(x_BTD.shape[:2], dtype=torch.bool, device=x_BTD.device), causal=False)
+        x_BTD = x_BTD + self.attn(self.ln1(x_BTD), mask)[0]
+        return x_BTD + self.mlp(self.ln2(x_BTD))
 
 
 class PatchVisionEncoder(nn.Module):
-    """[B, C, H, W] image -> [B, P, vision_dim] patch features (P = (H / patch)^2)."""
+    """[B, C, H, W] image -> [B, T, vision_dim] patch features (T = (H / patch)^2 patches: the encoder's sequence)."""
 
     def __init__(self, image_size: int, patch_size: int, channels: int, dim: int, layers: int, n_heads: int,
                  impl: str) -> None:
@@ -35,9 +35,15 @@ class PatchVisionEncoder(nn.Module):
         self.patch_size = patch_size
         num_patches = (image_size // patch_size) ** 2
         self.embed = nn.Linear(channels * patch_size * patch_size, dim)
-        self.pos_PD = nn.Parameter(torch.randn(num_patches, dim) * 0.02)
+        self.pos_TD = nn.Parameter(torch.randn(num_patches, dim) * 0.02)
         self.blocks = nn.ModuleList(EncoderBlock(dim, n_heads, impl) for _ in range(layers))
         self.ln = nn.LayerNorm(dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints and exports written before 0.2 name the position table `pos_PD`
+        if prefix + "pos_PD" in state_dict and prefix + "pos_TD" not in state_dict:
+            state_dict[prefix + "pos_TD"] = state_dict.pop(prefix + "pos_PD")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def patchify(self, image_BCHW: torch.Tensor) -> torch.Tensor:
         b, c, h, w = image_BCHW.shape
@@ -46,7 +52,7 @@ class PatchVisionEncoder(nn.Module):
         return x.reshape(b, (h // p) * (w // p), c * p * p)
 
     def forward(self, image_BCHW: torch.Tensor) -> torch.Tensor:
-        x_BPD = self.embed(self.patchify(image_BCHW)) + self.pos_PD
+        x_BTD = self.embed(self.patchify(image_BCHW)) + self.pos_TD
         for block in self.blocks:
-            x_BPD = block(x_BPD)
-        return self.ln(x_BPD)
+            x_BTD = block(x_BTD)
+        return self.ln(x_BTD)

@@ -96,12 +96,12 @@ class TinyMoEVLM(nn.Module):
         x_BTD = self.tok_emb(input_ids_BT)
         image_pos_BT = input_ids_BT == self.image_token_id
         if bool(has_image_B.any()):
-            patches_NPD = self.projector(self.vision(image_BCHW[has_image_B]))
-            expected = int(has_image_B.sum()) * patches_NPD.shape[1]
+            patches_BTD = self.projector(self.vision(image_BCHW[has_image_B]))
+            expected = int(has_image_B.sum()) * patches_BTD.shape[1]
             if int(image_pos_BT.sum()) != expected:
                 raise ValueError(f"batch has {int(image_pos_BT.sum())} <image> positions but {expected} image "
-                                 f"patch embeddings: each image needs exactly {patches_NPD.shape[1]} placeholders")
-            x_BTD = x_BTD.masked_scatter(image_pos_BT.unsqueeze(-1), patches_NPD.to(x_BTD.dtype))
+                                 f"patch embeddings: each image needs exactly {patches_BTD.shape[1]} placeholders")
+            x_BTD = x_BTD.masked_scatter(image_pos_BT.unsqueeze(-1), patches_BTD.to(x_BTD.dtype))
         position_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp_min(0)
         if int(position_BT.max()) >= self.cfg.max_len:
             raise ValueError(f"sequence of {int(position_BT.max()) + 1} tokens exceeds model.max_len="
@@ -138,17 +138,17 @@ class TinyMoEVLM(nn.Module):
         <image> token is never generated: fed back, it would count as an image placeholder
         (an untrained model would otherwise fail here)."""
         ids, mask, mod = input_ids_BT, attention_mask_BT.bool(), modality_BT
-        new_BN = []
+        new_BT = []
         for _ in range(max_new_tokens):
             logits_BV = self.forward(ids, mask, mod, image_BCHW, has_image_B).logits_BTV[:, -1].clone()
             logits_BV[:, self.image_token_id] = float("-inf")
             nxt_B = logits_BV.argmax(-1)
-            new_BN.append(nxt_B)
+            new_BT.append(nxt_B)
             ids = torch.cat([ids, nxt_B.unsqueeze(1)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             mod = torch.cat([mod, torch.zeros_like(mod[:, :1])], 1)
         out = []
-        for row in torch.stack(new_BN, 1).tolist():
+        for row in torch.stack(new_BT, 1).tolist():
             out.append(row[:row.index(eos_id)] if eos_id in row else row)
         return out
 

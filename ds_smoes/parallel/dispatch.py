@@ -1,11 +1,11 @@
 """Token-once-per-rank expert-parallel dispatch, and what a dispatch really sends.
 
-Shapes: S tokens on this rank, K routes per token, D hidden, E experts, R ranks in the
-expert-parallel (EP) group, L = E / R local experts per rank, N (token, rank) pairs this rank
-sends, M pairs it receives.
+Shapes (glossary: `ds_smoes/__init__.py`): S tokens on this rank, K routes per token, D hidden, E experts,
+R ranks in the expert-parallel (EP) group, Y (token, rank) rows this rank sends, Z rows it receives,
+X fields of a packed row, Q (row, route) pairs; n = E / R experts per rank.
 
 Expert ids here are physical: DeepSpeed's expert index, where the weights live.  Expert e is local
-expert e % L of EP rank e // L.  The gate routes in logical ids and maps them to physical ones
+expert e % n of EP rank e // n.  The gate routes in logical ids and maps them to physical ones
 before the dispatch (`ModalityGate.routes_for_dispatch`); the two are equal until placement moves
 experts onto their bins' ranks.  Only `local_routes` turns them into per-rank local indices.
 
@@ -16,13 +16,13 @@ sums what comes back.  Three `all_to_all_single` calls with split sizes in the f
 
 1. send counts per destination rank (a small int64 tensor; tells every rank what to expect).
    It is started asynchronously and overlaps with packing the rows;
-2. the rows: each token vector [N, D] packed with the token's routes, its K physical expert ids
+2. the rows: each token vector [Y, D] packed with the token's routes, its K physical expert ids
    (-1 unused) and K combine weights (these carry the router's gradient), as one float32
-   [N, D + 2K] tensor (ids are small integers, exact in float32; for other dtypes the vectors
+   [Y, D + 2K] tensor (ids are small integers, exact in float32; for other dtypes the vectors
    travel in their own dtype and the routes in a second, float32, exchange).  A row is the same
    whatever rank it goes to, so it is gathered once; the receiver keeps the routes to its own
    experts (`local_routes`) and zeroes the other weights, which sends their gradient back as 0,
-3. the combined vectors [M, D] back to their home rank.
+3. the combined vectors [Z, D] back to their home rank.
 
 As many collectives as DeepSpeed's stock path (its gate's capacity all-reduce and two
 all-to-alls); the gate skips that all-reduce for rank_once, which needs no common capacity.
@@ -97,7 +97,7 @@ def stock_alltoall_bytes(num_experts: int, capacity: int, hidden: int, ep_size: 
 
 
 def route_ranks(indices_KS: torch.Tensor, num_local_experts: int) -> torch.Tensor:
-    """route_rank_KS: EP rank of every route's physical expert (e // L), -1 for unused routes."""
+    """route_rank_KS: EP rank of every route's physical expert (e // n), -1 for unused routes."""
     return torch.where(indices_KS >= 0, indices_KS.long() // num_local_experts, torch.full_like(indices_KS.long(), -1))
 
 
@@ -110,28 +110,28 @@ def rank_hits(route_rank_KS: torch.Tensor, ep_size: int) -> torch.Tensor:
 def send_plan(hits_SR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows this rank sends, grouped by destination rank, tokens ascending inside a group.
 
-    Returns (token_N, rank_N, send_counts_R): row n carries token token_N[n] to rank rank_N[n].
+    Returns (token_Y, rank_Y, send_counts_R): row n carries token token_Y[n] to rank rank_Y[n].
     """
-    rank_N, token_N = hits_SR.T.nonzero(as_tuple=True)
-    return token_N, rank_N, hits_SR.sum(0).long()
+    rank_Y, token_Y = hits_SR.T.nonzero(as_tuple=True)
+    return token_Y, rank_Y, hits_SR.sum(0).long()
 
 
-def row_routes(indices_KS: torch.Tensor, gates_KS: torch.Tensor, token_N: torch.Tensor) -> torch.Tensor:
-    """routes_NX [N, 2K] float32: the routes that travel with each sent row, K combine weights then K physical
+def row_routes(indices_KS: torch.Tensor, gates_KS: torch.Tensor, token_Y: torch.Tensor) -> torch.Tensor:
+    """routes_YX [Y, 2K] float32: the routes that travel with each sent row, K combine weights then K physical
     expert ids (-1 unused), gathered from the token's routes (differentiable in the weights)."""
     routes_SX = torch.cat([gates_KS.T.float(), indices_KS.T.float()], dim=1)
-    return routes_SX.index_select(0, token_N)
+    return routes_SX.index_select(0, token_Y)
 
 
-def local_routes(routes_MX: torch.Tensor, home_rank: int, num_local_experts: int
+def local_routes(routes_ZX: torch.Tensor, home_rank: int, num_local_experts: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a rank does with the routes of the rows it received: (local_MK int64, the index into this rank's
-    experts of each route's physical expert, -1 where it lives elsewhere or the route is unused; weight_MK,
+    """What a rank does with the routes of the rows it received: (local_ZK int64, the index into this rank's
+    experts of each route's physical expert, -1 where it lives elsewhere or the route is unused; weight_ZK,
     0 there)."""
-    k = routes_MX.shape[1] // 2
-    local_MK = routes_MX[:, k:].detach().round().long() - home_rank * num_local_experts
-    here_MK = (local_MK >= 0) & (local_MK < num_local_experts)
-    return torch.where(here_MK, local_MK, -1), routes_MX[:, :k] * here_MK
+    k = routes_ZX.shape[1] // 2
+    local_ZK = routes_ZX[:, k:].detach().round().long() - home_rank * num_local_experts
+    here_ZK = (local_ZK >= 0) & (local_ZK < num_local_experts)
+    return torch.where(here_ZK, local_ZK, -1), routes_ZX[:, :k] * here_ZK
 
 
 def token_rank_stats(hits_SR: torch.Tensor, home_rank: int, valid_S: torch.Tensor) -> tuple[float, float, int]:
@@ -195,41 +195,41 @@ def start_count_exchange(send_counts_R: torch.Tensor, group) -> tuple[torch.Tens
     return recv_counts_R, work
 
 
-def exchange_rows(x_ND: torch.Tensor, routes_NX: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+def exchange_rows(x_YD: torch.Tensor, routes_YX: torch.Tensor, send_counts: list[int], recv_counts: list[int],
                   group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Send each row's vector and routes; returns the received (x_MD, routes_MX), differentiable in x and
-    the weights.  float32 vectors travel packed with their routes in one exchange ([N, D + 2K]); other dtypes
+    """Send each row's vector and routes; returns the received (x_ZD, routes_ZX), differentiable in x and
+    the weights.  float32 vectors travel packed with their routes in one exchange ([Y, D + 2K]); other dtypes
     in two."""
-    d = x_ND.shape[1]
-    if x_ND.dtype == torch.float32:
-        recv_MX = all_to_all_rows(torch.cat([x_ND, routes_NX], dim=1), send_counts, recv_counts, group)
-        return recv_MX[:, :d], recv_MX[:, d:]
-    return (all_to_all_rows(x_ND, send_counts, recv_counts, group),
-            all_to_all_rows(routes_NX, send_counts, recv_counts, group))
+    d = x_YD.shape[1]
+    if x_YD.dtype == torch.float32:
+        recv_ZX = all_to_all_rows(torch.cat([x_YD, routes_YX], dim=1), send_counts, recv_counts, group)
+        return recv_ZX[:, :d], recv_ZX[:, d:]
+    return (all_to_all_rows(x_YD, send_counts, recv_counts, group),
+            all_to_all_rows(routes_YX, send_counts, recv_counts, group))
 
 
 # -- expert side --------------------------------------------------------------------------------------
-def run_local_experts(x_MD: torch.Tensor, local_MK: torch.Tensor, weight_MK: torch.Tensor,
+def run_local_experts(x_ZD: torch.Tensor, local_ZK: torch.Tensor, weight_ZK: torch.Tensor,
                       experts: Sequence[nn.Module]) -> torch.Tensor:
-    """combined_MD (float32): per received row, the gate-weighted sum of its local experts' outputs.
+    """combined_ZD (float32): per received row, the gate-weighted sum of its local experts' outputs.
 
     The (row, route) pairs are sorted by local expert, so one gather builds every expert's
     contiguous input and one scatter-add sums the weighted outputs back (as DeepSpeed's padded
     buffer does, without padding).  Every expert runs, on zero rows if nothing reached it, so its
     parameters always get a gradient (zeros rather than None, as with DeepSpeed's padded buffer).
     """
-    num_local, k = len(experts), local_MK.shape[1]
-    key_X = torch.where(local_MK >= 0, local_MK.long(), num_local).reshape(-1)  # X = M * K; unused routes last
-    order_X = torch.argsort(key_X, stable=True)
-    sizes = torch.bincount(key_X, minlength=num_local + 1).tolist()
-    pair_P = order_X[:sum(sizes[:num_local])]           # the used (row, route) pairs, grouped by expert
-    row_P = torch.div(pair_P, k, rounding_mode="floor")
+    num_local, k = len(experts), local_ZK.shape[1]
+    key_Q = torch.where(local_ZK >= 0, local_ZK.long(), num_local).reshape(-1)  # Q = Z * K (row, route) pairs; unused routes last
+    order_Q = torch.argsort(key_Q, stable=True)
+    sizes = torch.bincount(key_Q, minlength=num_local + 1).tolist()
+    pair_Q = order_Q[:sum(sizes[:num_local])]           # the used (row, route) pairs, grouped by expert
+    row_Q = torch.div(pair_Q, k, rounding_mode="floor")
     outs = []
-    for expert, chunk_QD in zip(experts, x_MD.index_select(0, row_P).split(sizes[:num_local])):
+    for expert, chunk_QD in zip(experts, x_ZD.index_select(0, row_Q).split(sizes[:num_local])):
         out_QD = expert(chunk_QD)
         outs.append(out_QD[0] if isinstance(out_QD, tuple) else out_QD)
-    weighted_PD = torch.cat(outs).float() * weight_MK.reshape(-1).index_select(0, pair_P).unsqueeze(1)
-    return x_MD.new_zeros(x_MD.shape, dtype=torch.float32).index_add_(0, row_P, weighted_PD)
+    weighted_QD = torch.cat(outs).float() * weight_ZK.reshape(-1).index_select(0, pair_Q).unsqueeze(1)
+    return x_ZD.new_zeros(x_ZD.shape, dtype=torch.float32).index_add_(0, row_Q, weighted_QD)
 
 
 # -- the dispatch -----------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def rank_once_moe(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.
     """MoE output [S, D] (x's dtype) of the token-once-per-rank dispatch, and its CommVolume.
 
     indices_KS / gates_KS: the gate's sparse routes (physical expert id or -1; combine weights).
-    local_experts: this rank's experts, physical ids rank * L ... rank * L + L - 1.
+    local_experts: this rank's experts, physical ids rank * n ... rank * n + n - 1.
     group: the EP process group; None (or a 1-rank group) runs everything locally.
     valid_S: the tokens the rates average over (default: tokens with at least one route).
     Tokens without routes get zeros, as in DeepSpeed.
@@ -252,7 +252,7 @@ def rank_once_moe(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.
 class RankOncePlan:
     """Where this rank's rows go, with the count exchange already under way (`plan_rank_once`)."""
     hits_SR: torch.Tensor        # token s needs EP rank r
-    token_N: torch.Tensor        # the token of each row sent, grouped by destination rank
+    token_Y: torch.Tensor        # the token of each row sent, grouped by destination rank
     send_counts_R: torch.Tensor
     recv_counts_R: torch.Tensor  # filled once `counts()` has returned
     _pending: object = None
@@ -270,11 +270,11 @@ def plan_rank_once(indices_KS: torch.Tensor, num_local_experts: int, group=None)
     so that whatever the caller computes next overlaps with it."""
     ep_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
     hits_SR = rank_hits(route_ranks(indices_KS, num_local_experts), ep_size)
-    token_N, _, send_counts_R = send_plan(hits_SR)
+    token_Y, _, send_counts_R = send_plan(hits_SR)
     if ep_size == 1:
-        return RankOncePlan(hits_SR, token_N, send_counts_R, send_counts_R)
+        return RankOncePlan(hits_SR, token_Y, send_counts_R, send_counts_R)
     recv_counts_R, pending = start_count_exchange(send_counts_R, group)
-    return RankOncePlan(hits_SR, token_N, send_counts_R, recv_counts_R, pending)
+    return RankOncePlan(hits_SR, token_Y, send_counts_R, recv_counts_R, pending)
 
 
 def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.Tensor,
@@ -294,17 +294,17 @@ def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: t
                          f"{num_experts} experts")
     if plan is None:
         plan = plan_rank_once(indices_KS, num_local, group)
-    token_N = plan.token_N
-    send_x_ND, routes_NX = x_SD.index_select(0, token_N), row_routes(indices_KS, gates_KS, token_N)
+    token_Y = plan.token_Y
+    send_x_YD, routes_YX = x_SD.index_select(0, token_Y), row_routes(indices_KS, gates_KS, token_Y)
     send, recv = plan.counts()
     if ep_size > 1:
-        recv_x_MD, recv_routes_MX = exchange_rows(send_x_ND, routes_NX, send, recv, group)
-        combined_MD = run_local_experts(recv_x_MD, *local_routes(recv_routes_MX, home, num_local), local_experts)
-        back_ND = all_to_all_rows(combined_MD.to(x_SD.dtype), recv, send, group)
+        recv_x_ZD, recv_routes_ZX = exchange_rows(send_x_YD, routes_YX, send, recv, group)
+        combined_ZD = run_local_experts(recv_x_ZD, *local_routes(recv_routes_ZX, home, num_local), local_experts)
+        back_YD = all_to_all_rows(combined_ZD.to(x_SD.dtype), recv, send, group)
     else:
-        back_ND = run_local_experts(send_x_ND, *local_routes(routes_NX, 0, num_local), local_experts)
+        back_YD = run_local_experts(send_x_YD, *local_routes(routes_YX, 0, num_local), local_experts)
 
-    out_SD = x_SD.new_zeros(x_SD.shape, dtype=torch.float32).index_add_(0, token_N, back_ND.float())
+    out_SD = x_SD.new_zeros(x_SD.shape, dtype=torch.float32).index_add_(0, token_Y, back_YD.float())
     volume = partial(_rank_once_comm, send, recv, home, x_SD.shape[1], x_SD.element_size(), indices_KS.shape[0],
                      plan.hits_SR, valid_S)
     return out_SD.to(x_SD.dtype), volume

@@ -74,7 +74,7 @@ def migrate_experts(local_experts: Sequence[nn.Module], physical_E: torch.Tensor
                     group=None, optimizer=None) -> MigrationCost:
     """Move every expert e from physical id `physical_E[e]` to `new_physical_E[e]`, with its optimizer state.
 
-    local_experts: this rank's expert modules (physical ids rank * L ... rank * L + L - 1), all of the
+    local_experts: this rank's expert modules (physical ids rank * n ... rank * n + n - 1), all of the
     same architecture.  group: the EP process group (None: one rank holds every expert).
     optimizer: a torch optimizer whose state tensors shaped like the parameters (Adam's two
     moments) move with them; None moves weights only.  Rows travel with one
@@ -104,14 +104,14 @@ def migrate_experts(local_experts: Sequence[nn.Module], physical_E: torch.Tensor
 
     packed = [_pack(local_experts[int(src_E[e] % num_local)], optimizer, keys) for e in send_rows]
     row_len = packed[0].numel() if packed else _pack(local_experts[0], optimizer, keys).numel()
-    send_XN = torch.stack(packed) if packed else torch.empty(0, row_len)
+    send_EQ = torch.stack(packed) if packed else torch.empty(0, row_len)  # Q = one expert's weights + state, flat
     if ep_size > 1:
-        recv_XN = send_XN.new_empty(sum(recv_counts), row_len)
-        dist.all_to_all_single(recv_XN, send_XN.contiguous(), output_split_sizes=recv_counts,
+        recv_EQ = send_EQ.new_empty(sum(recv_counts), row_len)
+        dist.all_to_all_single(recv_EQ, send_EQ.contiguous(), output_split_sizes=recv_counts,
                                input_split_sizes=send_counts, group=group)
     else:
-        recv_XN = send_XN
-    for row, e in zip(recv_XN, recv_rows):
+        recv_EQ = send_EQ
+    for row, e in zip(recv_EQ, recv_rows):
         _unpack(row, local_experts[int(dst_E[e] % num_local)], optimizer, keys)
 
     moved = int((src_E // num_local != dst_E // num_local).sum())

@@ -31,10 +31,10 @@ class LTDRGate(ModalityGate):
         super().__init__(model_dim, config, ep_group, num_routes=config.ltdr_top_a)
 
     def select(self, probs_SE, inputs, valid_S):
-        top_idx_SA = torch.topk(probs_SE, k=self.config.ltdr_top_a, dim=1).indices
+        top_idx_SO = torch.topk(probs_SE, k=self.config.ltdr_top_a, dim=1).indices
         tail_S = ltdr_tail_tokens(probs_SE, inputs.labels_S, inputs.sample_id_S, valid_S)
-        extra_SA = torch.arange(self.config.ltdr_top_a, device=probs_SE.device).unsqueeze(0) >= self.config.k
-        return torch.where(extra_SA & ~tail_S.unsqueeze(1), torch.full_like(top_idx_SA, -1), top_idx_SA)
+        extra_SO = torch.arange(self.config.ltdr_top_a, device=probs_SE.device).unsqueeze(0) >= self.config.k
+        return torch.where(extra_SO & ~tail_S.unsqueeze(1), torch.full_like(top_idx_SO, -1), top_idx_SO)
 
     def aux_losses(self, probs_SE, routes, inputs, valid_S):
         l_bal = gshard_balance_loss(probs_SE, routes.selected_SE, valid_S & (inputs.labels_S == 0))
