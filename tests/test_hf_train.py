@@ -99,6 +99,7 @@ def test_experts_are_placed_when_the_bins_freeze_and_the_run_reports_like_the_de
     assert "== results (held-out test split)" in proc.stdout and "MLflow run " in proc.stdout
     metrics = json.loads((tmp / "run3" / "metrics.json").read_text())
     assert metrics["zero_stage"] == 0 and metrics["steps"] == 4
+    assert metrics["num_experts"] == 4 and metrics["k"] == 2   # read from the model, not the config defaults
     assert (tmp / "run3" / "expert_modality_heatmap.png").is_file()
     import mlflow
 

@@ -121,8 +121,8 @@ def test_placement_under_zero_2_is_refused_only_when_the_bins_freeze_in_the_run(
 
     cfg = TrainConfig.model_validate({"smoes": {"num_experts": 4, "ep_size": 2, "num_bins": 2, "binning": "adaptive",
                                                 "placement": "bins", "rebin_freeze_step": 100}})
-    zero2 = {"zero_optimization": {"stage": 2}}
-    _check_placement_supported(cfg, zero2, total_steps=99)               # bins never freeze: nothing moves
-    _check_placement_supported(cfg, {"zero_optimization": {"stage": 0}}, total_steps=500)
-    with pytest.raises(ConfigError, match=r"freeze \(step 100 of 100\).*ZeRO stage 0 only"):
-        _check_placement_supported(cfg, zero2, total_steps=100)
+    zero2, s = {"zero_optimization": {"stage": 2}}, cfg.smoes
+    _check_placement_supported(s, zero2, 99, "z2.json")               # bins never freeze: nothing moves
+    _check_placement_supported(s, {"zero_optimization": {"stage": 0}}, 500, "z0.json")
+    with pytest.raises(ConfigError, match=r"freeze \(step 100 of 100\).*ZeRO stage 0 only \(z2.json has stage 2"):
+        _check_placement_supported(s, zero2, 100, "z2.json")

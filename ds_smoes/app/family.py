@@ -49,6 +49,11 @@ class ModelFamily(ABC):
     def build(self, rank: int, log: Callable) -> None:
         """Data and model for this rank (its EP rank's experts only)."""
 
+    @property
+    def smoes(self):
+        """The SMoES settings the model was built with (after `build`)."""
+        return self.cfg.smoes
+
     @abstractmethod
     def describe(self) -> str:
         """One log line: the model, the data and the SMoES settings."""
@@ -58,7 +63,7 @@ class ModelFamily(ABC):
         """The MLflow run name when tracking.run_name does not give one."""
 
     def tags(self) -> dict[str, str]:
-        s = self.cfg.smoes
+        s = self.smoes
         return {"gate": s.gate, "score_type": s.score_type, "num_bins": str(s.num_bins),
                 "seed": str(self.cfg.run.seed), "binning": s.binning}
 

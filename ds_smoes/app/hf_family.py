@@ -123,6 +123,11 @@ class HFFamily(ModelFamily):
         self.collate = partial(collate, pad_id=self.pad_id)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
+    @property
+    def smoes(self):
+        """The config's smoes section with num_experts, k and normalize_topk read from the converted model."""
+        return self.model.smoes
+
     def describe(self) -> str:
         smoes, m = self.model.smoes, self.model
         return (f"hf model: {type(self.hf_model).__name__} ({self.hf_model.config.model_type}), "

@@ -112,8 +112,6 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
     if init_distributed is not None:
         init_distributed()
     world, rank = distributed.world_size(), distributed.rank()
-    s = cfg.smoes
-    ep = s.ep_size
     seed_everything(cfg.run.seed)
     out_dir = Path(cfg.run.output_dir)
     if rank == 0:
@@ -122,6 +120,7 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
 
     family.build(rank, log)
     model = family.model
+    ep = family.smoes.ep_size
     if model.moe_layers() and world % ep:
         raise ConfigError(f"smoes.ep_size={ep} does not divide the number of ranks ({world}): launch "
                           f"`deepspeed --num_gpus {ep} --module ds_smoes.train ...` or set --set smoes.ep_size=1")
@@ -129,7 +128,7 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
     if eval_only:
         total_steps = 0
     engine, ds_config = build_engine(cfg, model, total_steps)
-    _check_placement_supported(cfg, ds_config, total_steps)
+    _check_placement_supported(family.smoes, ds_config, total_steps, cfg.run.deepspeed_config)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     log(f"{family.describe()}; world {world}; {total_steps} steps")
 
@@ -158,7 +157,7 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
         # -- final evaluation on the held-out split -------------------------------------------------
         log("evaluating on the held-out test split ...")
         acc, routing = family.evaluate(model, family.test_set, engine.device, with_routing=True)
-        final.update(_final_figures(acc, routing, figures, cfg, world, zero_stage))
+        final.update(_final_figures(acc, routing, figures, family.smoes, cfg.run.seed, world, zero_stage))
         final.update(family.final_figures())
         final["mlflow_run_id"] = tracker.run_id
         final["mlflow_tracking_uri"] = tracker.tracking_uri if tracker.active else None
@@ -191,9 +190,9 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
     return final
 
 
-def _final_figures(acc: dict, routing, figures: dict, cfg, world: int, zero_stage: int) -> dict:
-    """metrics.json's common entries: accuracy, routing and communication, throughput, the run's settings."""
-    s = cfg.smoes
+def _final_figures(acc: dict, routing, figures: dict, s, seed: int, world: int, zero_stage: int) -> dict:
+    """metrics.json's common entries: accuracy, routing and communication, throughput, the run's settings
+    (`s`: the SMoES settings the model was built with)."""
     return {
         **{k: acc[k] for k in ("acc_multimodal", "acc_language", "acc_overall")},
         "num_test_multimodal": acc["num_multimodal"], "num_test_language": acc["num_language"],
@@ -212,7 +211,7 @@ def _final_figures(acc: dict, routing, figures: dict, cfg, world: int, zero_stag
         "ranks_per_token_physical": routing.mean("ranks_per_token_physical"),
         "cross_rank_rate_per_layer": routing.comm.get("cross_rank_rate", []),
         "gate": s.gate, "score_type": s.score_type, "num_bins": s.num_bins, "num_experts": s.num_experts,
-        "k": s.k, "ep_size": s.ep_size, "world_size": world, "binning": s.binning, "seed": cfg.run.seed,
+        "k": s.k, "ep_size": s.ep_size, "world_size": world, "binning": s.binning, "seed": seed,
         "zero_stage": zero_stage, "final_train_loss": figures["final_loss"],
     }
 
@@ -249,16 +248,15 @@ def _print_summary(final: dict, log: Callable) -> None:
         log(f"  MLflow run {final['mlflow_run_id']}  ({final['mlflow_tracking_uri']})")
 
 
-def _check_placement_supported(cfg, ds_config: dict, total_steps: int) -> None:
+def _check_placement_supported(s, ds_config: dict, total_steps: int, ds_config_path) -> None:
     """Expert placement moves per-parameter Adam state: refuse a run whose bins freeze (and whose experts
-    would then move) under ZeRO stage 1 or 2, before it trains."""
-    s = cfg.smoes
+    would then move) under ZeRO stage 1 or 2, before it trains (`s`: SMoESConfig)."""
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
     if (zero and s.placement == "bins" and s.binning == "adaptive" and s.gate == "smoes" and s.ep_size > 1
             and s.rebin_freeze_step <= total_steps):
         raise ConfigError(f"smoes.placement='bins' moves experts with their Adam state between EP ranks when the bins "
                           f"freeze (step {s.rebin_freeze_step} of {total_steps}), which ds-smoes supports with ZeRO "
-                          f"stage 0 only ({cfg.run.deepspeed_config} has stage {zero}): set smoes.placement=none, "
+                          f"stage 0 only ({ds_config_path} has stage {zero}): set smoes.placement=none, "
                           f"smoes.binning=fixed, or ZeRO stage 0")
 
 
