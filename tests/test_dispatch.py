@@ -8,7 +8,7 @@ from torch import nn
 
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.parallel.dispatch import (CommVolume, local_routes, rank_hits, rank_once_moe, rank_once_volume, route_ranks,
-                               row_routes, send_plan, stock_alltoall_bytes, stock_volume, token_rank_stats)
+                                        row_routes, send_plan, stock_alltoall_bytes, stock_volume, token_rank_stats)
 from ds_smoes.moe.gate import RoutingInputs, SMoESGate
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.core.metrics import routing_comm_stats

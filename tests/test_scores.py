@@ -4,7 +4,7 @@ import math
 import torch
 
 from ds_smoes.core.scores import (GaussianModalityStats, attention_score_update, ema_welford_update,
-                             gaussian_log_likelihood, gaussian_scores, hard_scores)
+                                  gaussian_log_likelihood, gaussian_scores, hard_scores)
 
 
 def test_hard_scores_are_one_hot():

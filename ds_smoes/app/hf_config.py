@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 from ds_smoes.core.config import SMoESConfig, validate
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.app.config import (DataConfig, OptimConfig, RunConfig, TrackingConfig, _resolve_paths, _Section,
-                                   apply_overrides)
+                                 apply_overrides)
 
 
 class HFSection(_Section):

@@ -34,7 +34,7 @@ from ds_smoes.core.losses import bin_kl_band_loss
 from ds_smoes.core.metrics import expert_modality_load, routing_comm_stats
 from ds_smoes.core.placement import counts_to_physical, to_physical
 from ds_smoes.core.routing import (SparseRoutes, assign_slots, bin_limited_topk, capacity_for, finalize_routes,
-                              route_counts)
+                                   route_counts)
 from ds_smoes.core.scores import ReduceFn
 
 
