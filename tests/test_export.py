@@ -39,13 +39,20 @@ def test_placement_then_export_round_trip(tmp_path, digits_dir):
     proc = deepspeed_run(["--module", "ds_smoes.train", "--init-from", str(export), "--eval-only", "--no-mlflow",
                           "--output-json", str(tmp_path / "eval2.json")])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    proc = python_run(["-m", "ds_smoes.train", "--init-from", str(export), "--eval-only", "--no-mlflow",
-                       "--set", "smoes.ep_size=1", "--output-json", str(tmp_path / "eval1.json")])
+    # one process: the export's ep_size (2) becomes the world size (1) by itself
+    proc = python_run(["-m", "ds_smoes.train", "--init-from", str(export), "--eval-only", "--tracking-uri",
+                       f"sqlite:///{db}", "--output-json", str(tmp_path / "eval1.json")])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"evaluation only: no training; the figures go to {export / 'eval' / 'metrics.json'}" in proc.stdout
     eval2 = json.loads((tmp_path / "eval2.json").read_text())
     eval1 = json.loads((tmp_path / "eval1.json").read_text())
+    # the eval run is told apart in MLflow: its own name and a mode tag, and no training figures
+    run = mlflow.MlflowClient(f"sqlite:///{db}").get_run(eval1["mlflow_run_id"])
+    assert run.data.tags["mode"] == "eval" and run.info.run_name.endswith("-eval")
+    assert "tokens_per_s" not in run.data.metrics and "steps" not in run.data.metrics
+    assert mlflow.MlflowClient(f"sqlite:///{db}").get_run(trained["mlflow_run_id"]).data.tags["mode"] == "train"
     for figures in (eval2, eval1):
-        assert figures["steps"] == 0
+        assert not {"steps", "tokens_per_s", "final_train_loss"} & set(figures)
         for key in ("acc_multimodal", "acc_language"):
             assert figures[key] == trained[key], key
         assert figures["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-5)

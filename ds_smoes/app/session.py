@@ -26,10 +26,6 @@ from ds_smoes.app.loop import TrainWindow, resumable_epochs, train_loader
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.parallel import distributed
 
-FINAL_KEYS = ("acc_multimodal", "acc_language", "acc_overall", "msi", "tokens_per_s", "cross_rank_rate",
-              "ranks_per_token")
-
-
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
@@ -118,6 +114,8 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))  # what export reads
 
+    if eval_only:
+        log(f"evaluation only: no training; the figures go to {out_dir / 'metrics.json'}")
     family.build(rank, log)
     model = family.model
     ep = family.smoes.ep_size
@@ -132,9 +130,10 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     log(f"{family.describe()}; world {world}; {total_steps} steps")
 
-    run_name = cfg.tracking.run_name or family.run_name()
+    run_name = cfg.tracking.run_name or family.run_name() + ("-eval" if eval_only else "")
     tracker = Tracker(cfg.tracking.tracking_uri or default_tracking_uri(), cfg.tracking.experiment, run_name,
-                      active=rank == 0 and cfg.tracking.enabled, tags=family.tags(), parent_run_id=parent_run_id)
+                      active=rank == 0 and cfg.tracking.enabled,
+                      tags={**family.tags(), "mode": "eval" if eval_only else "train"}, parent_run_id=parent_run_id)
     resolved = family.resolved_config()
     tracker.log_params({**flatten("", resolved), "world_size": world, "deepspeed.zero_stage": zero_stage})
     tracker.log_dict(resolved, "config.json")
@@ -162,6 +161,9 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
         final["mlflow_run_id"] = tracker.run_id
         final["mlflow_tracking_uri"] = tracker.tracking_uri if tracker.active else None
         final.update(family.export(out_dir, log))
+        if eval_only:   # no training happened: no throughput, steps or training loss to report
+            for key in _TRAINING_KEYS:
+                final.pop(key, None)
         status = "FINISHED"
     finally:
         if status == "FAILED":
@@ -188,6 +190,9 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
         _print_summary(final, log)
     distributed.barrier()
     return final
+
+
+_TRAINING_KEYS = ("steps", "steps_this_run", "tokens_per_s", "train_seconds", "final_train_loss")
 
 
 def _final_figures(acc: dict, routing, figures: dict, s, seed: int, world: int, zero_stage: int) -> dict:
@@ -235,7 +240,8 @@ def _print_summary(final: dict, log: Callable) -> None:
             ("accuracy, overall", f"{final['acc_overall']:.4f}"),
             ("modality specialisation index (MSI)", f"{final['msi']:.4f}  per layer "
              + ", ".join(f"{v:.3f}" for v in final["msi_per_layer"])),
-            ("training throughput", f"{final['tokens_per_s']:.0f} tokens/s (all ranks)"),
+            ("training throughput", f"{final['tokens_per_s']:.0f} tokens/s (all ranks)"
+             if "tokens_per_s" in final else "(evaluation only)"),
             ("cross-rank rate, bins placed on EP ranks", f"{final['cross_rank_rate']:.4f}"),
             ("ranks per token, bins placed on EP ranks", f"{final['ranks_per_token']:.4f}"),
             ("cross-rank rate, where the experts are", f"{final['cross_rank_rate_physical']:.4f}"),

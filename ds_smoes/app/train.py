@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 2 --module ds_smoes.train --config configs/demo.yaml      # 2 ranks, ep_size 2
     python -m ds_smoes.train --config configs/demo.yaml --set smoes.ep_size=1  # one process
-    python -m ds_smoes.train --init-from runs/demo/export --eval-only --set smoes.ep_size=1  # evaluate an export
+    python -m ds_smoes.train --init-from runs/demo/export --eval-only           # evaluate an export (1 process)
 
 Prints progress, evaluates exact-match accuracy separately on multimodal and language-only
 held-out questions, and reports tokens/s, MSI and the routing communication figures; every
@@ -12,6 +12,7 @@ run is logged to MLflow (SQLite store `mlflow.db` in the working directory unles
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             if config is None and args.init_from is not None:  # the export's own config; outputs beside it
                 config = args.init_from / "train_config.json"
                 overrides = [f"run.output_dir={(args.init_from / 'eval').resolve()}", *overrides]
+                if not any(o.split("=", 1)[0].strip() == "smoes.ep_size" for o in overrides):
+                    # an export loads at any ep_size that keeps its bins whole: by default, one rank per process
+                    overrides.insert(0, f"smoes.ep_size={os.environ.get('WORLD_SIZE', '1')}")
             cfg = with_tracking_args(load_train_config(config, overrides), args)
             family = BuiltinFamily(cfg, init_from=args.init_from)
             resume_from = None
