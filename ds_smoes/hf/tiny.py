@@ -2,7 +2,7 @@
 tiny processor (tokenizer, image processor, chat template) and LLaVA-format data.  For trying
 `--hf-model` on a laptop and for the tests (tests/hf_tiny.py re-exports this module).
 
-    python -m ds_smoes.hf.tiny OUT      # OUT/model (a save_pretrained Qwen3-VL-MoE) and OUT/data/data.json
+    python -m ds_smoes.hf.tiny OUT      # OUT/model (a save_pretrained Qwen3-VL-MoE), OUT/data/{train,test}.json
 """
 from __future__ import annotations
 
@@ -141,8 +141,8 @@ def save_tiny_qwen3_vl_moe(out_dir, seed: int = 0):
     return out_dir
 
 
-def write_tiny_llava_data(out_dir, n: int = 16, seed: int = 0):
-    """n LLaVA records (half with an 8x8 image, half language-only) in out_dir/data.json."""
+def write_tiny_llava_data(out_dir, n: int = 16, seed: int = 0, name: str = "data.json"):
+    """n LLaVA records (half with an 8x8 image, half language-only) in out_dir/NAME, images in out_dir/images."""
     import json
 
     import numpy as np
@@ -151,30 +151,33 @@ def write_tiny_llava_data(out_dir, n: int = 16, seed: int = 0):
     rng = np.random.default_rng(seed)
     names = WORDS[9:]
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    stem = Path(name).stem
     records = []
     for i in range(n):
         digit = int(rng.integers(0, 10))
         if i % 2 == 0:
-            Image.fromarray((rng.random((8, 8)) * 255).astype("uint8")).save(out_dir / "images" / f"{i}.png")
-            records.append({"id": str(i), "image": f"images/{i}.png", "conversations": [
+            Image.fromarray((rng.random((8, 8)) * 255).astype("uint8")).save(out_dir / "images" / f"{stem}-{i}.png")
+            records.append({"id": f"{stem}-{i}", "image": f"images/{stem}-{i}.png", "conversations": [
                 {"from": "human", "value": "<image>\nwhich digit is this?"}, {"from": "gpt", "value": names[digit]}]})
         else:
-            records.append({"id": str(i), "conversations": [
+            records.append({"id": f"{stem}-{i}", "conversations": [
                 {"from": "human", "value": f"what is {names[digit]} plus zero ?"},
                 {"from": "gpt", "value": names[digit]}]})
-    (out_dir / "data.json").write_text(json.dumps(records))
-    return out_dir / "data.json"
+    (out_dir / name).write_text(json.dumps(records))
+    return out_dir / name
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ds_smoes.hf.tiny", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="folder to create model/ and data/ in")
-    p.add_argument("--records", type=int, default=16, help="LLaVA records to write (half with an image)")
+    p.add_argument("--records", type=int, default=16, help="training records to write (half with an image); the "
+                                                            "held-out test split gets half as many, drawn apart")
     args = p.parse_args(argv)
     save_tiny_qwen3_vl_moe(args.out / "model")
-    write_tiny_llava_data(args.out / "data", n=args.records)
-    print(f"model: {args.out / 'model'}\ndata:  {args.out / 'data' / 'data.json'}")
+    train = write_tiny_llava_data(args.out / "data", n=args.records, seed=0, name="train.json")
+    test = write_tiny_llava_data(args.out / "data", n=max(2, args.records // 2), seed=1, name="test.json")
+    print(f"model: {args.out / 'model'}\ndata:  {train} (train), {test} (test)")
     return 0
 
 
