@@ -50,3 +50,29 @@ def test_bad_override_and_missing_file(tmp_path):
 def test_demo_config_is_valid():
     cfg = load_train_config(__import__("pathlib").Path(__file__).parents[1] / "configs" / "demo.yaml")
     assert isinstance(cfg, TrainConfig) and cfg.smoes.ep_size == 2
+
+
+def test_unknown_fields_get_the_closest_accepted_names(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim: {epoch: 3}\nsmoes: {score: hard}\n")
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path)
+    text = str(err.value)
+    assert "optim.epoch: unknown field (did you mean 'epochs'?" in text
+    assert "smoes.score: unknown field (did you mean 'score_type'?" in text   # nested section, its own fields
+    with pytest.raises(ConfigError, match=r"smoes.zzzz: unknown field \(check the spelling"):
+        load_train_config(None, ["smoes.zzzz=1"])
+
+
+def test_a_bad_value_from_set_is_blamed_on_the_set_not_the_file(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("smoes: {num_experts: 8, ep_size: 2, num_bins: 2}\noptim: {lr: 0.001}\n")
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path, ["smoes.num_bins=3", "optim.lr=-1"])
+    lines = str(err.value).splitlines()
+    assert any(l.strip().startswith("smoes:") and "[from --set smoes.num_bins=3]" in l for l in lines), lines
+    assert any(l.strip().startswith("optim.lr:") and l.endswith("[from --set optim.lr=-1]") for l in lines), lines
+    path.write_text("optim: {lr: -1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path, ["optim.epochs=2"])
+    assert "optim.lr: Input should be greater than 0" in str(err.value) and "--set" not in str(err.value)

@@ -78,6 +78,19 @@ def test_malformed_json_reports_line_and_column(tmp_path: Path) -> None:
         load_llava_json(path, tmp_path)
 
 
+def test_truncated_json_says_so_and_keeps_the_position(tmp_path: Path) -> None:
+    path = tmp_path / "cut.json"
+    path.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "wha')
+    with pytest.raises(DatasetError) as err:
+        load_llava_json(path, tmp_path)
+    assert ("cut.json: invalid JSON at line 1, column 59: Unterminated string (the text ends early: is the file "
+            "truncated?) -- fix the file") in str(err.value)
+    path.write_text('[{"id": "a",, "conversations": []}]')   # a mistake in the middle is not called truncation
+    with pytest.raises(DatasetError) as err:
+        load_llava_json(path, tmp_path)
+    assert "column 13: Expecting property name enclosed in double quotes -- fix" in str(err.value)
+
+
 def test_malformed_jsonl_reports_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"conversations": qa()}) + "\n" + '{"conversations": \n')
@@ -96,7 +109,7 @@ def test_missing_image(tmp_path: Path) -> None:
     message = str(info.value)
     assert message == (
         f"{path}: record 1 (id 'x'): image 'images/9.png' not found under '{tmp_path / 'data'}' "
-        "-- check --image-folder or the record's \"image\" field"
+        "-- check data.image_folder or the record's \"image\" field"
     )
 
 

@@ -55,3 +55,14 @@ def test_hf_train_config(tmp_path):
         load_hf_train_config(path, [], "m")
     with pytest.raises(ConfigError, match="hf.mode"):
         load_hf_train_config(None, ["hf.mode=sideways"], "m")
+
+
+def test_a_missing_hf_model_is_reported_as_not_found(tmp_path):
+    from ds_smoes.core.errors import ConfigError
+    from ds_smoes.hf.load import load_hf_model
+
+    with pytest.raises(ConfigError, match=r"--hf-model .*nope: not found \(give a save_pretrained directory"):
+        load_hf_model(str(tmp_path / "nope"))
+    (tmp_path / "weights.bin").write_text("x")
+    with pytest.raises(ConfigError, match=r"expected a save_pretrained directory or a config \.json file"):
+        load_hf_model(str(tmp_path / "weights.bin"))

@@ -79,7 +79,17 @@ def test_config_errors_exit_2_with_message(tmp_path, override, needles):
 def test_ep_size_larger_than_world(tmp_path, digits_dir):
     cfg = write_config(tmp_path, digits_dir)
     proc = python_run(["-m", "ds_smoes.train", "--config", str(cfg), "--no-mlflow"])
-    _fails_cleanly(proc, "smoes.ep_size=2 does not divide the number of ranks (1)", "deepspeed --num_gpus 2")
+    _fails_cleanly(proc, "smoes.ep_size=2 does not divide the number of ranks (1)",
+                   "deepspeed --num_gpus 2 --module ds_smoes.train")   # the launcher's spelling of -m
+
+
+@pytest.mark.slow
+def test_a_config_error_under_the_launcher_is_printed_once():
+    proc = deepspeed_run(["--module", "ds_smoes.train", "--config", str(ROOT / "configs" / "demo.yaml"),
+                          "--set", "smoes.num_binz=4", "--no-mlflow"], timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: invalid") == 1, proc.stderr[-3000:]
+    assert "did you mean 'num_bins'?" in proc.stderr and "[from --set smoes.num_binz=4]" in proc.stderr
 
 
 @pytest.mark.parametrize("damage, needles", [

@@ -134,4 +134,4 @@ def load_train_config(path: Path | None, overrides: list[str] | None = None) -> 
                                  "a mapping of sections (data, model, smoes, optim, tracking, run)")
         data = _resolve_paths(data, path.parent)
     data = apply_overrides(data, overrides or [])
-    return validate(TrainConfig, data, source=str(path) if path else "config")
+    return validate(TrainConfig, data, source=str(path) if path else "config", overrides=overrides or [])

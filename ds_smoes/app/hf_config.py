@@ -74,4 +74,4 @@ def load_hf_train_config(path: Path | None, overrides: list[str] | None, hf_mode
         data["hf"] = hf
     data = apply_overrides(data, overrides or [])
     data.setdefault("hf", {})["model"] = str(hf_model)
-    return validate(HFTrainConfig, data, source=str(path) if path else "config")
+    return validate(HFTrainConfig, data, source=str(path) if path else "config", overrides=overrides or [])

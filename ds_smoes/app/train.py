@@ -62,10 +62,12 @@ def with_tracking_args(cfg, args: argparse.Namespace):
 
 
 def report_error(err: SMoESError) -> int:
-    """Print a user-fixable error once (on rank 0), without a traceback; the exit status is 2."""
+    """Print a user-fixable error once (on rank 0), without a traceback; the exit status is 2.  An error
+    raised before the process group exists (a bad config) reads the rank the launcher gave the process."""
     from ds_smoes.parallel import distributed
 
-    if distributed.rank() == 0:
+    rank = distributed.rank() if distributed.is_distributed() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
         print(f"error: {err}", file=sys.stderr, flush=True)
     return 2
 

@@ -6,6 +6,8 @@ says what to change, so nothing deeper in the stack has to re-check it.
 """
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -165,21 +167,43 @@ class SMoESConfig(_Strict):
         return self.num_bins // self.ep_size
 
 
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
-    """Turn a pydantic error into lines a user can act on: `field.path: what is wrong`."""
+def _fields_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The field names of the (nested) pydantic model at `loc` of `model` ([] where there is none)."""
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model is not None else []
+
+
+def format_validation_error(err: ValidationError, source: str = "config", model: type[BaseModel] | None = None,
+                            overrides: Sequence[str] = ()) -> str:
+    """Turn a pydantic error into lines a user can act on: `field.path: what is wrong`.
+
+    With `model`, an unknown field gets the closest accepted names ("did you mean"); a line whose field
+    came from an `overrides` entry (`--set section.field=value`) names that entry, not the file."""
     lines = [f"invalid {source}:"]
+    set_keys = {o.split("=", 1)[0].strip(): o.strip() for o in overrides if "=" in o}
     for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        loc = tuple(str(p) for p in item["loc"])
+        where = ".".join(loc) or "(top level)"
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see README for the accepted fields)"
+            close = difflib.get_close_matches(loc[-1], _fields_at(model, loc[:-1]), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "check the spelling"
+            msg = f"unknown field ({hint} README lists the accepted fields)"
+        # the --set entries that set this field, or (for a section-level check) a field of this section
+        given = [o for key, o in set_keys.items() if key == where or (key.startswith(where + ".") and loc)]
+        if given:
+            msg += f"  [from --set {', --set '.join(given)}]"
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 
 
-def validate(model: type[BaseModel], data: dict, source: str = "config"):
-    """Validate `data` as `model`, raising ConfigError with a readable message on failure."""
+def validate(model: type[BaseModel], data: dict, source: str = "config", overrides: Sequence[str] = ()):
+    """Validate `data` as `model`, raising ConfigError with a readable message on failure (`overrides`:
+    the `--set` entries applied to `data`, which the message names where a failing field came from one)."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, model, overrides)) from None

@@ -92,7 +92,7 @@ def _read_records(json_path: Path) -> list[Any]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise DatasetError(
-                    f"{json_path}: invalid JSON at line {line_no}, column {exc.colno}: {exc.msg} "
+                    f"{json_path}: invalid JSON at line {line_no}, column {exc.colno}: {_json_problem(exc)} "
                     "-- fix that line (each line of a .jsonl file must be one complete JSON object)"
                 ) from exc
     else:
@@ -100,7 +100,7 @@ def _read_records(json_path: Path) -> list[Any]:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DatasetError(
-                f"{json_path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} "
+                f"{json_path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {_json_problem(exc)} "
                 "-- fix the file (use a .jsonl suffix if it holds one JSON object per line)"
             ) from exc
         if not isinstance(records, list):
@@ -111,6 +111,15 @@ def _read_records(json_path: Path) -> list[Any]:
     if not records:
         raise DatasetError(f"{json_path}: contains no records -- add at least one LLaVA record")
     return records
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """json's message without its dangling "starting at" (the position is given beside it), and a
+    word on truncation when the error is at the end of the text."""
+    msg = exc.msg.removesuffix(" starting at").removesuffix(" at")
+    if exc.pos >= len(exc.doc.rstrip()) - 1 or msg.startswith("Unterminated"):
+        msg += " (the text ends early: is the file truncated?)"
+    return msg
 
 
 def _parse_record(raw: Any, index: int, json_path: Path, image_folder: Path) -> Sample:
@@ -168,7 +177,7 @@ def _parse_record(raw: Any, index: int, json_path: Path, image_folder: Path) -> 
         if not image_path.is_file():
             raise DatasetError(
                 f"{where}: image {image!r} not found under '{image_folder}' -- "
-                'check --image-folder or the record\'s "image" field'
+                'check data.image_folder or the record\'s "image" field'
             )
 
     answer = texts[-1].strip()

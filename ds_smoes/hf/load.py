@@ -36,6 +36,9 @@ def load_hf_model(spec: str, attn_implementation: str = "sdpa", seed: int = 0):
         config = AutoConfig.for_model(**data)
         torch.manual_seed(seed)
         return AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation), path.parent
+    if not path.exists():
+        raise ConfigError(f"--hf-model {spec}: not found (give a save_pretrained directory or a config .json file; "
+                          f"relative paths are from {Path.cwd()})")
     raise ConfigError(f"--hf-model {spec}: expected a save_pretrained directory or a config .json file")
 
 
