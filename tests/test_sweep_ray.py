@@ -58,10 +58,13 @@ def check_finished_child(store, run, steps=20):
 @pytest.fixture(scope="module")
 def isolation(small):
     """Three trials, two at a time: t00 loses a worker after epoch 1 (Ray Train restarts the group
-    from the epoch-1 checkpoint), t01 trains normally, t02 has an invalid config (3 bins, ep_size 2)."""
+    from the epoch-1 checkpoint), t01 trains normally, t02 fails when it runs: its batch is larger than its
+    data, which only the workers find out (a config that does not validate stops the sweep before it starts,
+    test_sweep_spec.py)."""
     folder, _, base = small
     spec = write_sweep(folder, base, "isolation", grid={"smoes.score_type": ["attention", "gaussian"]},
-                       trials=[{"smoes.num_bins": 3}], inject_crash={"trial": 0, "after_epoch": 1, "rank": 1},
+                       trials=[{"optim.micro_batch_size": 100000}],
+                       inject_crash={"trial": 0, "after_epoch": 1, "rank": 1},
                        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2})
     uri = f"sqlite:///{folder / 'isolation.db'}"
     t0 = time.time()
@@ -79,8 +82,8 @@ def test_failing_trial_is_recorded_and_the_others_finish(isolation):
     assert "2 finished, 1 failed" in proc.stdout, tail(proc)
     assert set(runs) == {"t00", "t01", "t02"}
     assert runs["t02"].status == "FAILED"
-    assert "num_bins=3 is not a multiple of ep_size=2" in runs["t02"].tags["sweep.error"]
-    assert runs["t02"].tags["num_bins"] == "3" and runs["t02"].tags["mlflow.parentRunId"] == parent.run_id
+    assert "do not fill one batch of optim.micro_batch_size=100000" in runs["t02"].tags["sweep.error"]
+    assert runs["t02"].tags["mlflow.parentRunId"] == parent.run_id
     assert runs["t00"].status == "FINISHED" and runs["t01"].status == "FINISHED"
 
 
@@ -109,14 +112,14 @@ def test_parent_run_holds_the_comparison(isolation, tmp_path):
             "msi_per_layer.png", "sweep.yaml", "trials.json"} <= artifacts
     csv_text = Path(store.client.download_artifacts(parent.run_id, "comparison.csv", str(tmp_path))).read_text()
     lines = csv_text.strip().splitlines()
-    assert len(lines) == 4 and lines[0].startswith("trial,smoes.score_type,smoes.num_bins,status,acc_multimodal")
-    assert lines[3].startswith("t02,,3,FAILED")
+    assert len(lines) == 4 and lines[0].startswith("trial,smoes.score_type,optim.micro_batch_size,status,acc_multimodal")
+    assert lines[3].startswith("t02,,100000,FAILED")
     # the report command reads the same table back from MLflow alone
     rep = sweep(["report", parent.tags["sweep.id"], "--tracking-uri", store.tracking_uri], timeout=120)
     assert rep.returncode == 0, tail(rep)
     for tid in ("t00", "t01", "t02"):
         assert f"| {tid} " in rep.stdout
-    assert "mean and spread" in rep.stdout and "num_bins=3 is not a multiple" in rep.stdout
+    assert "mean and spread" in rep.stdout and "do not fill one batch" in rep.stdout
 
 
 # -- every gate through the sweep ------------------------------------------------------------------------

@@ -126,7 +126,10 @@ def parse_override(item: str, example: str) -> tuple[str, Any]:
     return key.strip(), _parse_value(value)
 
 
-def load_train_config(path: Path | None, overrides: list[str] | None = None) -> TrainConfig:
+def load_train_config(path: Path | None, overrides: list[str] | None = None, origin: str = "--set",
+                      source: str | None = None) -> TrainConfig:
+    """The validated config of file `path` (None: the defaults) with `overrides` (`section.field=value`) applied.
+    A ConfigError names `source` (default: the file) and, for a field an override set, `origin` and the entry."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -134,4 +137,5 @@ def load_train_config(path: Path | None, overrides: list[str] | None = None) -> 
                                  "a mapping of sections (data, model, smoes, optim, tracking, run)")
         data = _resolve_paths(data, path.parent)
     data = apply_overrides(data, overrides or [])
-    return validate(TrainConfig, data, source=str(path) if path else "config", overrides=overrides or [])
+    return validate(TrainConfig, data, source=source or (str(path) if path else "config"), overrides=overrides or [],
+                    origin=origin)

@@ -7,6 +7,7 @@ says what to change, so nothing deeper in the stack has to re-check it.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -177,11 +178,12 @@ def _fields_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
 
 
 def format_validation_error(err: ValidationError, source: str = "config", model: type[BaseModel] | None = None,
-                            overrides: Sequence[str] = ()) -> str:
+                            overrides: Sequence[str] = (), origin: str = "--set") -> str:
     """Turn a pydantic error into lines a user can act on: `field.path: what is wrong`.
 
     With `model`, an unknown field gets the closest accepted names ("did you mean"); a line whose field
-    came from an `overrides` entry (`--set section.field=value`) names that entry, not the file."""
+    came from an `overrides` entry (`--set section.field=value`; `origin` says where they came from) names
+    that entry, not the file.  A value outside a fixed set of choices gets the closest choice too."""
     lines = [f"invalid {source}:"]
     set_keys = {o.split("=", 1)[0].strip(): o.strip() for o in overrides if "=" in o}
     for item in err.errors():
@@ -192,18 +194,24 @@ def format_validation_error(err: ValidationError, source: str = "config", model:
             close = difflib.get_close_matches(loc[-1], _fields_at(model, loc[:-1]), n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "check the spelling"
             msg = f"unknown field ({hint} README lists the accepted fields)"
+        elif item["type"] == "literal_error" and isinstance(item.get("input"), str):
+            choices = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
+            close = difflib.get_close_matches(item["input"], choices, n=1, cutoff=0.6)
+            if close:
+                msg += f" (got {item['input']!r}; did you mean {close[0]!r}?)"
         # the --set entries that set this field, or (for a section-level check) a field of this section
         given = [o for key, o in set_keys.items() if key == where or (key.startswith(where + ".") and loc)]
         if given:
-            msg += f"  [from --set {', --set '.join(given)}]"
+            msg += f"  [from {origin} {', '.join(given)}]"
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 
 
-def validate(model: type[BaseModel], data: dict, source: str = "config", overrides: Sequence[str] = ()):
+def validate(model: type[BaseModel], data: dict, source: str = "config", overrides: Sequence[str] = (),
+             origin: str = "--set"):
     """Validate `data` as `model`, raising ConfigError with a readable message on failure (`overrides`:
     the `--set` entries applied to `data`, which the message names where a failing field came from one)."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source, model, overrides)) from None
+        raise ConfigError(format_validation_error(err, source, model, overrides, origin)) from None

@@ -93,6 +93,14 @@ def start_sweep(sweep_file: Path, overrides: list[str] | None = None, address: s
             update={"max_concurrent_trials": max_concurrent})})
     trials = spec.expand()
     bad = precheck(spec, trials)
+    if bad:   # nothing has started yet: no Ray, no MLflow run, no files
+        lines = [f"{sweep_file}: {len(bad)} of {len(trials)} trials do not validate, so the sweep was not started:"]
+        for t in trials:
+            if t["id"] in bad:
+                lines += [f"  {t['name']}:"] + [f"    {l.strip()}" for l in bad[t["id"]].splitlines()[1:] or
+                                                 bad[t["id"]].splitlines()]
+        raise ConfigError("\n".join(lines) + "\nfix those values in the sweep file (grid, trials or overrides) or "
+                          "the --set that gave them")
     sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(storage or default_storage()).resolve()
     sweep_dir = storage / sweep_id
@@ -103,9 +111,8 @@ def start_sweep(sweep_file: Path, overrides: list[str] | None = None, address: s
 
     log(f"sweep {sweep_id}: {len(trials)} trials over {', '.join(spec.axes)}")
     for t in trials:
-        log(f"  {t['name']}" + (f"   <- invalid, will be recorded as failed: {bad[t['id']].splitlines()[-1].strip()}"
-                                if t["id"] in bad else ""))
-    _prepare_data(spec, [t for t in trials if t["id"] not in bad], log)
+        log(f"  {t['name']}")
+    _prepare_data(spec, trials, log)
 
     store = SweepStore(uri)
     params = {"sweep.axes": json.dumps(spec.axes), "sweep.num_trials": len(trials),

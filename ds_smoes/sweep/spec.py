@@ -16,8 +16,10 @@
 
 Any dotted field of `TrainConfig` may be an axis (`smoes.gate`, `optim.lr`, ...): the field
 paths are checked against the config models here, so a typo fails before anything starts.
-Values are checked per trial: a trial whose values do not fit (say num_bins=3 with ep_size=2)
-runs, fails at once and is recorded as failed, without stopping the others.
+Values are checked per trial before anything starts: a trial whose values do not fit (say num_bins=3
+with ep_size=2, or an unknown gate) stops the sweep with one message naming the sweep file, the trial
+and the field (exit 2), before Ray or MLflow is touched.  A trial that fails while it runs (its data
+does not fill a batch, a worker crashes past max_failures) is recorded as failed, without stopping the others.
 
 No Ray and no MLflow here.
 """
@@ -190,11 +192,14 @@ def trial_config(spec: SweepSpec, trial: dict, fixed: dict[str, Any] | None = No
     """The trial's validated TrainConfig: base config, then the sweep's overrides, the trial's
     values and `fixed` (what the sweep decides: run names, output folders, tracking)."""
     items = {**spec.overrides, **trial["values"], **(fixed or {})}
-    return load_train_config(spec.base_config, [f"{k}={json.dumps(v)}" for k, v in items.items()])
+    return load_train_config(spec.base_config, [f"{k}={json.dumps(v)}" for k, v in items.items()],
+                             origin="the sweep:", source=f"config of trial {trial['name']} ({spec.base_config.name} + "
+                                                        "the sweep's values)")
 
 
 def precheck(spec: SweepSpec, trials: list[dict]) -> dict[str, str]:
-    """{trial id: error} for the trials whose config does not validate (they will fail when run)."""
+    """{trial id: error} for the trials whose config does not validate (`start_sweep` starts nothing while any
+    is listed)."""
     bad = {}
     for trial in trials:
         try:
