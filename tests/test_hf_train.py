@@ -70,6 +70,10 @@ def test_trains_with_expert_parallelism_logs_to_mlflow_and_exports(trained):
     with torch.no_grad():
         assert torch.isfinite(back(**batch).logits).all()
     assert (export / "tokenizer.json").is_file() and (export / "chat_template.jinja").is_file()
+    from transformers import AutoImageProcessor, AutoTokenizer   # what README says loads here
+
+    assert AutoTokenizer.from_pretrained(export).pad_token is not None
+    assert type(AutoImageProcessor.from_pretrained(export)).__name__.startswith("Qwen2VLImageProcessor")
 
 
 def test_resumed_run_restores_every_weight_from_the_checkpoint(trained):
