@@ -10,6 +10,7 @@ every family:
 """
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
@@ -69,8 +70,6 @@ class ModelFamily(ABC):
 
     def resolved_config(self) -> dict:
         """The config as logged (params, config.json) and written beside the run."""
-        import json
-
         return json.loads(self.cfg.model_dump_json())
 
     @abstractmethod

@@ -7,6 +7,7 @@ tracking are the session's (`ds_smoes.app.session`), as for the built-in model.
 """
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -145,8 +146,6 @@ class HFFamily(ModelFamily):
                 "hf.mode": "upcycle" if self.model.upcycled else "convert"}
 
     def resolved_config(self) -> dict:
-        import json
-
         resolved = super().resolved_config()
         resolved["smoes"] = json.loads(self.model.smoes.model_dump_json())  # num_experts, k from the model
         return resolved
