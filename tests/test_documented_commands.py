@@ -48,8 +48,16 @@ def fenced_bash(text: str):
 
 
 def command_lines(text: str):
+    """The command lines of a shell snippet, continuations joined, with the values of the snippet's own
+    `NAME=value` lines (and $PWD) put in for $NAME."""
+    shell_vars = {"PWD": str(ROOT)}
     for line in re.sub(r"\\\n\s*", " ", text).splitlines():
         s = line.strip()
+        assignments = re.findall(r"(?:^|\s)([A-Z_]+)=(\S+)", s.split("#")[0])
+        if assignments and re.fullmatch(r"(\s*[A-Z_]+=\S+)+\s*", s.split("#")[0]):
+            shell_vars.update(assignments)
+            continue
+        s = re.sub(r"\$(\w+)", lambda m: shell_vars.get(m.group(1), m.group(0)), s)
         words = s.split()
         if PROGRAM.match(s + " ") and " -c " not in s and not (len(words) < 3 and "python" in words[0]):
             yield s   # (a bare "python -m" in prose names no command)
@@ -116,7 +124,7 @@ def ray_parses(argv: list[str]) -> None:
     import click
     from ray.scripts.scripts import cli
 
-    cmd, args, name = cli, [a for a in argv if not a.startswith(">")], "ray"
+    cmd, args, name = cli, list(argv), "ray"
     while isinstance(cmd, click.Group):
         name = args.pop(0)
         cmd = cmd.get_command(click.Context(cli), name)
@@ -138,6 +146,10 @@ def check_files(tokens: list[str]) -> None:
 def check(command: str) -> None:
     command = re.sub(r"\s\[[^\]]*\]", "", command)           # optional parts
     tokens = [t for t in shlex.split(command, comments=True) if t not in ("...", "…")]   # "and the rest"
+    for i, tok in enumerate(tokens):   # the command ends where the shell's redirections or operators begin
+        if re.match(r"^(\d?>|>|\||&|;)", tok):
+            tokens = tokens[:i]
+            break
     while tokens and re.match(r"^[A-Z_]+=", tokens[0]):       # VAR=value prefixes
         tokens.pop(0)
     program = Path(tokens[0]).name
