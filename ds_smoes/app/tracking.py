@@ -2,7 +2,7 @@
 
 Default store: a SQLite file `mlflow.db` in the working directory, addressed by an absolute
 URI so every process (DeepSpeed ranks, Ray workers) talks to the same store.  Open the UI with
-`mlflow ui --backend-store-uri sqlite:///ABSOLUTE/PATH/mlflow.db`.
+`mlflow ui --backend-store-uri sqlite:///ABSOLUTE/PATH/mlflow.db --workers 1` (`make mlflow-ui`).
 """
 from __future__ import annotations
 

@@ -280,6 +280,6 @@ def _conclude(store, ctx: dict, trials: list[dict], grid, t0: float, log: Callab
     else:
         store.finish(parent, "FINISHED" if finished else "FAILED")
     log(f"\nMLflow: parent run {parent}, experiment {ctx['experiment']!r}; open the UI with\n"
-        f"  mlflow ui --backend-store-uri {ctx['tracking_uri']}")
+        f"  mlflow ui --backend-store-uri {ctx['tracking_uri']} --host 127.0.0.1 --port 5000 --workers 1")
     return SweepOutcome(ctx["sweep_id"], Path(ctx["sweep_dir"]), parent, ctx["tracking_uri"], finished, failed,
                         unfinished, table, wall)
