@@ -60,7 +60,10 @@ def init_ray(address: str | None, local_cpus: int, log: Callable) -> None:
     package_root = str(Path(__file__).resolve().parents[2])
     pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     log(f"ray: starting a local Ray in this process ({local_cpus} logical CPUs on {os.cpu_count()} cores)")
-    ray.init(num_cpus=local_cpus, log_to_driver=True,
+    # address="local": a new Ray, always.  With no address, ray.init connects to the cluster that the last
+    # `ray start` on this machine recorded in /tmp/ray/ray_current_cluster, even when that head has since
+    # been stopped by a signal (the file stays): the sweep then failed to start.
+    ray.init(address="local", num_cpus=local_cpus, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
 

@@ -1,0 +1,29 @@
+"""Where a sweep's Ray comes from (no Ray is started here: `ray.init` is replaced by a recorder)."""
+import pytest
+
+from ds_smoes.sweep import driver
+
+
+@pytest.fixture
+def recorded_init(monkeypatch):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return calls
+
+
+def test_without_an_address_the_sweep_starts_its_own_local_ray(recorded_init):
+    # not the cluster /tmp/ray/ray_current_cluster names (a head stopped by a signal leaves that file behind)
+    driver.init_ray(None, 9, lambda *a: None)
+    assert recorded_init[0]["address"] == "local" and recorded_init[0]["num_cpus"] == 9
+
+
+def test_an_address_or_ray_address_connects_to_that_cluster(recorded_init, monkeypatch):
+    driver.init_ray("127.0.0.1:6390", 9, lambda *a: None)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8290")
+    driver.init_ray(None, 9, lambda *a: None)
+    assert [c["address"] for c in recorded_init] == ["127.0.0.1:6390", "http://127.0.0.1:8290"]
+    assert all("num_cpus" not in c for c in recorded_init)
