@@ -1,5 +1,7 @@
 """Token-once-per-rank dispatch: the plan and its bytes by hand, parity with DeepSpeed's MOELayer
-on one process, and forward + backward on 2 real gloo ranks against a 1-process reference."""
+on one process, and forward + backward on 2 real gloo ranks against a 1-process reference; bf16 rows
+packed with their float32 routes in one exchange, and the dispatch's host-sync budget."""
+import copy
 import json
 
 import pytest
@@ -7,8 +9,11 @@ import torch
 from torch import nn
 
 from ds_smoes.core.config import SMoESConfig
-from ds_smoes.parallel.dispatch import (CommVolume, local_routes, rank_hits, rank_once_moe, rank_once_volume, route_ranks,
-                                        row_routes, send_plan, stock_alltoall_bytes, stock_volume, token_rank_stats)
+from ds_smoes.core.host_syncs import count_host_syncs
+from ds_smoes.parallel.dispatch import (INDEX_BYTES, WEIGHT_BYTES, CommVolume, exchange_rows, expert_pair_counts,
+                                        local_routes, pack_rows, plan_rank_once, rank_hits, rank_once_dispatch,
+                                        rank_once_moe, rank_once_volume, route_ranks, row_routes, send_order, send_plan,
+                                        stock_alltoall_bytes, stock_volume, token_rank_stats, unpack_rows)
 from ds_smoes.moe.gate import RoutingInputs, SMoESGate
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.core.metrics import routing_comm_stats
@@ -225,3 +230,178 @@ def test_rank_once_on_two_gloo_ranks_matches_one_process_reference(tmp_path):
             assert report["ltdr_variable_k"]["max_routes"] == 3  # a tail token used a = 3 experts
     padded = json.loads((tmp_path / "rank1.json").read_text())["rank1_only_padding"]
     assert padded["num_tokens"] == 0 and padded["dispatch_bytes"] == 0 and padded["combine_bytes"] > 0
+
+
+# -- rows packed with their float32 routes, whatever the rows' dtype -------------------------------------------
+def _float32_from_bits(bits: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+# float32 routes whose 16-bit halves read as bf16 NaN (0x7FC1, 0x7FC0), -inf (0xFF80) and subnormals (0x0001)
+ODD_BITS_YX = [[0x3F807FC1, 0x7FC00001], [0xFF800001 - 2**32, 0x00010000]]
+
+
+def test_send_order_needs_no_host_read_and_starts_with_the_send_plan():
+    hits_SR = rank_hits(route_ranks(INDICES_KS, num_local_experts=2), ep_size=2)
+    with count_host_syncs() as syncs:
+        token_Q, rank_Q, send_counts_R = send_order(hits_SR)
+    assert syncs.total == 0
+    # Q = 2 ranks x 5 tokens: the 5 rows (rank 0: t0 t1; rank 1: t1 t2 t3), then the 5 pairs not sent in the
+    # same rank-major order (rank 0: t2 t3 t4; rank 1: t0 t4)
+    assert token_Q.tolist() == [0, 1, 1, 2, 3, 2, 3, 4, 0, 4]
+    assert rank_Q.tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 1, 1] and send_counts_R.tolist() == [2, 3]
+    token_Y, rank_Y, _ = send_plan(hits_SR)
+    assert token_Y.tolist() == token_Q[:5].tolist() and rank_Y.tolist() == rank_Q[:5].tolist()
+    assert send_order(torch.zeros(0, 2, dtype=torch.bool))[0].tolist() == []  # no tokens
+
+
+def test_expert_pair_counts_by_hand():
+    # rank 0 of the hand case gets rows t0 (e0 e1) and t1 (e2 e0: e2 elsewhere) -> local [[0, 1], [-1, 0]]
+    local_ZK = torch.tensor([[0, 1], [-1, 0]])
+    with count_host_syncs() as syncs:
+        pairs_Q = expert_pair_counts(local_ZK, 2)  # Q = 2 local experts + the unused routes
+    assert syncs.total == 0 and pairs_Q.tolist() == [2, 1, 1]  # e0 twice, e1 once, one unused route last
+    assert expert_pair_counts(INDICES_KS, 4).tolist() == [2, 1, 2, 2, 3]  # one process: every expert local
+
+
+@pytest.mark.parametrize("dtype, width", [(torch.float32, D + 2 * 2), (torch.bfloat16, D + 4 * 2),
+                                          (torch.float16, D + 4 * 2)], ids=["float32", "bf16", "fp16"])
+def test_pack_rows_carries_float32_routes_bit_exactly_in_the_rows_dtype(dtype, width):
+    routes_YX = _float32_from_bits(ODD_BITS_YX)  # K = 1: one weight, one id per row
+    routes_YX = torch.cat([routes_YX, torch.tensor([[0.1, 3.0], [1 / 3, -1.0]])], dim=1)[:, [0, 2, 1, 3]]  # K = 2
+    x_YD = torch.randn(2, D).to(dtype)
+    packed_YX = pack_rows(x_YD, routes_YX)
+    assert packed_YX.dtype == dtype and packed_YX.shape == (2, width)
+    # what one packed row really weighs is what the accounting says: D vectors + K ids + K weights (float32 bits)
+    assert width * packed_YX.element_size() == D * x_YD.element_size() + 2 * (INDEX_BYTES + WEIGHT_BYTES)
+    x_back_YD, routes_back_YX = unpack_rows(packed_YX, D)
+    assert torch.equal(x_back_YD, x_YD) and routes_back_YX.dtype == torch.float32
+    assert torch.equal(routes_back_YX.view(torch.int32), routes_YX.view(torch.int32))  # NaN payloads included
+
+
+def _identity_all_to_all(calls: list):
+    """dist.all_to_all_single of one rank (its whole input comes back), recording (dtype, shape) of each call."""
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        calls.append((input.dtype, tuple(input.shape)))
+        output.copy_(input)
+    return all_to_all_single
+
+
+@pytest.mark.parametrize("dtype, width", [(torch.bfloat16, D + 4 * 2), (torch.float16, D + 4 * 2),
+                                          (torch.float32, D + 2 * 2)], ids=["bf16", "fp16", "float32"])
+def test_exchange_rows_is_one_all_to_all_each_way_with_float32_weight_gradients(monkeypatch, dtype, width):
+    calls = []
+    monkeypatch.setattr(torch.distributed, "all_to_all_single", _identity_all_to_all(calls))
+    x_YD = torch.randn(3, D).to(dtype).requires_grad_(True)
+    gates_KS = torch.tensor([[0.6, 0.7, 1 / 3], [0.4, 0.3, 2 / 3]], requires_grad=True)
+    routes_YX = row_routes(torch.tensor([[0, 2, 3], [1, 0, -1]]), gates_KS, torch.arange(3))
+    x_ZD, routes_ZX = exchange_rows(x_YD, routes_YX, [3], [3], group=None)
+    assert calls == [(dtype, (3, width))]  # vectors and routes: ONE exchange
+    assert x_ZD.dtype == dtype and torch.equal(x_ZD, x_YD)
+    assert routes_ZX.dtype == torch.float32 and torch.equal(routes_ZX, routes_YX)
+    # float32 gradient probes that bf16 could not hold (1/3, 1 + 2^-20): they must come back bit for bit
+    probe_ZX = torch.tensor([[1 / 3, 1 + 2**-20], [-1 / 7, 5.0], [2**-30, -0.1]])
+    probe_ZD = torch.randn(3, D).to(dtype)
+    ((x_ZD.float() * probe_ZD.float()).sum() + (routes_ZX[:, :2] * probe_ZX).sum()).backward()
+    assert calls[1:] == [(dtype, (3, width))]  # the backward: one exchange too
+    assert torch.equal(x_YD.grad, probe_ZD)
+    assert torch.equal(gates_KS.grad, probe_ZX.T)  # the weights' gradient is float32, unrounded
+
+
+def test_exchange_rows_supports_double_backward(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "all_to_all_single", _identity_all_to_all([]))
+    x_YD = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16, requires_grad=True)
+    routes_YX = torch.tensor([[0.5, 1.0]], requires_grad=True)
+    x_ZD, routes_ZX = exchange_rows(x_YD, routes_YX, [1], [1], None)
+    (grad_x_YD,) = torch.autograd.grad((x_ZD.float() ** 2).sum() * routes_ZX[0, 0], x_YD, create_graph=True)
+    assert grad_x_YD.tolist() == [[1.0, 2.0]]  # 2 x w with w = 0.5
+    grad_x_YD.float().sum().backward()  # d/dw of sum(2 x w) = 2 (1 + 2)
+    assert routes_YX.grad.tolist() == [[6.0, 0.0]]
+
+
+def _bf16_case():
+    torch.manual_seed(0)
+    experts = [nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D)) for _ in range(4)]
+    x_SD = torch.randn(5, D).bfloat16().float()  # the same input for both precisions
+    return experts, x_SD, torch.linspace(-1, 1, 5 * D).reshape(5, D)
+
+
+def test_bf16_rank_once_matches_the_float32_reference_on_one_process():
+    experts, x_SD, probe_SD = _bf16_case()
+    runs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = x_SD.to(dtype, copy=True).requires_grad_(True)
+        gates = GATES_KS.clone().requires_grad_(True)
+        mine = [copy.deepcopy(e).to(dtype) for e in experts]
+        out, _ = rank_once_moe(x, INDICES_KS, gates, mine, num_experts=4)
+        (out.float() * probe_SD).sum().backward()
+        expert_grads = [p.grad.float() for e in mine for p in e.parameters()]
+        runs.append((out.detach().float(), x.grad.float(), gates.grad, expert_grads, out.dtype))
+    ref, bf16 = runs
+    assert bf16[4] == torch.bfloat16 and torch.equal(bf16[0][4], torch.zeros(D))  # padding token t4: zeros
+    for got, want in zip(bf16[:3], ref[:3]):  # output, x's and the gates' gradients: within bf16 precision
+        assert (got - want).abs().max() <= 2e-2 * max(1.0, float(want.abs().max()))
+    assert float(ref[2][0, 0]) != 0.0 and (bf16[2] == 0).tolist() == (ref[2] == 0).tolist()  # unused routes: 0
+    assert all((g - w).abs().max() <= 2e-2 * max(1.0, float(w.abs().max())) for g, w in zip(bf16[3], ref[3]))
+
+
+# -- host syncs ------------------------------------------------------------------------------------------------
+def test_rank_once_dispatch_reads_the_host_once_on_one_process():
+    """The budget: the send counts and the experts' sizes in ONE read (forward); nothing in the backward.
+    A second read anywhere in the dispatch (a nonzero, a bincount, a .tolist() of its own) fails this."""
+    experts = [nn.Linear(D, D) for _ in range(4)]
+    x = torch.randn(5, D, requires_grad=True)
+    gates = GATES_KS.clone().requires_grad_(True)
+    with count_host_syncs() as syncs:
+        plan = plan_rank_once(INDICES_KS, 4)
+        assert syncs.total == 0  # planning reads nothing
+        out, volume = rank_once_dispatch(x, INDICES_KS, gates, experts, 4, None, VALID_S, plan)
+        forward = syncs.total
+        (out * torch.randn(5, D)).sum().backward()
+    assert forward == 1 and syncs.total == 1, syncs.report()
+    assert dict(syncs.by_op) == {"tolist": 1}
+    assert plan.counts() == ([4], [4]) and plan.expert_sizes() == [2, 1, 2, 2]  # t0..t3; e0 e1 e2 e3 by hand
+    assert plan.token_Y.tolist() == [0, 1, 2, 3]
+    assert volume().num_tokens == 4  # the deferred statistics still work (they may read, on logging steps)
+
+
+def test_the_dispatch_lines_of_a_whole_moe_layer_read_the_host_once():
+    """Through SMoESMoE (gate + dispatch, forward + backward): only one sync comes from dispatch.py; the gate's
+    own syncs are not this module's budget."""
+    layer = _layer("rank_once", k=2)
+    with count_host_syncs() as syncs:
+        _run(layer)
+    mine = {where: n for (op, where), n in syncs.where.items() if "parallel/dispatch.py" in where}
+    assert sum(mine.values()) == 1, syncs.report()
+
+
+@pytest.mark.slow
+def test_bf16_rank_once_on_two_gloo_ranks_packs_routes_into_one_exchange(tmp_path):
+    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "rank_once_bf16.py"), "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hidden, k = 16, 2  # the script's D and K
+    for r in range(2):
+        report = json.loads((tmp_path / f"rank{r}.json").read_text())
+        for case, dtype, tol, width, elem in (("bf16", "torch.bfloat16", 2e-2, hidden + 4 * k, 2),
+                                              ("float32", "torch.float32", 1e-5, hidden + 2 * k, 4)):
+            rep, where = report[case], (r, case)
+            assert rep["out_dtype"] == dtype, where
+            for name in ("out", "x_grad", "gates_grad", "expert_grad"):  # against the float32 single process
+                assert rep[f"{name}_diff"] <= tol * max(1.0, rep[f"{name}_scale"]), (where, name, rep)
+                assert rep[f"{name}_scale"] > 0, (where, name)
+            # forward: the counts, the rows packed with their routes (ONE exchange), the combined vectors;
+            # backward: the combined vectors' and the packed rows' gradients
+            assert [(c[0], c[1][1:]) for c in rep["forward_all_to_all"]] == \
+                [("torch.int64", []), (dtype, [width]), (dtype, [hidden])], where
+            assert [(c[0], c[1][1:]) for c in rep["backward_all_to_all"]] == [(dtype, [hidden]), (dtype, [width])]
+            # host syncs, forward + backward: the send/recv split sizes once, the received rows' expert sizes once
+            assert rep["host_syncs"] == 2, (where, rep["host_syncs_report"])
+            # bytes: the vectors in their dtype; routes K float32 ids + K float32 weights whatever the dtype
+            assert rep["rows_to_other"] > 0
+            assert rep["dispatch_bytes"] == rep["rows_to_other"] * hidden * elem, where
+            assert rep["metadata_bytes"] == 8 + rep["rows_to_other"] * k * (INDEX_BYTES + WEIGHT_BYTES), where
+        # float32 routes whose halves are bf16 NaN / -inf / subnormal patterns cross a real bf16 exchange intact:
+        # rank r receives row r of rank 0 and row r of rank 1 (whose last id is 0x00010000 + its rank)
+        row = ODD_BITS_YX[r]
+        expected = [row, row] if r == 0 else [[row[0], row[1]], [row[0], row[1] + 1]]
+        assert report["route_bits"]["received_bits"] == expected and report["route_bits"]["received_x"] == [0.0, 1.0]

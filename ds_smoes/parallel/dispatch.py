@@ -2,7 +2,7 @@
 
 Shapes (glossary: `ds_smoes/__init__.py`): S tokens on this rank, K routes per token, D hidden, E experts,
 R ranks in the expert-parallel (EP) group, Y (token, rank) rows this rank sends, Z rows it receives,
-X fields of a packed row, Q (row, route) pairs; n = E / R experts per rank.
+X fields of a packed row, Q (row, route) or (rank, token) pairs; n = E / R experts per rank.
 
 Expert ids here are physical: DeepSpeed's expert index, where the weights live.  Expert e is local
 expert e % n of EP rank e // n.  The gate routes in logical ids and maps them to physical ones
@@ -15,19 +15,32 @@ it, sums their gate-weighted outputs and sends back ONE vector per (token, rank)
 sums what comes back.  Three `all_to_all_single` calls with split sizes in the forward:
 
 1. send counts per destination rank (a small int64 tensor; tells every rank what to expect).
-   It is started asynchronously and overlaps with packing the rows;
+   It is started asynchronously (`plan_rank_once`; the layer starts it from inside the gate, so it
+   overlaps with the gate's losses);
 2. the rows: each token vector [Y, D] packed with the token's routes, its K physical expert ids
-   (-1 unused) and K combine weights (these carry the router's gradient), as one float32
-   [Y, D + 2K] tensor (ids are small integers, exact in float32; for other dtypes the vectors
-   travel in their own dtype and the routes in a second, float32, exchange).  A row is the same
-   whatever rank it goes to, so it is gathered once; the receiver keeps the routes to its own
-   experts (`local_routes`) and zeroes the other weights, which sends their gradient back as 0,
+   (-1 unused) and K combine weights (these carry the router's gradient), in ONE tensor of the
+   vectors' dtype.  The routes are float32 (ids are small integers, exact in float32) and travel as
+   their bytes: `pack_rows` reinterprets the [Y, 2K] float32 routes as 8K / element_size columns of
+   the vectors' dtype ([Y, D + 2K] in float32, [Y, D + 4K] in bf16 or fp16), `unpack_rows` recovers
+   them bit-exactly.  The exchange is one autograd function (`exchange_rows`) whose backward sends
+   the float32 gradient of the weights back the same way, so the router's gradient is that of the
+   float32 weights whatever the vectors' dtype.  A row is the same whatever rank it goes to, so it is
+   gathered once; the receiver keeps the routes to its own experts (`local_routes`) and zeroes the
+   other weights, which sends their gradient back as 0,
 3. the combined vectors [Z, D] back to their home rank.
 
 As many collectives as DeepSpeed's stock path (its gate's capacity all-reduce and two
 all-to-alls); the gate skips that all-reduce for rank_once, which needs no common capacity.
 The backward runs the same exchanges in reverse (splits swapped) for the packed rows and the
 combined vectors.  With one EP rank nothing is exchanged.
+
+Host syncs (each stalls a GPU stream; `ds_smoes.core.host_syncs` counts them): only sizes are read on
+the host, the split sizes of the exchanges and how many (row, route) pairs each local expert runs (the
+experts run in a loop over host-sized chunks).  Rows are ordered by a sort and sliced with the row count
+the split sizes give, counts are sums and scatter-adds, so a forward + backward reads the host once with
+one EP rank (send counts and experts' sizes in one read) and twice with several (send and recv counts in
+one read; the experts' sizes of the received rows, known only once they have arrived).  The backward
+reads nothing.
 
 **deepspeed** (the stock `MOELayer`): the capacity-padded [E, C, D] buffer goes through an
 all-to-all twice (dispatch, combine), whatever the routing.
@@ -49,8 +62,8 @@ from torch import nn
 
 from ds_smoes.core.metrics import rank_hit_stats, routes_per_column
 
-INDEX_BYTES = 4   # expert ids travel as float32 (exact for small integers)
-WEIGHT_BYTES = 4  # combine weights travel as float32
+INDEX_BYTES = 4   # expert ids travel as float32 bits (exact for small integers), whatever the vectors' dtype
+WEIGHT_BYTES = 4  # combine weights travel as float32 bits, whatever the vectors' dtype
 COUNT_BYTES = 8   # split sizes travel as int64
 
 
@@ -59,9 +72,9 @@ class CommVolume:
     """What one MoE forward call of one rank sends to the other EP ranks (bytes) and how it routed.
 
     dispatch_bytes / combine_bytes: token vectors sent in the dispatch / combine phase.
-    metadata_bytes: split counts and the per-row routing (K physical expert ids and K gate weights,
-    float32) that rank_once needs besides the vectors; 0 for the stock dispatch, whose slot positions encode
-    the expert (its one-int capacity all-reduce in the gate is left out).
+    metadata_bytes: split counts and the per-row routing (K physical expert ids and K gate weights, float32
+    bits packed into the row whatever its dtype) that rank_once needs besides the vectors; 0 for the stock
+    dispatch, whose slot positions encode the expert (its one-int capacity all-reduce in the gate is left out).
     cross_rank_rate: share of tokens with at least one selected expert on another rank;
     ranks_per_token: mean number of distinct ranks holding a token's selected experts;
     both over `num_tokens` (valid, or else routed, tokens of this rank).
@@ -107,13 +120,28 @@ def rank_hits(route_rank_KS: torch.Tensor, ep_size: int) -> torch.Tensor:
     return routes_per_column(route_rank_KS, None, ep_size) > 0
 
 
+def send_order(hits_SR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (rank, token) pair, the rows to send first, without reading anything on the host.
+
+    Returns (token_Q, rank_Q, send_counts_R), Q = R * S pairs: the first sum(send_counts_R) are the rows this
+    rank sends, grouped by destination rank, tokens ascending inside a group (a stable sort of "not sent"
+    over the rank-major pairs); the pairs not sent follow.  The caller slices with the row count it reads
+    together with the split sizes (`nonzero` would read it on its own)."""
+    num_tokens = hits_SR.shape[0]
+    order_Q = torch.argsort((~hits_SR.T).reshape(-1).to(torch.uint8), stable=True)  # Q = R * S, rank-major
+    return order_Q % max(num_tokens, 1), torch.div(order_Q, max(num_tokens, 1), rounding_mode="floor"), \
+        hits_SR.sum(0).long()
+
+
 def send_plan(hits_SR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows this rank sends, grouped by destination rank, tokens ascending inside a group.
 
     Returns (token_Y, rank_Y, send_counts_R): row n carries token token_Y[n] to rank rank_Y[n].
+    Reads the row count on the host (one sync); the dispatch uses `send_order` and reads it with the split sizes.
     """
-    rank_Y, token_Y = hits_SR.T.nonzero(as_tuple=True)
-    return token_Y, rank_Y, hits_SR.sum(0).long()
+    token_Q, rank_Q, send_counts_R = send_order(hits_SR)
+    num_rows = int(send_counts_R.sum())
+    return token_Q[:num_rows], rank_Q[:num_rows], send_counts_R
 
 
 def row_routes(indices_KS: torch.Tensor, gates_KS: torch.Tensor, token_Y: torch.Tensor) -> torch.Tensor:
@@ -121,6 +149,18 @@ def row_routes(indices_KS: torch.Tensor, gates_KS: torch.Tensor, token_Y: torch.
     expert ids (-1 unused), gathered from the token's routes (differentiable in the weights)."""
     routes_SX = torch.cat([gates_KS.T.float(), indices_KS.T.float()], dim=1)
     return routes_SX.index_select(0, token_Y)
+
+
+def pack_rows(x_YD: torch.Tensor, routes_YX: torch.Tensor) -> torch.Tensor:
+    """packed_YX [Y, D + 8K / element_size] in x's dtype: each vector followed by the bytes of its float32 routes
+    ([Y, 2K]) reinterpreted as x's dtype ([Y, D + 2K] for float32, [Y, D + 4K] for bf16 / fp16).  Bit-exact and
+    not differentiable (a dtype reinterpretation): `exchange_rows` carries the gradient."""
+    return torch.cat([x_YD, routes_YX.float().contiguous().view(x_YD.dtype)], dim=1)
+
+
+def unpack_rows(packed_ZX: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_ZD, routes_ZX float32 [Z, 2K]): the inverse of `pack_rows`, the routes' bits unchanged."""
+    return packed_ZX[:, :hidden], packed_ZX[:, hidden:].contiguous().view(torch.float32)
 
 
 def local_routes(routes_ZX: torch.Tensor, home_rank: int, num_local_experts: int
@@ -195,37 +235,64 @@ def start_count_exchange(send_counts_R: torch.Tensor, group) -> tuple[torch.Tens
     return recv_counts_R, work
 
 
+class _ExchangeRows(torch.autograd.Function):
+    """Vectors and their float32 routes in one all_to_all_single (`pack_rows`), differentiable in both.
+
+    The packed tensor never reaches autograd: nothing can add to its reinterpreted columns (an accumulated
+    gradient would add bf16 numbers that are really halves of float32 ones).  The backward is the same
+    exchange with the splits swapped, the routes' float32 gradient packed the same way, so the weights get
+    exactly the float32 gradient the receiver computed, whatever the vectors' dtype (and double backward works).
+    """
+
+    @staticmethod
+    def forward(ctx, x_YD, routes_YX, send_counts, recv_counts, group):
+        ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
+        return unpack_rows(_exchange(pack_rows(x_YD, routes_YX), send_counts, recv_counts, group), x_YD.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_x_ZD, grad_routes_ZX):
+        grad_x_YD, grad_routes_YX = _ExchangeRows.apply(grad_x_ZD, grad_routes_ZX, ctx.recv_counts, ctx.send_counts,
+                                                        ctx.group)
+        return grad_x_YD, grad_routes_YX, None, None, None
+
+
 def exchange_rows(x_YD: torch.Tensor, routes_YX: torch.Tensor, send_counts: list[int], recv_counts: list[int],
                   group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Send each row's vector and routes; returns the received (x_ZD, routes_ZX), differentiable in x and
-    the weights.  float32 vectors travel packed with their routes in one exchange ([Y, D + 2K]); other dtypes
-    in two."""
-    d = x_YD.shape[1]
-    if x_YD.dtype == torch.float32:
-        recv_ZX = all_to_all_rows(torch.cat([x_YD, routes_YX], dim=1), send_counts, recv_counts, group)
-        return recv_ZX[:, :d], recv_ZX[:, d:]
-    return (all_to_all_rows(x_YD, send_counts, recv_counts, group),
-            all_to_all_rows(routes_YX, send_counts, recv_counts, group))
+    """Send each row's vector and float32 routes in ONE exchange, whatever x's dtype; returns the received
+    (x_ZD in x's dtype, routes_ZX float32), differentiable in x and the weights."""
+    return _ExchangeRows.apply(x_YD, routes_YX.float(), send_counts, recv_counts, group)
 
 
 # -- expert side --------------------------------------------------------------------------------------
+def expert_pair_counts(local_ZK: torch.Tensor, num_local_experts: int) -> torch.Tensor:
+    """[n + 1] int64: how many (row, route) pairs go to each local expert, unused routes (-1) last; a scatter-add,
+    no host sync (`bincount` would size its output on the host)."""
+    key_Q = torch.where(local_ZK >= 0, local_ZK.long(), num_local_experts).reshape(-1)  # Q = Z * K (row, route) pairs
+    return torch.zeros(num_local_experts + 1, dtype=torch.long, device=local_ZK.device).index_add_(
+        0, key_Q, torch.ones_like(key_Q))
+
+
 def run_local_experts(x_ZD: torch.Tensor, local_ZK: torch.Tensor, weight_ZK: torch.Tensor,
-                      experts: Sequence[nn.Module]) -> torch.Tensor:
+                      experts: Sequence[nn.Module], sizes: Sequence[int] | None = None) -> torch.Tensor:
     """combined_ZD (float32): per received row, the gate-weighted sum of its local experts' outputs.
 
     The (row, route) pairs are sorted by local expert, so one gather builds every expert's
     contiguous input and one scatter-add sums the weighted outputs back (as DeepSpeed's padded
     buffer does, without padding).  Every expert runs, on zero rows if nothing reached it, so its
     parameters always get a gradient (zeros rather than None, as with DeepSpeed's padded buffer).
+    sizes: the pairs each local expert gets (`expert_pair_counts(local_ZK, n)[:n]`) when the caller has read
+    them already; else they are read here, the one host sync of this function (the loop needs host sizes).
     """
     num_local, k = len(experts), local_ZK.shape[1]
     key_Q = torch.where(local_ZK >= 0, local_ZK.long(), num_local).reshape(-1)  # Q = Z * K (row, route) pairs; unused routes last
     order_Q = torch.argsort(key_Q, stable=True)
-    sizes = torch.bincount(key_Q, minlength=num_local + 1).tolist()
-    pair_Q = order_Q[:sum(sizes[:num_local])]           # the used (row, route) pairs, grouped by expert
+    if sizes is None:
+        sizes = expert_pair_counts(local_ZK, num_local)[:num_local].tolist()  # host sync: the experts' input sizes
+    sizes = list(sizes[:num_local])
+    pair_Q = order_Q[:sum(sizes)]           # the used (row, route) pairs, grouped by expert
     row_Q = torch.div(pair_Q, k, rounding_mode="floor")
     outs = []
-    for expert, chunk_QD in zip(experts, x_ZD.index_select(0, row_Q).split(sizes[:num_local])):
+    for expert, chunk_QD in zip(experts, x_ZD.index_select(0, row_Q).split(sizes)):
         out_QD = expert(chunk_QD)
         outs.append(out_QD[0] if isinstance(out_QD, tuple) else out_QD)
     weighted_QD = torch.cat(outs).float() * weight_ZK.reshape(-1).index_select(0, pair_Q).unsqueeze(1)
@@ -250,31 +317,59 @@ def rank_once_moe(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.
 
 @dataclass
 class RankOncePlan:
-    """Where this rank's rows go, with the count exchange already under way (`plan_rank_once`)."""
+    """Where this rank's rows go, with the count exchange already under way (`plan_rank_once`).
+
+    Its host values are read together, in one sync, on first use: the send and recv split sizes (the same
+    list with one EP rank) and, with one EP rank, how many (row, route) pairs each expert runs."""
     hits_SR: torch.Tensor        # token s needs EP rank r
-    token_Y: torch.Tensor        # the token of each row sent, grouped by destination rank
+    token_Q: torch.Tensor        # Q = R * S (rank, token) pairs, the rows to send first (`send_order`)
     send_counts_R: torch.Tensor
-    recv_counts_R: torch.Tensor  # filled once `counts()` has returned
+    recv_counts_R: torch.Tensor  # filled once the count exchange is done (`counts()` waits for it)
+    expert_pairs_E: torch.Tensor | None = None  # one EP rank: the (row, route) pairs of each expert
     _pending: object = None
+    _host: tuple | None = None   # (send, recv, expert sizes or None), once read
+
+    def _read(self) -> tuple[list[int], list[int], list[int] | None]:
+        if self._host is None:
+            if self._pending is not None:
+                self._pending.wait()
+                self._pending = None
+            own = self.recv_counts_R is self.send_counts_R  # one EP rank: nothing exchanged, read once
+            parts = [self.send_counts_R, *([] if own else [self.recv_counts_R]),
+                     *([] if self.expert_pairs_E is None else [self.expert_pairs_E])]
+            values = torch.cat(parts).tolist()  # host sync: every size the dispatch needs before its exchange
+            r = self.send_counts_R.shape[0]
+            send, rest = values[:r], values[r:]
+            recv, rest = (send, rest) if own else (rest[:r], rest[r:])
+            self._host = (send, recv, rest if self.expert_pairs_E is not None else None)
+        return self._host
 
     def counts(self) -> tuple[list[int], list[int]]:
-        """(send, recv) split sizes; waits for the count exchange."""
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending = None
-        return self.send_counts_R.tolist(), self.recv_counts_R.tolist()
+        """(send, recv) split sizes; waits for the count exchange (read on the host once, with `expert_sizes`)."""
+        send, recv, _ = self._read()
+        return send, recv
+
+    def expert_sizes(self) -> list[int] | None:
+        """With one EP rank, the (row, route) pairs each expert runs (read with the split sizes); else None."""
+        return self._read()[2]
+
+    @property
+    def token_Y(self) -> torch.Tensor:
+        """The token of each row sent, grouped by destination rank (sliced with the row count the split sizes give)."""
+        return self.token_Q[:sum(self.counts()[0])]
 
 
 def plan_rank_once(indices_KS: torch.Tensor, num_local_experts: int, group=None) -> RankOncePlan:
     """The send plan of the routes `indices_KS` (physical expert ids); starts the count exchange without waiting,
-    so that whatever the caller computes next overlaps with it."""
+    so that whatever the caller computes next overlaps with it.  Reads nothing on the host."""
     ep_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
     hits_SR = rank_hits(route_ranks(indices_KS, num_local_experts), ep_size)
-    token_Y, _, send_counts_R = send_plan(hits_SR)
-    if ep_size == 1:
-        return RankOncePlan(hits_SR, token_Y, send_counts_R, send_counts_R)
+    token_Q, _, send_counts_R = send_order(hits_SR)
+    if ep_size == 1:  # every expert is local: their input sizes are known now and read with the send counts
+        expert_pairs_E = expert_pair_counts(indices_KS, num_local_experts)[:num_local_experts]
+        return RankOncePlan(hits_SR, token_Q, send_counts_R, send_counts_R, expert_pairs_E)
     recv_counts_R, pending = start_count_exchange(send_counts_R, group)
-    return RankOncePlan(hits_SR, token_Y, send_counts_R, recv_counts_R, pending)
+    return RankOncePlan(hits_SR, token_Q, send_counts_R, recv_counts_R, None, pending)
 
 
 def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.Tensor,
@@ -294,15 +389,17 @@ def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: t
                          f"{num_experts} experts")
     if plan is None:
         plan = plan_rank_once(indices_KS, num_local, group)
+    send, recv = plan.counts()  # host sync 1: the split sizes (with one EP rank, the experts' sizes too)
     token_Y = plan.token_Y
     send_x_YD, routes_YX = x_SD.index_select(0, token_Y), row_routes(indices_KS, gates_KS, token_Y)
-    send, recv = plan.counts()
     if ep_size > 1:
         recv_x_ZD, recv_routes_ZX = exchange_rows(send_x_YD, routes_YX, send, recv, group)
+        # host sync 2: the sizes of the received rows' experts, known only once they have arrived
         combined_ZD = run_local_experts(recv_x_ZD, *local_routes(recv_routes_ZX, home, num_local), local_experts)
         back_YD = all_to_all_rows(combined_ZD.to(x_SD.dtype), recv, send, group)
     else:
-        back_YD = run_local_experts(send_x_YD, *local_routes(routes_YX, 0, num_local), local_experts)
+        back_YD = run_local_experts(send_x_YD, *local_routes(routes_YX, 0, num_local), local_experts,
+                                    plan.expert_sizes())
 
     out_SD = x_SD.new_zeros(x_SD.shape, dtype=torch.float32).index_add_(0, token_Y, back_YD.float())
     volume = partial(_rank_once_comm, send, recv, home, x_SD.shape[1], x_SD.element_size(), indices_KS.shape[0],
