@@ -6,6 +6,7 @@ from deepspeed.moe.experts import Experts
 from deepspeed.moe.sharded_moe import MOELayer, TopKGate
 from torch import nn
 
+from ds_smoes.moe.updates import apply_step_updates
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.moe.gate import RoutingInputs, SMoESGate
 from ds_smoes.moe.layer import SMoESMoE
@@ -120,8 +121,11 @@ def test_layer_state_dict_carries_smoes_buffers(score_type):
     assert out.shape == x.shape and torch.isfinite(l_aux)
     keys = set(moe.state_dict())
     assert {"deepspeed_moe.gate.binning.bin_E", "deepspeed_moe.gate.binning.load_ema_ME"} <= keys
+    assert not any("pending" in k for k in keys)  # records between steps are not checkpointed
     if score_type == "gaussian":
         assert {"scorer.mean_MD", "scorer.var_MD"} <= keys
+        assert moe.scorer.count_M.tolist() == [0.0, 0.0]   # recorded, applied at the optimizer step
+        apply_step_updates(moe)
         assert moe.scorer.count_M.tolist() == [6.0, 6.0]
     st = moe.last_routing_stats
     assert st.num_tokens == 12 and st.load_ME.sum() == 24
@@ -181,20 +185,24 @@ def test_samples_without_image_or_text_keep_losses_finite(score_type):
 
 
 def test_adaptive_bins_stop_observing_once_frozen():
-    # Each observed step all-reduces the modality load over the world: once the bins are frozen the
-    # gate skips it, so a long run pays that collective for freeze_step steps only.
+    # Each optimizer step all-reduces the recorded modality loads over the world (one collective for every
+    # layer): once the bins are frozen the gate records nothing and the step reduces nothing, so a long run
+    # pays that collective for freeze_step steps only.
     cfg = SMoESConfig(num_experts=E, k=2, ep_size=1, num_bins=4, score_type="hard", binning="adaptive",
                       rebin_interval=2, rebin_freeze_step=4)
     gate = SMoESGate(D, cfg).train()
     reduced = []
-    gate.reduce_fn = lambda t: reduced.append(t.clone()) or t   # the world sum of one rank: the identity
+    reduce_fn = lambda t: reduced.append(t.clone()) or t   # noqa: E731  (the world sum of one rank: the identity)
     labels = torch.tensor([0, 1] * (S // 2))
     for _ in range(7):
         gate.set_routing_inputs(_inputs(labels))
         gate(torch.randn(S, D), None, True, False)
+        apply_step_updates(gate, reduce_fn)
     assert len(reduced) == 4 and int(gate.binning.step) == 4 and gate.binning.frozen
     assert all(int(r.sum()) == 2 * S for r in reduced)  # load_ME: k routes of every token, by modality
     frozen_bins = gate.binning.bin_E.clone()
     gate.set_routing_inputs(_inputs(labels))
     gate(torch.randn(S, D), None, True, False)
+    assert int(gate.binning.pending_load_ME.sum()) == 0   # frozen: nothing recorded
+    apply_step_updates(gate, reduce_fn)
     assert torch.equal(gate.binning.bin_E, frozen_bins) and len(reduced) == 4

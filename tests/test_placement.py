@@ -145,15 +145,20 @@ def test_placement_due_only_for_frozen_adaptive_bins_not_yet_placed():
     layer.deepspeed_moe.ep_size = 2  # the plan only; nothing is moved here
     binning = layer.gate.binning
     assert not layer.placement_due()  # bins still adaptive (step 0 < freeze step)
-    binning.step.fill_(binning.freeze_step)
-    assert layer.placement_due()
-    layer.gate.physical_E.copy_(plan_physical(binning.bin_E, layer.gate.physical_E, 2, 2))
+    # buffers change through the step update or a checkpoint load, which resets the host-side answers
+    _load(layer, {"deepspeed_moe.gate.binning.step": torch.tensor(binning.freeze_step)})
+    assert layer.placement_due() and layer.placement_due()  # asked every step; read once
+    _load(layer, {"deepspeed_moe.gate.physical_E": plan_physical(binning.bin_E, layer.gate.physical_E, 2, 2)})
     assert not layer.placement_due()
     off = SMoESMoE(D, nn.Linear(D, D), layer.config.model_copy(update={"placement": "none"}))
     off.deepspeed_moe.ep_size = 2
-    off.gate.binning.bin_E.copy_(torch.tensor([1, 0, 1, 0]))
-    off.gate.binning.step.fill_(10**6)
+    _load(off, {"deepspeed_moe.gate.binning.bin_E": torch.tensor([1, 0, 1, 0]),
+                "deepspeed_moe.gate.binning.step": torch.tensor(10 ** 6)})
     assert not off.placement_due()
+
+
+def _load(layer, changes: dict) -> None:
+    layer.load_state_dict({**layer.state_dict(), **changes})
 
 
 def test_slice_experts_renumbers_each_ranks_share():

@@ -134,5 +134,9 @@ def test_placement_under_zero_2_is_refused_only_when_the_bins_freeze_in_the_run(
     zero2, s = {"zero_optimization": {"stage": 2}}, cfg.smoes
     _check_placement_supported(s, zero2, 99, "z2.json")               # bins never freeze: nothing moves
     _check_placement_supported(s, {"zero_optimization": {"stage": 0}}, 500, "z0.json")
-    with pytest.raises(ConfigError, match=r"freeze \(step 100 of 100\).*ZeRO stage 0 only \(z2.json has stage 2"):
+    with pytest.raises(ConfigError, match=r"freeze \(step 100 of 100\).*z2.json keeps it in DeepSpeed's flat "
+                                          r"buffers \(ZeRO stage 2\): set smoes.placement=none"):
         _check_placement_supported(s, zero2, 100, "z2.json")
+    with pytest.raises(ConfigError, match=r"bf16.json keeps it in DeepSpeed's flat buffers \(bf16 "):
+        _check_placement_supported(s, {"bf16": {"enabled": True}}, 100, "bf16.json")
+    _check_placement_supported(s, {"bf16": {"enabled": False}}, 100, "fp32.json")

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ds_smoes.moe.updates import register_step_updates
 from ds_smoes.app.builtin import BuiltinFamily
 from ds_smoes.app.config import TrainConfig
 from ds_smoes.app.family import ModelFamily
@@ -59,6 +60,8 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
         {"params": decay, "weight_decay": cfg.optim.weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}])
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.98))
+    # bins and Gaussian statistics change once per optimizer step, before it (DeepSpeed's wrappers call this step)
+    register_step_updates(optimizer, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -256,14 +259,19 @@ def _print_summary(final: dict, log: Callable) -> None:
 
 def _check_placement_supported(s, ds_config: dict, total_steps: int, ds_config_path) -> None:
     """Expert placement moves per-parameter Adam state: refuse a run whose bins freeze (and whose experts
-    would then move) under ZeRO stage 1 or 2, before it trains (`s`: SMoESConfig)."""
+    would then move) under ZeRO stage 1 or 2 or DeepSpeed's bf16/fp16 optimizers, which keep that state in flat
+    buffers, before it trains (`s`: SMoESConfig)."""
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if (zero and s.placement == "bins" and s.binning == "adaptive" and s.gate == "smoes" and s.ep_size > 1
-            and s.rebin_freeze_step <= total_steps):
+    low_precision = [k for k in ("bf16", "fp16") if ds_config.get(k, {}).get("enabled", False)]
+    moves = (s.placement == "bins" and s.binning == "adaptive" and s.gate == "smoes" and s.ep_size > 1
+             and s.rebin_freeze_step <= total_steps)
+    if moves and (zero or low_precision):
+        what = f"ZeRO stage {zero}" if zero else f"{low_precision[0]} (its fp32 master weights and Adam state)"
         raise ConfigError(f"smoes.placement='bins' moves experts with their Adam state between EP ranks when the bins "
-                          f"freeze (step {s.rebin_freeze_step} of {total_steps}), which ds-smoes supports with ZeRO "
-                          f"stage 0 only ({ds_config_path} has stage {zero}): set smoes.placement=none, "
-                          f"smoes.binning=fixed, or ZeRO stage 0")
+                          f"freeze (step {s.rebin_freeze_step} of {total_steps}); ds-smoes moves a plain torch "
+                          f"optimizer's state only, and {ds_config_path} keeps it in DeepSpeed's flat buffers "
+                          f"({what}): set smoes.placement=none (the bins stay where DeepSpeed put the experts), "
+                          "smoes.binning=fixed, or train in fp32 with ZeRO stage 0")
 
 
 def _place_experts(moe_layers, engine, step: int, tracker, log: Callable) -> None:

@@ -94,8 +94,12 @@ def train_args(config: Path, overrides: list[str], gate: str, run_dir: Path, epo
 def stream(cmd: list[str], log_path: Path, echo: Callable[[str], None], keep: Callable[[str], bool]) -> int:
     """Run `cmd`, writing all output to `log_path` and echoing the lines `keep` accepts."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
+    import torch
+
+    if not torch.cuda.is_available():  # else DeepSpeed finds the GPUs (and NCCL) itself
+        env.setdefault("DS_ACCELERATOR", "cpu")
     with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                       text=True, env=env) as proc:
         for line in proc.stdout:

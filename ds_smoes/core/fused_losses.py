@@ -32,9 +32,21 @@ from __future__ import annotations
 import torch
 
 from ds_smoes.core.binning import bin_one_hot
-from ds_smoes.core.losses import count_samples, resolve_num_bins
+from ds_smoes.core.losses import resolve_num_bins, sample_id_error
 
 _TINY = 1e-30
+
+
+def _per_sample_sums(num_samples: int, sample_id_S: torch.Tensor, mass_SX: torch.Tensor) -> torch.Tensor:
+    """sums_NX: rows of `mass_SX` summed per sample id.  An id outside [0, num_samples) is refused with
+    `sample_id_error`'s message where the device reports it as an error (the CPU; CUDA raises a device-side
+    assert instead: `smoes.validate_inputs` checks ids before they get here)."""
+    try:
+        return mass_SX.new_zeros(num_samples, mass_SX.shape[1]).index_add_(0, sample_id_S, mass_SX)
+    except (IndexError, RuntimeError) as err:
+        if sample_id_S.device.type == "cpu":
+            raise sample_id_error(int(sample_id_S.max()), sample_id_S.numel()) from err
+        raise
 
 
 class _MutualInformationLoss(torch.autograd.Function):
@@ -47,33 +59,31 @@ class _MutualInformationLoss(torch.autograd.Function):
         probs_SG = probs_SE @ onehot_EG
         # per sample, in one scatter: the table's numerators (M * B columns), then its denominators (M columns)
         mass_SX = torch.cat([(weight_SM.unsqueeze(-1) * probs_SG.unsqueeze(1)).reshape(num_tokens, -1), weight_SM], 1)
-        sums_NX = probs_SE.new_zeros(num_samples, mass_SX.shape[1]).index_add_(0, sample_id_S, mass_SX)
+        sums_NX = _per_sample_sums(num_samples, sample_id_S, mass_SX)
         num_NMG, den_NM = sums_NX[:, :num_modalities * num_bins], sums_NX[:, num_modalities * num_bins:]
         scale_NM = torch.where(den_NM > 0, 1.0 / (experts_per_bin * den_NM.clamp_min(_TINY)), 0.0)
         s_NMG = num_NMG.view(num_samples, num_modalities, num_bins) * scale_NM.unsqueeze(-1)
         total_N = s_NMG.sum((1, 2))
         has_N = total_N > 0
-        num_has = int(has_N.sum())
+        num_has = has_N.sum().clamp_min(1)   # a tensor: dividing by it needs no host read
         p_NMG = s_NMG / total_N.clamp_min(_TINY)[:, None, None]
         log_ratio = (p_NMG.clamp_min(_TINY).log() - p_NMG.sum(2, keepdim=True).clamp_min(_TINY).log()
                      - p_NMG.sum(1, keepdim=True).clamp_min(_TINY).log())
         positive_NMG = p_NMG > 0
         mi_N = (p_NMG * log_ratio * positive_NMG).sum((1, 2))
         ctx.save_for_backward(weight_SM, sample_id_S, bin_idx_E, scale_NM, log_ratio, mi_N, total_N, positive_NMG,
-                              has_N)
-        ctx.num_has = num_has
-        return -(mi_N * has_N).sum() / max(num_has, 1)
+                              has_N, num_has)
+        return -(mi_N * has_N).sum() / num_has
 
     @staticmethod
     def backward(ctx, grad_loss):
-        weight_SM, sample_id_S, bin_idx_E, scale_NM, log_ratio, mi_N, total_N, positive_NMG, has_N = ctx.saved_tensors
-        if ctx.num_has == 0:
-            grad_SE = weight_SM.new_zeros(weight_SM.shape[0], bin_idx_E.shape[0])
-        else:
-            coef_N = has_N / total_N.clamp_min(_TINY) * (-grad_loss / ctx.num_has)
-            g_NMG = (log_ratio - mi_N[:, None, None]) * positive_NMG * (coef_N[:, None, None] * scale_NM.unsqueeze(-1))
-            grad_SG = (g_NMG.index_select(0, sample_id_S) * weight_SM.unsqueeze(-1)).sum(1)
-            grad_SE = grad_SG.index_select(1, bin_idx_E)
+        (weight_SM, sample_id_S, bin_idx_E, scale_NM, log_ratio, mi_N, total_N, positive_NMG, has_N,
+         num_has) = ctx.saved_tensors
+        # samples without mass (has_N False, every row when none has any) get coefficient 0: zero gradient
+        coef_N = has_N / total_N.clamp_min(_TINY) * (-grad_loss / num_has)
+        g_NMG = (log_ratio - mi_N[:, None, None]) * positive_NMG * (coef_N[:, None, None] * scale_NM.unsqueeze(-1))
+        grad_SG = (g_NMG.index_select(0, sample_id_S) * weight_SM.unsqueeze(-1)).sum(1)
+        grad_SE = grad_SG.index_select(1, bin_idx_E)
         return grad_SE, None, None, None, None, None, None
 
 
@@ -103,7 +113,9 @@ def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, b
                             num_bins: int | None = None) -> torch.Tensor:
     """`ds_smoes.losses.mutual_information_loss`, one autograd node."""
     num_bins = resolve_num_bins(bin_E, num_bins)
-    num_samples = count_samples(sample_id_S)
+    # rows of the per-sample table: one per token bounds the samples without reading the largest id back to the
+    # host; rows of absent samples stay empty and count for nothing
+    num_samples = sample_id_S.numel()
     if num_samples == 0:
         return probs_SE.sum() * 0.0
     weight_SM = modality_SM.to(probs_SE.dtype)

@@ -24,10 +24,13 @@ def count_samples(sample_id_S: torch.Tensor) -> int:
         return 0
     num_samples = int(sample_id_S.max()) + 1
     if num_samples > sample_id_S.numel():
-        raise ValueError(f"sample ids reach {num_samples - 1} for {sample_id_S.numel()} tokens: a sample id numbers "
-                         "the token's sample within the batch (0, 1, ...), not within the dataset; pass "
-                         "sample_ids in [0, tokens)")
+        raise sample_id_error(num_samples - 1, sample_id_S.numel())
     return num_samples
+
+
+def sample_id_error(largest_id: int, num_tokens: int) -> ValueError:
+    return ValueError(f"sample ids reach {largest_id} for {num_tokens} tokens: a sample id numbers the token's sample "
+                      "within the batch (0, 1, ...), not within the dataset; pass sample_ids in [0, tokens)")
 
 
 def modality_bin_table(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E: torch.Tensor,

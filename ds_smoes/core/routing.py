@@ -39,14 +39,21 @@ def assign_slots(top_idx_SK: torch.Tensor, valid_S: torch.Tensor, num_experts: i
     An index of -1 in `top_idx_SK` is an unused route (tokens may select different numbers of
     experts, as LTDR's tail tokens do).  Returns (location_KS int64, counts_E int64); padding
     tokens and unused routes get no slot and are not counted.
+
+    Slots come from a stable sort of the routes by expert (no [K, S, E] one-hot, no host sync): a route's
+    slot is its position among its expert's routes in route-major order.
     """
     k, num_tokens = top_idx_SK.shape[1], top_idx_SK.shape[0]
-    idx_KS = top_idx_SK.T
+    idx_KS = top_idx_SK.T.long()
     live_KS = valid_S.bool().unsqueeze(0) & (idx_KS >= 0)
-    onehot_KSE = torch.nn.functional.one_hot(idx_KS.long().clamp_min(0), num_experts) * live_KS.unsqueeze(-1)
-    flat_QE = onehot_KSE.reshape(k * num_tokens, num_experts)   # Q = K * S routes, route-major
-    location_KS = ((flat_QE.cumsum(0) - 1) * flat_QE).sum(-1).reshape(k, num_tokens)
-    return location_KS, flat_QE.sum(0)
+    key_Q = torch.where(live_KS, idx_KS, num_experts).reshape(-1)   # Q = K * S routes, route-major; dead ones last
+    order_Q = torch.sort(key_Q, stable=True).indices
+    counts_X = torch.zeros(num_experts + 1, dtype=torch.long, device=key_Q.device).index_add_(
+        0, key_Q, torch.ones_like(key_Q))                             # X = E experts + one bin for dead routes
+    start_X = counts_X.cumsum(0) - counts_X
+    slot_in_order_Q = torch.arange(key_Q.numel(), device=key_Q.device) - start_X.index_select(0, key_Q[order_Q])
+    location_Q = torch.empty_like(key_Q).scatter_(0, order_Q, slot_in_order_Q)
+    return torch.where(live_KS, location_Q.view(k, num_tokens), 0), counts_X[:num_experts]
 
 
 def route_counts(top_idx_SK: torch.Tensor, valid_S: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -54,7 +61,9 @@ def route_counts(top_idx_SK: torch.Tensor, valid_S: torch.Tensor, num_experts: i
     (a dispatch with no capacity buffer, like rank_once, needs none)."""
     live_SK = valid_S.bool().unsqueeze(1) & (top_idx_SK >= 0)
     column_SK = torch.where(live_SK, top_idx_SK.long(), num_experts)  # one extra bin collects what is not counted
-    return torch.bincount(column_SK.reshape(-1), minlength=num_experts + 1)[:num_experts]
+    column_Q = column_SK.reshape(-1)
+    return torch.zeros(num_experts + 1, dtype=torch.long, device=column_Q.device).index_add_(
+        0, column_Q, torch.ones_like(column_Q))[:num_experts]
 
 
 def finalize_routes(probs_SE: torch.Tensor, top_idx_SK: torch.Tensor, valid_S: torch.Tensor,

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-import torch.nn.functional as F
+
+from ds_smoes.core.step_state import Float32State, warn_unapplied
 
 TEXT, VISION = 0, 1
 NUM_MODALITIES = 2
@@ -23,8 +24,9 @@ ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def hard_scores(labels_S: torch.Tensor) -> torch.Tensor:
-    """One-hot scores from hard labels (0 text, 1 vision): `[S] -> [S, 2]` float32."""
-    return F.one_hot(labels_S.long(), NUM_MODALITIES).float()
+    """One-hot scores from hard labels (0 text, 1 vision): `[S] -> [S, 2]` float32 (a comparison, not
+    `F.one_hot`, which reads the labels' range back to the host on the CPU)."""
+    return (labels_S.long().unsqueeze(-1) == torch.arange(NUM_MODALITIES, device=labels_S.device)).float()
 
 
 @torch.no_grad()
@@ -79,12 +81,46 @@ def ema_welford_update(mean_D: torch.Tensor, var_D: torch.Tensor, batch_mean_D: 
     return new_mean_D, new_var_D
 
 
-class GaussianModalityStats(nn.Module):
+def gaussian_sufficient_stats(x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor) -> torch.Tensor:
+    """stats_MX [M, 2D + 1] (float32): per hard modality, sum x, sum x^2 and the token count, over valid tokens.
+    Sums, so the statistics of several batches (or ranks) add up."""
+    x = x_SD.detach().float()
+    onehot_SM = hard_scores(labels_S) * valid_S.float().unsqueeze(-1)
+    return torch.cat([onehot_SM.T @ x, onehot_SM.T @ (x * x), onehot_SM.sum(0).unsqueeze(1)], dim=1)
+
+
+def gaussian_stats_update(mean_MD: torch.Tensor, var_MD: torch.Tensor, count_M: torch.Tensor,
+                          stats_MX: torch.Tensor, beta: float, var_floor: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean_MD, var_MD, count_M) after folding in one step's sufficient statistics (`gaussian_sufficient_stats`).
+
+    Per modality m with n tokens this step: none -> unchanged; the first observation ever (count 0) -> the
+    batch's mean and variance; else `ema_welford_update`.  Variances are floored at `var_floor`.  Branch-free
+    (no value is read back to the host).
+    """
+    d = mean_MD.shape[1]
+    sum_MD, sumsq_MD, n_M = stats_MX[:, :d], stats_MX[:, d:2 * d], stats_MX[:, 2 * d]
+    n_M1 = n_M.unsqueeze(1)
+    batch_mean_MD = sum_MD / n_M1.clamp_min(1.0)
+    batch_var_MD = (sumsq_MD / n_M1.clamp_min(1.0) - batch_mean_MD * batch_mean_MD).clamp_min(0.0)
+    ema_mean_MD, ema_var_MD = ema_welford_update(mean_MD, var_MD, batch_mean_MD, batch_var_MD, beta)
+    first_M1 = (count_M == 0).unsqueeze(1)
+    new_mean_MD = torch.where(first_M1, batch_mean_MD, ema_mean_MD)
+    new_var_MD = torch.where(first_M1, batch_var_MD, ema_var_MD).clamp_min(var_floor)
+    seen_M1 = n_M1 >= 1
+    return (torch.where(seen_M1, new_mean_MD, mean_MD), torch.where(seen_M1, new_var_MD, var_MD),
+            count_M + torch.where(n_M >= 1, n_M, 0.0))
+
+
+class GaussianModalityStats(Float32State):
     """Per-modality diagonal Gaussian of one MoE layer's input, kept in buffers.
 
-    `update` folds a training batch in (hard-labelled tokens only, statistics summed over the
-    data-parallel world by `reduce_fn` so that every rank holds identical buffers); `forward`
-    scores tokens.  Buffers travel with `state_dict` and DeepSpeed checkpoints.
+    `forward` scores tokens with the current estimate.  The estimate changes once per optimizer
+    step, never inside a forward: `record` (the layer's training forward) adds the batch's
+    sufficient statistics of hard-labelled tokens to `pending_MX`; once per step
+    `ds_smoes.moe.updates.apply_step_updates` sums `pending()` over the data-parallel world and calls
+    `apply_pending`, so every rank holds identical buffers.  `update` does the three at once (a direct caller's
+    one-liner).  Buffers travel with `state_dict` and DeepSpeed checkpoints.
     """
 
     def __init__(self, hidden_size: int, beta: float = 0.99, tau: float | None = None,
@@ -96,32 +132,38 @@ class GaussianModalityStats(nn.Module):
         self.register_buffer("mean_MD", torch.zeros(NUM_MODALITIES, hidden_size))
         self.register_buffer("var_MD", torch.ones(NUM_MODALITIES, hidden_size))
         self.register_buffer("count_M", torch.zeros(NUM_MODALITIES))  # tokens folded in so far
+        # sufficient statistics recorded since the last step (this rank), not checkpointed
+        self.register_buffer("pending_MX", torch.zeros(NUM_MODALITIES, 2 * hidden_size + 1), persistent=False)
+        self._unapplied = 0   # forwards recorded since the last `apply_pending`
+
+    @torch.no_grad()
+    def record(self, x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor) -> None:
+        self.pending_MX.add_(gaussian_sufficient_stats(x_SD, labels_S, valid_S))
+        self._unapplied = warn_unapplied(self._unapplied + 1, "Gaussian modality statistics")
+
+    def pending(self) -> list[torch.Tensor]:
+        return [self.pending_MX]
+
+    @torch.no_grad()
+    def apply_pending(self, reduced: list[torch.Tensor]) -> None:
+        """Fold the world's pending statistics in and clear the pending ones."""
+        self._fold(reduced[0])
+        self.pending_MX.zero_()
+        self._unapplied = 0
 
     @torch.no_grad()
     def update(self, x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor,
                reduce_fn: ReduceFn | None = None) -> None:
-        x = x_SD.detach().float()
-        onehot_SM = hard_scores(labels_S) * valid_S.float().unsqueeze(-1)
-        # Sufficient statistics in one tensor so a single all-reduce syncs them: [M, 2D + 1].
-        stats = torch.cat([onehot_SM.T @ x, onehot_SM.T @ (x * x), onehot_SM.sum(0, keepdim=True).T], dim=1)
-        if reduce_fn is not None:
-            stats = reduce_fn(stats)
-        d = x.shape[1]
-        sum_MD, sumsq_MD, n_M = stats[:, :d], stats[:, d:2 * d], stats[:, 2 * d]
-        for m in range(NUM_MODALITIES):
-            n = n_M[m]
-            if n < 1:
-                continue
-            batch_mean = sum_MD[m] / n
-            batch_var = (sumsq_MD[m] / n - batch_mean * batch_mean).clamp_min(0.0)
-            if self.count_M[m] == 0:  # first observation initialises the estimate
-                new_mean, new_var = batch_mean, batch_var
-            else:
-                new_mean, new_var = ema_welford_update(self.mean_MD[m], self.var_MD[m], batch_mean, batch_var,
-                                                       self.beta)
-            self.mean_MD[m] = new_mean
-            self.var_MD[m] = new_var.clamp_min(self.var_floor)
-            self.count_M[m] += n
+        """Fold one batch in at once (summed over the world by `reduce_fn`), leaving the pending statistics alone."""
+        stats_MX = gaussian_sufficient_stats(x_SD, labels_S, valid_S)
+        self._fold(reduce_fn(stats_MX) if reduce_fn is not None else stats_MX)
+
+    def _fold(self, stats_MX: torch.Tensor) -> None:
+        mean_MD, var_MD, count_M = gaussian_stats_update(self.mean_MD, self.var_MD, self.count_M, stats_MX,
+                                                         self.beta, self.var_floor)
+        self.mean_MD.copy_(mean_MD)
+        self.var_MD.copy_(var_MD)
+        self.count_M.copy_(count_M)
 
     @torch.no_grad()
     def forward(self, x_SD: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,8 @@ class PatchVisionEncoder(nn.Module):
         return x.reshape(b, (h // p) * (w // p), c * p * p)
 
     def forward(self, image_BCHW: torch.Tensor) -> torch.Tensor:
-        x_BTD = self.embed(self.patchify(image_BCHW)) + self.pos_TD
+        # pixels come as float32; the weights may be bf16 (DeepSpeed's bf16 casts the model, not its inputs)
+        x_BTD = self.embed(self.patchify(image_BCHW.to(self.embed.weight.dtype))) + self.pos_TD
         for block in self.blocks:
             x_BTD = block(x_BTD)
         return self.ln(x_BTD)

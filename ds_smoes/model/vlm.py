@@ -123,7 +123,7 @@ class TinyMoEVLM(nn.Module):
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
         lm_loss = loss = None
         if labels_BT is not None:
-            lm_loss = F.cross_entropy(logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]),
+            lm_loss = F.cross_entropy(logits_BTV[:, :-1].float().reshape(-1, logits_BTV.shape[-1]),
                                       labels_BT[:, 1:].reshape(-1), ignore_index=-100)
             loss = lm_loss + aux
         return VLMOutput(logits_BTV, loss, lm_loss, aux)

@@ -35,7 +35,8 @@ from ds_smoes.core.metrics import expert_modality_load, routing_comm_stats
 from ds_smoes.core.placement import counts_to_physical, to_physical
 from ds_smoes.core.routing import (SparseRoutes, assign_slots, bin_limited_topk, capacity_for, finalize_routes,
                                    route_counts)
-from ds_smoes.core.scores import ReduceFn
+from ds_smoes.core.step_state import in_backward
+from ds_smoes.core.scores import hard_scores
 
 
 @dataclass
@@ -58,7 +59,6 @@ class RoutingStats:
     comm_physical: dict              # routing_comm_stats under DeepSpeed's expert layout (e // local experts)
     comm_binned: dict                # routing_comm_stats with experts placed by their bin
     bin_E: torch.Tensor
-    rebinned: bool
 
     @property
     def mi(self) -> torch.Tensor:
@@ -71,6 +71,8 @@ class ModalityGate(TopKGate):
 
     # RoutingStats of the most recent forward (None before it), computed on first read (ds_smoes.core.deferred)
     last_stats = Deferred()
+    # True for gates whose tokens may use fewer routes than k or more (LTDR): their capacity reads the route count
+    variable_routes = False
 
     def __init__(self, model_dim: int, config: SMoESConfig, ep_group=None, num_routes: int | None = None) -> None:
         super().__init__(model_dim, config.num_experts, k=config.k, capacity_factor=config.capacity_factor,
@@ -84,7 +86,6 @@ class ModalityGate(TopKGate):
         # physical_E[e]: where logical expert e's weights live (its DeepSpeed expert index; rank = physical // local experts).
         # The identity until ds_smoes.core.placement moves experts onto their bins' ranks.
         self.register_buffer("physical_E", torch.arange(config.num_experts))
-        self.reduce_fn: ReduceFn = distributed.world_sum_
         self._inputs: RoutingInputs | None = None
         self.last_stats = None
         # called with the dispatch's routes (physical ids) as soon as they are final, before the losses are
@@ -92,9 +93,9 @@ class ModalityGate(TopKGate):
         self.on_routes: Callable[[torch.Tensor], None] | None = None
 
     def defer_stats(self, routes: SparseRoutes, inputs: RoutingInputs, valid_S: torch.Tensor, named: dict,
-                    capacity: int, rebinned: bool) -> None:
+                    capacity: int | torch.Tensor) -> None:
         """Keep what `last_stats` needs; bins and placement are snapshot now, as they may change before it is read."""
-        self.last_stats = partial(self._stats, routes, inputs, valid_S, named, capacity, rebinned,
+        self.last_stats = partial(self._stats, routes, inputs, valid_S, named, capacity,
                                   self.binning.bin_E.clone(), self.physical_E.clone())
 
     # -- what a gate decides ------------------------------------------------------------------
@@ -147,7 +148,7 @@ class ModalityGate(TopKGate):
     def physical_rank_of_expert(self, ep_size: int, physical_E: torch.Tensor | None = None) -> torch.Tensor:
         """EP rank holding each logical expert: DeepSpeed puts physical experts [r * E/ep, (r+1) * E/ep) on rank r."""
         physical_E = self.physical_E if physical_E is None else physical_E
-        return physical_E.cpu() // (self.config.num_experts // ep_size)
+        return physical_E // (self.config.num_experts // ep_size)
 
     def routes_for_dispatch(self, indices_KS: torch.Tensor, counts_E: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,55 +179,66 @@ class ModalityGate(TopKGate):
             location_KS = torch.zeros(top_idx_SK.shape[::-1], dtype=torch.int64, device=top_idx_SK.device)
         else:
             location_KS, counts_E = assign_slots(top_idx_SK, valid_S, cfg.num_experts)
-        if self.drop_tokens:
-            cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-            # sized from the routes actually requested, so extra routes (LTDR's tail tokens) get room too
-            routes_per_token = int(counts_E.sum()) / max(1, int(valid_S.sum()))
-            local_capacity = capacity_for(num_tokens, cfg.num_experts, max(routes_per_token, 1e-9), cf,
-                                          cfg.min_capacity)
-        else:
-            local_capacity = int(counts_E.max()) if counts_E.numel() else 0
-        if slotless:
-            capacity = max(local_capacity, 1)  # no padded buffer, no common capacity: skip the all-reduce
-        else:  # the all-to-all moves [experts, capacity, hidden] blocks: every EP rank needs one capacity
-            capacity = max(distributed.group_max_int(local_capacity, self.ep_group), 1)
+        capacity = self._capacity(num_tokens, counts_E, valid_S, slotless)
         routes = finalize_routes(probs_SE, top_idx_SK, valid_S, location_KS, counts_E, capacity,
                                  normalize=cfg.normalize_topk)
 
-        rebinned = self._update_bins(routes, inputs.labels_S, valid_S)
+        self._record_load(routes, inputs.labels_S, valid_S)
         indices_KS, counts_E = self.routes_for_dispatch(routes.indices_KS, routes.counts_E.detach())
         if self.on_routes is not None:
             self.on_routes(indices_KS)
         l_aux, named = self.aux_losses(probs_SE, routes, inputs, valid_S)
-        self.defer_stats(routes, inputs, valid_S, named, capacity, rebinned)
-        return (l_aux, torch.tensor(capacity, dtype=torch.int64), cfg.num_experts, indices_KS,
-                routes.locations_KS, routes.gates_KS, counts_E)
+        self.defer_stats(routes, inputs, valid_S, named, capacity)
+        # capacity: a Python int where it is known on the host (DeepSpeed's MOELayer reads it with int(), which
+        # costs a device tensor a host sync), else the group's all-reduced device tensor
+        return l_aux, capacity, cfg.num_experts, indices_KS, routes.locations_KS, routes.gates_KS, counts_E
+
+    def _capacity(self, num_tokens: int, counts_E: torch.Tensor, valid_S: torch.Tensor,
+                  slotless: bool) -> int | torch.Tensor:
+        """Slots per expert: from the token count when dropping (no host read unless the gate's routes per token
+        vary, as LTDR's do), else the largest expert load agreed over the EP group (one all-reduce and one read,
+        as DeepSpeed's gates do); rank_once without dropping needs none (1)."""
+        cfg = self.config
+        if self.drop_tokens:
+            cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+            if self.variable_routes:  # sized from the routes actually requested, so extra routes get room too
+                routes_per_token = int(counts_E.sum()) / max(1, int(valid_S.sum()))
+            else:
+                routes_per_token = cfg.k
+            return capacity_for(num_tokens, cfg.num_experts, max(routes_per_token, 1e-9), cf, cfg.min_capacity)
+        if slotless:
+            return 1  # no padded buffer, no common capacity: no all-reduce, no host read
+        # the all-to-all moves [experts, capacity, hidden] blocks: every EP rank needs one capacity
+        local_max = counts_E.max() if counts_E.numel() else counts_E.new_zeros(())
+        return int(distributed.group_max_(local_max.clamp_min(1), self.ep_group))
 
     @torch.no_grad()
-    def _update_bins(self, routes: SparseRoutes, labels_S: torch.Tensor, valid_S: torch.Tensor) -> bool:
-        if not self.training or self.binning.frozen:  # fixed or frozen bins: no load to observe, no all-reduce
-            return False
-        onehot_SM = F.one_hot(labels_S.long(), 2).float() * valid_S.float().unsqueeze(-1)
-        self.binning.observe(self.reduce_fn(onehot_SM.T @ routes.selected_SE.float()))
-        return self.binning.maybe_rebin()
+    def _record_load(self, routes: SparseRoutes, labels_S: torch.Tensor, valid_S: torch.Tensor) -> None:
+        """Add this forward's load per (hard modality, expert) to the bins' pending load (applied once per optimizer
+        step by `ds_smoes.moe.updates`).  Not in evaluation, not once the bins are fixed, and not when this forward
+        is a recomputation inside the backward (activation checkpointing), whose load was recorded already."""
+        if not self.training or self.binning.frozen or in_backward():
+            return
+        onehot_SM = hard_scores(labels_S) * valid_S.float().unsqueeze(-1)
+        self.binning.record(onehot_SM.T @ routes.selected_SE.float())
 
     @torch.no_grad()
     def _stats(self, routes: SparseRoutes, inputs: RoutingInputs, valid_S: torch.Tensor, named: dict,
-               capacity: int, rebinned: bool, bin_E: torch.Tensor, physical_E: torch.Tensor) -> RoutingStats:
+               capacity: int | torch.Tensor, bin_E: torch.Tensor, physical_E: torch.Tensor) -> RoutingStats:
         ep_rank, ep_size = self.ep_world()
         cfg = self.config
         physical_rank_E = self.physical_rank_of_expert(ep_size, physical_E)
-        bin_rank_E = rank_of_bin_placed_expert(bin_E, cfg.num_bins, ep_size).cpu()
+        bin_rank_E = rank_of_bin_placed_expert(bin_E, cfg.num_bins, ep_size).to(physical_rank_E.device)
         comm_physical = routing_comm_stats(routes.indices_KS, physical_rank_E, ep_rank, valid_S, ep_size)
         # once the experts sit on their bins' ranks (or bins are fixed) the two layouts are one
         comm_binned = (comm_physical if torch.equal(physical_rank_E, bin_rank_E) else
                        routing_comm_stats(routes.indices_KS, bin_rank_E, ep_rank, valid_S, ep_size))
         return RoutingStats(
             load_ME=expert_modality_load(routes.indices_KS, inputs.labels_S, valid_S, cfg.num_experts),
-            losses={k: v.detach() for k, v in named.items()}, capacity=capacity, num_dropped=routes.num_dropped,
+            losses={k: v.detach() for k, v in named.items()}, capacity=int(capacity), num_dropped=routes.num_dropped,
             num_tokens=int(valid_S.sum()),
             comm_physical=comm_physical, comm_binned=comm_binned,
-            bin_E=bin_E, rebinned=rebinned)
+            bin_E=bin_E)
 
 
 class SMoESGate(ModalityGate):

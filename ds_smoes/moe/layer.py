@@ -42,6 +42,7 @@ from ds_smoes.moe.gate import ModalityGate, RoutingInputs, RoutingStats
 from ds_smoes.core.placement import is_placed, plan_physical
 from ds_smoes.parallel.migration import MigrationCost, migrate_experts
 from ds_smoes.moe.registry import build_gate
+from ds_smoes.core.step_state import in_backward
 from ds_smoes.core.scores import GaussianModalityStats, hard_scores
 from ds_smoes.core.validation import check_input_shapes, check_input_values
 
@@ -64,6 +65,7 @@ class SMoESMoE(MoE):
                                              var_floor=config.gaussian_var_floor)
                        if config.score_type == "gaussian" else None)
         self.last_comm = None
+        self._placed: bool | None = None  # experts on their bins' ranks, once the bins are frozen (host-side)
 
     @property
     def gate(self) -> ModalityGate:
@@ -76,11 +78,20 @@ class SMoESMoE(MoE):
 
     # -- placement (ds_smoes/placement.py) --------------------------------------------------------
     def placement_due(self) -> bool:
-        """True once adaptive bins have frozen while some expert is not yet on its bin's EP rank."""
+        """True once adaptive bins have frozen while some expert is not yet on its bin's EP rank.  Asked every
+        step: the answer is kept on the host once the bins are frozen (they and the placement change no more,
+        short of `place_experts` or a checkpoint load), so it costs no device read per step."""
         binning = self.gate.binning
-        return (self.config.placement == "bins" and binning.adaptive and binning.frozen
-                and not is_placed(binning.bin_E, self.gate.physical_E, self.config.num_bins,
-                                  self.deepspeed_moe.ep_size))
+        if not (self.config.placement == "bins" and binning.adaptive and binning.frozen):
+            return False
+        if self._placed is None:
+            self._placed = is_placed(binning.bin_E, self.gate.physical_E, self.config.num_bins,
+                                     self.deepspeed_moe.ep_size)
+        return not self._placed
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._placed = None  # a loaded checkpoint may bring other bins or another placement
 
     def place_experts(self, optimizer=None) -> MigrationCost:
         """Move every expert (weights and `optimizer` state) onto its bin's EP rank; a collective over
@@ -92,6 +103,7 @@ class SMoESMoE(MoE):
         cost = migrate_experts(moe.experts.deepspeed_experts, gate.physical_E, new_physical_E,
                                moe.ep_group if moe.ep_size > 1 else None, optimizer)
         gate.physical_E.copy_(new_physical_E.to(gate.physical_E.device))
+        self._placed = None
         return cost
 
     def modality_scores(self, x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor,
@@ -101,9 +113,10 @@ class SMoESMoE(MoE):
         if kind == "hard":
             return hard_scores(labels_S)
         if kind == "gaussian":
-            if self.training:
-                self.scorer.update(x_SD, labels_S, valid_S, reduce_fn=distributed.world_sum_)
-            return self.scorer(x_SD)
+            scores_SM = self.scorer(x_SD)   # the estimate of the last optimizer step, as a recomputation sees it
+            if self.training and not in_backward():
+                self.scorer.record(x_SD, labels_S, valid_S)  # applied once per step (ds_smoes.moe.updates)
+            return scores_SM
         if given_SM is None:
             raise ValueError("score_type='attention' needs modality_scores=... from the model's attention "
                              "(see ds_smoes.core.scores.attention_score_update); pass them, or use "

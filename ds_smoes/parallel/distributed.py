@@ -24,13 +24,12 @@ def world_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def group_max_int(value: int, group=None) -> int:
-    """Maximum of an int over a process group (the value itself without one)."""
-    if group is None or not is_distributed() or dist.get_world_size(group) <= 1:
-        return value
-    t = torch.tensor([value], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t)
+def group_max_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Maximum of `tensor` over a process group, in place (itself without one); on the tensor's device, as
+    NCCL requires."""
+    if group is not None and is_distributed() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
 
 
 def group_rank(group=None) -> int:

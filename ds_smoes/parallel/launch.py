@@ -17,16 +17,25 @@ def _free_port() -> int:
 
 
 def init_distributed() -> None:
-    """Join the launcher's process group, or make a 1-process gloo group when run directly."""
+    """Join the launcher's process group (DeepSpeed, torchrun, or the one Ray Train made), or make a 1-process
+    group when run directly.
+
+    The backend is the accelerator's: DeepSpeed's `get_accelerator().communication_backend_name()`, NCCL on
+    CUDA, gloo on the CPU (a group the launcher made keeps its own).  Nothing here names one."""
     import deepspeed
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cpu_only_machine()
     limit_threads_per_rank()
     no_shm_allreduce_segments()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed.init_distributed(verbose=False)
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":  # each rank drives its own device (Ray Train and torchrun set none)
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     atexit.unregister(destroy_process_group_at_exit)  # once, however often this is called
     atexit.register(destroy_process_group_at_exit)
 
@@ -45,14 +54,31 @@ def destroy_process_group_at_exit() -> None:
         dist.destroy_process_group()
 
 
+def backend_name() -> str:
+    """The process-group backend of this machine's accelerator (nccl on CUDA, gloo on the CPU, ...)."""
+    cpu_only_machine()
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().communication_backend_name()
+
+
+def cpu_only_machine() -> None:
+    """On a machine without CUDA, tell DeepSpeed to use its CPU accelerator (it would find it anyway, after a
+    warning); where CUDA exists, DeepSpeed's own detection decides (DS_ACCELERATOR, if set, wins)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def no_shm_allreduce_segments() -> None:
     """Keep DeepSpeed's CPU backend from creating its shared-memory all-reduce workspace.
 
     When LOCAL_SIZE (set by DeepSpeed's launcher) equals the world size, DeepSpeed 0.19.8's CPU
     comm op creates a 69 MB /dev/shm segment per rank for its inference all-reduce and never
     unlinks it: every 2-rank run left 138 MB of RAM behind until reboot (a day of test runs filled
-    17 GB and got Ray workers OOM-killed).  Nothing here uses that all-reduce (training runs on
-    gloo), so the variable is dropped before the backend starts."""
+    17 GB and got Ray workers OOM-killed).  Nothing here uses that all-reduce (training runs on the
+    process group's collectives), so the variable is dropped before the backend starts."""
     os.environ.pop("LOCAL_SIZE", None)
 
 

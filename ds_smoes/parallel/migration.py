@@ -85,6 +85,7 @@ def migrate_experts(local_experts: Sequence[nn.Module], physical_E: torch.Tensor
     ep_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
     rank = dist.get_rank(group) if ep_size > 1 else 0
     num_local = len(local_experts)
+    # the plan is host-side bookkeeping, read once per placement (not per step)
     physical_E, new_physical_E = physical_E.long().cpu(), new_physical_E.long().cpu()
     if num_local * ep_size != physical_E.numel():
         raise ValueError(f"{num_local} local experts on {ep_size} ranks do not make {physical_E.numel()} experts")
@@ -104,7 +105,8 @@ def migrate_experts(local_experts: Sequence[nn.Module], physical_E: torch.Tensor
 
     packed = [_pack(local_experts[int(src_E[e] % num_local)], optimizer, keys) for e in send_rows]
     row_len = packed[0].numel() if packed else _pack(local_experts[0], optimizer, keys).numel()
-    send_EQ = torch.stack(packed) if packed else torch.empty(0, row_len)  # Q = one expert's weights + state, flat
+    device = next(local_experts[0].parameters()).device  # collectives run where the weights are (NCCL: the GPU)
+    send_EQ = torch.stack(packed) if packed else torch.empty(0, row_len, device=device)  # Q = weights + state, flat
     if ep_size > 1:
         recv_EQ = send_EQ.new_empty(sum(recv_counts), row_len)
         dist.all_to_all_single(recv_EQ, send_EQ.contiguous(), output_split_sizes=recv_counts,

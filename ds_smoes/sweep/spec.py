@@ -47,6 +47,9 @@ class _Strict(BaseModel):
 class Resources(_Strict):
     workers_per_trial: int = Field(2, ge=1, description="Ray Train workers (= torch.distributed ranks) per trial")
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs each worker reserves")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each worker reserves; above 0 the workers train on "
+                                                         "their GPU over NCCL (Ray Train picks the backend), at 0 on "
+                                                         "the CPU over gloo")
     max_concurrent_trials: int = Field(1, ge=1, description="trials that run at the same time")
     local_cpus: int | None = Field(None, ge=1, description="logical CPUs of the in-process Ray (default: enough "
                                                           "for max_concurrent_trials trials, at least 8)")

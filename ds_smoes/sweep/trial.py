@@ -2,8 +2,9 @@
 
 Ray 2.60 runs Ray Train V2, where a trainer is no longer passed to `Tuner`: the Tune trial
 (`run_trial`) builds the trainer itself and `TuneReportCallback` forwards what the workers
-report to Tune.  Each worker (`train_worker`) is one torch.distributed rank (gloo, set up by
-Ray's `TorchConfig`); DeepSpeed's `init_distributed` joins that group, and `run_training` trains
+report to Tune.  Each worker (`train_worker`) is one torch.distributed rank (set up by Ray's
+`TorchConfig`: NCCL for GPU workers, `resources.gpus_per_worker` > 0, gloo for CPU ones);
+DeepSpeed's `init_distributed` joins that group, and `run_training` trains
 with expert parallelism over it, exactly as under the DeepSpeed launcher.
 
 After every epoch each worker saves its DeepSpeed checkpoint shard (rank 0 the dense weights,
@@ -83,16 +84,19 @@ def run_trial(config: dict, ctx: dict) -> None:
         train_worker,
         train_loop_config={"cfg": json.loads(cfg.model_dump_json()), "parent_run_id": ctx["parent_run_id"],
                            "crash": crash},
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=res.workers_per_trial,
-                                               resources_per_worker={"CPU": res.cpus_per_worker}),
+        # no backend named: Ray Train takes NCCL for GPU workers, gloo for CPU ones; DeepSpeed joins that group
+        torch_config=TorchConfig(),
+        scaling_config=ray.train.ScalingConfig(num_workers=res.workers_per_trial, use_gpu=res.gpus_per_worker > 0,
+                                               resources_per_worker={"CPU": res.cpus_per_worker,
+                                                                     **({"GPU": res.gpus_per_worker}
+                                                                        if res.gpus_per_worker > 0 else {})}),
         run_config=ray.train.RunConfig(
             name=trial["id"], storage_path=str(Path(ctx["sweep_dir"]) / "train"),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}}),
+            worker_runtime_env={"env_vars": _accelerator_env(res.gpus_per_worker)}),
     )
     try:
         trainer.fit()
@@ -110,6 +114,13 @@ def run_trial(config: dict, ctx: dict) -> None:
     run_id = store.settle_trial(ctx["parent_run_id"], trial["name"], tags, failed=False)
     if run_id is None or store.get(run_id).status != "FINISHED":
         raise TrialFailed(f"{trial['name']}: training ended without a finished MLflow run")
+
+
+def _accelerator_env(gpus_per_worker: float) -> dict[str, str]:
+    """DS_ACCELERATOR for the workers: the driver's if set, "cpu" for CPU workers (else DeepSpeed decides)."""
+    if "DS_ACCELERATOR" in os.environ:
+        return {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}
+    return {} if gpus_per_worker > 0 else {"DS_ACCELERATOR": "cpu"}
 
 
 def controller_lost(err: BaseException) -> bool:

@@ -27,6 +27,8 @@ def ltdr_tail_tokens(probs_SE: torch.Tensor, labels_S: torch.Tensor, sample_id_S
 
 
 class LTDRGate(ModalityGate):
+    variable_routes = True  # tail tokens take a routes, the others k
+
     def __init__(self, model_dim, config, ep_group=None) -> None:
         super().__init__(model_dim, config, ep_group, num_routes=config.ltdr_top_a)
 

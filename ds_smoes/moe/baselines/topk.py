@@ -50,6 +50,6 @@ class DeepSpeedTopKGate(ModalityGate):
             l_aux = self.wg.weight.sum() * 0.0
         selected_SE = routes_per_column(idx_KS, valid_S, num_experts) > 0  # valid tokens' dispatched routes
         routes = SparseRoutes(idx_KS, loc_KS, gates_KS, counts_E.to(torch.int64), selected_SE)
-        self.defer_stats(routes, inputs, valid_S, {"gshard_balance": l_aux}, int(capacity), False)
+        self.defer_stats(routes, inputs, valid_S, {"gshard_balance": l_aux}, capacity)
         idx_KS, counts_E = self.routes_for_dispatch(idx_KS, counts_E)
         return (self.config.alpha_bal * l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E)
