@@ -35,6 +35,16 @@ SHAPE_OPS = frozenset({
     _aten._unique.default, _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default,
     _aten.bincount.default, _aten.repeat_interleave.Tensor, _aten.argwhere.default,
 })
+# indexing with a boolean mask (x[mask], x[mask] = v): a nonzero inside
+_INDEX_OPS = frozenset({_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default,
+                        _aten._index_put_impl_.default})
+
+
+def _has_bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+
+
 # Python-level reads that dispatch no op on the CPU (they do on a GPU: a copy to the host)
 _PY_READS = ("tolist", "numpy", "cpu")
 
@@ -77,6 +87,8 @@ class _Counter(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in self.ops and not (func is _aten.repeat_interleave.Tensor and kwargs.get("output_size")):
             self.count.record(str(func.overloadpacket.__name__))
+        elif func in _INDEX_OPS and self.ops is not VALUE_OPS and _has_bool_index(args):
+            self.count.record("nonzero")  # a boolean mask index: the CPU kernel hides the nonzero a GPU runs
         elif func is _aten._to_copy.default and args and args[0].device.type != "cpu" \
                 and torch.device(kwargs.get("device") or args[0].device).type == "cpu":
             self.count.record("_to_copy(cpu)")

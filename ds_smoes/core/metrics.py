@@ -31,7 +31,7 @@ def modality_specialization_index(load_text_LE: torch.Tensor, load_vision_LE: to
     ct_LE = t_LE / denom_LE.clamp_min(1e-300)
     spec_LE = 2.0 * (ct_LE - 0.5).abs()
     if not bool(defined_LE.any()):
-        return torch.zeros((), dtype=torch.float32)
+        return spec_LE.new_zeros((), dtype=torch.float32)
     return spec_LE[defined_LE].mean().float()
 
 
@@ -42,8 +42,8 @@ def expert_modality_load(indices_KS: torch.Tensor, labels_S: torch.Tensor, valid
     With `weight_SM` (soft modality scores) each route counts with the token's score instead of
     its hard label.
     """
-    if weight_SM is None:
-        weight_SM = torch.nn.functional.one_hot(labels_S.long(), 2).float()
+    if weight_SM is None:   # one-hot of the hard label (a comparison: F.one_hot reads the labels' range back)
+        weight_SM = (labels_S.long().unsqueeze(-1) == torch.arange(2, device=labels_S.device)).float()
     return weight_SM.T @ routes_per_column(indices_KS, valid_S, num_experts).to(weight_SM.dtype)
 
 
@@ -81,11 +81,8 @@ def routing_comm_stats(indices_KS: torch.Tensor, rank_of_expert_E: torch.Tensor,
 def rank_hit_stats(hits_SR: torch.Tensor, home_rank: int, valid_S: torch.Tensor) -> dict[str, torch.Tensor]:
     """routing_comm_stats' figures from hits_SR (token s needs EP rank r), over the tokens in `valid_S`."""
     valid_S = valid_S.bool()
-    n = int(valid_S.sum())
-    if n == 0:
-        zero = torch.zeros(())
-        return {"cross_rank_rate": zero, "ranks_per_token": zero, "remote_pairs_per_token": zero,
-                "num_tokens": torch.zeros((), dtype=torch.long)}
+    num_tokens = valid_S.sum()
+    n = num_tokens.clamp_min(1).float()   # no token: every figure 0 (sums of nothing over 1), no host read
     hits_SR = hits_SR & valid_S.unsqueeze(1)
     ranks_S = hits_SR.sum(1)
     remote_S = ranks_S - hits_SR[:, home_rank].long()
@@ -93,5 +90,5 @@ def rank_hit_stats(hits_SR: torch.Tensor, home_rank: int, valid_S: torch.Tensor)
         "cross_rank_rate": (remote_S > 0).sum().float() / n,
         "ranks_per_token": ranks_S.sum().float() / n,
         "remote_pairs_per_token": remote_S.sum().float() / n,
-        "num_tokens": torch.tensor(n),
+        "num_tokens": num_tokens,
     }
