@@ -140,3 +140,26 @@ def test_placement_under_zero_2_is_refused_only_when_the_bins_freeze_in_the_run(
     with pytest.raises(ConfigError, match=r"bf16.json keeps it in DeepSpeed's flat buffers \(bf16 "):
         _check_placement_supported(s, {"bf16": {"enabled": True}}, 100, "bf16.json")
     _check_placement_supported(s, {"bf16": {"enabled": False}}, 100, "fp32.json")
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_and_bf16_train_the_demo_recipe(tmp_path, digits_dir):
+    # 30 steps (one rebin at 25): DeepSpeed's activation checkpointing recomputes every decoder block in the
+    # backward, and the run ends exactly where the plain one does (dropout masks restored, routing state
+    # recorded once); DeepSpeed's bf16 trains the same recipe (placement off: its optimizer state is flat)
+    figures = {}
+    variants = {"plain": {}, "checkpointed": {"model.activation_checkpointing": True},
+                "bf16": {"run.deepspeed_config": str(ROOT / "ds_configs" / "bf16.json"), "smoes.placement": "none"}}
+    for name, changes in variants.items():
+        (tmp_path / name).mkdir()
+        cfg = write_config(tmp_path / name, digits_dir, optim={"max_steps": 30},
+                           run={"log_every": 10, "eval_every_epoch": False})
+        sets = [a for key, value in changes.items() for a in ("--set", f"{key}={value}")]
+        out_json = tmp_path / f"{name}.json"
+        proc = deepspeed_run(["--module", "ds_smoes.train", "--config", str(cfg), "--output-json", str(out_json),
+                              "--no-mlflow", *sets], timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        figures[name] = json.loads(out_json.read_text())
+    same = ("final_train_loss", "test_loss", "acc_overall", "msi", "cross_rank_rate")
+    assert {k: figures["checkpointed"][k] for k in same} == {k: figures["plain"][k] for k in same}
+    assert abs(figures["bf16"]["test_loss"] - figures["plain"]["test_loss"]) < 0.1 * figures["plain"]["test_loss"]

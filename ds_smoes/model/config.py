@@ -26,6 +26,11 @@ class ModelConfig(BaseModel):
                             "eager: explicit softmax that returns the probabilities (cheaper when the attention "
                             "score is tracked and sequences are short, as in the demo)")
 
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder block's activations in the backward instead of keeping them "
+                           "(DeepSpeed's activation checkpointing): less memory, one more forward per block; the "
+                           "SMoES state still updates once per step")
+
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         if self.image_size % self.patch_size:

@@ -55,6 +55,18 @@ class DecoderBlock(nn.Module):
         return x_BTD + self.drop(out_BTD), l_aux, modality_BTM
 
 
+def checkpoint_block(block: DecoderBlock, *args):
+    """`block(*args)` under DeepSpeed's activation checkpointing (configured on first use when the DeepSpeed config
+    did not): its activations are recomputed in the backward.  The RNG state is restored for the recomputation, so
+    dropout draws the same masks; the MoE layer records its routing observations the first time only."""
+    import deepspeed
+
+    if not deepspeed.checkpointing.is_configured():
+        deepspeed.checkpointing.configure(None, partition_activations=False, contiguous_checkpointing=False,
+                                          checkpoint_in_cpu=False, synchronize=False, profile=False)
+    return deepspeed.checkpointing.checkpoint(block, *args)
+
+
 class TinyMoEVLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, image_token_id: int, smoes: SMoESConfig | None,
                  image_channels: int = 1, expert_seed: int = 0, ep_rank: int = 0) -> None:
@@ -117,8 +129,13 @@ class TinyMoEVLM(nn.Module):
         track = self.smoes is not None and self.smoes.effective_score_type == "attention" and bool(self.moe_layers())
         modality_BTM = hard_scores(labels_mod_BT) if track else None  # layer 0: one-hot of the hard label
         aux = x_BTD.new_zeros(())
+        checkpointed = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BTD, l_aux, modality_BTM = block(x_BTD, mask_B1TT, valid_BT, labels_mod_BT, modality_BTM)
+            if checkpointed:
+                x_BTD, l_aux, modality_BTM = checkpoint_block(block, x_BTD, mask_B1TT, valid_BT, labels_mod_BT,
+                                                              modality_BTM)
+            else:
+                x_BTD, l_aux, modality_BTM = block(x_BTD, mask_B1TT, valid_BT, labels_mod_BT, modality_BTM)
             aux = aux + l_aux
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
         lm_loss = loss = None
