@@ -91,32 +91,39 @@ _COMM_KEYS = ("cross_rank_rate", "ranks_per_token", "remote_pairs_per_token")
 
 
 class RoutingAccumulator:
-    """Sums the layers' `RoutingStats` over many forwards (token-weighted) on this rank."""
+    """Sums the layers' `RoutingStats` over many forwards (token-weighted) on this rank, on the model's device:
+    `add` reads nothing back to the host (a training step calls it), `result` reads once."""
 
     def __init__(self, moe_layers) -> None:
         self.layers = moe_layers
-        num_experts = moe_layers[0].config.num_experts if moe_layers else 0
-        self.load_LME = torch.zeros(len(moe_layers), 2, num_experts, dtype=torch.float64)
+        self.num_experts = moe_layers[0].config.num_experts if moe_layers else 0
+        self.load_LME: torch.Tensor | None = None   # [layers, 2, experts], made on the first add's device
         # per layer: [tokens, sum of each comm figure for binned placement, then physical, then the
-        # bytes the layer's dispatch really sent to other EP ranks (layer.last_comm)]
-        self.comm_LX = torch.zeros(len(moe_layers), 2 + 2 * len(_COMM_KEYS), dtype=torch.float64)
+        # bytes the layer's dispatch really sent to other EP ranks (layer.last_remote_bytes)]
+        self.comm_LX: torch.Tensor | None = None
+
+    def _buffers(self, device) -> None:
+        if self.load_LME is None:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self.load_LME = torch.zeros(len(self.layers), 2, self.num_experts, dtype=dtype, device=device)
+            self.comm_LX = torch.zeros(len(self.layers), 2 + 2 * len(_COMM_KEYS), dtype=dtype, device=device)
 
     def add(self) -> None:
         for l, layer in enumerate(self.layers):
             st = layer.last_routing_stats
             if st is None:
                 continue
-            self.load_LME[l] += st.load_ME.double()
-            n = st.num_tokens
+            self._buffers(st.load_ME.device)
+            self.load_LME[l] += st.load_ME.to(self.load_LME.dtype)
+            n = st.num_tokens.to(self.comm_LX.dtype)
+            figures = [st.comm_binned[key] for key in _COMM_KEYS] + [st.comm_physical[key] for key in _COMM_KEYS]
             self.comm_LX[l, 0] += n
-            for j, key in enumerate(_COMM_KEYS):
-                self.comm_LX[l, 1 + j] += float(st.comm_binned[key]) * n
-                self.comm_LX[l, 1 + len(_COMM_KEYS) + j] += float(st.comm_physical[key]) * n
-            comm = getattr(layer, "last_comm", None)
-            if comm is not None:
-                self.comm_LX[l, -1] += comm.remote_bytes
+            self.comm_LX[l, 1:-1] += torch.stack(figures).to(self.comm_LX) * n
+            self.comm_LX[l, -1] += getattr(layer, "last_remote_bytes", 0)
 
     def result(self, loss: float = float("nan")) -> RoutingMeasurement:
+        device = self.load_LME.device if self.load_LME is not None else distributed.collective_device()
+        self._buffers(device)
         load = distributed.world_sum_(self.load_LME.clone())
         comm = distributed.world_sum_(self.comm_LX.clone())
         tokens_L = comm[:, 0].clamp_min(1)
@@ -125,7 +132,7 @@ class RoutingAccumulator:
             out[key] = (comm[:, 1 + j] / tokens_L).tolist()
             out[f"{key}_physical"] = (comm[:, 1 + len(_COMM_KEYS) + j] / tokens_L).tolist()
         out["remote_bytes_per_token"] = (comm[:, -1] / tokens_L).tolist()
-        return RoutingMeasurement(load.float(), out, loss)
+        return RoutingMeasurement(load.float().cpu(), out, loss)  # host read: once per log window or evaluation
 
 
 @torch.no_grad()

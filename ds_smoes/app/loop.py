@@ -78,14 +78,19 @@ class TrainWindow:
         self._reset()
 
     def _reset(self) -> None:
-        self._sums = torch.zeros(5, dtype=torch.float64)  # loss, lm, aux, steps, tokens
+        self._losses: torch.Tensor | None = None   # loss, lm, aux summed over the window, on the model's device
+        self._counts = [0, 0]                       # steps, tokens (host-side numbers already)
         self._seconds = 0.0
         self._routing = RoutingAccumulator(self.moe_layers)
 
     def add(self, out, tokens: int, seconds: float) -> None:
-        """One optimizer step: `out` has .loss, .lm_loss, .aux_loss; `tokens` non-padding tokens here."""
-        self._sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), 1.0, float(tokens)],
-                                   dtype=torch.float64)
+        """One optimizer step: `out` has .loss, .lm_loss, .aux_loss; `tokens` non-padding tokens here.  Sums on the
+        device: nothing is read back to the host until `flush` (a logging step)."""
+        losses = torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(),
+                              out.aux_loss.detach().float()])
+        self._losses = losses if self._losses is None else self._losses + losses
+        self._counts[0] += 1
+        self._counts[1] += tokens
         self._seconds += seconds
         self.train_seconds += seconds
         self.tokens += tokens
@@ -104,7 +109,10 @@ class TrainWindow:
         step only, from the layers' `last_routing_stats`: mi and train/gate/... (means over layers) and
         dropped_routes (summed over layers).  rebins counts every layer's re-binnings of the run so far.
         """
-        sums = distributed.world_sum_(self._sums.clone())
+        device = self._losses.device if self._losses is not None else distributed.collective_device()
+        losses = self._losses if self._losses is not None else torch.zeros(3, device=device)
+        sums = distributed.world_sum_(torch.cat([losses.double(), torch.tensor(
+            [float(c) for c in self._counts], dtype=torch.float64, device=device)]))
         routing = self._routing.result()
         loss, lm, aux = (sums[:3] / sums[3].clamp_min(1)).tolist()
         self.last_loss = loss
@@ -117,7 +125,7 @@ class TrainWindow:
                    "train/bytes_per_token": routing.mean("remote_bytes_per_token"),
                    "train/mi": sum(mi) / len(mi) if mi else 0.0,
                    "train/rebins": sum(int(layer.gate.binning.num_rebins) for layer in self.moe_layers),
-                   "train/lr": lr, "train/dropped_routes": sum(s.num_dropped for s in stats),
+                   "train/lr": lr, "train/dropped_routes": int(sum(s.num_dropped for s in stats)),
                    **{f"train/gate/{k}": v for k, v in mean_gate_losses(stats).items()}}
         self._reset()
         return metrics
@@ -125,7 +133,8 @@ class TrainWindow:
     def run_totals(self) -> dict[str, float]:
         """tokens_per_s (all ranks' tokens over this process's training seconds), train_seconds, final loss;
         a collective."""
-        total = float(distributed.world_sum_(torch.tensor([float(self.tokens)], dtype=torch.float64)))
+        total = float(distributed.world_sum_(torch.tensor([float(self.tokens)], dtype=torch.float64,
+                                                          device=distributed.collective_device())))
         return {"tokens_per_s": total / max(self.train_seconds, 1e-9), "train_seconds": self.train_seconds,
                 "final_loss": self.last_loss}
 

@@ -23,8 +23,13 @@ class SparseRoutes:
     selected_SE: torch.Tensor   # bool, each valid token's selected experts (before capacity drops)
 
     @property
+    def dropped(self) -> torch.Tensor:
+        """Routes over capacity (0-dim, on the device)."""
+        return self.counts_E.sum() - (self.indices_KS >= 0).sum()
+
+    @property
     def num_dropped(self) -> int:
-        return int(self.counts_E.sum()) - int((self.indices_KS >= 0).sum())
+        return int(self.dropped)
 
 
 def capacity_for(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:

@@ -53,9 +53,9 @@ class RoutingStats:
     """What one gate call decided, detached, for logging and metrics."""
     load_ME: torch.Tensor            # tokens per (hard modality, expert), this rank
     losses: dict                     # the gate's named auxiliary losses and diagnostics, detached
-    capacity: int
-    num_dropped: int
-    num_tokens: int
+    capacity: int | torch.Tensor     # a 0-dim tensor (on the device) where the gate agreed it by an all-reduce
+    num_dropped: torch.Tensor        # 0-dim, on the device: reading the statistics needs no host read
+    num_tokens: torch.Tensor         # 0-dim, on the device
     comm_physical: dict              # routing_comm_stats under DeepSpeed's expert layout (e // local experts)
     comm_binned: dict                # routing_comm_stats with experts placed by their bin
     bin_E: torch.Tensor
@@ -88,6 +88,7 @@ class ModalityGate(TopKGate):
         self.register_buffer("physical_E", torch.arange(config.num_experts))
         self._inputs: RoutingInputs | None = None
         self.last_stats = None
+        self.last_capacity: int | torch.Tensor = 0   # what the last forward handed DeepSpeed
         # called with the dispatch's routes (physical ids) as soon as they are final, before the losses are
         # computed: the rank_once dispatch starts its count exchange there, so it overlaps with the losses
         self.on_routes: Callable[[torch.Tensor], None] | None = None
@@ -189,6 +190,7 @@ class ModalityGate(TopKGate):
             self.on_routes(indices_KS)
         l_aux, named = self.aux_losses(probs_SE, routes, inputs, valid_S)
         self.defer_stats(routes, inputs, valid_S, named, capacity)
+        self.last_capacity = capacity
         # capacity: a Python int where it is known on the host (DeepSpeed's MOELayer reads it with int(), which
         # costs a device tensor a host sync), else the group's all-reduced device tensor
         return l_aux, capacity, cfg.num_experts, indices_KS, routes.locations_KS, routes.gates_KS, counts_E
@@ -235,8 +237,8 @@ class ModalityGate(TopKGate):
                        routing_comm_stats(routes.indices_KS, bin_rank_E, ep_rank, valid_S, ep_size))
         return RoutingStats(
             load_ME=expert_modality_load(routes.indices_KS, inputs.labels_S, valid_S, cfg.num_experts),
-            losses={k: v.detach() for k, v in named.items()}, capacity=int(capacity), num_dropped=routes.num_dropped,
-            num_tokens=int(valid_S.sum()),
+            losses={k: v.detach() for k, v in named.items()}, capacity=capacity, num_dropped=routes.dropped,
+            num_tokens=valid_S.sum(),
             comm_physical=comm_physical, comm_binned=comm_binned,
             bin_E=bin_E)
 

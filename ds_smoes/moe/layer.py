@@ -37,7 +37,8 @@ from torch import nn
 from ds_smoes.parallel import distributed
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.deferred import Deferred
-from ds_smoes.parallel.dispatch import CommVolume, RankOncePlan, plan_rank_once, rank_once_dispatch, stock_volume
+from ds_smoes.parallel.dispatch import (CommVolume, RankOncePlan, plan_rank_once, rank_once_dispatch, rank_once_volume,
+                                        stock_alltoall_bytes, stock_volume)
 from ds_smoes.moe.gate import ModalityGate, RoutingInputs, RoutingStats
 from ds_smoes.core.placement import is_placed, plan_physical
 from ds_smoes.parallel.migration import MigrationCost, migrate_experts
@@ -65,6 +66,9 @@ class SMoESMoE(MoE):
                                              var_floor=config.gaussian_var_floor)
                        if config.score_type == "gaussian" else None)
         self.last_comm = None
+        # what the last forward's dispatch sent to other EP ranks (token vectors, bytes): known on the host without
+        # a read (split sizes, capacity), so the training loop can sum it every step
+        self.last_remote_bytes = 0
         self._placed: bool | None = None  # experts on their bins' ranks, once the bins are frozen (host-side)
 
     @property
@@ -153,6 +157,8 @@ class SMoESMoE(MoE):
             return self._rank_once_forward(hidden_states, x_SD, valid_S)
         out = super().forward(hidden_states, None)
         self.last_comm = partial(self._stock_comm, x_SD.shape[1], x_SD.element_size())
+        self.last_remote_bytes = stock_alltoall_bytes(self.config.num_experts, int(self.gate.last_capacity),
+                                                      x_SD.shape[1], self.deepspeed_moe.ep_size, x_SD.element_size())
         return out
 
     def _rank_once_forward(self, hidden_states: torch.Tensor, x_SD: torch.Tensor, valid_S: torch.Tensor):
@@ -168,8 +174,14 @@ class SMoESMoE(MoE):
             moe.l_aux, _, num_experts, indices_KS, _, gates_KS, moe.exp_counts = moe.gate(x_SD, None, True, False)
         finally:
             self.gate.on_routes = None
+        plan = plans[0] if plans else plan_rank_once(indices_KS, moe.num_local_experts, group)
         out_SD, self.last_comm = rank_once_dispatch(x_SD, indices_KS, gates_KS, moe.experts.deepspeed_experts,
-                                                    num_experts, group, valid_S, plans[0] if plans else None)
+                                                    num_experts, group, valid_S, plan)
+        send, recv = plan.counts()   # read by the dispatch already: no new host read
+        home = torch.distributed.get_rank(group) if group is not None else 0
+        dispatch_b, combine_b, _ = rank_once_volume(send, recv, home, x_SD.shape[1], x_SD.element_size(),
+                                                    indices_KS.shape[0])
+        self.last_remote_bytes = dispatch_b + combine_b
         output = out_SD.reshape(hidden_states.shape)
         if self.use_residual:  # Residual MoE: a learned per-token mix of the MoE output and a dense MLP
             mlp_out = self.mlp(hidden_states)
@@ -185,6 +197,6 @@ class SMoESMoE(MoE):
         if stats is None:
             return None
         routing = stats.comm_physical
-        return stock_volume(self.config.num_experts, stats.capacity, hidden, self.deepspeed_moe.ep_size,
+        return stock_volume(self.config.num_experts, int(stats.capacity), hidden, self.deepspeed_moe.ep_size,
                             element_size, float(routing["cross_rank_rate"]), float(routing["ranks_per_token"]),
                             int(routing["num_tokens"]))

@@ -17,10 +17,30 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def collective_device() -> torch.device:
+    """The device this rank's collectives run on when no model tensor is at hand: the accelerator's current device
+    (a GPU under NCCL, which rejects CPU tensors), the CPU without a process group."""
+    if not is_distributed():
+        return torch.device("cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def world_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over all ranks in place (identity on one process) and return it."""
+    """Sum `tensor` over all ranks in place (identity on one process) and return it.
+
+    The all-reduce runs on the collective device: a host-side tally (evaluation counts, a logging window's
+    figures) travels there and back, since NCCL takes device tensors only; a tensor already there (the step
+    updates' statistics) does not move."""
     if is_distributed() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        device = collective_device()
+        if tensor.device == device:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        else:
+            on_device = tensor.to(device)
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_device)
     return tensor
 
 

@@ -51,5 +51,6 @@ class DeepSpeedTopKGate(ModalityGate):
         selected_SE = routes_per_column(idx_KS, valid_S, num_experts) > 0  # valid tokens' dispatched routes
         routes = SparseRoutes(idx_KS, loc_KS, gates_KS, counts_E.to(torch.int64), selected_SE)
         self.defer_stats(routes, inputs, valid_S, {"gshard_balance": l_aux}, capacity)
+        self.last_capacity = capacity
         idx_KS, counts_E = self.routes_for_dispatch(idx_KS, counts_E)
         return (self.config.alpha_bal * l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E)
