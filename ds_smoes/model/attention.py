@@ -39,15 +39,17 @@ class SelfAttention(nn.Module):
                                   for z in self.qkv(x_BTD).chunk(3, dim=-1))
         probs_BTT = None
         if self.impl == "eager":
-            scores_BATT = (q_BATd @ k_BATd.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            # the softmax in float32 whatever the weights' dtype (as Hugging Face's eager attention does): in bf16
+            # its 8-bit mantissa blurs the probabilities, and with them the attention modality score
+            scores_BATT = (q_BATd @ k_BATd.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
             attn_BATT = torch.softmax(scores_BATT.masked_fill(~mask_B1TT, float("-inf")), dim=-1)
-            y_BATd = attn_BATT @ v_BATd
+            y_BATd = attn_BATT.to(v_BATd.dtype) @ v_BATd
             if need_probs:
                 probs_BTT = attn_BATT.detach().mean(1)
         else:
             y_BATd = F.scaled_dot_product_attention(q_BATd, k_BATd, v_BATd, attn_mask=mask_B1TT)
             if need_probs:
                 with torch.no_grad():
-                    scores_BATT = (q_BATd @ k_BATd.transpose(-1, -2)) / math.sqrt(self.head_dim)
+                    scores_BATT = (q_BATd @ k_BATd.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
                     probs_BTT = torch.softmax(scores_BATT.masked_fill(~mask_B1TT, float("-inf")), dim=-1).mean(1)
         return self.out(y_BATd.transpose(1, 2).reshape(b, t, d)), probs_BTT
