@@ -97,3 +97,25 @@ def test_the_counter_sees_every_kind_of_host_read():
         t.sum()                 # not a read
     assert syncs.by_op == {"_local_scalar_dense": 2, "tolist": 1, "nonzero": 2, "bincount": 1, "cpu": 1}, syncs.by_op
     assert torch.Tensor.tolist is not None and t.tolist() == list(range(6))  # patched methods are restored
+
+
+@pytest.mark.parametrize("dispatch", ["deepspeed", "rank_once"])
+def test_the_logging_window_reads_nothing_on_the_steps_that_do_not_log(dispatch):
+    # the training loop adds every step to its logging window (losses, routing loads, comm figures) on the
+    # device; only `flush`, on a logging step, reads back
+    from types import SimpleNamespace
+
+    from ds_smoes.app.loop import TrainWindow
+
+    cfg = SMoESConfig(num_experts=E, k=K, ep_size=1, num_bins=4, score_type="hard", dispatch=dispatch)
+    layer = SMoESMoE(D, _expert(), cfg)
+    window = TrainWindow([layer], log_every=2)
+    for step in range(2):
+        out_BTD, l_aux, _ = layer(torch.randn(B, T, D, requires_grad=True), modality_labels=_labels())
+        loss = out_BTD.pow(2).mean() + l_aux
+        loss.backward()
+        with count_host_syncs() as syncs:
+            window.add(SimpleNamespace(loss=loss, lm_loss=loss - l_aux, aux_loss=l_aux), tokens=B * T, seconds=0.1)
+        assert syncs.total == 0, syncs.report()
+    metrics = window.flush(lr=1e-3)
+    assert metrics["train/loss"] > 0 and 0 <= metrics["train/msi"] <= 1 and metrics["train/tokens_per_s"] > 0

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _aten = torch.ops.aten
 
 # ops that read a value back to the host
-VALUE_OPS = frozenset({_aten._local_scalar_dense.default})
+VALUE_OPS = frozenset({_aten._local_scalar_dense.default, _aten.equal.default, _aten.is_nonzero.default})
 # ops whose output shape depends on values: the host waits for the values to size the output
 SHAPE_OPS = frozenset({
     _aten.nonzero.default, _aten.nonzero_static.default, _aten.masked_select.default,

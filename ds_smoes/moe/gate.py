@@ -232,9 +232,8 @@ class ModalityGate(TopKGate):
         physical_rank_E = self.physical_rank_of_expert(ep_size, physical_E)
         bin_rank_E = rank_of_bin_placed_expert(bin_E, cfg.num_bins, ep_size).to(physical_rank_E.device)
         comm_physical = routing_comm_stats(routes.indices_KS, physical_rank_E, ep_rank, valid_S, ep_size)
-        # once the experts sit on their bins' ranks (or bins are fixed) the two layouts are one
-        comm_binned = (comm_physical if torch.equal(physical_rank_E, bin_rank_E) else
-                       routing_comm_stats(routes.indices_KS, bin_rank_E, ep_rank, valid_S, ep_size))
+        # both layouts, always: asking whether they are one (torch.equal) would read back to the host
+        comm_binned = routing_comm_stats(routes.indices_KS, bin_rank_E, ep_rank, valid_S, ep_size)
         return RoutingStats(
             load_ME=expert_modality_load(routes.indices_KS, inputs.labels_S, valid_S, cfg.num_experts),
             losses={k: v.detach() for k, v in named.items()}, capacity=capacity, num_dropped=routes.dropped,
