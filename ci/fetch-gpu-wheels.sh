@@ -12,8 +12,7 @@
 #     ninja, einops, packaging);
 #   - pydantic 2 with pydantic-core (binary), annotated-types, typing-inspection, typing-extensions;
 #   - pillow (the dataset's PNG images);
-#   - matplotlib and its dependencies: ds_smoes/app/session.py draws the expert-by-modality heatmap at the
-#     end of every run and imports matplotlib for it (drop them here once a run without matplotlib skips it);
+# not matplotlib: without it a run skips its heatmap PNG and says so;
 # and digits/, the demo dataset generated here: its generator needs scikit-learn (and scipy), 40 MB of
 # wheels, while the generated files are 1.6 MB.  Not Ray, MLflow or scikit-learn: the check needs none.
 # The versions are those of the project's own environment (.venv, `make venv`), so the GPU machine runs the
@@ -30,8 +29,7 @@ limit_bytes=40000000   # 40 MB
 deepspeed_version=0.19.8
 # distributions fetched as wheels, at the versions installed in $python's environment
 wheels=(pydantic pydantic-core annotated-types typing-inspection typing-extensions
-        hjson py-cpuinfo msgpack psutil ninja einops packaging pillow
-        matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six)
+        hjson py-cpuinfo msgpack psutil ninja einops packaging pillow)
 
 if [ ! -x "$python" ]; then
     echo "error: $python not found: run 'make venv' first, or set PYTHON=/path/to/python (with torch, setuptools, scikit-learn)" >&2

@@ -10,6 +10,7 @@ the Ray trials can call it inside their workers with a validated config.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -103,7 +104,6 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
     `resume_from` is such a DeepSpeed checkpoint folder: the engine (weights, optimizer, schedule,
     SMoES buffers) is loaded from it and training continues from its step.  `eval_only` skips training.
     """
-    from ds_smoes.app.plots import expert_modality_heatmap
     from ds_smoes.app.tracking import Tracker, default_tracking_uri, flatten
 
     cfg = family.cfg
@@ -175,7 +175,11 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
 
     if rank == 0:
         family.save_artifacts(out_dir, final, tracker)
-        if model.moe_layers():
+        if model.moe_layers() and importlib.util.find_spec("matplotlib") is None:
+            log("no expert_modality_heatmap.png: matplotlib is not installed")
+        elif model.moe_layers():
+            from ds_smoes.app.plots import expert_modality_heatmap  # matplotlib: only where it is installed
+
             bin_LE = torch.stack([layer.gate.binning.bin_E for layer in model.moe_layers()])
             fig = expert_modality_heatmap(routing.load_LME, bin_LE, title=f"{run_name} (test split)")
             fig.savefig(out_dir / "expert_modality_heatmap.png", dpi=120)

@@ -213,8 +213,7 @@ def time_round_robin(models: dict, batches: list, warmup: int, repeats: int) -> 
                 times_QX[r - warmup, v] = elapsed
         if r == warmup - 1 or (r >= warmup and (r - warmup + 1) % 10 == 0):
             log0(f"    timing round {r + 1}/{warmup + repeats}")
-    if distributed.is_distributed():
-        dist.all_reduce(times_QX, op=dist.ReduceOp.MAX)
+    distributed.world_max_(times_QX)   # the slowest rank's time (on the collective device, as NCCL needs)
     return {key: times_QX[:, v].tolist() for v, key in enumerate(keys)}
 
 

@@ -33,13 +33,22 @@ def world_sum_(tensor: torch.Tensor) -> torch.Tensor:
     The all-reduce runs on the collective device: a host-side tally (evaluation counts, a logging window's
     figures) travels there and back, since NCCL takes device tensors only; a tensor already there (the step
     updates' statistics) does not move."""
-    if is_distributed() and dist.get_world_size() > 1:
+    return _world_reduce_(tensor, dist.ReduceOp.SUM) if is_distributed() else tensor
+
+
+def world_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """`world_sum_` with the maximum (e.g. the slowest rank's timings)."""
+    return _world_reduce_(tensor, dist.ReduceOp.MAX) if is_distributed() else tensor
+
+
+def _world_reduce_(tensor: torch.Tensor, op) -> torch.Tensor:
+    if dist.get_world_size() > 1:
         device = collective_device()
         if tensor.device == device:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=op)
         else:
             on_device = tensor.to(device)
-            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            dist.all_reduce(on_device, op=op)
             tensor.copy_(on_device)
     return tensor
 
