@@ -35,7 +35,7 @@ def main() -> None:
         comm = engine.module.moe_layers()[0].last_comm
         report[name] = {"losses": losses, "finite": all(math.isfinite(l) for l in losses),
                         "gate_class": type(engine.module.moe_layers()[0].gate).__name__,
-                        "num_tokens": stats.num_tokens, "routed": int(stats.load_ME.sum()),
+                        "num_tokens": int(stats.num_tokens), "routed": int(stats.load_ME.sum()),
                         "cross_rank_rate": float(stats.comm_binned["cross_rank_rate"]),
                         "losses_logged": sorted(stats.losses),
                         "dispatch": comm.dispatch, "remote_bytes": comm.remote_bytes}

@@ -5,6 +5,7 @@ Each rank writes OUT/rank{r}.json; tests/test_distributed.py asserts on them."""
 import torch
 from rank_report import parse_args, write_report
 
+from ds_smoes.moe.updates import register_step_updates
 from ds_smoes.parallel import distributed
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.data import VLMBatch
@@ -41,6 +42,7 @@ def build(seed: int, score_type: str, **smoes_fields):
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()),
                                                                   "name": "all"})
     opt = torch.optim.AdamW(groups, lr=1e-2)
+    register_step_updates(opt, model)  # the bins and Gaussian statistics change at each optimizer step
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
         "train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
