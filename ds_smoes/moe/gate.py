@@ -53,7 +53,7 @@ class RoutingStats:
     """What one gate call decided, detached, for logging and metrics."""
     load_ME: torch.Tensor            # tokens per (hard modality, expert), this rank
     losses: dict                     # the gate's named auxiliary losses and diagnostics, detached
-    capacity: int | torch.Tensor     # a 0-dim tensor (on the device) where the gate agreed it by an all-reduce
+    capacity: int | torch.Tensor     # an int; the `topk` baseline's is DeepSpeed's own 0-dim tensor
     num_dropped: torch.Tensor        # 0-dim, on the device: reading the statistics needs no host read
     num_tokens: torch.Tensor         # 0-dim, on the device
     comm_physical: dict              # routing_comm_stats under DeepSpeed's expert layout (e // local experts)
@@ -192,7 +192,7 @@ class ModalityGate(TopKGate):
         self.defer_stats(routes, inputs, valid_S, named, capacity)
         self.last_capacity = capacity
         # capacity: a Python int where it is known on the host (DeepSpeed's MOELayer reads it with int(), which
-        # costs a device tensor a host sync), else the group's all-reduced device tensor
+        # costs a device tensor a host sync); dropless, the group's all-reduced maximum, read once in `_capacity`
         return l_aux, capacity, cfg.num_experts, indices_KS, routes.locations_KS, routes.gates_KS, counts_E
 
     def _capacity(self, num_tokens: int, counts_E: torch.Tensor, valid_S: torch.Tensor,
