@@ -86,3 +86,45 @@ def test_train_window_metrics_by_hand():
     totals = window.run_totals()
     assert totals == {"tokens_per_s": pytest.approx(15 / 3.0), "train_seconds": pytest.approx(3.0),
                       "final_loss": pytest.approx(4.0)}
+
+
+def _fake_layer(loads: list, tokens: list, ep_size: int, hidden: int):
+    """A stand-in MoE layer whose `last_routing_stats` steps through the given per-forward loads (load_ME)."""
+    comm = {"cross_rank_rate": torch.tensor(0.5), "ranks_per_token": torch.tensor(1.5),
+            "remote_pairs_per_token": torch.tensor(0.5)}
+    stats = [SimpleNamespace(load_ME=torch.tensor(l, dtype=torch.float32), num_tokens=torch.tensor(n),
+                             comm_binned=comm, comm_physical=comm) for l, n in zip(loads, tokens)]
+    layer = SimpleNamespace(config=SimpleNamespace(dispatch="rank_once", num_experts=len(loads[0][0])),
+                            deepspeed_moe=SimpleNamespace(ep_size=ep_size, ep_group=None,
+                                                          experts=nn.Linear(hidden, hidden)),
+                            gate=SimpleNamespace(wg=nn.Linear(hidden, len(loads[0][0]), bias=False)),
+                            last_remote_bytes=100, last_routing_stats=None)
+    return layer, stats
+
+
+def test_rank_once_runs_report_what_the_stock_dispatch_would_have_sent_by_hand():
+    from ds_smoes.app.evaluation import RoutingAccumulator
+
+    # forward 1: expert loads (text + vision) [3, 2, 2, 2], the largest 3; forward 2: [1, 1, 1, 1], the largest 1
+    layer, stats = _fake_layer([[[3, 1, 0, 0], [0, 1, 2, 2]], [[1, 1, 0, 0], [0, 0, 1, 1]]], [4, 2], ep_size=2,
+                               hidden=8)
+    acc = RoutingAccumulator([layer])
+    for st in stats:
+        layer.last_routing_stats = st
+        acc.add()
+    comm = acc.result().comm
+    # stock: the padded [E, C, D] buffer there and back, less the own rank's half: 2 * (4 - 2) * C * 8 * 4 bytes with
+    # the dropless capacity C = 3, then 1: per unit of C 2 * 2 * 8 * 4 = 128 bytes, so 128 * (3 + 1) over 6 tokens
+    assert comm["stock_remote_bytes_per_token"] == [pytest.approx(128 * 4 / 6)]
+    assert comm["remote_bytes_per_token"] == [pytest.approx(200 / 6)]   # what the layer says it sent, twice 100
+
+
+def test_stock_dispatch_runs_report_no_counterfactual():
+    from ds_smoes.app.evaluation import RoutingAccumulator
+
+    layer, stats = _fake_layer([[[1, 1, 0, 0], [0, 0, 1, 1]]], [2], ep_size=2, hidden=8)
+    layer.config.dispatch = "deepspeed"
+    acc = RoutingAccumulator([layer])
+    layer.last_routing_stats = stats[0]
+    acc.add()
+    assert "stock_remote_bytes_per_token" not in acc.result().comm

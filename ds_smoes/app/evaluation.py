@@ -14,6 +14,7 @@ import torch
 from ds_smoes.parallel import distributed
 from ds_smoes.data import LlavaDataset, collate_prompts, collate_train
 from ds_smoes.core.metrics import modality_specialization_index
+from ds_smoes.parallel.dispatch import stock_alltoall_bytes
 from ds_smoes.model import model_inputs
 
 
@@ -101,6 +102,11 @@ class RoutingAccumulator:
         # per layer: [tokens, sum of each comm figure for binned placement, then physical, then the
         # bytes the layer's dispatch really sent to other EP ranks (layer.last_remote_bytes)]
         self.comm_LX: torch.Tensor | None = None
+        # rank_once layers: per forward, each layer's largest expert load on this rank (valid routes), from which
+        # `result` computes what DeepSpeed's stock dispatch would have sent for the same routing (its dropless
+        # capacity is the EP group's largest expert load)
+        self._max_load_L: list[torch.Tensor] = []
+        self._rank_once = bool(moe_layers) and all(l.config.dispatch == "rank_once" for l in moe_layers)
 
     def _buffers(self, device) -> None:
         if self.load_LME is None:
@@ -120,6 +126,10 @@ class RoutingAccumulator:
             self.comm_LX[l, 0] += n
             self.comm_LX[l, 1:-1] += torch.stack(figures).to(self.comm_LX) * n
             self.comm_LX[l, -1] += getattr(layer, "last_remote_bytes", 0)
+        if self._rank_once:
+            stats = [layer.last_routing_stats for layer in self.layers]
+            if all(st is not None for st in stats):
+                self._max_load_L.append(torch.stack([st.load_ME.sum(0).max() for st in stats]).to(self.comm_LX))
 
     def result(self, loss: float = float("nan")) -> RoutingMeasurement:
         device = self.load_LME.device if self.load_LME is not None else distributed.collective_device()
@@ -132,7 +142,27 @@ class RoutingAccumulator:
             out[key] = (comm[:, 1 + j] / tokens_L).tolist()
             out[f"{key}_physical"] = (comm[:, 1 + len(_COMM_KEYS) + j] / tokens_L).tolist()
         out["remote_bytes_per_token"] = (comm[:, -1] / tokens_L).tolist()
+        if self._rank_once:
+            out["stock_remote_bytes_per_token"] = (self._stock_bytes_L() / tokens_L).tolist()
         return RoutingMeasurement(load.float().cpu(), out, loss)  # host read: once per log window or evaluation
+
+    def _stock_bytes_L(self) -> torch.Tensor:
+        """Per layer, over all ranks and forwards: the bytes DeepSpeed's stock dispatch would have sent to other EP
+        ranks for the routes the rank_once dispatch moved (its capacity-padded [E, C, D] buffer twice, less the own
+        rank's chunk, with C the EP group's largest expert load of each forward, as its dropless gate sets it)."""
+        device = self.comm_LX.device
+        bytes_L = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        if self._max_load_L:
+            moe = self.layers[0].deepspeed_moe
+            max_load_QL = torch.stack(self._max_load_L)   # Q = forwards since the last reset
+            distributed.group_max_(max_load_QL, moe.ep_group if moe.ep_size > 1 else None)
+            capacity_L = max_load_QL.clamp_min(1).sum(0)   # host read below, with the other figures
+            for l, layer in enumerate(self.layers):
+                expert = next(layer.deepspeed_moe.experts.parameters())  # the dtype the tokens travel in
+                bytes_L[l] = stock_alltoall_bytes(layer.config.num_experts, 1, layer.gate.wg.weight.shape[1],
+                                                  layer.deepspeed_moe.ep_size, expert.element_size())
+            bytes_L = bytes_L * capacity_L.to(bytes_L)   # linear in the capacity: one figure per forward, summed
+        return distributed.world_sum_(bytes_L)
 
 
 @torch.no_grad()

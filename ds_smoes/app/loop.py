@@ -123,6 +123,8 @@ class TrainWindow:
                    "train/cross_rank_rate": routing.mean("cross_rank_rate"),
                    "train/ranks_per_token": routing.mean("ranks_per_token"),
                    "train/bytes_per_token": routing.mean("remote_bytes_per_token"),
+                   **({"train/stock_bytes_per_token": routing.mean("stock_remote_bytes_per_token")}
+                      if "stock_remote_bytes_per_token" in routing.comm else {}),
                    "train/mi": sum(mi) / len(mi) if mi else 0.0,
                    "train/rebins": sum(int(layer.gate.binning.num_rebins) for layer in self.moe_layers),
                    "train/lr": lr, "train/dropped_routes": int(sum(s.num_dropped for s in stats)),

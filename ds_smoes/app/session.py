@@ -218,6 +218,9 @@ def _final_figures(acc: dict, routing, figures: dict, s, seed: int, world: int, 
         "remote_pairs_per_token": routing.mean("remote_pairs_per_token"),
         # measured from the dispatch's own split sizes (layer.last_comm), per MoE layer
         "bytes_per_token": routing.mean("remote_bytes_per_token"),
+        # rank_once only: what DeepSpeed's stock dispatch would have sent for the same routes (its dropless capacity)
+        **({"stock_bytes_per_token": routing.mean("stock_remote_bytes_per_token")}
+           if "stock_remote_bytes_per_token" in routing.comm else {}),
         "dispatch": s.dispatch,
         "cross_rank_rate_physical": routing.mean("cross_rank_rate_physical"),
         "ranks_per_token_physical": routing.mean("ranks_per_token_physical"),
@@ -239,6 +242,11 @@ def _to_json(figures: dict) -> str:
     return json.dumps({k: clean(v) for k, v in figures.items()}, indent=2, allow_nan=False)
 
 
+def _saving(sent: float, stock: float) -> str:
+    """'-42.1 %': what the dispatch sent relative to the stock dispatch's bytes."""
+    return f"{100.0 * (sent - stock) / stock:+.1f} %" if stock else "n/a"
+
+
 def _print_summary(final: dict, log: Callable) -> None:
     log("")
     log("== results (held-out test split) " + "=" * 40)
@@ -252,7 +260,10 @@ def _print_summary(final: dict, log: Callable) -> None:
             ("cross-rank rate, bins placed on EP ranks", f"{final['cross_rank_rate']:.4f}"),
             ("ranks per token, bins placed on EP ranks", f"{final['ranks_per_token']:.4f}"),
             ("cross-rank rate, where the experts are", f"{final['cross_rank_rate_physical']:.4f}"),
-            (f"remote bytes per token and MoE layer ({final['dispatch']} dispatch)", f"{final['bytes_per_token']:.0f}"),
+            (f"remote bytes per token and MoE layer ({final['dispatch']} dispatch)", f"{final['bytes_per_token']:.0f}"
+             + (f"  (DeepSpeed's stock dispatch, same routes: {final['stock_bytes_per_token']:.0f}, "
+                f"{_saving(final['bytes_per_token'], final['stock_bytes_per_token'])})"
+                if final.get("stock_bytes_per_token") else "")),
             ("wall time", _fmt_time(final["wall_seconds"]))]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
