@@ -95,13 +95,41 @@ def test_every_child_run_carries_the_required_metrics(isolation):
     assert runs["t00"].tags["score_type"] == "attention" and runs["t01"].tags["score_type"] == "gaussian"
 
 
-def test_crashed_worker_group_restarts_from_the_last_checkpoint(isolation):
-    proc, store, _, runs = isolation
+def test_crashed_worker_group_restarts_from_the_last_checkpoint(isolation, small):
+    proc, store, parent, runs = isolation
     t00 = runs["t00"]
-    assert "inject_crash: killing worker rank 1 after epoch 1" in proc.stdout + proc.stderr, tail(proc)
+    # the workers' output is in the trial's folder, every attempt appended (the console only says it restarted)
+    rank1 = (small[0] / "store" / parent.tags["sweep.id"] / "trials" / "t00" / "worker-rank1.log").read_text()
+    assert "inject_crash: killing worker rank 1 after epoch 1" in rank1 and "resuming from step 10" in rank1, rank1[-3000:]
+    assert "workers restarted from the step-10 checkpoint" in proc.stdout, tail(proc)
     assert t00.tags["sweep.attempts"] == "2"  # two training runs, folded into one child
     assert t00.tags["sweep.resumed_from_step"] == "10"  # the epoch-1 checkpoint, not step 0
     assert runs["t01"].tags["sweep.attempts"] == "1" and runs["t01"].tags["sweep.resumed_from_step"] == "0"
+
+
+def test_console_has_one_line_per_trial_event_and_ends_with_the_summary(isolation):
+    """No Ray tables, no worker output on the console: each trial starts once and ends once (finished or
+    failed), every line about a trial carries the sweep's progress, and the summary comes last."""
+    proc, _, _, _ = isolation
+    out = proc.stdout
+    lines = out.splitlines()
+    names = {"t00": "t00:score_type=attention", "t01": "t01:score_type=gaussian", "t02": "t02:micro_batch_size=100000"}
+    for i, (tid, name) in enumerate(names.items()):
+        mine = [l for l in lines if l.startswith(f"[trial {i + 1}/3] {name}  ")]
+        assert sum(" started  (done " in l for l in mine) == 1, mine
+        ends = [l for l in mine if "  finished in " in l or "  failed after " in l]
+        assert len(ends) == 1, mine
+        assert ("  failed after " in ends[0]) == (tid == "t02"), ends
+        assert all(l.endswith(")") and "(done " in l and ", ETA " in l for l in mine), mine
+    assert "do not fill one batch" in [l for l in lines if l.startswith("[trial 3/3]") and "failed" in l][0]
+    assert any("epoch 1, step 10: loss " in l for l in lines if l.startswith("[trial 2/3]")), out
+    assert any(l.startswith("Ray logs: ") for l in lines), out
+    for noise in ("TrainingReport(", "RayTrainWorker", "Trial status", "pid="):
+        assert noise not in out + proc.stderr, noise
+    assert "tensorboard" not in (out + proc.stderr).lower()
+    summary = next(i for i, l in enumerate(lines) if l.startswith("== sweep "))
+    assert not any(l.startswith("[trial ") for l in lines[summary:]), out
+    assert lines[-1].strip().startswith("mlflow ui --backend-store-uri "), out[-2000:]
 
 
 def test_parent_run_holds_the_comparison(isolation, tmp_path):
@@ -179,7 +207,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small):
         sid = sweep_id(log.read_text())
 
         def t00_done_t01_checkpointed():  # t00 settled in MLflow and ended in Tune; t01 has a checkpoint
-            return "Trial t00:seed=0 completed" in log.read_text() and any(
+            return "[trial 1/2] t00:seed=0  finished in " in log.read_text() and any(
                 c.tags.get("sweep.trial_id") == "t00" and "sweep.attempts" in c.tags
                 for c in store.children(parent.run_id)) and \
                 any((store_path / sid / "train" / "t01").glob("checkpoint_*"))
@@ -201,6 +229,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small):
     resumed = sweep(["resume", sid, "--storage-path", str(store_path)], timeout=420)
     assert resumed.returncode == 0, tail(resumed)
     assert "2 finished, 0 failed" in resumed.stdout
+    assert "[trial 1/2] t00:seed=0  skipped: finished in an earlier session  (done 1/2, " in resumed.stdout
+    assert "[trial 2/2] t01:seed=1  resumed from its step-" in resumed.stdout, tail(resumed)
     after = {c.tags.get("sweep.trial_id"): c for c in store.children(parent.run_id)}
     assert set(after) == {"t00", "t01"}
     # t00 was not run again: the same run, untouched, and no other run of it, even a deleted one

@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--storage-path", type=Path, default=None,
                        help="where sweeps keep Tune state and checkpoints (default: runs/sweeps; "
                             "~/ray_results/ds-smoes in a Ray job); shared storage on a multi-node cluster")
+        q.add_argument("--verbose", action="store_true",
+                       help="also show Ray's own console output: Tune's trial tables and every worker's output "
+                            "(by default one line per trial event; workers write to trials/tNN/worker-rankR.log)")
 
     run = sub.add_parser("run", help="start a sweep")
     run.add_argument("sweep_file", type=Path, help="sweep file (YAML or JSON), e.g. configs/sweeps/smoke.yaml")
@@ -86,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             outcome = start_sweep(args.sweep_file, args.overrides, address=args.address,
                                   storage=args.storage_path, tracking_uri=args.tracking_uri,
-                                  max_concurrent=args.max_concurrent_trials)
+                                  max_concurrent=args.max_concurrent_trials, verbose=args.verbose)
         else:
-            outcome = resume_sweep(args.sweep, address=args.address, storage=args.storage_path)
+            outcome = resume_sweep(args.sweep, address=args.address, storage=args.storage_path, verbose=args.verbose)
         return outcome.exit_code
     except SMoESError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

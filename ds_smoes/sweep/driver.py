@@ -42,18 +42,25 @@ class SweepOutcome:
         return 130 if self.unfinished else (1 if self.failed else 0)
 
 
-def init_ray(address: str | None, local_cpus: int, log: Callable) -> None:
+def init_ray(address: str | None, local_cpus: int, log: Callable, verbose: bool = False) -> None:
+    """Start or join Ray.  Unless `verbose`, the workers' output stays out of this console
+    (`log_to_driver=False`: each trial's workers write theirs to trials/tNN/worker-rankR.log, Ray's
+    own processes to the files under its session's logs folder, printed here once)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    quiet = {} if verbose else {"logging_level": logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log(f"ray: connecting to {address}")
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=verbose, **quiet)
         except ConnectionError as err:
             raise ConfigError(f"cannot reach a Ray cluster at {address!r} (--address / RAY_ADDRESS): {err}") from None
+        _log_ray_logs(log)
         return
     # Logical CPUs: every trial needs one for its Tune trial plus one per worker, and the workers
     # share the physical cores; too few logical CPUs and the worker group never starts.
@@ -63,8 +70,29 @@ def init_ray(address: str | None, local_cpus: int, log: Callable) -> None:
     # address="local": a new Ray, always.  With no address, ray.init connects to the cluster that the last
     # `ray start` on this machine recorded in /tmp/ray/ray_current_cluster, even when that head has since
     # been stopped by a signal (the file stays): the sweep then failed to start.
-    ray.init(address="local", num_cpus=local_cpus, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.init(address="local", num_cpus=local_cpus, log_to_driver=verbose,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **quiet)
+    _log_ray_logs(log)
+
+
+def _log_ray_logs(log: Callable) -> None:
+    """Print where this node's Ray writes its logs (its session folder's logs/; Ray Train's under logs/train)."""
+    try:
+        import ray._private.worker as ray_worker  # Ray has no public call for the session folder
+
+        log(f"Ray logs: {ray_worker._global_node.get_logs_dir_path()}")
+    except Exception:  # noqa: BLE001  (only a hint: a Ray without this private API still runs the sweep)
+        pass
+
+
+def tune_run_config(verbose: bool, callback) -> dict:
+    """The RunConfig fields that decide the console: our progress lines always, Tune's own reporter
+    only if `verbose`.  Ray 2.60's default ("new") output prints its experiment table and a TensorBoard
+    hint even at verbose=0; its older output, chosen by RAY_AIR_NEW_OUTPUT=0 (read by `fit` in this
+    process), prints nothing at verbose=0."""
+    if not verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    return {"verbose": 1 if verbose else 0, "callbacks": [callback]}
 
 
 def local_cpus_for(spec: SweepSpec) -> int:
@@ -83,7 +111,7 @@ def _trial_name(trial) -> str:
 
 def start_sweep(sweep_file: Path, overrides: list[str] | None = None, address: str | None = None,
                 storage: Path | None = None, tracking_uri: str | None = None, max_concurrent: int | None = None,
-                log: Callable = print) -> SweepOutcome:
+                log: Callable = print, verbose: bool = False) -> SweepOutcome:
     from ds_smoes.sweep.store import SweepStore, prepare_tracking_uri
     from ds_smoes.app.config import load_train_config
 
@@ -136,22 +164,26 @@ def start_sweep(sweep_file: Path, overrides: list[str] | None = None, address: s
     log(f"mlflow: parent run {parent} in experiment {experiment!r} at {uri}")
     log(f"files: {sweep_dir}")
 
-    init_ray(address, local_cpus_for(spec), log)
+    init_ray(address, local_cpus_for(spec), log, verbose)
     from ray import tune
 
+    from ds_smoes.sweep.progress import SweepProgress, progress_callback
+
+    progress = SweepProgress(len(trials), spec.resources.max_concurrent_trials)
     tuner = tune.Tuner(
-        trainable(ctx),
+        trainable({**ctx, "verbose": verbose}),
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage),
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  **tune_run_config(verbose, progress_callback(progress, log))))
     grid = tuner.fit()
     return _conclude(store, ctx, trials, grid, t0, log)
 
 
 def resume_sweep(sweep: str, address: str | None = None, storage: Path | None = None,
-                 log: Callable = print) -> SweepOutcome:
+                 log: Callable = print, verbose: bool = False) -> SweepOutcome:
     """Continue an interrupted sweep: trials that finished (or failed) are not run again."""
     from ds_smoes.sweep.store import SweepStore
 
@@ -169,11 +201,19 @@ def resume_sweep(sweep: str, address: str | None = None, storage: Path | None = 
     store.reopen(ctx["parent_run_id"])
     log(f"sweep {ctx['sweep_id']}: resuming ({len(state['trials'])} trials); MLflow parent run "
         f"{ctx['parent_run_id']} at {ctx['tracking_uri']}")
-    init_ray(address, local_cpus_for(spec), log)
+    init_ray(address, local_cpus_for(spec), log, verbose)
     from ray import tune
 
-    tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable(ctx),
+    from ds_smoes.sweep.progress import SweepProgress, progress_callback
+
+    tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable({**ctx, "verbose": verbose}),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
+    # The restored RunConfig is the first session's, callbacks included: this session's console replaces
+    # them (Tuner.restore takes no RunConfig; its internal tuner's is the one fit() uses).
+    run_config = tuner._local_tuner.get_run_config()
+    progress = SweepProgress(len(state["trials"]), spec.resources.max_concurrent_trials)
+    for name, value in tune_run_config(verbose, progress_callback(progress, log, resumed=True)).items():
+        setattr(run_config, name, value)
     grid = tuner.fit()
     return _conclude(store, ctx, state["trials"], grid, t0, log)
 

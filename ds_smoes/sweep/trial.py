@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": json.loads(cfg.model_dump_json()), "parent_run_id": ctx["parent_run_id"],
-                           "crash": crash},
+                           "crash": crash, "worker_log": not ctx.get("verbose", False)},
         # no backend named: Ray Train takes NCCL for GPU workers, gloo for CPU ones; DeepSpeed joins that group
         torch_config=TorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=res.workers_per_trial, use_gpu=res.gpus_per_worker > 0,
@@ -172,9 +172,12 @@ def train_worker(config: dict) -> None:
             sys.stdout.flush()
             os._exit(17)
 
-    with (checkpoint.as_directory() if checkpoint else nullcontext(None)) as ckpt_dir:
+    log_file = Path(cfg.run.output_dir) / f"worker-rank{rank}.log" if config.get("worker_log") else None
+    with output_to(log_file), (checkpoint.as_directory() if checkpoint else nullcontext(None)) as ckpt_dir:
         if ckpt_dir:
             start_step = json.loads((Path(ckpt_dir) / PROGRESS_FILE).read_text())["step"]
+        sys.stdout.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank} (pid {os.getpid()}): "
+                         f"{f'resuming from step {start_step}' if ckpt_dir else 'starting'}\n")
         final = run_training(cfg, parent_run_id=config["parent_run_id"], init_distributed=init_distributed, log=log,
                              epoch_callback=on_epoch, resume_from=Path(ckpt_dir) if ckpt_dir else None)
     if rank == 0 and final.get("mlflow_run_id"):
@@ -182,6 +185,28 @@ def train_worker(config: dict) -> None:
 
         SweepStore(cfg.tracking.tracking_uri).set_tags(final["mlflow_run_id"], {"sweep.resumed_from_step": start_step})
     ray.train.report({**_numeric(final), "resumed_from_step": start_step, "finished": True})
+
+
+@contextmanager
+def output_to(path: Path | None):
+    """This process's stdout and stderr (file descriptors 1 and 2: Python's, DeepSpeed's and torch's C++
+    output alike) appended to `path` while the block runs; nothing changes for None.  Each attempt of a
+    worker group appends to the same file, so a restarted trial keeps its earlier attempts' output."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
 
 
 def _numeric(metrics: dict) -> dict:
