@@ -1,9 +1,11 @@
-"""`python -m ds_smoes.bench {comm,simulate}` (docs/bench.md).
+"""`python -m ds_smoes.bench {comm,scale,simulate}` (docs/bench.md).
 
     python -m ds_smoes.bench comm                         # train what is missing, measure, simulate
     python -m ds_smoes.bench comm --smoes-run runs/demo --topk-run runs/bench/topk
     python -m ds_smoes.bench comm --init-only --batches 2 --repeats 3 --eval-questions 32   # quick
     python -m ds_smoes.bench simulate --from runs/bench/comm.json [--capacity-factor 1.25]
+    python -m ds_smoes.bench scale                        # published MoE shapes (needs runs/demo or comm.json)
+    python -m ds_smoes.bench scale --shapes toy --tokens 256 --repeats 2 --attention-lengths 256   # quick
 
 Errors a user can fix print one message and exit 2; a failed subprocess exits 1.
 """
@@ -15,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ds_smoes.bench.shapes import PUBLISHED, SHAPES
 from ds_smoes.bench.simulate import EP_GRID, EXPERTS_GRID
 from ds_smoes.bench.variants import VARIANTS
 from ds_smoes.core.errors import ConfigError, SMoESError
@@ -47,6 +50,31 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-questions", type=int, default=0, help="test questions for accuracy (default 0: all)")
     c.add_argument("--out", type=Path, default=Path("runs/bench"))
     _tracking(c)
+
+    sc = sub.add_parser("scale", help="the MoE layer and the attention score at published model shapes")
+    sc.add_argument("--shapes", nargs="+", default=list(PUBLISHED), choices=list(SHAPES),
+                    help=f"model shapes (default: {' '.join(PUBLISHED)}; toy is a seconds-long check)")
+    sc.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16"],
+                    help="default: fp32, plus bf16 where the machine computes it natively (CUDA, AVX512-BF16, AMX)")
+    sc.add_argument("--tokens", type=int, default=512, help="tokens per EP rank and MoE call (default 512)")
+    sc.add_argument("--repeats", type=int, default=7, help="paired timed rounds per shape (default 7: the fewest "
+                    "that give a 95 %% interval for the median)")
+    sc.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    sc.add_argument("--ep-size", type=int, default=2, help="EP ranks (processes) for the layer (default 2)")
+    sc.add_argument("--profile-from", type=Path, default=None,
+                    help="the SMoES router statistics: a finished SMoES run, a comm.json of `bench comm` or the "
+                         "scale_profile.json of an earlier scale run (default: OUT/comm.json when present, "
+                         "else runs/demo)")
+    sc.add_argument("--vision-share", type=float, default=None,
+                    help="share of vision tokens in the drawn batches (default: the profile's)")
+    sc.add_argument("--attention-lengths", type=int, nargs="*", default=[1024, 4096, 8192],
+                    help="sequence lengths for the attention score (none: skip it)")
+    sc.add_argument("--attention-heads", type=int, default=16)
+    sc.add_argument("--head-dim", type=int, default=64)
+    sc.add_argument("--attention-repeats", type=int, default=3)
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--out", type=Path, default=Path("runs/bench"))
+    _tracking(sc)
 
     s = sub.add_parser("simulate", help="expected remote bytes per token for 2..64 EP ranks and 8..256 experts")
     s.add_argument("--from", dest="source_json", type=Path, default=Path("runs/bench/comm.json"),
@@ -113,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "comm":
             from ds_smoes.bench.comm import run
 
+            return run(args)
+        if args.command == "scale":
+            from ds_smoes.bench.scale import run
+
+            args.command_line = " ".join(["python -m ds_smoes.bench", *(argv if argv is not None else sys.argv[1:])])
             return run(args)
         return simulate_command(args)
     except SMoESError as err:

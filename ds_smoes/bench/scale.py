@@ -1,0 +1,323 @@
+"""`python -m ds_smoes.bench scale`: the MoE layer and the attention score at the shapes users train
+(docs/bench.md, "scale").
+
+1. The router statistics the drawn routings follow: the SMoES router's own-route histogram, from a
+   `bench comm` result (comm.json) or measured here on a trained run (default runs/demo, as `make demo`
+   leaves it) by the communication benchmark's worker (`ds_smoes.bench.worker`, variant c, routing pass).
+2. The MoE layer on `ep_size` gloo ranks (`ds_smoes.bench.scale_worker`): per published shape, paired
+   rounds of eight variants (router x dispatch) sharing one set of expert weights.
+3. The attention score (`ds_smoes.bench.attention`) per sequence length, in this process.
+4. Ratios with distribution-free 95 % intervals (`median_interval` of the per-round ratios), the issue's
+   bars, scale.json / scale.md under --out and one MLflow run.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ds_smoes.bench import runs
+from ds_smoes.bench.report import median_interval, strict_json
+from ds_smoes.bench.shapes import PUBLISHED, SHAPES
+from ds_smoes.bench.simulate import RouterProfile
+from ds_smoes.core.errors import ConfigError
+
+EXPERIMENT = "ds-smoes-bench"
+BARS = {"layer_ratio_smoes_vs_topk": 1.05, "dispatch_ratio_rank_once_vs_stock": 0.80,
+        "attn_score_peak_mem_ratio_T8192": 1.2, "attn_score_time_ratio_T4096": 1.5}
+
+
+def _echo(message: str) -> None:
+    print(message, flush=True)
+
+
+def native_bf16() -> tuple[bool, str]:
+    """Whether this machine computes bf16 natively (CUDA, or a CPU with AVX512-BF16 / AMX), and what was seen."""
+    if torch.cuda.is_available():
+        return True, f"CUDA device {torch.cuda.get_device_name(0)}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    native = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    return native, f"CPU capability {capability}" + ("" if native else ", no avx512_bf16 or amx_bf16 in /proc/cpuinfo")
+
+
+def check_args(args) -> None:
+    for name in ("tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1")
+    if args.warmup < 0:
+        raise ConfigError("--warmup must be >= 0")
+    if args.vision_share is not None and not 0.0 < args.vision_share < 1.0:
+        raise ConfigError(f"--vision-share {args.vision_share} must lie strictly between 0 and 1")
+    if args.ep_size < 2:
+        raise ConfigError("--ep-size must be >= 2: the dispatch ratio compares traffic between EP ranks")
+    for key in args.shapes:
+        shape = SHAPES[key]
+        if shape.num_experts % args.ep_size:
+            raise ConfigError(f"{shape.label}: {shape.num_experts} experts do not split over {args.ep_size} EP ranks")
+    bad_t = [t for t in args.attention_lengths if t < 1]
+    if bad_t:
+        raise ConfigError(f"--attention-lengths {bad_t}: lengths must be >= 1")
+
+
+# -- the router profile ---------------------------------------------------------------------------------
+def profile_from(source: Path, out_dir: Path, echo=_echo) -> tuple[RouterProfile, str]:
+    """The SMoES router's profile and a description of where it came from."""
+    if source.is_file():
+        from ds_smoes.bench.report import simulation_inputs
+
+        try:
+            result = json.loads(source.read_text())
+            if isinstance(result, dict) and "own_routes_MJ" in result:   # a scale_profile.json of an earlier run
+                return (RouterProfile(result["k"], result["vision_share"],
+                                      tuple(tuple(row) for row in result["own_routes_MJ"])),
+                        result.get("source", str(source)))
+            inputs, which = simulation_inputs(result)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"{source}: not a comm.json written by `python -m ds_smoes.bench comm` ({err})") from None
+        return inputs.smoes, f"{source} ({which} SMoES router, variant c)"
+    if not runs.is_complete(source):
+        raise ConfigError(f"{source}: no trained run there (needs metrics.json and checkpoint/final); run `make demo` "
+                          "first (about 5 minutes), or pass --profile-from with a finished SMoES run or a comm.json "
+                          "of `python -m ds_smoes.bench comm`")
+    metrics = json.loads((source / "metrics.json").read_text())
+    if metrics.get("gate") != "smoes":
+        raise ConfigError(f"{source}: trained with gate {metrics.get('gate')!r}; the profile must come from an "
+                          "SMoES router")
+    config = source / "train_config.json"
+    if not config.is_file():
+        raise ConfigError(f"{source}: no train_config.json (runs of ds_smoes.train write it); cannot rebuild the model")
+    raw_path = out_dir / "scale_profile_raw.json"
+    if raw_path.exists():
+        raw_path.unlink()
+    log = out_dir / "scale_profile.log"
+    echo(f"measuring the SMoES router's own-route statistics on {source} (log: {log})")
+    cmd = runs.launcher_command("ds_smoes.bench.worker", int(metrics["ep_size"]), [
+        "--config", str(config), "--out", str(raw_path), "--variants", "c", "--sources", "trained",
+        "--batches", "8", "--warmup", "0", "--repeats", "1", "--eval-questions", "1",
+        "--smoes-checkpoint", str(source / "checkpoint")])
+    code = runs.stream(cmd, log, echo, lambda line: line.startswith(("error", "Traceback")))
+    if code != 0 or not raw_path.exists():
+        raise runs.RunFailed(f"measuring the router profile failed (exit {code}); see {log}")
+    from ds_smoes.bench.report import variant_figures
+
+    raw = json.loads(raw_path.read_text())
+    figures = variant_figures(raw["sources"]["trained"]["c"])
+    return (RouterProfile.from_counts(raw["setup"]["k"], figures["own_route_counts_MJ"]),
+            f"{source} (SMoES router, {figures['valid_tokens']} test tokens per layer)")
+
+
+def default_profile_source(out_dir: Path) -> Path:
+    comm = out_dir / "comm.json"
+    return comm if comm.is_file() else Path("runs/demo")
+
+
+# -- ratios ---------------------------------------------------------------------------------------------
+def paired_ratio(new_seconds: list[float], ref_seconds: list[float]) -> dict:
+    """Per round new / reference (both ran in every round, on the same batch): median and its 95 % interval."""
+    ratios = sorted(n / r for n, r in zip(new_seconds, ref_seconds) if r > 0)
+    if not ratios:
+        return {"median": None, "ci95": None, "rounds": 0}
+    interval = median_interval(ratios)
+    return {"median": statistics.median(ratios), "ci95": list(interval) if interval else None, "rounds": len(ratios),
+            "new_ms": 1000 * statistics.median(new_seconds), "ref_ms": 1000 * statistics.median(ref_seconds)}
+
+
+def shape_figures(raw: dict) -> dict:
+    """The ratios and bytes of one (shape, dtype) from the worker's raw times."""
+    t, b = raw["seconds"], raw["remote_bytes_per_token"]
+    out = {"shape": raw["shape"], "dtype": raw["dtype"], "tokens_per_rank": raw["tokens_per_rank"],
+           "ms": {k: 1000 * statistics.median(v) for k, v in t.items()}, "remote_bytes_per_token": b,
+           "layer_ratio_smoes_vs_topk": {d: paired_ratio(t[f"smoes/{d}"], t[f"topk/{d}"])
+                                         for d in ("rank_once", "stock")},
+           "dispatch_ratio_rank_once_vs_stock": {r: paired_ratio(t[f"{r}/rank_once"], t[f"{r}/stock"])
+                                                 for r in ("profile", "uniform", "smoes", "topk")},
+           "bytes_ratio_rank_once_vs_stock": {r: b[f"{r}/rank_once"] / b[f"{r}/stock"] if b[f"{r}/stock"] else None
+                                              for r in ("profile", "uniform", "smoes", "topk")}}
+    layer = out["layer_ratio_smoes_vs_topk"]["rank_once"]["median"]
+    disp = out["dispatch_ratio_rank_once_vs_stock"]["profile"]["median"]
+    out["bars"] = {"layer_ratio_smoes_vs_topk": {"value": layer, "bar": BARS["layer_ratio_smoes_vs_topk"],
+                                                 "met": layer is not None and layer <= BARS["layer_ratio_smoes_vs_topk"]},
+                   "dispatch_ratio_rank_once_vs_stock": {
+                       "value": disp, "bar": BARS["dispatch_ratio_rank_once_vs_stock"],
+                       "met": disp is not None and disp <= BARS["dispatch_ratio_rank_once_vs_stock"]}}
+    return out
+
+
+def attention_bars(rows: list[dict]) -> dict:
+    by_t = {r["T"]: r for r in rows}
+    out = {}
+    if 8192 in by_t:
+        v = by_t[8192]["peak_mem_ratio"]
+        out["attn_score_peak_mem_ratio_T8192"] = {"value": v, "bar": 1.2, "met": v is not None and v <= 1.2}
+    if 4096 in by_t:
+        v = by_t[4096]["time_ratio"]
+        out["attn_score_time_ratio_T4096"] = {"value": v, "bar": 1.5, "met": v is not None and v <= 1.5}
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------------------
+def _f(v, spec=".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _ci(r: dict) -> str:
+    return f"{_f(r['median'])} [{_f(r['ci95'][0])}, {_f(r['ci95'][1])}]" if r.get("ci95") else _f(r["median"])
+
+
+def report_markdown(result: dict) -> str:
+    s = result["setup"]
+    lines = [f"# bench scale: {s['ep_size']} EP ranks ({s['backend']}), {s['tokens_per_rank']} tokens per rank, "
+             f"{s['repeats']} paired rounds, {s['threads_per_rank']} thread(s) per rank", "",
+             f"Router profile: {s['profile_source']}; drawn routings with vision share {s['vision_share']:.2f}.", "",
+             "## MoE layer fwd+bwd (median of per-round ratios, 95 % interval)", "",
+             "| shape | dtype | SMoES / top-k gate, rank_once | SMoES / top-k gate, stock | rank_once / stock, "
+             "SMoES-profile routes | rank_once / stock, uniform routes | bytes/token rank_once vs stock (profile) "
+             "| bytes/token (uniform) | ms: smoes/rank_once, topk/stock |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["shapes"]:
+        b = r["remote_bytes_per_token"]
+        lines.append(
+            f"| {SHAPES[r['shape']].label} | {r['dtype']} | {_ci(r['layer_ratio_smoes_vs_topk']['rank_once'])} "
+            f"| {_ci(r['layer_ratio_smoes_vs_topk']['stock'])} "
+            f"| {_ci(r['dispatch_ratio_rank_once_vs_stock']['profile'])} "
+            f"| {_ci(r['dispatch_ratio_rank_once_vs_stock']['uniform'])} "
+            f"| {b['profile/rank_once']:.0f} vs {b['profile/stock']:.0f} "
+            f"| {b['uniform/rank_once']:.0f} vs {b['uniform/stock']:.0f} "
+            f"| {r['ms']['smoes/rank_once']:.0f}, {r['ms']['topk/stock']:.0f} |")
+    if result.get("bf16_skipped"):
+        lines += ["", f"bf16: not measured ({result['bf16_skipped']}); `--dtypes fp32 bf16` measures it anyway."]
+    att = result.get("attention")
+    if att:
+        lines += ["", f"## Attention with the score over attention alone (fwd+bwd; {att['setup']})", "",
+                  "| T | time ratio | peak memory ratio | attention ms | with score ms | attention MB | with score MB |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in att["rows"]:
+            lines.append(f"| {row['T']} | {_f(row['time_ratio'])} | {_f(row['peak_mem_ratio'])} "
+                         f"| {_f(row.get('attention_ms'), '.0f')} | {_f(row.get('with_score_ms'), '.0f')} "
+                         f"| {_f(row.get('attention_peak_mb'), '.0f')} | {_f(row.get('with_score_peak_mb'), '.0f')} |")
+    lines += ["", "## Bars", ""] + [f"- {line}" for line in bar_lines(result)]
+    return "\n".join(lines) + "\n"
+
+
+def bar_lines(result: dict) -> list[str]:
+    out = []
+    for r in result["shapes"]:
+        for name, bar in r["bars"].items():
+            out.append(f"{SHAPES[r['shape']].label} {r['dtype']}: {name} {_f(bar['value'])} "
+                       f"(bar {'<=' } {bar['bar']}): {'met' if bar['met'] else 'NOT met'}")
+    for name, bar in (result.get("attention") or {}).get("bars", {}).items():
+        out.append(f"{name} {_f(bar['value'])} (bar <= {bar['bar']}): {'met' if bar['met'] else 'NOT met'}")
+    return out
+
+
+# -- the command ------------------------------------------------------------------------------------------
+def run(args) -> int:
+    from ds_smoes.app.tracking import Tracker, default_tracking_uri
+
+    check_args(args)
+    t0 = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dtypes = list(args.dtypes) if args.dtypes else ["fp32"]
+    bf16_skipped = None
+    if args.dtypes is None:
+        native, seen = native_bf16()
+        if native:
+            dtypes.append("bf16")
+        else:
+            bf16_skipped = seen
+    uri = None if args.no_mlflow else (args.tracking_uri or default_tracking_uri())
+    tracker = Tracker(uri or "", args.experiment, f"bench-scale-{time.strftime('%Y%m%d-%H%M%S')}",
+                      active=uri is not None, tags={"kind": "bench-scale"})
+    status = "FAILED"
+    try:
+        tracker.log_params({"shapes": ",".join(args.shapes), "dtypes": ",".join(dtypes), "tokens": args.tokens,
+                            "repeats": args.repeats, "warmup": args.warmup, "ep_size": args.ep_size,
+                            "attention_lengths": ",".join(map(str, args.attention_lengths))})
+        source = args.profile_from or default_profile_source(args.out)
+        profile, described = profile_from(source, args.out)
+        _echo(f"router profile: {described}: P(j own routes of {profile.k}) text "
+              + ", ".join(f"{p:.3f}" for p in profile.own_routes_MJ[0]) + "; vision "
+              + ", ".join(f"{p:.3f}" for p in profile.own_routes_MJ[1]) + f"; vision share {profile.vision_share:.3f}")
+        profile_json = args.out / "scale_profile.json"
+        profile_json.write_text(json.dumps({"k": profile.k, "vision_share": profile.vision_share,
+                                            "own_routes_MJ": profile.own_routes_MJ, "source": described}))
+        raw_path = args.out / "scale_raw.json"
+        if raw_path.exists():
+            raw_path.unlink()
+        log = args.out / "scale_worker.log"
+        shapes = [s for s in args.shapes]
+        _echo(f"MoE layer on {args.ep_size} ranks: {', '.join(SHAPES[s].label for s in shapes)} in "
+              f"{', '.join(dtypes)}, {args.tokens} tokens per rank, {args.warmup} + {args.repeats} rounds; log: {log}")
+        worker_args = ["--shapes", *shapes, "--dtypes", *dtypes, "--tokens", str(args.tokens),
+                       "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                       "--profile-json", str(profile_json), "--out", str(raw_path), "--seed", str(args.seed)]
+        if args.vision_share is not None:
+            worker_args += ["--vision-share", str(args.vision_share)]
+        code = runs.stream(runs.launcher_command("ds_smoes.bench.scale_worker", args.ep_size, worker_args), log,
+                           _echo, lambda line: line.startswith(("[bench]", "error", "Traceback")))
+        if code != 0 or not raw_path.exists():
+            if code == 2:
+                raise ConfigError(f"the measurement stopped on an error (see {log})")
+            raise runs.RunFailed(f"the measurement failed (exit {code}); see {log}")
+        raw = json.loads(raw_path.read_text())
+        result = {"setup": {**raw["setup"], "profile_source": described, "backend": runs_backend(),
+                            "command": args.command_line},
+                  "shapes": [shape_figures(r) for r in raw["results"]], "bf16_skipped": bf16_skipped,
+                  "raw": raw["results"]}
+        if args.attention_lengths:
+            from ds_smoes.bench.attention import measure_attention_score
+
+            rows = []
+            for t in args.attention_lengths:
+                _echo(f"attention score at T={t} ({args.attention_heads} heads, head dim {args.head_dim})")
+                rows.append({"T": t, **measure_attention_score(t, args.attention_heads, args.head_dim,
+                                                               torch.float32, args.attention_repeats)})
+            result["attention"] = {"setup": f"{args.attention_heads} heads, head dim {args.head_dim}, batch 1, causal, "
+                                            f"fp32, {args.attention_repeats} repeats, {torch.get_num_threads()} threads",
+                                   "rows": rows, "bars": attention_bars(rows)}
+        result["mlflow_run_id"] = tracker.run_id
+        md = report_markdown(result)
+        (args.out / "scale.json").write_text(strict_json(result))
+        (args.out / "scale.md").write_text(md)
+        _echo("\n" + md)
+        _log(tracker, result, args.out)
+        _echo(f"wrote {args.out / 'scale.json'}, {args.out / 'scale.md'} in {time.time() - t0:.0f}s"
+              + (f"; MLflow run {tracker.run_id} ({uri})" if tracker.active else ""))
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    return 0
+
+
+def runs_backend() -> str:
+    return "NCCL" if torch.cuda.is_available() else "gloo"
+
+
+def _log(tracker, result: dict, out_dir: Path) -> None:
+    if not tracker.active:
+        return
+    metrics = {}
+    for r in result["shapes"]:
+        prefix = f"{r['shape']}/{r['dtype']}"
+        for d, v in r["layer_ratio_smoes_vs_topk"].items():
+            if v["median"] is not None:
+                metrics[f"{prefix}/layer_ratio_smoes_vs_topk/{d}"] = v["median"]
+        for routing, v in r["dispatch_ratio_rank_once_vs_stock"].items():
+            if v["median"] is not None:
+                metrics[f"{prefix}/dispatch_ratio_rank_once_vs_stock/{routing}"] = v["median"]
+        for key, v in r["remote_bytes_per_token"].items():
+            metrics[f"{prefix}/bytes_per_token/{key.replace('/', '_')}"] = v
+    for row in (result.get("attention") or {}).get("rows", []):
+        for f in ("time_ratio", "peak_mem_ratio"):
+            if row.get(f) is not None:
+                metrics[f"attention/T{row['T']}/{f}"] = row[f]
+    tracker.log_metrics(metrics)
+    for name in ("scale.json", "scale.md"):
+        tracker.log_file(out_dir / name)
