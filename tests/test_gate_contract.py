@@ -158,8 +158,8 @@ def test_model_tracks_the_attention_score_only_for_a_gate_that_reads_it(gate, tr
     asked = []
     forward = SelfAttention.forward
     monkeypatch.setattr(SelfAttention, "forward",
-                        lambda self, x, mask, need_probs=False: asked.append(need_probs) or forward(self, x, mask,
-                                                                                                     need_probs))
+                        lambda self, x, mask=None, valid=None, modality=None: asked.append(modality is not None)
+                        or forward(self, x, mask, valid, modality))
     cfg = SMoESConfig(num_experts=4, k=2, ep_size=1, num_bins=2, score_type="attention", gate=gate)
     model = TinyMoEVLM(ModelConfig(d_model=16, n_layers=2, n_heads=2, patch_size=4, vision_dim=16, vision_layers=0,
                                    max_len=16), vocab_size=10, image_token_id=9, smoes=cfg)

@@ -2,8 +2,9 @@
 
 Modality index 0 is text, 1 is vision.  Each score row is a distribution over modalities.
 Scores are routing side-information, without gradient: `hard_scores`, `attention_score_update`,
-`gaussian_scores` and `GaussianModalityStats` return tensors that need no grad.  The helpers
-`gaussian_log_likelihood` and `ema_welford_update` are plain math and keep the gradient of their inputs.
+`attention_score_mix_update`, `gaussian_scores` and `GaussianModalityStats` return tensors that need no grad.
+The helpers `gaussian_log_likelihood` and `ema_welford_update` are plain math and keep the gradient of their
+inputs.
 
 Shapes: S tokens (flattened), B batch, T sequence, D hidden, M modalities (2).
 """
@@ -32,21 +33,30 @@ def hard_scores(labels_S: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def attention_score_update(modality_BTM: torch.Tensor, attn_probs_BTT: torch.Tensor,
                            attn_out_norm_BT: torch.Tensor, resid_norm_BT: torch.Tensor) -> torch.Tensor:
-    """One residual step of the attention score.
+    """One residual step of the attention score from the attention probabilities.
 
-    M~ = A @ M (what each token attended to), then a norm-weighted mix mirroring
-    x' = x + attn_out:  M' = (|attn_out| M~ + |x| M) / (|attn_out| + |x|).
+    M~ = A @ M (what each token attended to), then `attention_score_mix_update`.  attn_probs_BTT are the
+    head-averaged attention probabilities (rows sum to 1 over keys).  Without the probabilities (fused
+    attention kernels), `ds_smoes.core.attention_score.head_mean_attention_mix` computes M~ directly.
+    """
+    mixed_BTM = torch.bmm(attn_probs_BTT.float(), modality_BTM.float())
+    return attention_score_mix_update(modality_BTM, mixed_BTM, attn_out_norm_BT, resid_norm_BT)
 
-    attn_probs_BTT are the head-averaged attention probabilities (rows sum to 1 over keys).
+
+@torch.no_grad()
+def attention_score_mix_update(modality_BTM: torch.Tensor, mixed_BTM: torch.Tensor,
+                               attn_out_norm_BT: torch.Tensor, resid_norm_BT: torch.Tensor) -> torch.Tensor:
+    """One residual step of the attention score from M~ = A @ M (mixed_BTM: what each token attended to).
+
+    A norm-weighted mix mirroring x' = x + attn_out:  M' = (|attn_out| M~ + |x| M) / (|attn_out| + |x|).
     A token with |attn_out| + |x| == 0 has no weights to mix by: it keeps its score, M' = M
     (a row of M' still sums to 1; the weights 0/0 would give NaN, a clamped denominator zeros).
     """
-    mixed_BTM = torch.bmm(attn_probs_BTT.float(), modality_BTM.float())
     w_attn = attn_out_norm_BT.float().unsqueeze(-1)
     w_res = resid_norm_BT.float().unsqueeze(-1)
     total_BT1 = w_attn + w_res
     moved_BT1 = total_BT1 > 0
-    new_BTM = (w_attn * mixed_BTM + w_res * modality_BTM.float()) / torch.where(moved_BT1, total_BT1, 1.0)
+    new_BTM = (w_attn * mixed_BTM.float() + w_res * modality_BTM.float()) / torch.where(moved_BT1, total_BT1, 1.0)
     return torch.where(moved_BT1, new_BTM, modality_BTM.float())
 
 

@@ -5,12 +5,18 @@ output, the score is carried as in `ds_smoes.model.vlm`:
 
     M^(l+1) = (|attn_out| * A @ M^(l) + |x| * M^(l)) / (|attn_out| + |x|)
 
-A is the head-averaged attention probability matrix.  Where it comes from:
-- `eager` attention returns the probabilities; they are used as they are (detached).
+A is the head-averaged attention probability matrix; only M~ = A @ M^(l) is needed.  Where it comes from:
+- `eager` attention returns the probabilities; M~ = mean_h(A_h) @ M from them (detached).
 - fused attention (`sdpa`, the default, which does not return them): the text config's attention
   implementation is switched to `smoes_<base>`, a registered wrapper that runs `<base>` unchanged and,
-  for the decoder's attention modules only, recomputes head-averaged A from the post-RoPE q and k and
-  the same mask, without gradient, for the score only.
+  for the decoder's attention modules only, computes M~ from the post-RoPE q and k, without gradient:
+  - through the fused kernel (`ds_smoes.core.attention_score.head_mean_attention_mix`, no [T, U] tensor)
+    when the mask is known to be causal + key padding: None (transformers skipped it: pure causal), or a
+    boolean mask that `smoes_<base>`'s mask function made from transformers' plain `causal_mask_function`
+    with the queries the last of the keys (it tags such masks; their last query row is then the keys' validity);
+  - otherwise (sliding windows, bidirectional image blocks, packed sequences, chunked attention, a mask the
+    model built or sliced itself, a static cache's offsets) from the materialised probabilities
+    (`head_mean_attention_probs`, [B, A, T, U] float32), as before.
 
 With a KV cache (generation), A has more keys than this forward's tokens; the scores of the earlier
 tokens are kept per layer in the context.
@@ -23,10 +29,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ds_smoes.core.attention_score import head_mean_attention_mix
+from ds_smoes.core.scores import attention_score_mix_update
 from ds_smoes.hf.context import ModalityContext
-from ds_smoes.core.scores import attention_score_update
 
-_SINK = "_smoes_attention_sink"   # attribute on a decoder attention module: where recomputed probs go
+_SINK = "_smoes_attention_sink"   # attribute on a decoder attention module: who computes M~ for it
+_CAUSAL_PADDING = "_smoes_causal_key_padding"   # attribute of a mask known to be causal & key padding
 PREFIX = "smoes_"
 
 
@@ -64,9 +72,43 @@ def _capturing(base: Callable) -> Callable:
         if sink is not None:
             causal = kwargs.get("is_causal")
             causal = getattr(module, "is_causal", True) if causal is None else causal
-            sink(head_mean_attention_probs(query, key, attention_mask, kwargs.get("scaling"), causal))
+            sink(query, key, attention_mask, kwargs.get("scaling"), causal)
         return base(module, query, key, value, attention_mask, *args, **kwargs)
     return attention
+
+
+def _tagging(base_mask: Callable) -> Callable:
+    """`base_mask` (transformers' mask interface), tagging the boolean masks it makes that are exactly causal &
+    key padding with the queries the last of the keys: plain `causal_mask_function` (no sliding window, chunk,
+    packing or bidirectional overlay: each of those wraps it), integer offsets with q_offset + T == kv_offset + U.
+    A structural check, no read of the mask."""
+    from transformers.masking_utils import causal_mask_function
+
+    def mask(*args, **kwargs):
+        out = base_mask(*args, **kwargs)
+        q_offset, kv_offset = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
+        if (isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.dim() == 4 and not args
+                and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+                and isinstance(q_offset, int) and isinstance(kv_offset, int)
+                and q_offset + kwargs.get("q_length", -1) == kv_offset + kwargs.get("kv_length", -2)):
+            setattr(out, _CAUSAL_PADDING, True)
+        return out
+    return mask
+
+
+def attention_mix(query_BATd: torch.Tensor, key_BaUd: torch.Tensor, keys_BUM: torch.Tensor,
+                  mask: torch.Tensor | None, scaling: float | None, causal: bool) -> torch.Tensor:
+    """M~ = mean_h softmax(q k^T * scaling + mask) @ keys_BUM -> [B, T, M] float32, for the mask a Hugging Face
+    model hands its attention function: through the fused kernel when the mask is None or tagged causal & key
+    padding (see the module doc), else from the materialised probabilities."""
+    n_q = query_BATd.shape[2]
+    if mask is None:
+        return head_mean_attention_mix(query_BATd, key_BaUd, keys_BUM, None, scaling, causal and n_q > 1)
+    if getattr(mask, _CAUSAL_PADDING, False) and mask.shape[1] == 1 and mask.shape[-1] == key_BaUd.shape[2]:
+        # the last query is the last key: it sees every key, its row of the mask is the keys' validity
+        return head_mean_attention_mix(query_BATd, key_BaUd, keys_BUM, mask[:, 0, -1, :], scaling, causal=True)
+    probs_BTU = head_mean_attention_probs(query_BATd, key_BaUd, mask, scaling, causal)
+    return torch.bmm(probs_BTU, keys_BUM.float())
 
 
 def capturing_implementation(base: str) -> str:
@@ -82,7 +124,7 @@ def capturing_implementation(base: str) -> str:
     name = PREFIX + base
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _capturing(ALL_ATTENTION_FUNCTIONS[base]))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        AttentionMaskInterface.register(name, _tagging(ALL_MASK_ATTENTION_FUNCTIONS[base]))
     return name
 
 
@@ -91,51 +133,55 @@ class AttentionScoreTracker:
 
     def __init__(self, layer_idx: int, layer: nn.Module, attention: nn.Module, context: ModalityContext) -> None:
         self.layer_idx, self.context = layer_idx, context
-        setattr(attention, _SINK, self._record)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None   # (keys_BUM, M~) from the smoes_ wrapper
+        setattr(attention, _SINK, self._mix)
         self.handles = [layer.register_forward_pre_hook(self._enter_layer, with_kwargs=True),
                         attention.register_forward_hook(self._after_attention)]
 
-    def _record(self, probs_BTU: torch.Tensor) -> None:
-        self.context.pending_probs_BTU = probs_BTU
+    def _key_scores(self, n_q: int, n_k: int) -> torch.Tensor:
+        """[B, U, M] scores of the keys: this forward's tokens, after the cached ones' (decoding with a KV cache)."""
+        scores_BTM = self.context.batch.scores_BTM
+        past = self.context.key_scores.get(self.layer_idx)
+        keys_BUM = scores_BTM if n_k == n_q or past is None else torch.cat([past, scores_BTM], dim=1)
+        if keys_BUM.shape[1] != n_k:
+            raise RuntimeError(f"attention over {n_k} keys but scores for {keys_BUM.shape[1]} tokens are known")
+        return keys_BUM
+
+    def _tracking(self) -> bool:
+        return self.context.batch is not None and self.context.batch.scores_BTM is not None
+
+    def _mix(self, query_BATd, key_BaUd, mask, scaling, causal) -> None:
+        if self._tracking():
+            keys_BUM = self._key_scores(query_BATd.shape[2], key_BaUd.shape[2])
+            self.pending = keys_BUM, attention_mix(query_BATd, key_BaUd, keys_BUM, mask, scaling, causal)
 
     def _enter_layer(self, module, args, kwargs):
         x_BTD = args[0] if args else kwargs["hidden_states"]
         self.context.resid_norm_BT = x_BTD.detach().float().norm(dim=-1)
-        self.context.pending_probs_BTU = None
+        self.pending = None
 
     def _after_attention(self, module, args, output):
         ctx = self.context
-        if ctx.batch is None or ctx.batch.scores_BTM is None:
+        if not self._tracking():
             return
         attn_out_BTD, weights = output[0], output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        probs_BTU = weights.detach().float().mean(1) if weights is not None else ctx.pending_probs_BTU
-        if probs_BTU is None:
+        scores_BTM = ctx.batch.scores_BTM
+        n_q = scores_BTM.shape[1]
+        if weights is not None:        # eager: the probabilities the output was computed with
+            probs_BTU = weights.detach().float().mean(1)
+            keys_BUM = self._key_scores(n_q, probs_BTU.shape[-1])
+            mixed_BTM = torch.bmm(probs_BTU, keys_BUM.float())
+        elif self.pending is not None:
+            keys_BUM, mixed_BTM = self.pending
+        else:
             raise RuntimeError("no attention probabilities for the SMoES attention score: the model's attention "
                                "implementation neither returned them nor ran through the smoes_ wrapper; load it "
                                "with attn_implementation='sdpa' or 'eager'")
-        scores_BTM = ctx.batch.scores_BTM
-        n_q, n_k = probs_BTU.shape[-2:]
-        past = ctx.key_scores.get(self.layer_idx)
-        keys_BUM = scores_BTM if n_k == n_q or past is None else torch.cat([past, scores_BTM], dim=1)
-        if keys_BUM.shape[1] != n_k:
-            raise RuntimeError(f"attention over {n_k} keys but scores for {keys_BUM.shape[1]} tokens are known")
         ctx.key_scores[self.layer_idx] = keys_BUM
         attn_norm_BT = attn_out_BTD.detach().float().norm(dim=-1)
-        if n_k == n_q:
-            ctx.batch.scores_BTM = attention_score_update(scores_BTM, probs_BTU, attn_norm_BT, ctx.resid_norm_BT)
-        else:
-            ctx.batch.scores_BTM = _cached_update(scores_BTM, keys_BUM, probs_BTU, attn_norm_BT, ctx.resid_norm_BT)
-        ctx.pending_probs_BTU = None
+        ctx.batch.scores_BTM = attention_score_mix_update(scores_BTM, mixed_BTM, attn_norm_BT, ctx.resid_norm_BT)
+        self.pending = None
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-@torch.no_grad()
-def _cached_update(scores_BTM, keys_BUM, probs_BTU, attn_norm_BT, resid_norm_BT) -> torch.Tensor:
-    """The same residual update when the queries are the last T of U key positions (decoding with a KV cache)."""
-    mixed_BTM = torch.bmm(probs_BTU.float(), keys_BUM.float())
-    w_attn = attn_norm_BT.float().unsqueeze(-1)
-    w_res = resid_norm_BT.float().unsqueeze(-1)
-    return (w_attn * mixed_BTM + w_res * scores_BTM) / (w_attn + w_res).clamp_min(1e-12)

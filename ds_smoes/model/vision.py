@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ds_smoes.model.attention import SelfAttention, attention_mask
+from ds_smoes.model.attention import SelfAttention
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -21,8 +21,7 @@ class EncoderBlock(nn.Module):
         self.mlp = mlp(dim, 2 * dim, dim)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask(torch.ones(x_BTD.shape[:2], dtype=torch.bool, device=x_BTD.device), causal=False)
-        x_BTD = x_BTD + self.attn(self.ln1(x_BTD), mask)[0]
+        x_BTD = x_BTD + self.attn(self.ln1(x_BTD))[0]   # every patch sees every patch: no mask
         return x_BTD + self.mlp(self.ln2(x_BTD))
 
 

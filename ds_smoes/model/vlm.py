@@ -2,7 +2,7 @@
 
 The image's patch embeddings are spliced into the token sequence at the `<image>` positions
 (LLaVA style).  Hard modality labels are those positions; the attention score is carried
-through the depth with `attention_score_update` and handed to every MoE layer.
+through the depth with `attention_score_mix_update` and handed to every MoE layer.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from torch import nn
 
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.moe.layer import SMoESMoE
-from ds_smoes.model.attention import SelfAttention, attention_mask
+from ds_smoes.model.attention import SelfAttention, attention_mask, padding_before_tokens
 from ds_smoes.model.config import ModelConfig
 from ds_smoes.model.vision import PatchVisionEncoder, mlp
-from ds_smoes.core.scores import attention_score_update, hard_scores
+from ds_smoes.core.scores import attention_score_mix_update, hard_scores
 
 
 @dataclass
@@ -32,7 +32,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, smoes: SMoESConfig | None, use_moe: bool) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attn_impl)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attn_impl, causal=True)
         expert = mlp(cfg.d_model, cfg.ffn_mult * cfg.d_model, cfg.d_model)
         self.ffn = SMoESMoE(cfg.d_model, expert, smoes) if use_moe else expert
         self.drop = nn.Dropout(cfg.dropout)
@@ -42,10 +42,10 @@ class DecoderBlock(nn.Module):
         return isinstance(self.ffn, SMoESMoE)
 
     def forward(self, x_BTD, mask_B1TT, valid_BT, labels_BT, modality_BTM):
-        h_BTD, probs_BTT = self.attn(self.ln1(x_BTD), mask_B1TT, need_probs=modality_BTM is not None)
+        h_BTD, mixed_BTM = self.attn(self.ln1(x_BTD), mask_B1TT, valid_BT, modality_BTM)
         if modality_BTM is not None:
-            modality_BTM = attention_score_update(modality_BTM, probs_BTT, h_BTD.detach().norm(dim=-1),
-                                                  x_BTD.detach().norm(dim=-1))
+            modality_BTM = attention_score_mix_update(modality_BTM, mixed_BTM, h_BTD.detach().norm(dim=-1),
+                                                      x_BTD.detach().norm(dim=-1))
         x_BTD = x_BTD + self.drop(h_BTD)
         if self.is_moe:
             out_BTD, l_aux, _ = self.ffn(self.ln2(x_BTD), valid_BT, modality_labels=labels_BT,
@@ -104,7 +104,8 @@ class TinyMoEVLM(nn.Module):
     def moe_layers(self) -> list[SMoESMoE]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def embed(self, input_ids_BT, attention_mask_BT, image_BCHW, has_image_B) -> torch.Tensor:
+    def embed(self, input_ids_BT, attention_mask_BT, image_BCHW, has_image_B) -> tuple[torch.Tensor, bool]:
+        """(embeddings, whether a token follows padding: the sdpa path then needs a dense attention mask)."""
         x_BTD = self.tok_emb(input_ids_BT)
         image_pos_BT = input_ids_BT == self.image_token_id
         if bool(has_image_B.any()):
@@ -115,16 +116,22 @@ class TinyMoEVLM(nn.Module):
                                  f"patch embeddings: each image needs exactly {patches_BTD.shape[1]} placeholders")
             x_BTD = x_BTD.masked_scatter(image_pos_BT.unsqueeze(-1), patches_BTD.to(x_BTD.dtype))
         position_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp_min(0)
-        if int(position_BT.max()) >= self.cfg.max_len:
-            raise ValueError(f"sequence of {int(position_BT.max()) + 1} tokens exceeds model.max_len="
+        # one host read for both: the position check needs it anyway, so the padding layout costs no sync
+        longest, padded_before = torch.stack([position_BT.max(),
+                                              padding_before_tokens(attention_mask_BT.bool()).long()]).tolist()
+        if longest >= self.cfg.max_len:
+            raise ValueError(f"sequence of {longest + 1} tokens exceeds model.max_len="
                              f"{self.cfg.max_len}; raise max_len in the config")
-        return self.emb_drop(x_BTD + self.pos_emb(position_BT))
+        return self.emb_drop(x_BTD + self.pos_emb(position_BT)), bool(padded_before)
 
     def forward(self, input_ids_BT, attention_mask_BT, modality_BT, image_BCHW, has_image_B,
                 labels_BT: torch.Tensor | None = None) -> VLMOutput:
         valid_BT = attention_mask_BT.bool()
-        x_BTD = self.embed(input_ids_BT, valid_BT, image_BCHW, has_image_B)
-        mask_B1TT = attention_mask(valid_BT, causal=True)
+        x_BTD, padded_before = self.embed(input_ids_BT, valid_BT, image_BCHW, has_image_B)
+        # eager: the dense mask always (its softmax reads it).  sdpa: none unless a token follows padding (left
+        # padding, as `generate`'s prompts): is_causal is then exact for every valid query (SelfAttention's doc)
+        dense = self.cfg.attn_impl == "eager" or padded_before
+        mask_B1TT = attention_mask(valid_BT, causal=True) if dense else None
         labels_mod_BT = modality_BT.long() * valid_BT
         track = self.smoes is not None and self.smoes.effective_score_type == "attention" and bool(self.moe_layers())
         modality_BTM = hard_scores(labels_mod_BT) if track else None  # layer 0: one-hot of the hard label
