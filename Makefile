@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MLFLOW_DB := $(CURDIR)/mlflow.db
 
-.PHONY: demo test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-gates sweep-report bench-comm
+.PHONY: demo demo-figures test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-gates sweep-report bench-comm
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus 2 --module ds_smoes.train --config configs/demo.yaml \
 		--output-json runs/demo/metrics.json --tracking-uri sqlite:///$(MLFLOW_DB)
 	@echo "figures: runs/demo/metrics.json   MLflow UI: make mlflow-ui"
+
+# README's table of the demo's figures, from the last `make demo` (tests/test_demo_figures.py keeps it current)
+demo-figures: $(STAMP)
+	$(PY) ci/demo_figures.py runs/demo/metrics.json --write
 
 test: $(STAMP)
 	$(PY) -m pytest -q
