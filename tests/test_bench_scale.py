@@ -109,7 +109,8 @@ def test_scale_runs_end_to_end_on_the_toy_shape(tmp_path):
     profile.write_text(json.dumps({"k": 2, "vision_share": 0.3, "own_routes_MJ": [[0.1, 0.4, 0.5], [0.0, 0.2, 0.8]]}))
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "ds_smoes.bench", "scale", "--shapes", "toy", "--tokens", "256",
-                           "--repeats", "2", "--attention-lengths", "--profile-from", str(profile),
+                           "--repeats", "2", "--attention-lengths", "256", "--attention-repeats", "1",
+                           "--profile-from", str(profile),
                            "--out", str(out), "--no-mlflow"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "scale.json").read_text())
@@ -119,3 +120,5 @@ def test_scale_runs_end_to_end_on_the_toy_shape(tmp_path):
     # specialised routes cross less than uniform ones under rank_once; every variant sent something
     assert b["profile/rank_once"] < b["uniform/rank_once"] and min(b.values()) > 0
     assert "## Bars" in (out / "scale.md").read_text() and "layer_ratio_smoes_vs_topk" in proc.stdout
+    (row,) = result["attention"]["rows"]
+    assert row["T"] == 256 and row["peak_with_score"] > 0 and row["time_ratio"] > 0

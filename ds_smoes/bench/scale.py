@@ -200,8 +200,9 @@ def report_markdown(result: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for row in att["rows"]:
             lines.append(f"| {row['T']} | {_f(row['time_ratio'])} | {_f(row['peak_mem_ratio'])} "
-                         f"| {_f(row.get('attention_ms'), '.0f')} | {_f(row.get('with_score_ms'), '.0f')} "
-                         f"| {_f(row.get('attention_peak_mb'), '.0f')} | {_f(row.get('with_score_peak_mb'), '.0f')} |")
+                         f"| {1000 * row['time_attention']:.0f} | {1000 * row['time_with_score']:.0f} "
+                         f"| {row['peak_attention'] / 2**20:.0f} | {row['peak_with_score'] / 2**20:.0f} |")
+        lines.append(f"\nPeak memory: {att['rows'][0]['method']}.")
     lines += ["", "## Bars", ""] + [f"- {line}" for line in bar_lines(result)]
     return "\n".join(lines) + "\n"
 
@@ -277,8 +278,9 @@ def run(args) -> int:
             rows = []
             for t in args.attention_lengths:
                 _echo(f"attention score at T={t} ({args.attention_heads} heads, head dim {args.head_dim})")
-                rows.append({"T": t, **measure_attention_score(t, args.attention_heads, args.head_dim,
-                                                               torch.float32, args.attention_repeats)})
+                rows.append(measure_attention_score(t, args.attention_heads, args.head_dim, torch.float32,
+                                                    args.attention_repeats))
+                _echo(f"  time ratio {rows[-1]['time_ratio']:.3f}, peak memory ratio {rows[-1]['peak_mem_ratio']:.3f}")
             result["attention"] = {"setup": f"{args.attention_heads} heads, head dim {args.head_dim}, batch 1, causal, "
                                             f"fp32, {args.attention_repeats} repeats, {torch.get_num_threads()} threads",
                                    "rows": rows, "bars": attention_bars(rows)}
