@@ -24,7 +24,12 @@ def test_time_formats():
     assert [hhmm(s) for s in (None, 0, 1, 60, 61, 3599, 3600, 22 * 60 + 5)] == \
         ["--:--", "00:00", "00:01", "00:01", "00:02", "01:00", "01:00", "00:23"]
     assert [duration(s) for s in (9.4, 60, 109, 3725)] == ["9s", "1m00s", "1m49s", "1h02m"]
-    assert one_line("\n  TrialFailed: boom\n  Traceback ...") == "TrialFailed: boom"
+    assert one_line("\n  TrialFailed: boom\n  more") == "TrialFailed: boom"
+    worker_error = ("t02:x=1: training failed: WorkerGroupError: Training failed due to worker errors:\n"
+                    "[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n  File \"a.py\", line 1, in f\n"
+                    "    g()\nds_smoes.core.errors.ConfigError: 640 conversations do not fill one batch\n")
+    assert one_line(worker_error) == ("t02:x=1: training failed: WorkerGroupError: Training failed due to worker "
+                                      "errors: ConfigError: 640 conversations do not fill one batch")
     assert one_line("x" * 300, limit=10) == "xxxxxxx..."
 
 

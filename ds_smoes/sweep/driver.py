@@ -209,11 +209,14 @@ def resume_sweep(sweep: str, address: str | None = None, storage: Path | None = 
     tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable({**ctx, "verbose": verbose}),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     # The restored RunConfig is the first session's, callbacks included: this session's console replaces
-    # them (Tuner.restore takes no RunConfig; its internal tuner's is the one fit() uses).
-    run_config = tuner._local_tuner.get_run_config()
-    progress = SweepProgress(len(state["trials"]), spec.resources.max_concurrent_trials)
-    for name, value in tune_run_config(verbose, progress_callback(progress, log, resumed=True)).items():
-        setattr(run_config, name, value)
+    # them (Tuner.restore takes no RunConfig; its internal tuner's is the one fit() uses).  Through a Ray
+    # client (ray://) there is no local tuner, and the first session's console stays.
+    local = getattr(tuner, "_local_tuner", None)
+    if local is not None:
+        progress = SweepProgress(len(state["trials"]), spec.resources.max_concurrent_trials)
+        run_config = local.get_run_config()
+        for name, value in tune_run_config(verbose, progress_callback(progress, log, resumed=True)).items():
+            setattr(run_config, name, value)
     grid = tuner.fit()
     return _conclude(store, ctx, state["trials"], grid, t0, log)
 

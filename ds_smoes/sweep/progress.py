@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 # final figures of a finished trial, in the order shown: (metric, label, format)
@@ -70,9 +73,13 @@ def figures(metrics: dict, fields: tuple) -> str:
 
 
 def one_line(reason: str, limit: int = REASON_CHARS) -> str:
-    """The first non-empty line of an error message, cut to `limit` characters."""
-    first = next((l.strip() for l in str(reason).splitlines() if l.strip()), "unknown error")
-    return first if len(first) <= limit else first[:limit - 3] + "..."
+    """An error message in one line of at most `limit` characters: its first line, and when it holds a
+    traceback (a worker's error, as Ray Train passes it on) the traceback's last line, the error itself."""
+    lines = [l.strip() for l in str(reason).splitlines() if l.strip()]
+    line = lines[0] if lines else "unknown error"
+    if len(lines) > 1 and any(l.startswith("Traceback (most recent call last)") for l in lines):
+        line += " " + re.sub(r"^[\w.]+\.(\w+: )", r"\1", lines[-1])  # ds_smoes.core.errors.ConfigError -> ConfigError
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 @dataclass
@@ -150,20 +157,28 @@ class SweepProgress:
 
 
 def trial_error_text(trial) -> str:
-    """The reason a Tune trial failed: its error's cause (TrialFailed: ...), else Tune's error text."""
+    """The reason a Tune trial failed: its error's cause (TrialFailed: ...), else Tune's error text.
+
+    Tune writes both files into the trial's local folder just before it calls `on_trial_error`
+    (`Trial.handle_error`); they reach the storage path only at its next sync."""
+    from ray import cloudpickle
+
+    err = None
     try:
-        err = trial.get_pickled_error()
-    except Exception:  # noqa: BLE001  (an unreadable error file: fall back to the text one)
+        if trial.pickled_error_file and os.path.isfile(trial.pickled_error_file):
+            with open(trial.pickled_error_file, "rb") as f:
+                err = cloudpickle.load(f)
+    except Exception:  # noqa: BLE001  (an error that does not unpickle here: fall back to the text)
         err = None
-    if err is not None:
+    if isinstance(err, BaseException):
         cause = getattr(err, "cause", None)
         err = cause if isinstance(cause, BaseException) else err
         return f"{type(err).__name__}: {err}"
     try:
-        text = trial.get_error() or ""
-    except Exception:  # noqa: BLE001
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
         text = ""
-    lines = [l for l in str(text).splitlines() if l.strip() and not l.startswith(("Failure #", "Traceback", " "))]
+    lines = [l for l in text.splitlines() if l.strip() and not l.startswith(("Failure #", "Traceback", " "))]
     return lines[-1] if lines else "Tune recorded the trial as failed"
 
 

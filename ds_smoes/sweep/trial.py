@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,11 @@ def output_to(path: Path | None):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.dup2(fd, 1), os.dup2(fd, 2)
-        yield
+        try:
+            yield
+        except BaseException:  # the worker's error belongs in its log too (Ray records it elsewhere as well)
+            traceback.print_exc()
+            raise
     finally:
         sys.stdout.flush(), sys.stderr.flush()
         os.dup2(saved[0], 1), os.dup2(saved[1], 2)
