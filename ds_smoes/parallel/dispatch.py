@@ -35,12 +35,14 @@ The backward runs the same exchanges in reverse (splits swapped) for the packed 
 combined vectors.  With one EP rank nothing is exchanged.
 
 Host syncs (each stalls a GPU stream; `ds_smoes.core.host_syncs` counts them): only sizes are read on
-the host, the split sizes of the exchanges and how many (row, route) pairs each local expert runs (the
-experts run in a loop over host-sized chunks).  Rows are ordered by a sort and sliced with the row count
-the split sizes give, counts are sums and scatter-adds, so a forward + backward reads the host once with
-one EP rank (send counts and experts' sizes in one read) and twice with several (send and recv counts in
-one read; the experts' sizes of the received rows, known only once they have arrived).  The backward
-reads nothing.
+the host, the split sizes of the exchanges and, for expert modules of no recognised kind, how many (row, route)
+pairs each local expert runs (those run in a loop over host-sized chunks).  Recognised experts (the built-in mlp,
+Hugging Face's GatedExpert) run as one grouped matmul per projection whose offsets stay on the device
+(`ds_smoes.parallel.grouped_experts`).  Rows are ordered by a sort and sliced with the row count the split sizes
+give, counts are sums and scatter-adds, so a forward + backward reads the host once with one EP rank (send counts
+and experts' sizes in one read) and, with several, once for grouped experts (send and recv counts in one read)
+and twice for a loop over modules (the experts' sizes of the received rows too, known only once they have
+arrived).  The backward reads nothing.
 
 **deepspeed** (the stock `MOELayer`): the capacity-padded [E, C, D] buffer goes through an
 all-to-all twice (dispatch, combine), whatever the routing.
@@ -61,6 +63,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ds_smoes.core.metrics import rank_hit_stats, routes_per_column
+from ds_smoes.parallel.grouped_experts import GroupedExperts
 
 INDEX_BYTES = 4   # expert ids travel as float32 bits (exact for small integers), whatever the vectors' dtype
 WEIGHT_BYTES = 4  # combine weights travel as float32 bits, whatever the vectors' dtype
@@ -280,22 +283,42 @@ def run_local_experts(x_ZD: torch.Tensor, local_ZK: torch.Tensor, weight_ZK: tor
     contiguous input and one scatter-add sums the weighted outputs back (as DeepSpeed's padded
     buffer does, without padding).  Every expert runs, on zero rows if nothing reached it, so its
     parameters always get a gradient (zeros rather than None, as with DeepSpeed's padded buffer).
+
+    Experts of a recognised kind (`grouped_experts.grouped_kind`: the built-in mlp, Hugging Face's GatedExpert)
+    run as stacked weights, one grouped matmul per projection (`GroupedExperts`), with no host read of their
+    own: the offsets are the cumsum of the on-device counts.  Other expert modules run in a loop, which needs
+    the experts' sizes on the host.
     sizes: the pairs each local expert gets (`expert_pair_counts(local_ZK, n)[:n]`) when the caller has read
-    them already; else they are read here, the one host sync of this function (the loop needs host sizes).
+    them already (then only the used pairs are gathered); else the loop reads them here (the one host sync of
+    this function) and the grouped experts run on every pair, the unused ones masked.
     """
     num_local, k = len(experts), local_ZK.shape[1]
     key_Q = torch.where(local_ZK >= 0, local_ZK.long(), num_local).reshape(-1)  # Q = Z * K (row, route) pairs; unused routes last
     order_Q = torch.argsort(key_Q, stable=True)
-    if sizes is None:
-        sizes = expert_pair_counts(local_ZK, num_local)[:num_local].tolist()  # host sync: the experts' input sizes
-    sizes = list(sizes[:num_local])
-    pair_Q = order_Q[:sum(sizes)]           # the used (row, route) pairs, grouped by expert
-    row_Q = torch.div(pair_Q, k, rounding_mode="floor")
-    outs = []
-    for expert, chunk_QD in zip(experts, x_ZD.index_select(0, row_Q).split(sizes)):
-        out_QD = expert(chunk_QD)
-        outs.append(out_QD[0] if isinstance(out_QD, tuple) else out_QD)
-    weighted_QD = torch.cat(outs).float() * weight_ZK.reshape(-1).index_select(0, pair_Q).unsqueeze(1)
+    grouped = GroupedExperts.of(experts)
+    if grouped is not None:
+        counts_E = expert_pair_counts(local_ZK, num_local)[:num_local]
+        valid_Q1 = None
+        if sizes is not None:
+            order_Q = order_Q[:sum(sizes[:num_local])]   # the used pairs, grouped by expert
+        else:  # every pair, the used ones first; rows past them are masked (no host read of their count)
+            valid_Q1 = (key_Q.index_select(0, order_Q) < num_local).unsqueeze(1)
+        expert_Q = key_Q.index_select(0, order_Q).clamp(max=num_local - 1)
+        row_Q = torch.div(order_Q, k, rounding_mode="floor")
+        out_QD = grouped(x_ZD.index_select(0, row_Q), counts_E, expert_Q, valid_Q1)
+        pair_Q = order_Q
+    else:
+        if sizes is None:
+            sizes = expert_pair_counts(local_ZK, num_local)[:num_local].tolist()  # host sync: the loop's sizes
+        sizes = list(sizes[:num_local])
+        pair_Q = order_Q[:sum(sizes)]           # the used (row, route) pairs, grouped by expert
+        row_Q = torch.div(pair_Q, k, rounding_mode="floor")
+        outs = []
+        for expert, chunk_QD in zip(experts, x_ZD.index_select(0, row_Q).split(sizes)):
+            out_QD = expert(chunk_QD)
+            outs.append(out_QD[0] if isinstance(out_QD, tuple) else out_QD)
+        out_QD = torch.cat(outs)
+    weighted_QD = out_QD.float() * weight_ZK.reshape(-1).index_select(0, pair_Q).unsqueeze(1)
     return x_ZD.new_zeros(x_ZD.shape, dtype=torch.float32).index_add_(0, row_Q, weighted_QD)
 
 
