@@ -23,7 +23,8 @@ with no tokens still joins its group's collectives) and returns an empty output 
 
 `config.dispatch` picks the expert-parallel dispatch: "deepspeed" runs DeepSpeed's stock
 `MOELayer.forward` (capacity-padded all-to-all), "rank_once" the dropless token-once-per-rank
-dispatch of `ds_smoes.parallel.dispatch`.  Either way `layer.last_comm` holds what the last call sent to
+dispatch of `ds_smoes.parallel.dispatch`, whose recognised experts run as one grouped matmul per projection on
+weights the layer lays out stacked at construction (`ds_smoes.parallel.grouped_experts`).  Either way `layer.last_comm` holds what the last call sent to
 other EP ranks (`ds_smoes.parallel.dispatch.CommVolume`).
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import nn
 from ds_smoes.parallel import distributed
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.deferred import Deferred
+from ds_smoes.parallel.grouped_experts import grouped_kind, is_view_stacked, stack_expert_params_
 from ds_smoes.parallel.dispatch import (CommVolume, RankOncePlan, plan_rank_once, rank_once_dispatch, rank_once_volume,
                                         stock_alltoall_bytes, stock_volume)
 from ds_smoes.moe.gate import ModalityGate, RoutingInputs, RoutingStats
@@ -60,6 +62,8 @@ class SMoESMoE(MoE):
                          min_capacity=config.min_capacity, use_residual=use_residual, noisy_gate_policy=None,
                          drop_tokens=config.drop_tokens, use_rts=False)
         self.config = config
+        if config.dispatch == "rank_once":
+            self._stack_experts()
         # Replace the stock TopKGate before DeepSpeed sets process groups (`_set_ep_group` reaches the new gate).
         self.deepspeed_moe.gate = build_gate(hidden_size, config)
         self.scorer = (GaussianModalityStats(hidden_size, beta=config.ema_beta, tau=config.gaussian_tau,
@@ -70,6 +74,28 @@ class SMoESMoE(MoE):
         # a read (split sizes, capacity), so the training loop can sum it every step
         self.last_remote_bytes = 0
         self._placed: bool | None = None  # experts on their bins' ranks, once the bins are frozen (host-side)
+
+    def _stack_experts(self) -> None:
+        """rank_once runs recognised experts as one grouped matmul per projection on their stacked weights
+        (`ds_smoes.parallel.grouped_experts`): lay each parameter name of the local experts out as slices of one
+        [n, ...] tensor, so the stacked weight is a view rather than a copy per forward.  The per-expert
+        parameters stay what DeepSpeed, checkpoints, migration and the optimizer see; only their storage is
+        shared.  Done at construction, before any optimizer holds the parameters."""
+        experts = self.deepspeed_moe.experts.deepspeed_experts
+        if grouped_kind(experts) is not None:
+            stack_expert_params_(experts)
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.bfloat16()`... give every parameter a tensor of its own; lay the experts out
+        stacked again when they were before (DeepSpeed moves and casts the model before it builds its
+        optimizer).  Experts that were not stacked are left alone (a ZeRO flat buffer may hold them)."""
+        config = getattr(self, "config", None)  # None while DeepSpeed's constructor runs
+        experts = self.deepspeed_moe.experts.deepspeed_experts if config is not None else None
+        restack = config is not None and config.dispatch == "rank_once" and is_view_stacked(experts)
+        out = super()._apply(fn, recurse)
+        if restack and not is_view_stacked(experts):
+            stack_expert_params_(experts)
+        return out
 
     @property
     def gate(self) -> ModalityGate:
