@@ -1,4 +1,6 @@
 """Where a sweep's Ray comes from (no Ray is started here: `ray.init` is replaced by a recorder)."""
+import os
+
 import pytest
 
 from ds_smoes.sweep import driver
@@ -27,3 +29,19 @@ def test_an_address_or_ray_address_connects_to_that_cluster(recorded_init, monke
     driver.init_ray(None, 9, lambda *a: None)
     assert [c["address"] for c in recorded_init] == ["127.0.0.1:6390", "http://127.0.0.1:8290"]
     assert all("num_cpus" not in c for c in recorded_init)
+
+
+def test_workers_output_reaches_the_console_only_with_verbose(recorded_init, monkeypatch):
+    driver.init_ray(None, 9, lambda *a: None)
+    driver.init_ray("127.0.0.1:6390", 9, lambda *a: None, verbose=True)
+    assert [c["log_to_driver"] for c in recorded_init] == [False, True]
+    names = ("RAY_AIR_NEW_OUTPUT", "TUNE_PRINT_ALL_TRIAL_ERRORS")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    assert driver.tune_run_config(True, "cb") == {"verbose": 1, "callbacks": ["cb"]}
+    assert not any(name in os.environ for name in names)
+    for name in names:
+        monkeypatch.setenv(name, "1")   # monkeypatch puts them back afterwards
+    assert driver.tune_run_config(False, "cb") == {"verbose": 0, "callbacks": ["cb"]}
+    # Tune's older output (silent at verbose=0), and no traceback of a failed trial on the console
+    assert [os.environ[name] for name in names] == ["0", "0"]

@@ -88,10 +88,12 @@ def _log_ray_logs(log: Callable) -> None:
 def tune_run_config(verbose: bool, callback) -> dict:
     """The RunConfig fields that decide the console: our progress lines always, Tune's own reporter
     only if `verbose`.  Ray 2.60's default ("new") output prints its experiment table and a TensorBoard
-    hint even at verbose=0; its older output, chosen by RAY_AIR_NEW_OUTPUT=0 (read by `fit` in this
-    process), prints nothing at verbose=0."""
+    hint even at verbose=0; its older output, chosen by RAY_AIR_NEW_OUTPUT=0, prints nothing at verbose=0.
+    TUNE_PRINT_ALL_TRIAL_ERRORS=0: a failed trial's traceback stays in its files (the workers' logs and
+    Tune's tNN/error.txt in the sweep folder), its reason on its console line.  `fit` reads both in this
+    process."""
     if not verbose:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        os.environ.update(RAY_AIR_NEW_OUTPUT="0", TUNE_PRINT_ALL_TRIAL_ERRORS="0")
     return {"verbose": 1 if verbose else 0, "callbacks": [callback]}
 
 
