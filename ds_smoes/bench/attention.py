@@ -14,7 +14,6 @@ OpenMP internals) are not seen; the inputs, made before, are not counted.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable
 
@@ -61,8 +60,9 @@ def measure_attention_score(T: int, heads: int = 16, head_dim: int = 64, dtype: 
 
     `padding`: left-padding tokens in every sequence (the score then excludes them through its validity column;
     the attention itself stays unmasked, as the timing is of the score).  Returns a dict: T, heads, head_dim,
-    dtype, device, the median seconds `time_attention`, `time_with_score` (and `time_with_materialised`), the
-    peak bytes `peak_attention`, `peak_with_score` (and `peak_with_materialised`), and the ratios `time_ratio`,
+    dtype, device, the fastest of `repeats` runs in seconds, `time_attention`, `time_with_score` (and
+    `time_with_materialised`; `cpu_time_*` the same in this process's CPU seconds, all threads: steadier on a
+    loaded machine), the peak bytes `peak_attention`, `peak_with_score` (and `peak_with_materialised`), and the ratios `time_ratio`,
     `peak_mem_ratio` (with score / alone; `*_materialised` likewise), `method` (how peak memory was measured).
     """
     dev = torch.device(device)
@@ -72,20 +72,26 @@ def measure_attention_score(T: int, heads: int = 16, head_dim: int = 64, dtype: 
     values_BUM = torch.softmax(torch.randn(batch, T, 2, generator=g, device=dev), -1)
     valid_BU = (torch.arange(T, device=dev) >= padding).expand(batch, T)
 
-    def attention():
+    def attention(score=None):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if score is not None:
+            score()                  # as in training: in the forward, while the attention's activations live
         y.float().sum().backward()
         q.grad = k.grad = v.grad = None
 
-    def with_score():
-        attention()
+    def fused_score():
         head_mean_attention_mix(q.detach(), k.detach(), values_BUM, valid_BU, causal=True)
 
-    def with_materialised():
+    def materialised_score():
         from ds_smoes.hf.attention import head_mean_attention_probs   # the layer above core: the old path
-        attention()
         mask = valid_BU[:, None, None, :] & torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         torch.bmm(head_mean_attention_probs(q.detach(), k.detach(), mask, None, True), values_BUM)
+
+    def with_score():
+        attention(fused_score)
+
+    def with_materialised():
+        attention(materialised_score)
 
     variants = {"attention": attention, "with_score": with_score}
     if materialised:
@@ -96,16 +102,19 @@ def measure_attention_score(T: int, heads: int = 16, head_dim: int = 64, dtype: 
                        "torch.profiler CPU allocator events (profile_memory), running sum's maximum"))
     for name, fn in variants.items():
         fn()                                                    # warm-up (kernel selection, allocator)
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeats):
             _sync(dev)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             _sync(dev)
             times.append(time.perf_counter() - start)
-        out[f"time_{name}"] = statistics.median(times)
+            cpu_times.append(time.process_time() - cpu_start)
+        out[f"time_{name}"] = min(times)   # the least disturbed by other load on the machine
+        out[f"cpu_time_{name}"] = min(cpu_times)
         out[f"peak_{name}"] = peak_allocated_bytes(fn, dev)
     out["time_ratio"] = out["time_with_score"] / out["time_attention"]
+    out["cpu_time_ratio"] = out["cpu_time_with_score"] / out["cpu_time_attention"]
     out["peak_mem_ratio"] = out["peak_with_score"] / out["peak_attention"]
     if materialised:
         out["time_ratio_materialised"] = out["time_with_materialised"] / out["time_attention"]
