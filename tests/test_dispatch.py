@@ -212,7 +212,7 @@ def test_rank_once_on_two_gloo_ranks_matches_one_process_reference(tmp_path):
     for r in range(2):
         report = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert set(report) == {"smoes_k2", "smoes_k1", "ltdr_variable_k", "bin_limited", "rank1_only_padding",
-                               "topk_k1"}
+                               "topk_k1", "module_loop_k2"}
         for case, rep in report.items():
             where = (r, case)
             for name in ("out", "x_grad", "wg_grad", "expert_grad"):
@@ -225,6 +225,8 @@ def test_rank_once_on_two_gloo_ranks_matches_one_process_reference(tmp_path):
             assert rep["cross_rank_rate"] == pytest.approx(rep["gate_cross_rank_rate"])
             assert rep["ranks_per_token"] == pytest.approx(rep["gate_ranks_per_token"])
             assert rep["all_reduces"] == 0, where  # no gate, DeepSpeed's top-k included, agrees a capacity
+            # the layer's mlp experts run grouped on a zero-copy stacked view; the opaque ones in the loop
+            assert (rep["grouped"], rep["stacked"]) == ((False, False) if case == "module_loop_k2" else (True, True))
         assert report["bin_limited"]["ranks_per_token"] == 1.0  # one bin per token, bins aligned with ranks
         if r == 0:
             assert report["ltdr_variable_k"]["max_routes"] == 3  # a tail token used a = 3 experts

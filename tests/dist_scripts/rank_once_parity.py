@@ -1,6 +1,7 @@
 """Run under `deepspeed --num_gpus 2`: the rank_once dispatch with ep_size 2 on gloo against a
 single-process reference that holds all experts (DeepSpeed's stock MOELayer, ep_size 1, same
-weights), forward and backward; and the measured bytes against the send counts.
+weights), forward and backward, the local experts run grouped (stacked weights, one grouped matmul per projection)
+or, for expert modules of no recognised kind, in a loop; and the measured bytes against the send counts.
 Each rank writes OUT/rank{r}.json; tests/test_dispatch.py asserts on them."""
 
 import contextlib
@@ -14,6 +15,7 @@ from ds_smoes.core.config import SMoESConfig
 from ds_smoes.moe.gate import RoutingInputs
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.core.scores import hard_scores
+from ds_smoes.parallel.grouped_experts import grouped_kind, is_view_stacked
 from ds_smoes.parallel.launch import init_distributed
 
 D, E, EP = 8, 4, 2
@@ -26,14 +28,27 @@ CASES = {
     "bin_limited": {"k": 2, "max_bins_per_token": 1},
     "rank1_only_padding": {"k": 2},
     "topk_k1": {"gate": "topk", "k": 1},   # DeepSpeed's top-1 routing (dropless, RTS) through rank_once
+    "module_loop_k2": {"k": 2},            # experts of no recognised kind: the loop over modules, not grouped
 }
 
 
-def build(fields: dict, ep_size: int, dispatch: str, rank: int) -> SMoESMoE:
+class Opaque(nn.Module):
+    """An expert module the grouped path does not recognise (run_local_experts loops over it)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def build(fields: dict, ep_size: int, dispatch: str, rank: int, opaque: bool = False) -> SMoESMoE:
     cfg = SMoESConfig(**{"num_experts": E, "num_bins": 2, "score_type": "hard", "binning": "fixed",
                          "alpha_bal": 0.5, "alpha_mi": 0.25, "ep_size": ep_size, "dispatch": dispatch, **fields})
     torch.manual_seed(0)
-    layer = SMoESMoE(D, nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D)), cfg)
+    expert = nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D))
+    layer = SMoESMoE(D, Opaque(expert) if opaque else expert, cfg)
     layer.gate.wg.weight.data.normal_(0, 1.0, generator=torch.Generator().manual_seed(7))
     experts = layer.deepspeed_moe.experts.deepspeed_experts
     for i, expert in enumerate(experts):  # global expert g from seed 100 + g, whatever the layout
@@ -93,7 +108,10 @@ def max_diff(a, b) -> float:
 
 
 def check(case: str, fields: dict, rank: int) -> dict:
-    layer = build(fields, EP, "rank_once", rank)
+    opaque = case == "module_loop_k2"
+    layer = build(fields, EP, "rank_once", rank, opaque)
+    local_experts = layer.deepspeed_moe.experts.deepspeed_experts
+    grouped, stacked = grouped_kind(local_experts) is not None, is_view_stacked(local_experts)
     layer.set_deepspeed_parallelism()
     x, labels, mask, probe = batch(rank, case)
     with counting_all_reduces() as all_reduces:  # rank_once needs no common capacity: no all-reduce
@@ -101,7 +119,7 @@ def check(case: str, fields: dict, rank: int) -> dict:
     comm = layer.last_comm
     physical = layer.last_routing_stats.comm_physical
 
-    ref = build(fields, 1, "deepspeed", 0)
+    ref = build(fields, 1, "deepspeed", 0, opaque)
     ref_expert_params = [list(e.parameters()) for e in ref.deepspeed_moe.experts.deepspeed_experts]
     send_to_other = []
     for r in range(EP):  # every rank's batch through the reference; expert gradients accumulate
@@ -135,6 +153,7 @@ def check(case: str, fields: dict, rank: int) -> dict:
         "num_tokens": comm.num_tokens, "all_reduces": len(all_reduces),
         "gate_cross_rank_rate": float(physical["cross_rank_rate"]),
         "gate_ranks_per_token": float(physical["ranks_per_token"]),
+        "grouped": grouped, "stacked": stacked,
         "max_routes": int((routes(ref, x, labels, mask) >= 0).sum(0).max()) if mask.any() else 0,
     }
 
