@@ -122,8 +122,9 @@ def _load_run(run_dir: Path, checkpoint: Path | None, tag: str | None, log):
 
 
 def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, tag: str | None = "final",
-               log=print) -> dict:
-    """Write the deployment export of a training run; returns placement.json's content."""
+               log=print, serving: dict | None = None) -> dict:
+    """Write the deployment export of a training run; returns placement.json's content.  `serving`: also write
+    the serving engines' placement files (keyword arguments of `ds_smoes.app.serving.write_serving`)."""
     cfg, model = _load_run(Path(run_dir), checkpoint, tag, log)
     moved = order_experts_by_bin(model)
     s = cfg.smoes
@@ -141,6 +142,10 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, tag
     for layer in report["layers"]:
         log(f"  MoE layer {layer['moe_layer']}: bins {layer['bin_of_expert']} -> physical ids "
             f"{layer['physical_of_expert']}")
+    if serving is not None:
+        from ds_smoes.app.serving import write_serving
+
+        report["serving"] = write_serving(model, cfg, Path(run_dir), out_dir, log=log, **serving)
     return report
 
 
@@ -177,9 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="export folder (default: RUN/export)")
     p.add_argument("--checkpoint", type=Path, default=None, help="DeepSpeed checkpoint folder (default: RUN/checkpoint)")
     p.add_argument("--tag", default="final", help="checkpoint tag (default: final)")
+    p.add_argument("--serving", action="store_true", help="also write the serving engines' placement files "
+                   "(SGLang --init-expert-location, EPLB maps, expert load, serving simulation; docs/serving.md)")
+    p.add_argument("--serving-ep-size", type=int, default=None, help="EP ranks of the serving engine (default: the "
+                   "run's smoes.ep_size)")
+    p.add_argument("--redundant-experts", type=int, default=0, help="extra copies of the hottest experts per MoE "
+                   "layer, a multiple of --serving-ep-size (default 0)")
+    p.add_argument("--serving-load", choices=("test", "ema"), default="test", help="where the expert load comes "
+                   "from: a pass over the test split (default) or the checkpoint's training-time EMA")
     args = p.parse_args(argv)
+    serving = (dict(num_ranks=args.serving_ep_size, redundant_experts=args.redundant_experts,
+                    load_source=args.serving_load) if args.serving else None)
     try:
-        export_run(args.run, args.out or args.run / "export", args.checkpoint, args.tag)
+        export_run(args.run, args.out or args.run / "export", args.checkpoint, args.tag, serving=serving)
     except SMoESError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -1,0 +1,304 @@
+"""Expert placement for serving engines: physical-to-logical maps, replicas, and a serving-load model.
+
+Serving engines with expert parallelism (SGLang `--init-expert-location`, DeepSeek's EPLB, vLLM's
+EPLB state) describe a placement with three maps per MoE layer (docs/serving.md has the formats):
+
+- `phy2log_LP`: the logical expert held by physical slot p; slot p lives on rank p // (P / R), so
+  every rank has the same number of slots;
+- `log2phy_LEQ`: the slots holding logical expert e, ascending, padded with -1
+  (Q = the most copies any expert has in any layer);
+- `logcnt_LE`: how many copies expert e has.
+
+Three base placements (every expert once, n = E / R per rank):
+
+- **bins**: bin b's experts on rank b * R // num_bins, as `core.placement` plans it; an expert
+  already on its bin's rank keeps its physical id (`plan_physical`), so a bin-ordered export is
+  served as it is stored;
+- **linear**: expert e on rank e // n (slot e);
+- **round_robin**: expert e on rank e % R (local slot e // R).
+
+**Replicas** (`redundant_experts`, a multiple of R: every rank gets s = redundant / R extra slots,
+after its n base slots).  Greedy, one copy at a time: the expert with the highest load per copy
+(load_E / copies_E, ties by lower id) among those that can still be copied gets a copy on the rank
+that lacks it, has a free extra slot and has the least load, where a rank's load is the sum over
+its slots of load_E / copies_E (ties by lower rank).  Never two copies of one expert on one rank;
+at most R copies of an expert, so redundant_experts <= E * (R - 1).
+
+**Serving-load model** (`simulate_serving`), per MoE layer: a trace of S tokens, a share of them
+vision; a token of modality m draws its k distinct experts with `torch.multinomial` (without
+replacement) from load_ME[m] normalised, the measured routes per expert of that modality (so an
+expert's inclusion probability follows its load, not exactly proportionally).  Every token's home
+rank is uniform over the R ranks, independent of its routes (computed exactly, not sampled).  A route
+runs on the copy on the token's home rank if there is one (as SGLang's static dispatch picks the
+same-GPU copy), otherwise its copies share it evenly (each takes 1/copies of the route; for traffic,
+each route picks one of its copies uniformly, independently of the token's other routes).  Figures:
+
+- max / mean rank load: the busiest rank's routes over the mean (1.0 = perfectly even);
+- remote ranks per token, E[number of ranks other than home that hold a route of the token];
+- cross-rank rate: P(the token has at least one remote route);
+- remote bytes per token for the rank_once dispatch (a token goes once to each remote rank holding
+  one of its experts and comes back once): 2 * D * element_bytes * remote ranks per token.
+
+Shapes: L MoE layers, E experts (logical ids), P physical slots, R ranks, M modalities (0 text,
+1 vision), S tokens, K routes per token, Q replicas of one expert (padded).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ds_smoes.core.errors import ConfigError
+from ds_smoes.core.placement import plan_physical
+
+PLACEMENTS = ("bins", "linear", "round_robin")
+TRACES = {"image_heavy": 0.8, "mixed": 0.5, "text_heavy": 0.1}   # trace -> share of vision tokens
+
+
+class PlacementError(ConfigError):
+    """A serving placement (phy2log / log2phy / logcnt) is malformed or breaks a placement rule."""
+
+
+# -- base placements --------------------------------------------------------------------------------
+def base_physical(kind: str, num_experts: int, num_ranks: int, bin_E: torch.Tensor | None = None,
+                  physical_E: torch.Tensor | None = None, num_bins: int | None = None) -> torch.Tensor:
+    """physical_E of a base placement (every expert once): expert e's slot, slot p on rank p // (E / R)."""
+    if num_ranks < 1 or num_experts % num_ranks:
+        raise PlacementError(f"{num_experts} experts do not split evenly over {num_ranks} ranks: "
+                             "choose a number of ranks that divides the number of experts")
+    n = num_experts // num_ranks
+    e_E = torch.arange(num_experts)
+    if kind == "linear":
+        return e_E
+    if kind == "round_robin":
+        return (e_E % num_ranks) * n + e_E // num_ranks
+    if kind == "bins":
+        if bin_E is None or num_bins is None:
+            raise PlacementError("the bins placement needs bin_E and num_bins")
+        if num_bins % num_ranks:
+            raise PlacementError(f"{num_bins} bins cannot be placed whole on {num_ranks} ranks: the number of "
+                                 "ranks must divide the number of bins")
+        current_E = e_E if physical_E is None else physical_E.long().cpu()
+        return plan_physical(bin_E.long().cpu(), current_E, num_bins, num_ranks)
+    raise PlacementError(f"unknown placement {kind!r}: one of {PLACEMENTS}")
+
+
+def phy2log_of(physical_E: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: phy2log_P[physical_E[e]] = e."""
+    phy2log_P = torch.empty_like(physical_E.long())
+    phy2log_P[physical_E.long()] = torch.arange(physical_E.numel())
+    return phy2log_P
+
+
+def add_replicas(phy2log_P: torch.Tensor, load_E: torch.Tensor, num_ranks: int,
+                 redundant_experts: int) -> torch.Tensor:
+    """Base phy2log_P (n slots per rank, every expert once) -> E + redundant_experts slots with the hottest
+    experts copied (rule in the module docstring).  Rank r's slots: its n base experts, then its s copies."""
+    num_experts = phy2log_P.numel()
+    if redundant_experts < 0 or redundant_experts % num_ranks:
+        raise PlacementError(f"redundant_experts={redundant_experts} must be a non-negative multiple of the "
+                             f"{num_ranks} ranks (every rank holds the same number of physical slots)")
+    if redundant_experts > num_experts * (num_ranks - 1):
+        raise PlacementError(f"redundant_experts={redundant_experts} needs more copies than there are ranks: "
+                             f"{num_experts} experts on {num_ranks} ranks have at most "
+                             f"{num_experts * (num_ranks - 1)} extra copies (never two copies on one rank)")
+    n, s = num_experts // num_ranks, redundant_experts // num_ranks
+    load_E = load_E.double().cpu()
+    base_RN = phy2log_P.long().cpu().view(num_ranks, n)
+    holds_RE = torch.zeros(num_ranks, num_experts, dtype=torch.bool)
+    holds_RE.scatter_(1, base_RN, True)
+    extra = [[] for _ in range(num_ranks)]
+    for _ in range(redundant_experts):   # host loop: planning, once per export
+        copies_E = holds_RE.sum(0)
+        rank_load_R = (holds_RE.double() * (load_E / copies_E)).sum(1)
+        room_R = torch.tensor([len(x) < s for x in extra])
+        open_RE = ~holds_RE & room_R.unsqueeze(1)            # rank r can take a copy of e
+        candidates_E = open_RE.any(0)                          # never empty (the bound checked above)
+        per_copy_E = torch.where(candidates_E, load_E / copies_E, torch.full_like(load_E, -1.0))
+        e = int(torch.argmax(per_copy_E))                      # first maximum: lowest id on ties
+        r = int(torch.argmin(torch.where(open_RE[:, e], rank_load_R, torch.full_like(rank_load_R, float("inf")))))
+        holds_RE[r, e] = True
+        extra[r].append(e)
+    rows = [torch.cat([base_RN[r], torch.tensor(extra[r], dtype=torch.long)]) for r in range(num_ranks)]
+    return torch.cat(rows)
+
+
+# -- the three maps -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServingMaps:
+    """One placement of every MoE layer, in the EPLB form (docs/serving.md)."""
+    phy2log_LP: torch.Tensor     # long
+    log2phy_LEQ: torch.Tensor    # long, padded with -1
+    logcnt_LE: torch.Tensor      # long
+    num_ranks: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.logcnt_LE.shape[1]
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.phy2log_LP.shape[1] // self.num_ranks
+
+    def holds_LRE(self) -> torch.Tensor:
+        """How many copies of expert e rank r holds (0 or 1 in a valid placement)."""
+        L, P = self.phy2log_LP.shape
+        rank_P = torch.arange(P) // self.slots_per_rank
+        holds = torch.zeros(L, self.num_ranks, self.num_experts, dtype=torch.long)
+        holds.view(L, -1).scatter_add_(1, rank_P * self.num_experts + self.phy2log_LP,
+                                        torch.ones_like(self.phy2log_LP))
+        return holds
+
+
+def maps_from_phy2log(phy2log_LP: torch.Tensor, num_experts: int, num_ranks: int) -> ServingMaps:
+    """log2phy (slots ascending, padded -1 to the most copies of any expert) and logcnt from phy2log; validated."""
+    phy2log_LP = torch.as_tensor(phy2log_LP, dtype=torch.long)
+    _check_phy2log(phy2log_LP, num_experts, num_ranks)
+    L, P = phy2log_LP.shape
+    logcnt_LE = torch.zeros(L, num_experts, dtype=torch.long).scatter_add_(1, phy2log_LP, torch.ones_like(phy2log_LP))
+    width = int(logcnt_LE.max())
+    log2phy_LEQ = torch.full((L, num_experts, width), -1, dtype=torch.long)
+    for l in range(L):   # host loop: planning
+        for e in range(num_experts):
+            slots = (phy2log_LP[l] == e).nonzero().squeeze(1)
+            log2phy_LEQ[l, e, :slots.numel()] = slots
+    return ServingMaps(phy2log_LP, log2phy_LEQ, logcnt_LE, num_ranks)
+
+
+def plan_serving(kind: str, bin_LE: torch.Tensor, physical_LE: torch.Tensor, load_LME: torch.Tensor,
+                 num_bins: int, num_ranks: int, redundant_experts: int = 0) -> ServingMaps:
+    """Every layer's placement `kind` on `num_ranks` ranks, plus `redundant_experts` copies per layer chosen
+    from the layer's measured load (summed over modalities)."""
+    num_layers, num_experts = bin_LE.shape
+    if load_LME.shape != (num_layers, 2, num_experts):
+        raise PlacementError(f"load_LME has shape {tuple(load_LME.shape)}, expected ({num_layers}, 2, {num_experts})")
+    rows = []
+    for l in range(num_layers):
+        base_P = phy2log_of(base_physical(kind, num_experts, num_ranks, bin_LE[l], physical_LE[l], num_bins))
+        rows.append(add_replicas(base_P, load_LME[l].sum(0), num_ranks, redundant_experts)
+                    if redundant_experts else base_P)
+    return maps_from_phy2log(torch.stack(rows), num_experts, num_ranks)
+
+
+# -- validation and parsing -------------------------------------------------------------------------------
+def _check_phy2log(phy2log_LP: torch.Tensor, num_experts: int, num_ranks: int) -> None:
+    if phy2log_LP.dim() != 2:
+        raise PlacementError(f"phy2log must be [layers, physical slots], got shape {tuple(phy2log_LP.shape)}")
+    L, P = phy2log_LP.shape
+    if num_ranks < 1 or P % num_ranks:
+        raise PlacementError(f"{P} physical slots do not split evenly over {num_ranks} ranks: every rank must "
+                             "hold the same number of slots (redundant experts: a multiple of the ranks)")
+    if ((phy2log_LP < 0) | (phy2log_LP >= num_experts)).any():
+        raise PlacementError(f"phy2log holds ids outside 0..{num_experts - 1}")
+    per_rank = P // num_ranks
+    for l in range(L):
+        seen = set()
+        for p, e in enumerate(phy2log_LP[l].tolist()):
+            if (p // per_rank, e) in seen:
+                raise PlacementError(f"MoE layer {l}: expert {e} has two copies on rank {p // per_rank}")
+            seen.add((p // per_rank, e))
+        missing = sorted(set(range(num_experts)) - {e for _, e in seen})
+        if missing:
+            raise PlacementError(f"MoE layer {l}: experts {missing} have no physical slot")
+
+
+def validate_maps(maps: ServingMaps) -> None:
+    """Every expert of every layer placed (>= 1 copy), equal slots per rank, no two copies of an expert on one
+    rank, and log2phy / logcnt consistent with phy2log: each slot in exactly one expert's replica set, each
+    copy listed once, ascending, padded with -1."""
+    _check_phy2log(maps.phy2log_LP, maps.num_experts, maps.num_ranks)
+    expected = maps_from_phy2log(maps.phy2log_LP, maps.num_experts, maps.num_ranks)
+    if not torch.equal(maps.logcnt_LE, expected.logcnt_LE):
+        raise PlacementError("logcnt does not count phy2log's copies of each expert")
+    width = maps.log2phy_LEQ.shape[-1]
+    if maps.log2phy_LEQ.shape[:2] != expected.log2phy_LEQ.shape[:2] or width < expected.log2phy_LEQ.shape[-1]:
+        raise PlacementError(f"log2phy has shape {tuple(maps.log2phy_LEQ.shape)}, expected "
+                             f"{tuple(expected.log2phy_LEQ.shape)} (the last dimension may be wider, padded with -1)")
+    padded = torch.nn.functional.pad(expected.log2phy_LEQ, (0, width - expected.log2phy_LEQ.shape[-1]), value=-1)
+    if not torch.equal(maps.log2phy_LEQ, padded):
+        raise PlacementError("log2phy does not list each expert's slots of phy2log (ascending, once each, -1 after)")
+
+
+def maps_from_eplb(phy2log, log2phy, logcnt, num_ranks: int) -> ServingMaps:
+    """Parse the EPLB triple (lists or tensors) back into validated maps."""
+    maps = ServingMaps(torch.as_tensor(phy2log, dtype=torch.long), torch.as_tensor(log2phy, dtype=torch.long),
+                       torch.as_tensor(logcnt, dtype=torch.long), num_ranks)
+    if maps.logcnt_LE.dim() != 2 or maps.log2phy_LEQ.dim() != 3:
+        raise PlacementError("logcnt must be [layers, experts] and log2phy [layers, experts, replicas]")
+    validate_maps(maps)
+    return maps
+
+
+# -- the serving-load model --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServingFigures:
+    """One placement on one trace, averaged over MoE layers (per layer in the lists)."""
+    max_over_mean_load: float
+    remote_ranks_per_token: float
+    cross_rank_rate: float
+    remote_bytes_per_token: float
+    max_over_mean_load_L: tuple[float, ...]
+    remote_bytes_per_token_L: tuple[float, ...]
+
+
+def sample_routes(load_ME: torch.Tensor, k: int, num_tokens: int, vision_share: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """indices_SK: the first round(vision_share * S) tokens are vision, the rest text; each draws k distinct
+    experts with probability following its modality's measured load."""
+    num_vision = round(vision_share * num_tokens)
+    parts = []
+    for m, count in ((1, num_vision), (0, num_tokens - num_vision)):
+        if count == 0:
+            continue
+        weights_E = load_ME[m].double().clamp_min(0)
+        if int((weights_E > 0).sum()) < k:
+            raise PlacementError(f"the measured {('text', 'vision')[m]} load reaches {int((weights_E > 0).sum())} "
+                                 f"experts, fewer than k={k}: measure the load on more tokens")
+        parts.append(torch.multinomial(weights_E.expand(count, -1), k, replacement=False, generator=generator))
+    return torch.cat(parts)
+
+
+def layer_figures(indices_SK: torch.Tensor, holds_RE: torch.Tensor) -> tuple[float, float, float]:
+    """(max / mean rank load, remote ranks per token, cross-rank rate) of one layer: exact over the home rank."""
+    num_ranks = holds_RE.shape[0]
+    holds_RE = holds_RE.double()
+    copies_E = holds_RE.sum(0)
+    spread_SKR = (holds_RE / copies_E).t()[indices_SK]          # a route shared evenly by its copies
+    on_SKR = holds_RE.t()[indices_SK] > 0
+    load_R = torch.zeros(num_ranks, dtype=torch.float64)
+    remote = cross = 0.0
+    for h in range(num_ranks):   # every home rank, each with probability 1 / R
+        home_R = torch.nn.functional.one_hot(torch.tensor(h), num_ranks).double()
+        share_SKR = torch.where(on_SKR[:, :, h:h + 1], home_R, spread_SKR)
+        load_R += share_SKR.sum((0, 1)) / num_ranks
+        miss_SR = torch.prod(1.0 - share_SKR, dim=1)             # P(no route of the token on rank r)
+        away_S = torch.cat([miss_SR[:, :h], miss_SR[:, h + 1:]], 1)
+        remote += float((1.0 - away_S).sum(1).mean()) / num_ranks
+        cross += float((1.0 - away_S.prod(1)).mean()) / num_ranks
+    return float(load_R.max() / load_R.mean()), remote, cross
+
+
+def simulate_serving(maps: ServingMaps, load_LME: torch.Tensor, k: int, hidden_size: int, element_bytes: int,
+                     vision_share: float, num_tokens: int = 20000, seed: int = 0,
+                     routes_LSK: Sequence[torch.Tensor] | None = None) -> ServingFigures:
+    """The serving-load model (module docstring) of `maps` on a trace with this vision share.  Pass
+    `routes_LSK` to evaluate fixed routes (every placement of a comparison then sees the same tokens)."""
+    if routes_LSK is None:
+        routes_LSK = trace_routes(load_LME, k, num_tokens, vision_share, seed)
+    holds_LRE = maps.holds_LRE()
+    loads, remotes, crosses = [], [], []
+    for l, indices_SK in enumerate(routes_LSK):
+        ratio, remote, cross = layer_figures(indices_SK, holds_LRE[l])
+        loads.append(ratio)
+        remotes.append(remote)
+        crosses.append(cross)
+    bytes_L = [2.0 * hidden_size * element_bytes * r for r in remotes]
+    mean = lambda xs: sum(xs) / len(xs)   # noqa: E731
+    return ServingFigures(mean(loads), mean(remotes), mean(crosses), mean(bytes_L), tuple(loads), tuple(bytes_L))
+
+
+def trace_routes(load_LME: torch.Tensor, k: int, num_tokens: int, vision_share: float, seed: int = 0) -> list:
+    """Per layer, the routes of one trace (seeded: the same tokens for every placement)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [sample_routes(load_LME[l], k, num_tokens, vision_share, generator) for l in range(load_LME.shape[0])]
