@@ -45,3 +45,18 @@ def test_workers_output_reaches_the_console_only_with_verbose(recorded_init, mon
     assert driver.tune_run_config(False, "cb") == {"verbose": 0, "callbacks": ["cb"]}
     # Tune's older output (silent at verbose=0), and no traceback of a failed trial on the console
     assert [os.environ[name] for name in names] == ["0", "0"]
+
+
+def test_tunes_own_resume_hint_is_dropped_the_sweep_prints_its_command(monkeypatch):
+    import logging
+
+    for name in ("RAY_AIR_NEW_OUTPUT", "TUNE_PRINT_ALL_TRIAL_ERRORS"):
+        monkeypatch.setenv(name, "1")   # put back afterwards
+    driver.tune_run_config(False, "cb")
+    driver.tune_run_config(False, "cb")   # one filter, however many sessions
+    tune_logger = logging.getLogger("ray.tune.tune")
+    assert sum(isinstance(f, driver._NoTunerRestoreHint) for f in tune_logger.filters) == 1
+    record = lambda msg: logging.LogRecord("ray.tune.tune", logging.WARNING, "tune.py", 1, msg, None, None)  # noqa: E731
+    assert not tune_logger.filter(record("Experiment has been interrupted, but the most recent state was saved.\n"
+                                         "Resume experiment with: Tuner.restore(path=..., trainable=...)"))
+    assert tune_logger.filter(record("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run."))

@@ -76,7 +76,13 @@ def test_a_resumed_sweep_skips_what_ended_and_says_where_a_trial_goes_on():
     p = SweepProgress(total=2, concurrency=1, clock=lambda: 7.0)
     assert p.skipped(0, "t00:seed=0", "finished") == \
         ["[trial 1/2] t00:seed=0  skipped: finished in an earlier session  (done 1/2, ETA --:--)"]
-    assert p.started(1, "t01:seed=1", resumed_step=30) == \
-        ["[trial 2/2] t01:seed=1  resumed from its step-30 checkpoint  (done 1/2, ETA --:--)"]
+    assert p.started(1, "t01:seed=1", resumed=True) == ["[trial 2/2] t01:seed=1  resumed  (done 1/2, ETA --:--)"]
+    # its first report names the checkpoint it went on from (Tune's last result may be older than that)
+    assert p.reported(1, "t01:seed=1", {"epoch": 6, "step": 60, "resumed_from_step": 50}) == [
+        "[trial 2/2] t01:seed=1  goes on from the step-50 checkpoint  (done 1/2, ETA --:--)",
+        "[trial 2/2] t01:seed=1  epoch 6, step 60  (done 1/2, ETA --:--)"]
+    # a restart after that is a restart
+    assert p.reported(1, "t01:seed=1", {"epoch": 7, "step": 70, "resumed_from_step": 60})[0] == \
+        "[trial 2/2] t01:seed=1  workers restarted from the step-60 checkpoint  (done 1/2, ETA --:--)"
     assert p.finished(1, "t01:seed=1", {"acc_multimodal": 0.25}, now=67.0) == \
         ["[trial 2/2] t01:seed=1  finished in 1m00s: multimodal 0.250  (done 2/2, ETA 00:00)"]

@@ -100,7 +100,8 @@ def test_crashed_worker_group_restarts_from_the_last_checkpoint(isolation, small
     t00 = runs["t00"]
     # the workers' output is in the trial's folder, every attempt appended (the console only says it restarted)
     rank1 = (small[0] / "store" / parent.tags["sweep.id"] / "trials" / "t00" / "worker-rank1.log").read_text()
-    assert "inject_crash: killing worker rank 1 after epoch 1" in rank1 and "resuming from step 10" in rank1, rank1[-3000:]
+    assert "inject_crash: killing worker rank 1 after epoch 1" in rank1, rank1[-3000:]
+    assert "resuming from step 10" in rank1, rank1[-3000:]
     assert "workers restarted from the step-10 checkpoint" in proc.stdout, tail(proc)
     assert t00.tags["sweep.attempts"] == "2"  # two training runs, folded into one child
     assert t00.tags["sweep.resumed_from_step"] == "10"  # the epoch-1 checkpoint, not step 0
@@ -230,7 +231,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small):
     assert resumed.returncode == 0, tail(resumed)
     assert "2 finished, 0 failed" in resumed.stdout
     assert "[trial 1/2] t00:seed=0  skipped: finished in an earlier session  (done 1/2, " in resumed.stdout
-    assert "[trial 2/2] t01:seed=1  resumed from its step-" in resumed.stdout, tail(resumed)
+    assert "[trial 2/2] t01:seed=1,max_steps=100  resumed  (done 1/2, " in resumed.stdout, tail(resumed)
+    assert "[trial 2/2] t01:seed=1,max_steps=100  goes on from the step-" in resumed.stdout, tail(resumed)
+    assert "workers restarted" not in resumed.stdout, tail(resumed)
     after = {c.tags.get("sweep.trial_id"): c for c in store.children(parent.run_id)}
     assert set(after) == {"t00", "t01"}
     # t00 was not run again: the same run, untouched, and no other run of it, even a deleted one

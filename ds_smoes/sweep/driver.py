@@ -12,6 +12,7 @@ output folder (`trials/tNN`); on a multi-node cluster STORAGE must be shared sto
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -46,8 +47,6 @@ def init_ray(address: str | None, local_cpus: int, log: Callable, verbose: bool 
     """Start or join Ray.  Unless `verbose`, the workers' output stays out of this console
     (`log_to_driver=False`: each trial's workers write theirs to trials/tNN/worker-rankR.log, Ray's
     own processes to the files under its session's logs folder, printed here once)."""
-    import logging
-
     import ray
 
     if ray.is_initialized():
@@ -94,7 +93,18 @@ def tune_run_config(verbose: bool, callback) -> dict:
     process."""
     if not verbose:
         os.environ.update(RAY_AIR_NEW_OUTPUT="0", TUNE_PRINT_ALL_TRIAL_ERRORS="0")
+        tune_logger = logging.getLogger("ray.tune.tune")
+        if not any(isinstance(f, _NoTunerRestoreHint) for f in tune_logger.filters):
+            tune_logger.addFilter(_NoTunerRestoreHint())
     return {"verbose": 1 if verbose else 0, "callbacks": [callback]}
+
+
+class _NoTunerRestoreHint(logging.Filter):
+    """Drops Tune's "Experiment has been interrupted ... Resume experiment with: Tuner.restore(...)" after
+    Ctrl+C: the sweep prints its own `resume` command with its summary."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Experiment has been interrupted")
 
 
 def local_cpus_for(spec: SweepSpec) -> int:

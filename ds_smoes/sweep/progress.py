@@ -1,8 +1,8 @@
 """The sweep's console: one line per trial event, with the whole sweep's progress and ETA.
 
-    [trial 1/12] t00:num_bins=2,score_type=attention,seed=0  started  (done 0/12, ETA --:--)
-    [trial 1/12] t00:num_bins=2,score_type=attention,seed=0  epoch 1, step 75: loss 2.3035, MSI 0.412  (done 0/12, ETA --:--)
-    [trial 1/12] t00:num_bins=2,score_type=attention,seed=0  finished in 1m49s: multimodal 0.240, ...  (done 1/12, ETA 00:20)
+    [trial 1/12] t00:num_bins=2,score_type=hard,seed=0  started  (done 0/12, ETA --:--)
+    [trial 1/12] t00:num_bins=2,score_type=hard,seed=0  epoch 1, step 75: loss 2.3035, MSI 0.412  (done 0/12, ETA --:--)
+    [trial 1/12] t00:num_bins=2,score_type=hard,seed=0  finished in 1m49s: multimodal 0.240, ...  (done 1/12, ETA 00:20)
 
 `SweepProgress` turns events into those lines and knows nothing of Ray (the tests feed it
 hand-made events and clocks); `progress_callback` is the thin Ray Tune callback that feeds it.
@@ -95,6 +95,7 @@ class SweepProgress:
     durations: list[float] = field(default_factory=list)
     running: dict[int, float] = field(default_factory=dict)  # index -> start time
     restarted_from: dict[int, int] = field(default_factory=dict)  # index -> step of the last restart seen
+    resuming: set[int] = field(default_factory=set)  # resumed trials whose first report is still to come
 
     def _now(self, now: float | None) -> float:
         return self.clock() if now is None else now
@@ -114,11 +115,14 @@ class SweepProgress:
         self.done += 1
         return self._line(index, name, f"skipped: {how} in an earlier session", self._now(None))
 
-    def started(self, index: int, name: str, resumed_step: int | None = None, now: float | None = None) -> list[str]:
+    def started(self, index: int, name: str, resumed: bool = False, now: float | None = None) -> list[str]:
+        """A trial starts; `resumed`: it had reported in an earlier session (its first report says from
+        which checkpoint it goes on)."""
         now = self._now(now)
         self.running[index] = now
-        event = "started" if not resumed_step else f"resumed from its step-{resumed_step} checkpoint"
-        return self._line(index, name, event, now)
+        if resumed:
+            self.resuming.add(index)
+        return self._line(index, name, "resumed" if resumed else "started", now)
 
     def reported(self, index: int, name: str, metrics: dict, now: float | None = None) -> list[str]:
         """A result the trial reported: an epoch's figures (the final result waits for `finished`)."""
@@ -127,7 +131,9 @@ class SweepProgress:
         restart = metrics.get("resumed_from_step")
         if restart and restart != self.restarted_from.get(index):
             self.restarted_from[index] = restart
-            lines += self._line(index, name, f"workers restarted from the step-{restart} checkpoint", now)
+            what = "goes on" if index in self.resuming else "workers restarted"
+            lines += self._line(index, name, f"{what} from the step-{restart} checkpoint", now)
+        self.resuming.discard(index)
         if metrics.get("finished") or "epoch" not in metrics or "step" not in metrics:
             return lines
         shown = figures(metrics, EPOCH)
@@ -185,7 +191,7 @@ def trial_error_text(trial) -> str:
 def progress_callback(progress: SweepProgress, log: Callable = print, resumed: bool = False):
     """A Ray Tune callback that prints `progress`'s lines.  In a `resumed` sweep, the trials that
     Tune restored as ended (TERMINATED or ERROR) are printed as skipped at the first step, and a
-    trial that had reported before says from which step it goes on."""
+    trial that had reported before is "resumed" (its first report then names its checkpoint)."""
     from ray.tune import Callback
 
     def key(trial) -> tuple[int, str]:
@@ -211,8 +217,7 @@ def progress_callback(progress: SweepProgress, log: Callable = print, resumed: b
                     self._print(progress.skipped(*key(trial), how))
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            last = (trial.last_result or {}) if resumed else {}
-            self._print(progress.started(*key(trial), resumed_step=None if last.get("finished") else last.get("step")))
+            self._print(progress.started(*key(trial), resumed=resumed and "step" in (trial.last_result or {})))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self._print(progress.reported(*key(trial), result))
