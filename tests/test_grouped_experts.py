@@ -211,6 +211,11 @@ def test_segment_loop_fallback_reads_the_offsets_once_and_agrees(kind, monkeypat
     assert syncs.total == 1 and dict(syncs.by_op) == {"tolist": 1}, syncs.report()  # forward only
     for a, b in zip([*got[:3], *got[3]], [*want[:3], *want[3]]):
         assert within(a, b, 1e-6)
+    sizes = expert_pair_counts(routes()[0], N)[:N].tolist()
+    with count_host_syncs() as syncs:  # sizes the caller read already (one EP rank) give the bounds: no read
+        got = run(experts, torch.float32, sizes)
+    assert syncs.total == 0, syncs.report()
+    assert all(within(a, b, 1e-6) for a, b in zip([*got[:3], *got[3]], [*want[:3], *want[3]]))
 
 
 def test_widths_that_break_the_stride_rule_use_the_fallback():

@@ -305,7 +305,8 @@ def run_local_experts(x_ZD: torch.Tensor, local_ZK: torch.Tensor, weight_ZK: tor
             valid_Q1 = (key_Q.index_select(0, order_Q) < num_local).unsqueeze(1)
         expert_Q = key_Q.index_select(0, order_Q).clamp(max=num_local - 1)
         row_Q = torch.div(order_Q, k, rounding_mode="floor")
-        out_QD = grouped(x_ZD.index_select(0, row_Q), counts_E, expert_Q, valid_Q1)
+        out_QD = grouped(x_ZD.index_select(0, row_Q), counts_E, expert_Q, valid_Q1,
+                         None if sizes is None else list(sizes[:num_local]))
         pair_Q = order_Q
     else:
         if sizes is None:

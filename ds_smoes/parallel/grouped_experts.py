@@ -57,6 +57,7 @@ C is itself a host read, and pays the padding's FLOPs.  The same loop serves an 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -239,16 +240,21 @@ class GroupedExperts:
                  None if ms[0].bias is None else stack_params([m.bias for m in ms])) for ms in layers]
 
     def __call__(self, x_QD: torch.Tensor, counts_E: torch.Tensor, expert_Q: torch.Tensor,
-                 valid_Q1: torch.Tensor | None = None) -> torch.Tensor:
+                 valid_Q1: torch.Tensor | None = None, host_counts: Sequence[int] | None = None) -> torch.Tensor:
         """out_QD: each pair's expert output (x's dtype).  x_QD: the pairs' rows sorted by expert; counts_E: how
         many pairs each expert runs (device; they need not cover every row); expert_Q: each pair's expert (any
         valid index where not used: only biases read it); valid_Q1 [Q, 1] bool: the pairs inside the counts,
-        None when they cover every row.  Needs no host read where `native_grouped_mm` holds, else one."""
+        None when they cover every row; host_counts: the same counts when the caller has them on the host.
+        Needs no host read where `native_grouped_mm` holds; else the segment loop reads the offsets once, unless
+        host_counts gives them."""
         offs_E = counts_E.cumsum(0).to(torch.int32)
         (w1_EOD, b1_EO), (w2_EDJ, b2_ED) = self._weights()
         host_offs = None
         if not (native_grouped_mm(x_QD) and _rows_aligned(x_QD, w2_EDJ.shape[2])):
-            host_offs = offs_E.tolist()  # host sync: the segment loop's bounds (no native kernel here)
+            if host_counts is not None:
+                host_offs = list(accumulate(host_counts))
+            else:
+                host_offs = offs_E.tolist()  # host sync: the segment loop's bounds (no native kernel here)
         if valid_Q1 is not None:  # masks the garbage input gradient the grouped matmul leaves on unused rows
             x_QD = torch.where(valid_Q1, x_QD, 0)
 
