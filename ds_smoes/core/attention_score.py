@@ -10,8 +10,9 @@ kernels want the value head dim equal to the query's), causal through `is_causal
     V = [M * valid, valid, 0, ...]     out_h = sum_s p_hs V_s
     mixed_h = out_h[:M] / out_h[M] = sum_s p_hs valid_s M_s / sum_s p_hs valid_s
 
-which is exactly the softmax renormalised over the valid keys (an attention mask would push the CPU and CUDA
-kernels to their masked variants, slower; the flash kernels take none).  The mean over heads comes after the
+which is exactly the softmax renormalised over the valid keys.  A mask would cost: CUDA's flash kernel takes
+none (the memory-efficient one would run), and the CPU's flash kernel with a boolean mask computes every block
+(torch 2.13, T=2048, 16 heads: 0.75 s against 0.21 s with `is_causal`).  The mean over heads comes after the
 per-head renormalisation, as in the materialised form.
 
 Shapes: B batch, A query heads, a key/value heads (grouped-query attention: A / a query heads share one),
