@@ -22,9 +22,10 @@ class ModelConfig(BaseModel):
     max_len: int = Field(96, ge=8, description="longest sequence (image patches + text)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="residual and embedding dropout in the decoder")
     attn_impl: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="sdpa: fused attention, probabilities recomputed for the attention score only; "
-                            "eager: explicit softmax that returns the probabilities (cheaper when the attention "
-                            "score is tracked and sequences are short, as in the demo)")
+        "sdpa", description="sdpa: fused attention; the attention score comes from a second fused call with the "
+                            "scores as values, no [T, T] tensor (ds_smoes.core.attention_score); eager: explicit "
+                            "float32 softmax whose probabilities serve the score too (fine for short sequences, "
+                            "as in the demo; memory grows with T^2)")
 
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder block's activations in the backward instead of keeping them "
