@@ -105,9 +105,9 @@ def add_replicas(phy2log_P: torch.Tensor, load_E: torch.Tensor, num_ranks: int,
                              f"{num_experts * (num_ranks - 1)} extra copies (never two copies on one rank)")
     n, s = num_experts // num_ranks, redundant_experts // num_ranks
     load_E = load_E.double().cpu()
-    base_RN = phy2log_P.long().cpu().view(num_ranks, n)
+    base_RQ = phy2log_P.long().cpu().view(num_ranks, n)   # Q = the n base slots of a rank
     holds_RE = torch.zeros(num_ranks, num_experts, dtype=torch.bool)
-    holds_RE.scatter_(1, base_RN, True)
+    holds_RE.scatter_(1, base_RQ, True)
     extra = [[] for _ in range(num_ranks)]
     for _ in range(redundant_experts):   # host loop: planning, once per export
         copies_E = holds_RE.sum(0)
@@ -120,7 +120,7 @@ def add_replicas(phy2log_P: torch.Tensor, load_E: torch.Tensor, num_ranks: int,
         r = int(torch.argmin(torch.where(open_RE[:, e], rank_load_R, torch.full_like(rank_load_R, float("inf")))))
         holds_RE[r, e] = True
         extra[r].append(e)
-    rows = [torch.cat([base_RN[r], torch.tensor(extra[r], dtype=torch.long)]) for r in range(num_ranks)]
+    rows = [torch.cat([base_RQ[r], torch.tensor(extra[r], dtype=torch.long)]) for r in range(num_ranks)]
     return torch.cat(rows)
 
 
@@ -158,6 +158,7 @@ def maps_from_phy2log(phy2log_LP: torch.Tensor, num_experts: int, num_ranks: int
     L, P = phy2log_LP.shape
     logcnt_LE = torch.zeros(L, num_experts, dtype=torch.long).scatter_add_(1, phy2log_LP, torch.ones_like(phy2log_LP))
     width = int(logcnt_LE.max())
+    # Q = the most copies of any expert in any layer (DeepSeek's EPLB pads to the same width)
     log2phy_LEQ = torch.full((L, num_experts, width), -1, dtype=torch.long)
     for l in range(L):   # host loop: planning
         for e in range(num_experts):
@@ -273,9 +274,9 @@ def layer_figures(indices_SK: torch.Tensor, holds_RE: torch.Tensor) -> tuple[flo
         share_SKR = torch.where(on_SKR[:, :, h:h + 1], home_R, spread_SKR)
         load_R += share_SKR.sum((0, 1)) / num_ranks
         miss_SR = torch.prod(1.0 - share_SKR, dim=1)             # P(no route of the token on rank r)
-        away_S = torch.cat([miss_SR[:, :h], miss_SR[:, h + 1:]], 1)
-        remote += float((1.0 - away_S).sum(1).mean()) / num_ranks
-        cross += float((1.0 - away_S.prod(1)).mean()) / num_ranks
+        away_SQ = torch.cat([miss_SR[:, :h], miss_SR[:, h + 1:]], 1)   # Q = the R - 1 ranks other than home
+        remote += float((1.0 - away_SQ).sum(1).mean()) / num_ranks
+        cross += float((1.0 - away_SQ.prod(1)).mean()) / num_ranks
     return float(load_R.max() / load_R.mean()), remote, cross
 
 
