@@ -104,9 +104,9 @@ TRAINING_PATH = sorted({*ROOT.glob("moe/**/*.py"), *ROOT.glob("model/*.py"), *RO
                         *(ROOT / "app" / f for f in ("session.py", "loop.py", "train.py", "builtin.py",
                                                      "hf_family.py", "family.py", "evaluation.py")),
                         ROOT / "sweep" / "trial.py"})
-# placement plans and expert migration are host-side bookkeeping done once per run (when the bins freeze);
-# the sync counter names .cpu() in its docs
-HOST_SIDE = {"core/placement.py", "parallel/migration.py", "core/host_syncs.py"}
+# placement plans and expert migration are host-side bookkeeping done once per run (when the bins freeze); serving
+# placements are planned once, at export time; the sync counter names .cpu() in its docs
+HOST_SIDE = {"core/placement.py", "parallel/migration.py", "core/host_syncs.py", "core/serving_placement.py"}
 
 
 def _violations(path: Path) -> list[str]:
