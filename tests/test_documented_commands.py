@@ -21,6 +21,7 @@ from launch import ROOT
 MAINS = {
     "ds_smoes.train": "ds_smoes.app.train:main",
     "ds_smoes.export": "ds_smoes.app.export:main",
+    "ds_smoes.reshard": "ds_smoes.reshard:main",
     "ds_smoes.compare": "ds_smoes.app.compare:main",
     "ds_smoes.bench": "ds_smoes.bench.cli:main",
     "ds_smoes.sweep": "ds_smoes.sweep.cli:main",

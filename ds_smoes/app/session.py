@@ -37,9 +37,21 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int]
     return f
 
 
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's param groups: decay / no_decay, each split by DeepSpeed into non-expert and expert
+    groups.  Their order is the parameter order of every saved optimizer state (ds_smoes.app.reshard)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name.endswith("pos_TD") else decay).append(p)
+    return split_params_into_different_moe_groups_for_optimizer([
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}])
+
+
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     import deepspeed
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     path = Path(cfg.run.deepspeed_config)
     if not path.is_file():
@@ -54,13 +66,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
                               f"training config (optim.*) so one file decides them")
     ds_config["train_micro_batch_size_per_gpu"] = cfg.optim.micro_batch_size
     ds_config.setdefault("gradient_accumulation_steps", 1)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name.endswith("pos_TD") else decay).append(p)
-    groups = split_params_into_different_moe_groups_for_optimizer([
-        {"params": decay, "weight_decay": cfg.optim.weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}])
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(0.9, 0.98))
     # bins and Gaussian statistics change once per optimizer step, before it (DeepSpeed's wrappers call this step)
     register_step_updates(optimizer, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -145,7 +151,7 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
 
     status = "FAILED"
     try:
-        step, epoch = _resume(engine, resume_from, len(loader), total_steps, log)
+        step, epoch = _resume(engine, resume_from, len(loader), total_steps, log, scratch_dir=out_dir)
         start_step = step
         figures = _train_loop(family, engine, loader, sampler, step, epoch, total_steps, tracker, log,
                               epoch_callback=epoch_callback)
@@ -307,18 +313,69 @@ def _place_experts(moe_layers, engine, step: int, tracker, log: Callable) -> Non
 
 
 def _resume(engine, resume_from: Path | None, steps_per_epoch: int, total_steps: int,
-            log: Callable) -> tuple[int, int]:
+            log: Callable, scratch_dir: Path | None = None) -> tuple[int, int]:
     """(step, epoch) to start from: (0, 0), or a DeepSpeed checkpoint's client_state (one without an epoch,
-    as older Hugging Face runs saved, resumes in the epoch its step falls in)."""
+    as older Hugging Face runs saved, resumes in the epoch its step falls in).  A checkpoint saved at
+    another ep_size is converted first (`_reshard_for_engine`) into a folder under `scratch_dir`."""
     if resume_from is None:
         return 0, 0
-    load_path, client_state = engine.load_checkpoint(str(resume_from))
+    converted = _reshard_for_engine(engine, Path(resume_from), scratch_dir, log)
+    try:
+        load_path, client_state = engine.load_checkpoint(str(converted or resume_from))
+    finally:
+        if converted is not None:
+            distributed.barrier()
+            if distributed.rank() == 0:
+                import shutil
+
+                shutil.rmtree(converted, ignore_errors=True)
     if load_path is None or "step" not in (client_state or {}):
         raise ConfigError(f"{resume_from}: no DeepSpeed checkpoint with a step in its client_state")
     step = int(client_state["step"])
     epoch = int(client_state.get("epoch", step // steps_per_epoch))
-    log(f"resumed from {load_path} at epoch {epoch}, step {step}/{total_steps}")
+    log(f"resumed from {load_path if converted is None else resume_from} at epoch {epoch}, step {step}/{total_steps}")
     return step, epoch
+
+
+def _reshard_for_engine(engine, resume_from: Path, scratch_dir: Path | None, log: Callable) -> Path | None:
+    """When `resume_from` was saved at another ep_size than the engine's: rank 0 converts it (weights, Adam
+    state, placement: experts on their bins' ranks where the bins allow) into a temporary folder, whose path
+    every rank gets; None when the sizes agree (or the model has no MoE layer)."""
+    from ds_smoes.app import reshard
+
+    layers = engine.module.moe_layers() if hasattr(engine.module, "moe_layers") else []
+    if not layers or not (resume_from / "latest").is_file():
+        return None
+    ep = layers[0].deepspeed_moe.ep_size
+    saved = reshard.saved_ep_size(resume_from)
+    if saved in (0, ep):
+        return None
+    layout = reshard.optimizer_layout(engine.module, engine.optimizer)
+    n_to = {f"{name}.deepspeed_moe.experts.deepspeed_experts.": m.deepspeed_moe.num_local_experts
+            for name, m in engine.module.named_modules() if m in layers}
+    n_from = {k: v * ep // saved for k, v in n_to.items()}
+    box: list = [None, None]   # [converted folder, error message]
+    if distributed.rank() == 0:
+        import tempfile
+
+        try:
+            scratch = Path(scratch_dir or resume_from.parent)
+            scratch.mkdir(parents=True, exist_ok=True)
+            out = Path(tempfile.mkdtemp(prefix=f"resharded_ep{saved}_to_ep{ep}_", dir=scratch))
+            folder, _, physical = reshard.reshard_checkpoint(
+                resume_from, None, reshard.rescale_layout(layout, n_to, n_from), out, ep, layout)
+            log(f"{resume_from} was saved at ep_size {saved}; converted it to ep_size {ep} in {folder} (experts "
+                f"keyed by logical id; placement {[p.tolist() for p in physical]}); loading that")
+            box[0] = str(out)
+        except ConfigError as err:
+            box[1] = str(err)
+    if distributed.is_distributed():
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise ConfigError(f"{resume_from} was saved at ep_size {saved}, this run has {ep}: {box[1]}")
+    return Path(box[0])
 
 
 def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: int, total_steps: int, tracker,

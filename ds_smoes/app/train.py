@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 --module ds_smoes.train --config configs/demo.yaml      # 2 ranks, ep_size 2
     python -m ds_smoes.train --config configs/demo.yaml --set smoes.ep_size=1  # one process
     python -m ds_smoes.train --init-from runs/demo/export --eval-only           # evaluate an export (1 process)
+    python -m ds_smoes.train --config configs/demo.yaml --set smoes.ep_size=1 --resume-from runs/demo/checkpoint
 
 Prints progress, evaluates exact-match accuracy separately on multimodal and language-only
 held-out questions, and reports tokens/s, MSI and the routing communication figures; every
@@ -34,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", type=Path, default=None, metavar="EXPORT_DIR",
                    help="start from a deployment export (python -m ds_smoes.export); without --config, its "
                         "train_config.json is the config")
+    p.add_argument("--resume-from", type=Path, default=None, metavar="CHECKPOINT_DIR",
+                   help="continue training from a DeepSpeed checkpoint folder (e.g. RUN/checkpoint; its 'latest' tag); "
+                        "one saved at another smoes.ep_size is converted first (fp32, ZeRO stage 0; "
+                        "python -m ds_smoes.reshard does it by hand)")
     p.add_argument("--eval-only", action="store_true", help="evaluate without training (with --init-from)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--hf-model", default=None, metavar="PATH_OR_CONFIG",
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = with_tracking_args(load_hf_train_config(args.config, args.overrides, args.hf_model), args)
             family = HFFamily(cfg)
-            resume_from = cfg.hf.resume_from
+            resume_from = args.resume_from or cfg.hf.resume_from
         else:
             from ds_smoes.app.builtin import BuiltinFamily
             from ds_smoes.app.config import load_train_config
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                     overrides.insert(0, f"smoes.ep_size={os.environ.get('WORLD_SIZE', '1')}")
             cfg = with_tracking_args(load_train_config(config, overrides), args)
             family = BuiltinFamily(cfg, init_from=args.init_from)
-            resume_from = None
+            resume_from = args.resume_from
         run_session(family, output_json=args.output_json, parent_run_id=args.parent_run_id,
                     init_distributed=init_distributed, log=log0, resume_from=resume_from, eval_only=args.eval_only)
     except SMoESError as err:
