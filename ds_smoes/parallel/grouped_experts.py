@@ -1,8 +1,9 @@
 """A rank's local experts as stacked weights: one grouped matmul per projection, no host read.
 
 Shapes (glossary: `ds_smoes/__init__.py`): E this rank's local experts (n of them), D hidden, I an expert's
-intermediate size, F its fused gate+up width (2I), O / J a projection's output / input width (either of D, I, F;
-O and J are ad-hoc here), Q (row, route) pairs sorted by expert.
+intermediate size, F the width of its first projection (the fused gate+up 2I of the gated expert; I for the mlp),
+Q (row, route) pairs sorted by expert.  A helper that runs either projection names its operands as the first's
+(D in, F out).
 
 Which experts.  DeepSpeed deep-copies one expert module per local expert into a ModuleList.  Two kinds are
 recognised (`grouped_kind`), everything else runs in the caller's loop over modules:
@@ -16,7 +17,7 @@ recognised (`grouped_kind`), everything else runs in the caller's loop over modu
 The weights.  DeepSpeed's per-expert `nn.Parameter`s stay the source of truth: its per-expert checkpoint
 files (`...deepspeed_experts.<global id>.<param>`, cloned one by one when saved), expert migration
 (`migration.py` copies into `p.data`), the exports, ZeRO and BF16_Optimizer (which rebind `p.data` to slices of
-their flat buffers) and `model.to(device)` all keep seeing the same parameters.  The stacked [E, O, J] weight
+their flat buffers) and `model.to(device)` all keep seeing the same parameters.  The stacked [E, out, in] weight
 a grouped matmul takes is obtained per forward by `stack_params`:
 
 - a zero-copy view when the experts' same-named parameters lie evenly strided in one storage: the layer arranges
@@ -204,18 +205,18 @@ def _rows_aligned(x_QD: torch.Tensor, *widths: int) -> bool:
     return x_QD.is_contiguous() and all(w * x_QD.element_size() % 16 == 0 for w in (x_QD.shape[1], *widths))
 
 
-def grouped_mm(x_QJ: torch.Tensor, w_EOJ: torch.Tensor, offs_E: torch.Tensor,
+def grouped_mm(x_QD: torch.Tensor, w_EFD: torch.Tensor, offs_E: torch.Tensor,
                host_offs: list[int] | None = None) -> torch.Tensor:
-    """y_QO: rows offs_E[e-1]:offs_E[e] of x times expert e's weight transposed (as `F.linear`), in one
+    """y_QF: rows offs_E[e-1]:offs_E[e] of x times expert e's weight transposed (as `F.linear`), in one
     `torch._grouped_mm`; rows past the last offset are left unspecified.  host_offs: the offsets on the host,
     which selects the segment loop (`torch.mm` per expert; rows past the last offset are zeros)."""
     if host_offs is None:
-        return torch._grouped_mm(x_QJ, w_EOJ.transpose(-2, -1), offs=offs_E)
+        return torch._grouped_mm(x_QD, w_EFD.transpose(-2, -1), offs=offs_E)
     parts, start = [], 0
     for e, end in enumerate(host_offs):
-        parts.append(torch.mm(x_QJ[start:end], w_EOJ[e].T))
+        parts.append(torch.mm(x_QD[start:end], w_EFD[e].T))
         start = end
-    parts.append(x_QJ.new_zeros(x_QJ.shape[0] - start, w_EOJ.shape[1]))
+    parts.append(x_QD.new_zeros(x_QD.shape[0] - start, w_EFD.shape[1]))
     return torch.cat(parts)
 
 
@@ -231,7 +232,7 @@ class GroupedExperts:
         return None if kind is None else cls(experts, kind)
 
     def _weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """[(w_EOJ, b_EO or None)] per projection, stacked (`stack_params`)."""
+        """[(w1_EFD, b1_EF or None), (w2_EDI, b2_ED or None)]: both projections, stacked (`stack_params`)."""
         if self.kind == "mlp":
             layers = [[e[0] for e in self.experts], [e[2] for e in self.experts]]
         else:
@@ -248,9 +249,9 @@ class GroupedExperts:
         Needs no host read where `native_grouped_mm` holds; else the segment loop reads the offsets once, unless
         host_counts gives them."""
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        (w1_EOD, b1_EO), (w2_EDJ, b2_ED) = self._weights()
+        (w1_EFD, b1_EF), (w2_EDI, b2_ED) = self._weights()
         host_offs = None
-        if not (native_grouped_mm(x_QD) and _rows_aligned(x_QD, w2_EDJ.shape[2])):
+        if not (native_grouped_mm(x_QD) and _rows_aligned(x_QD, w2_EDI.shape[2])):
             if host_counts is not None:
                 host_offs = list(accumulate(host_counts))
             else:
@@ -258,16 +259,16 @@ class GroupedExperts:
         if valid_Q1 is not None:  # masks the garbage input gradient the grouped matmul leaves on unused rows
             x_QD = torch.where(valid_Q1, x_QD, 0)
 
-        def project(x_QJ, w_EOJ, b_EO):
-            y_QO = grouped_mm(x_QJ, w_EOJ, offs_E, host_offs)
-            if b_EO is not None:
-                y_QO = y_QO + b_EO.index_select(0, expert_Q)
-            return y_QO if valid_Q1 is None else torch.where(valid_Q1, y_QO, 0)
+        def project(in_QD, w_EFD, b_EF):  # either projection, named as the first
+            y_QF = grouped_mm(in_QD, w_EFD, offs_E, host_offs)
+            if b_EF is not None:
+                y_QF = y_QF + b_EF.index_select(0, expert_Q)
+            return y_QF if valid_Q1 is None else torch.where(valid_Q1, y_QF, 0)
 
-        h_QO = project(x_QD, w1_EOD, b1_EO)
+        h_QF = project(x_QD, w1_EFD, b1_EF)
         if self.kind == "mlp":
-            a_QJ = F.gelu(h_QO, approximate=self.experts[0][1].approximate)
+            a_QI = F.gelu(h_QF, approximate=self.experts[0][1].approximate)  # the mlp's F is I
         else:
-            gate_QI, up_QI = h_QO.chunk(2, dim=-1)
-            a_QJ = self.experts[0].act_fn(gate_QI) * up_QI
-        return project(a_QJ, w2_EDJ, b2_ED)
+            gate_QI, up_QI = h_QF.chunk(2, dim=-1)
+            a_QI = self.experts[0].act_fn(gate_QI) * up_QI
+        return project(a_QI, w2_EDI, b2_ED)
