@@ -128,7 +128,8 @@ def test_command_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resume_across_ep_size_matches_the_uninterrupted_run(tmp_path):
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "reshard_resume.py"), "--out", str(tmp_path)])
+    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "reshard_resume.py"), "--out", str(tmp_path)],
+                         timeout=900)  # three engines; ~90 s on an idle 2-core machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for r in range(2):
         rep = json.loads((tmp_path / f"rank{r}.json").read_text())
