@@ -3,6 +3,10 @@
 The image's patch embeddings are spliced into the token sequence at the `<image>` positions
 (LLaVA style).  Hard modality labels are those positions; the attention score is carried
 through the depth with `attention_score_mix_update` and handed to every MoE layer.
+
+`generate` decodes through a KV cache (`ds_smoes.model.kv_cache`): one prefill of the prompts, then one token
+per row and step; the cache keeps each block's keys, values and keys' scores, so a step's attention score is
+the one the whole sequence's forward would give its last position.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from ds_smoes.core.config import SMoESConfig
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.model.attention import SelfAttention, attention_mask, padding_before_tokens
 from ds_smoes.model.config import ModelConfig
+from ds_smoes.model.kv_cache import KVCache, LayerCache
 from ds_smoes.model.vision import PatchVisionEncoder, mlp
 from ds_smoes.core.scores import attention_score_mix_update, hard_scores
 
@@ -41,8 +46,14 @@ class DecoderBlock(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, SMoESMoE)
 
-    def forward(self, x_BTD, mask_B1TT, valid_BT, labels_BT, modality_BTM):
-        h_BTD, mixed_BTM = self.attn(self.ln1(x_BTD), mask_B1TT, valid_BT, modality_BTM)
+    def forward(self, x_BTD, mask_B1TU, valid_BT, labels_BT, modality_BTM, cache: LayerCache | None = None,
+                key_valid_BU: torch.Tensor | None = None):
+        """(x after the block, l_aux, the tokens' scores after the block).  With a `cache` (generation), the
+        attention reads the earlier positions from it and `key_valid_BU` says which of the U keys are tokens
+        (`valid_BT`, this forward's tokens, is what the MoE layer routes)."""
+        key_valid_BU = valid_BT if key_valid_BU is None else key_valid_BU
+        with_cache = {} if cache is None else {"cache": cache}   # without one, the call of before the cache
+        h_BTD, mixed_BTM = self.attn(self.ln1(x_BTD), mask_B1TU, key_valid_BU, modality_BTM, **with_cache)
         if modality_BTM is not None:
             modality_BTM = attention_score_mix_update(modality_BTM, mixed_BTM, h_BTD.detach().norm(dim=-1),
                                                       x_BTD.detach().norm(dim=-1))
@@ -124,8 +135,14 @@ class TinyMoEVLM(nn.Module):
                              f"{self.cfg.max_len}; raise max_len in the config")
         return self.emb_drop(x_BTD + self.pos_emb(position_BT)), bool(padded_before)
 
+    def tracks_attention_score(self) -> bool:
+        """Whether the forward carries the attention score through the depth (score_type attention, MoE blocks)."""
+        return self.smoes is not None and self.smoes.effective_score_type == "attention" and bool(self.moe_layers())
+
     def forward(self, input_ids_BT, attention_mask_BT, modality_BT, image_BCHW, has_image_B,
-                labels_BT: torch.Tensor | None = None) -> VLMOutput:
+                labels_BT: torch.Tensor | None = None, cache: KVCache | None = None) -> VLMOutput:
+        """The whole sequence.  With an empty `cache` (generation's prefill) every block also writes its keys,
+        values and keys' scores there, and the cache takes each row's next position id; `decode_step` goes on."""
         valid_BT = attention_mask_BT.bool()
         x_BTD, padded_before = self.embed(input_ids_BT, valid_BT, image_BCHW, has_image_B)
         # eager: the dense mask always (its softmax reads it).  sdpa: none unless a token follows padding (left
@@ -133,16 +150,23 @@ class TinyMoEVLM(nn.Module):
         dense = self.cfg.attn_impl == "eager" or padded_before
         mask_B1TT = attention_mask(valid_BT, causal=True) if dense else None
         labels_mod_BT = modality_BT.long() * valid_BT
-        track = self.smoes is not None and self.smoes.effective_score_type == "attention" and bool(self.moe_layers())
-        modality_BTM = hard_scores(labels_mod_BT) if track else None  # layer 0: one-hot of the hard label
+        modality_BTM = hard_scores(labels_mod_BT) if self.tracks_attention_score() else None  # layer 0: one-hot
+        layers: list[LayerCache | None] = [None] * len(self.blocks)
+        if cache is not None:
+            if cache.length:
+                raise ValueError(f"forward with a KV cache is the prefill: the cache holds {cache.length} positions "
+                                 "already (feed further tokens with decode_step)")
+            cache.extend(valid_BT)
+            cache.position_B = valid_BT.long().sum(-1)
+            layers = cache.layers
         aux = x_BTD.new_zeros(())
         checkpointed = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if checkpointed:
+        for block, layer in zip(self.blocks, layers):
+            if checkpointed and layer is None:
                 x_BTD, l_aux, modality_BTM = checkpoint_block(block, x_BTD, mask_B1TT, valid_BT, labels_mod_BT,
                                                               modality_BTM)
             else:
-                x_BTD, l_aux, modality_BTM = block(x_BTD, mask_B1TT, valid_BT, labels_mod_BT, modality_BTM)
+                x_BTD, l_aux, modality_BTM = block(x_BTD, mask_B1TT, valid_BT, labels_mod_BT, modality_BTM, layer)
             aux = aux + l_aux
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
         lm_loss = loss = None
@@ -152,29 +176,80 @@ class TinyMoEVLM(nn.Module):
             loss = lm_loss + aux
         return VLMOutput(logits_BTV, loss, lm_loss, aux)
 
+    def decode_step(self, token_B: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """logits_BV of the next token after feeding one generated (text) token per row, through the cache.
+
+        The token is valid, a text token (label 0, layer-0 score one-hot text) at its row's next position; its
+        attention reads the cached keys, values and keys' scores of every block; the MoE layers route the B new
+        tokens only.  No host read here (the MoE dispatch may make its own)."""
+        token_B1 = token_B.unsqueeze(1)
+        valid_B1 = torch.ones_like(token_B1, dtype=torch.bool)
+        x_B1D = self.emb_drop(self.tok_emb(token_B1) + self.pos_emb(cache.position_B.unsqueeze(1)))
+        key_valid_BU = cache.extend(valid_B1)
+        # the new token sees every valid key: the fused kernel takes no mask unless some key is padding
+        dense = self.cfg.attn_impl == "eager" or cache.padded
+        mask_B11U = attention_mask(key_valid_BU, causal=True, num_queries=1) if dense else None
+        labels_B1 = torch.zeros_like(token_B1)
+        modality_B1M = hard_scores(labels_B1) if self.tracks_attention_score() else None
+        for block, layer in zip(self.blocks, cache.layers):
+            x_B1D, _, modality_B1M = block(x_B1D, mask_B11U, valid_B1, labels_B1, modality_B1M, layer, key_valid_BU)
+        cache.position_B = cache.position_B + 1
+        return self.lm_head(self.ln_f(x_B1D))[:, -1]
+
+    def _greedy(self, logits_BV: torch.Tensor) -> torch.Tensor:
+        """The next token: the <image> token is never generated (fed back, it would count as an image placeholder;
+        an untrained model would otherwise fail)."""
+        logits_BV = logits_BV.clone()
+        logits_BV[:, self.image_token_id] = float("-inf")
+        return logits_BV.argmax(-1)
+
     @torch.no_grad()
     def generate(self, input_ids_BT, attention_mask_BT, modality_BT, image_BCHW, has_image_B,
-                 max_new_tokens: int, eos_id: int) -> list[list[int]]:
-        """Greedy decoding from left-padded prompts.
+                 max_new_tokens: int, eos_id: int, use_cache: bool = True) -> list[list[int]]:
+        """Greedy decoding from left-padded prompts; tokens from <eos> on are dropped.
 
-        Always runs exactly `max_new_tokens` forward passes, so every expert-parallel rank
-        takes part in the same number of all-to-alls; tokens after <eos> are discarded.  The
-        <image> token is never generated: fed back, it would count as an image placeholder
-        (an untrained model would otherwise fail here)."""
-        ids, mask, mod = input_ids_BT, attention_mask_BT.bool(), modality_BT
+        Always runs exactly `max_new_tokens` forward passes, so every expert-parallel rank takes part in the same
+        number of MoE all-to-alls whatever its prompts and wherever its rows stop.  `use_cache` (default): one
+        prefill of the prompts, then `max_new_tokens - 1` decode steps of one token per row through a KV cache
+        (`ds_smoes.model.kv_cache`); False: every step re-runs the whole sequence (the reference the cache is
+        tested against: the same greedy tokens)."""
+        valid_BT = attention_mask_BT.bool()
+        b, t = valid_BT.shape
+        if max_new_tokens < 1:
+            return [[] for _ in range(b)]
+        if not use_cache:
+            return self._generate_uncached(input_ids_BT, valid_BT, modality_BT, image_BCHW, has_image_B,
+                                           max_new_tokens, eos_id)
+        # one host read: the longest prompt (the last fed token must have a position embedding) and whether any
+        # prompt position is padding (decode steps then need a key mask)
+        longest, padded = torch.stack([valid_BT.long().sum(-1).max(), (~valid_BT).any().long()]).tolist()
+        if longest + max_new_tokens - 1 > self.cfg.max_len:
+            raise ValueError(f"sequence of {longest + max_new_tokens - 1} tokens exceeds model.max_len="
+                             f"{self.cfg.max_len}; raise max_len in the config")
+        cache = KVCache.empty(len(self.blocks), t + max_new_tokens - 1)   # the last new token is never fed
+        cache.padded = bool(padded)
+        logits_BV = self.forward(input_ids_BT, valid_BT, modality_BT, image_BCHW, has_image_B,
+                                 cache=cache).logits_BTV[:, -1]
+        new_BT = [self._greedy(logits_BV)]
+        for _ in range(max_new_tokens - 1):
+            new_BT.append(self._greedy(self.decode_step(new_BT[-1], cache)))
+        return _until_eos(new_BT, eos_id)
+
+    def _generate_uncached(self, ids, mask, mod, image_BCHW, has_image_B, max_new_tokens: int,
+                           eos_id: int) -> list[list[int]]:
         new_BT = []
         for _ in range(max_new_tokens):
-            logits_BV = self.forward(ids, mask, mod, image_BCHW, has_image_B).logits_BTV[:, -1].clone()
-            logits_BV[:, self.image_token_id] = float("-inf")
-            nxt_B = logits_BV.argmax(-1)
+            nxt_B = self._greedy(self.forward(ids, mask, mod, image_BCHW, has_image_B).logits_BTV[:, -1])
             new_BT.append(nxt_B)
             ids = torch.cat([ids, nxt_B.unsqueeze(1)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             mod = torch.cat([mod, torch.zeros_like(mod[:, :1])], 1)
-        out = []
-        for row in torch.stack(new_BT, 1).tolist():
-            out.append(row[:row.index(eos_id)] if eos_id in row else row)
-        return out
+        return _until_eos(new_BT, eos_id)
+
+
+def _until_eos(new_BT: list[torch.Tensor], eos_id: int) -> list[list[int]]:
+    """Each row's generated tokens before its first <eos> (one host read)."""
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in torch.stack(new_BT, 1).tolist()]
 
 
 def model_inputs(batch) -> tuple:
