@@ -3,7 +3,8 @@
 Every device-to-host read stalls a GPU stream; at 48 MoE layers they add up per step.  Counted with
 `ds_smoes.core.host_syncs` (value reads, data-dependent shapes, .tolist()/.cpu()), which sees on the
 CPU what a GPU run would pay.  Budgets (issue 17): with DeepSpeed's stock dispatch no more than
-DeepSpeed's own top-k MoE measured in the same run; with rank_once at most 2 (its split sizes).
+DeepSpeed's own top-k MoE measured in the same run; with rank_once at most 2 (its split sizes; with the
+built-in or Hugging Face experts, which run grouped, 1 with several EP ranks: docs/dispatch.md).
 
 Before this budget (same counter, 16 experts, top-2): DeepSpeed top-k MoE 5; SMoES stock dispatch 16 (hard),
 20 (gaussian), 14 (attention); SMoES rank_once 19, 23, 17.

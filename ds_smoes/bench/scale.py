@@ -110,7 +110,7 @@ def profile_from(source: Path, out_dir: Path, echo=_echo) -> tuple[RouterProfile
     raw = json.loads(raw_path.read_text())
     figures = variant_figures(raw["sources"]["trained"]["c"])
     return (RouterProfile.from_counts(raw["setup"]["k"], figures["own_route_counts_MJ"]),
-            f"{source} (SMoES router, {figures['valid_tokens']} test tokens per layer)")
+            f"{source} (SMoES router, {int(figures['valid_tokens'])} test tokens per layer)")
 
 
 def default_profile_source(out_dir: Path) -> Path:
