@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ds_smoes.model.compress.config import CompressConfig
+
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -31,6 +33,9 @@ class ModelConfig(BaseModel):
         False, description="recompute each decoder block's activations in the backward instead of keeping them "
                            "(DeepSpeed's activation checkpointing): less memory, one more forward per block; the "
                            "SMoES state still updates once per step")
+    compress: CompressConfig = Field(
+        CompressConfig(), description="visual token compression (issue 19, docs/compression.md); method none keeps "
+                                      "every vision token")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -39,6 +44,7 @@ class ModelConfig(BaseModel):
         if self.d_model % self.n_heads or self.vision_dim % self.n_heads:
             raise ValueError(f"d_model={self.d_model} and vision_dim={self.vision_dim} must be multiples of "
                              f"n_heads={self.n_heads}")
+        self.compress.check_layers(self.n_layers)
         return self
 
     @property
