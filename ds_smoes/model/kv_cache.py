@@ -12,6 +12,12 @@ token in place at a host-known offset (no device read).  Concatenating would cop
 step, O(U) per token and O(U^2) per sequence; the views handed to attention (`[..., :U, :]`) keep the
 head dimension contiguous, which the fused kernels need.
 
+Visual token pruning (issue 19, `ds_smoes.model.token_pruning`): the prefill removes vision tokens before
+block L, once.  Blocks before L cache every prompt position, blocks from L on only the kept ones, packed: two
+sets of key positions, of different lengths and padding.  `KVCache.valid_BU` describes the first set (every
+block's when nothing is pruned), `KVCache.pruned` the second; a decode step appends its token to both and
+`keys_of(block)` says which one a block reads.
+
 Shapes: B batch, A heads, U key positions (cached + current), T positions of this forward, d head dim,
 M modalities.
 """
@@ -53,6 +59,28 @@ class LayerCache:
 
 
 @dataclass
+class KeyValidity:
+    """Which of a set of blocks' cached key positions are tokens (a buffer of `capacity` positions) and whether one
+    is padding (host-side: a decode step then needs a key mask)."""
+    capacity: int
+    length: int = 0
+    valid_BU: torch.Tensor | None = None
+    padded: bool = False
+
+    def extend(self, valid_BT: torch.Tensor) -> torch.Tensor:
+        """Append this forward's tokens' validity; return the U keys' validity (a view of the buffer)."""
+        b, t = valid_BT.shape
+        if self.valid_BU is None:
+            self.valid_BU = valid_BT.new_zeros(b, self.capacity, dtype=torch.bool)
+        end = self.length + t
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot take {end}")
+        self.valid_BU[:, self.length:end] = valid_BT
+        self.length = end
+        return self.valid_BU[:, :end]
+
+
+@dataclass
 class KVCache:
     """The decoder's cache: one `LayerCache` per block, the keys' validity and each row's next position id.
 
@@ -64,13 +92,31 @@ class KVCache:
     valid_BU: torch.Tensor | None = None               # which key positions are tokens
     position_B: torch.Tensor | None = None             # the position id of each row's next token
     padded: bool = False
+    pruned_from: int | None = None                     # the first block whose keys are the pruned set
+    pruned: KeyValidity | None = None                  # the kept positions' validity, blocks pruned_from..
 
     @classmethod
     def empty(cls, num_layers: int, capacity: int) -> "KVCache":
         return cls([LayerCache(capacity) for _ in range(num_layers)], capacity)
 
+    def prune(self, block: int, valid_BT: torch.Tensor, padded: bool) -> None:
+        """At the prefill: blocks `block`.. cache the packed kept positions `valid_BT` (`padded`: one is padding)."""
+        if self.pruned is not None:
+            raise ValueError(f"the KV cache is pruned from block {self.pruned_from} already: generation prunes once")
+        self.pruned_from, self.pruned = block, KeyValidity(self.capacity, padded=padded)
+        self.pruned.extend(valid_BT)
+
+    def keys_of(self, block: int) -> tuple[torch.Tensor, bool]:
+        """(the U keys' validity, whether one is padding) of the set of key positions `block` caches."""
+        if self.pruned is not None and block >= self.pruned_from:
+            return self.pruned.valid_BU[:, :self.pruned.length], self.pruned.padded
+        return self.valid_BU[:, :self.length], self.padded
+
     def extend(self, valid_BT: torch.Tensor) -> torch.Tensor:
-        """Append this forward's tokens' validity; return the U keys' validity (a view of the buffer)."""
+        """Append this forward's tokens' validity (to the pruned set too, once there is one); return the U keys'
+        validity of the blocks before the pruning point (a view of the buffer)."""
+        if self.pruned is not None:
+            self.pruned.extend(valid_BT)
         b, t = valid_BT.shape
         if self.valid_BU is None:
             self.valid_BU = valid_BT.new_zeros(b, self.capacity, dtype=torch.bool)
