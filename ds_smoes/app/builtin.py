@@ -33,7 +33,8 @@ def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
     # Built from the training split only (same order on every rank, so identical ids everywhere).
     tokenizer = WordTokenizer.build(t for s in train for t in (s.prompt, s.answer))
     m = cfg.model
-    make = lambda samples: LlavaDataset(samples, tokenizer, m.image_size, m.patch_size)  # noqa: E731
+    image_tokens = m.compress.pre_llm_budget(m.num_patches)   # compressed before the LLM: fewer placeholders
+    make = lambda samples: LlavaDataset(samples, tokenizer, m.image_size, m.patch_size, image_tokens)  # noqa: E731
     sets = Datasets(make(train), make(val) if val else None, make(test), tokenizer)
     longest = max(ds.max_seq_len for ds in (sets.train, sets.test) + ((sets.val,) if sets.val else ()))
     if longest > m.max_len:
@@ -57,7 +58,7 @@ class BuiltinFamily(ModelFamily):
         self.collate = collate_train
         log(f"data: {len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val / "
             f"{len(self.test_set)} test conversations, vocabulary {self.data.tokenizer.vocab_size}, "
-            f"{self.train_set.num_patches} image tokens per image")
+            f"{self.train_set.image_tokens} image tokens per image (of {self.train_set.num_patches} patches)")
         ep = cfg.smoes.ep_size
         self.model = TinyMoEVLM(cfg.model, self.data.tokenizer.vocab_size, self.data.tokenizer.image_id,
                                 cfg.smoes if cfg.model.moe_layers != "none" else None,

@@ -2,8 +2,11 @@
 
 One sample becomes the token sequence::
 
-    <bos> <image> * num_patches  prompt...  <sep>  answer...  <eos>
+    <bos> <image> * image_tokens  prompt...  <sep>  answer...  <eos>
           (only with an image)
+
+``image_tokens`` is ``num_patches`` unless the model compresses the vision tokens before the LLM
+(``ModelConfig.compress.pre_llm_budget``): removed tokens get no placeholder, so the sequence is shorter.
 
 The ``<image>`` positions are placeholders: the model replaces their embeddings with
 the image's patch embeddings (``modality_BT == 1`` marks them). Labels are *not*
@@ -202,12 +205,14 @@ class LlavaDataset(SampleDataset):
     * ``index`` (int): ``i``;
     * ``prompt_ids`` (list[int]): ``[<bos>] + [<image>] * num_image_tokens + prompt + [<sep>]``;
     * ``answer_ids`` (list[int]): ``answer + [<eos>]``;
-    * ``num_image_tokens`` (int): ``num_patches`` with an image, else 0 (they start at position 1);
+    * ``num_image_tokens`` (int): ``image_tokens`` with an image, else 0 (they start at position 1);
     * ``image_CHW`` (Tensor ``[1, image_size, image_size]``): the image, zeros without one;
     * ``has_image`` (bool).
 
     Attributes:
-        num_patches: image tokens per multimodal sample.
+        num_patches: patches the vision encoder makes of an image.
+        image_tokens: image tokens (``<image>`` placeholders) per multimodal sample: ``num_patches``, or fewer
+            when the model compresses the vision tokens before the LLM.
         max_seq_len: length of the longest full (prompt + answer) sequence.
     """
 
@@ -215,13 +220,15 @@ class LlavaDataset(SampleDataset):
     collate_prompts = staticmethod(collate_prompts)
 
     def __init__(
-        self, samples: Sequence[Sample], tokenizer: WordTokenizer, image_size: int, patch_size: int
+        self, samples: Sequence[Sample], tokenizer: WordTokenizer, image_size: int, patch_size: int,
+        image_tokens: int | None = None,
     ) -> None:
-        """Tokenize ``samples``; ``num_patches = (image_size // patch_size) ** 2`` per image.
+        """Tokenize ``samples``; ``num_patches = (image_size // patch_size) ** 2`` per image, of which
+        ``image_tokens`` (default: all) enter the LLM, each behind one ``<image>`` placeholder.
 
         Raises:
             ConfigError: if ``image_size`` or ``patch_size`` is not a positive int, or
-                ``patch_size > image_size``.
+                ``patch_size > image_size``, or ``image_tokens`` is not in 1..num_patches.
         """
         if not isinstance(image_size, int) or image_size < 1:
             raise ConfigError(f"image_size must be a positive integer, got {image_size!r} -- set it to e.g. 8")
@@ -235,6 +242,13 @@ class LlavaDataset(SampleDataset):
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_patches = (image_size // patch_size) ** 2
+        if image_tokens is None:
+            image_tokens = self.num_patches
+        if not _is_int(image_tokens) or not 1 <= image_tokens <= self.num_patches:
+            raise ConfigError(f"image_tokens must be an integer in 1..{self.num_patches} (the patches of a "
+                              f"{image_size}x{image_size} image in {patch_size}x{patch_size} patches), got "
+                              f"{image_tokens!r} -- pass model.compress.pre_llm_budget(num_patches)")
+        self.image_tokens = image_tokens
         self._prompt_ids = [tokenizer.encode(s.prompt) for s in self.samples]
         self._answer_ids = [tokenizer.encode(s.answer) for s in self.samples]
         self._images: dict[int, torch.Tensor] = {}
@@ -244,7 +258,7 @@ class LlavaDataset(SampleDataset):
         )
 
     def _seq_len(self, i: int) -> int:
-        image_tokens = self.num_patches if self.is_multimodal(i) else 0
+        image_tokens = self.image_tokens if self.is_multimodal(i) else 0
         return 1 + image_tokens + len(self._prompt_ids[i]) + 1 + len(self._answer_ids[i]) + 1
 
     def image(self, i: int) -> torch.Tensor:
@@ -261,7 +275,7 @@ class LlavaDataset(SampleDataset):
             raise IndexError(f"sample index {i} out of range for a dataset of {len(self)} samples")
         i = i % len(self)
         tok = self.tokenizer
-        num_image_tokens = self.num_patches if self.is_multimodal(i) else 0
+        num_image_tokens = self.image_tokens if self.is_multimodal(i) else 0
         return {
             "index": i,
             "prompt_ids": [tok.bos_id] + [tok.image_id] * num_image_tokens + self._prompt_ids[i] + [tok.sep_id],

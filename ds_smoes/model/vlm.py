@@ -19,6 +19,7 @@ from torch import nn
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.model.attention import SelfAttention, attention_mask, padding_before_tokens
+from ds_smoes.model.compress.build import build_compressor
 from ds_smoes.model.config import ModelConfig
 from ds_smoes.model.kv_cache import KVCache, LayerCache
 from ds_smoes.model.vision import PatchVisionEncoder, mlp
@@ -30,7 +31,7 @@ class VLMOutput:
     logits_BTV: torch.Tensor
     loss: torch.Tensor | None       # lm_loss + aux_loss
     lm_loss: torch.Tensor | None
-    aux_loss: torch.Tensor          # sum of the MoE layers' l_aux
+    aux_loss: torch.Tensor          # sum of the MoE layers' l_aux and the pre-LLM compressor's aux loss
 
 
 class DecoderBlock(nn.Module):
@@ -87,6 +88,9 @@ class TinyMoEVLM(nn.Module):
         self.cfg, self.smoes, self.image_token_id = cfg, smoes, image_token_id
         self.vision = PatchVisionEncoder(cfg.image_size, cfg.patch_size, image_channels, cfg.vision_dim,
                                          cfg.vision_layers, cfg.n_heads, cfg.attn_impl)
+        # pre-LLM visual token compression (cfg.compress, docs/compression.md): on the encoder's features, before the
+        # projector, so the projector maps only the kept tokens; None keeps every patch
+        self.compressor = build_compressor(cfg)
         self.projector = mlp(cfg.vision_dim, cfg.d_model, cfg.d_model)
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
@@ -115,16 +119,30 @@ class TinyMoEVLM(nn.Module):
     def moe_layers(self) -> list[SMoESMoE]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def embed(self, input_ids_BT, attention_mask_BT, image_BCHW, has_image_B) -> tuple[torch.Tensor, bool]:
-        """(embeddings, whether a token follows padding: the sdpa path then needs a dense attention mask)."""
+    def embed(self, input_ids_BT, attention_mask_BT, image_BCHW, has_image_B,
+              prompt_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, torch.Tensor]:
+        """(embeddings, whether a token follows padding: the sdpa path then needs a dense attention mask, the
+        pre-LLM compressor's auxiliary loss: 0-dim, zero without one).
+
+        With a compressor (`cfg.compress`), each image's encoder features become `compress.pre_llm_budget` tokens
+        before the projector; the `<image>` placeholders (as many, made by the data layer) take them, so the kept
+        tokens have consecutive positions after <bos>.  The text query QMoP's router reads is the mean embedding of
+        the prompt's text tokens: valid, not `<image>`, and in `prompt_BT` (None: every valid text token)."""
         x_BTD = self.tok_emb(input_ids_BT)
         image_pos_BT = input_ids_BT == self.image_token_id
+        aux = x_BTD.new_zeros(())
         if bool(has_image_B.any()):
-            patches_BTD = self.projector(self.vision(image_BCHW[has_image_B]))
+            features_BTD = self.vision(image_BCHW[has_image_B])
+            if self.compressor is not None:
+                query_BD = self._text_query(x_BTD, attention_mask_BT, image_pos_BT, prompt_BT)[has_image_B]
+                compressed = self.compressor(features_BTD, query_BD)
+                features_BTD, aux = compressed.tokens_BQD, aux + compressed.aux_loss
+            patches_BTD = self.projector(features_BTD)
             expected = int(has_image_B.sum()) * patches_BTD.shape[1]
             if int(image_pos_BT.sum()) != expected:
                 raise ValueError(f"batch has {int(image_pos_BT.sum())} <image> positions but {expected} image "
-                                 f"patch embeddings: each image needs exactly {patches_BTD.shape[1]} placeholders")
+                                 f"patch embeddings: each image needs exactly {patches_BTD.shape[1]} placeholders "
+                                 f"(model.compress.pre_llm_budget of {self.cfg.num_patches} patches)")
             x_BTD = x_BTD.masked_scatter(image_pos_BT.unsqueeze(-1), patches_BTD.to(x_BTD.dtype))
         position_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp_min(0)
         # one host read for both: the position check needs it anyway, so the padding layout costs no sync
@@ -133,7 +151,16 @@ class TinyMoEVLM(nn.Module):
         if longest >= self.cfg.max_len:
             raise ValueError(f"sequence of {longest + 1} tokens exceeds model.max_len="
                              f"{self.cfg.max_len}; raise max_len in the config")
-        return self.emb_drop(x_BTD + self.pos_emb(position_BT)), bool(padded_before)
+        return self.emb_drop(x_BTD + self.pos_emb(position_BT)), bool(padded_before), aux
+
+    @staticmethod
+    def _text_query(x_BTD, attention_mask_BT, image_pos_BT, prompt_BT) -> torch.Tensor:
+        """query_BD: the mean token embedding of each row's prompt text (valid, not <image>, in `prompt_BT`)."""
+        text_BT = attention_mask_BT.bool() & ~image_pos_BT
+        if prompt_BT is not None:
+            text_BT = text_BT & prompt_BT.bool()
+        weights_BT = text_BT.to(x_BTD.dtype)
+        return (weights_BT.unsqueeze(-1) * x_BTD).sum(1) / weights_BT.sum(1, keepdim=True).clamp_min(1)
 
     def tracks_attention_score(self) -> bool:
         """Whether the forward carries the attention score through the depth (score_type attention, MoE blocks)."""
@@ -144,7 +171,8 @@ class TinyMoEVLM(nn.Module):
         """The whole sequence.  With an empty `cache` (generation's prefill) every block also writes its keys,
         values and keys' scores there, and the cache takes each row's next position id; `decode_step` goes on."""
         valid_BT = attention_mask_BT.bool()
-        x_BTD, padded_before = self.embed(input_ids_BT, valid_BT, image_BCHW, has_image_B)
+        x_BTD, padded_before, aux = self.embed(input_ids_BT, valid_BT, image_BCHW, has_image_B,
+                                               None if labels_BT is None else labels_BT == -100)
         # eager: the dense mask always (its softmax reads it).  sdpa: none unless a token follows padding (left
         # padding, as `generate`'s prompts): is_causal is then exact for every valid query (SelfAttention's doc)
         dense = self.cfg.attn_impl == "eager" or padded_before
@@ -159,7 +187,6 @@ class TinyMoEVLM(nn.Module):
             cache.extend(valid_BT)
             cache.position_B = valid_BT.long().sum(-1)
             layers = cache.layers
-        aux = x_BTD.new_zeros(())
         checkpointed = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, layer in zip(self.blocks, layers):
             if checkpointed and layer is None:

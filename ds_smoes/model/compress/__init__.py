@@ -1,6 +1,14 @@
 """Visual token compression (issue 19): which vision tokens reach the LLM, and how many.
 
     config.py       CompressConfig: method, budget, per-method settings (pydantic)
+    base.py         CompressOutput and TokenCompressor: patches (and the text query) in, the kept tokens out
+    learnpruner.py  LearnPruner's stage 1: a learned scorer and a straight-through / Gumbel top-k
+    qmop.py         QMoP: pooling, resampler and pruning branches fused by a query-guided router
+    baselines.py    random pruning and pooling to the budget
+    build.py        build_compressor(ModelConfig): the module for cfg.compress (None: no pre-LLM stage)
+
+The in-LLM stage (LearnPruner's stage 2, the FastV-style baseline) is `ds_smoes.model.token_pruning`; the math
+both use is in `ds_smoes.core.token_selection` and `ds_smoes.core.query_attention`.
 
 The methods and the design choices that are ours are in docs/compression.md.
 """
