@@ -22,6 +22,7 @@ from ds_smoes.model.attention import SelfAttention, attention_mask, padding_befo
 from ds_smoes.model.compress.build import build_compressor
 from ds_smoes.model.config import ModelConfig
 from ds_smoes.model.kv_cache import KVCache, LayerCache
+from ds_smoes.model.token_pruning import Packing, prune, query_rows
 from ds_smoes.model.vision import PatchVisionEncoder, mlp
 from ds_smoes.core.scores import attention_score_mix_update, hard_scores
 
@@ -32,6 +33,9 @@ class VLMOutput:
     loss: torch.Tensor | None       # lm_loss + aux_loss
     lm_loss: torch.Tensor | None
     aux_loss: torch.Tensor          # sum of the MoE layers' l_aux and the pre-LLM compressor's aux loss
+    # in-LLM pruning (compress learnpruner / fastv): the logits' rows are the packed kept tokens; `packing.source_BT`
+    # is each row's position in the input (`packing.valid_BT` which rows are tokens).  None: the input's positions
+    packing: Packing | None = None
 
 
 class DecoderBlock(nn.Module):
@@ -167,12 +171,20 @@ class TinyMoEVLM(nn.Module):
         return self.smoes is not None and self.smoes.effective_score_type == "attention" and bool(self.moe_layers())
 
     def forward(self, input_ids_BT, attention_mask_BT, modality_BT, image_BCHW, has_image_B,
-                labels_BT: torch.Tensor | None = None, cache: KVCache | None = None) -> VLMOutput:
+                labels_BT: torch.Tensor | None = None, cache: KVCache | None = None,
+                prompt_BT: torch.Tensor | None = None) -> VLMOutput:
         """The whole sequence.  With an empty `cache` (generation's prefill) every block also writes its keys,
-        values and keys' scores there, and the cache takes each row's next position id; `decode_step` goes on."""
+        values and keys' scores there, and the cache takes each row's next position id; `decode_step` goes on.
+
+        In-LLM pruning (`cfg.compress.in_llm_layer`, `ds_smoes.model.token_pruning`): before that block the
+        unkept vision tokens leave the sequence; the logits then cover the packed kept tokens (`packing`), the
+        loss pairs each kept position with its own next token's label, and the cache of the later blocks holds
+        the kept positions only.  `prompt_BT`: the positions that belong to the prompt, whose text tokens are the
+        pruning's queries (default: those without a label; all of them without `labels_BT`)."""
         valid_BT = attention_mask_BT.bool()
-        x_BTD, padded_before, aux = self.embed(input_ids_BT, valid_BT, image_BCHW, has_image_B,
-                                               None if labels_BT is None else labels_BT == -100)
+        if prompt_BT is None and labels_BT is not None:
+            prompt_BT = labels_BT == -100
+        x_BTD, padded_before, aux = self.embed(input_ids_BT, valid_BT, image_BCHW, has_image_B, prompt_BT)
         # eager: the dense mask always (its softmax reads it).  sdpa: none unless a token follows padding (left
         # padding, as `generate`'s prompts): is_causal is then exact for every valid query (SelfAttention's doc)
         dense = self.cfg.attn_impl == "eager" or padded_before
@@ -187,8 +199,24 @@ class TinyMoEVLM(nn.Module):
             cache.extend(valid_BT)
             cache.position_B = valid_BT.long().sum(-1)
             layers = cache.layers
+        prune_at = self.cfg.compress.in_llm_layer(len(self.blocks))
+        # with pruning, each position's next-token label travels with it through the re-packing
+        targets_BT = None if labels_BT is None or prune_at is None else F.pad(labels_BT[:, 1:], (0, 1), value=-100)
+        packing = scored_BTD = None
         checkpointed = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block, layer in zip(self.blocks, layers):
+        for i, (block, layer) in enumerate(zip(self.blocks, layers)):
+            if i == prune_at:
+                if prompt_BT is None:                 # no labels: the whole sequence is the prompt
+                    prompt_BT = torch.ones_like(valid_BT)
+                packing = self._prune(self.blocks[i - 1], scored_BTD, valid_BT, labels_mod_BT, prompt_BT)
+                x_BTD, valid_BT, labels_mod_BT = packing.take(x_BTD), packing.valid_BT, packing.take(labels_mod_BT)
+                modality_BTM = packing.take(modality_BTM) if modality_BTM is not None else None
+                targets_BT = packing.take(targets_BT, -100) if targets_BT is not None else None
+                dense = self.cfg.attn_impl == "eager" or packing.padded_before
+                mask_B1TT = attention_mask(valid_BT, causal=True) if dense else None
+                if cache is not None:
+                    cache.prune(i, valid_BT, packing.padded)
+            scored_BTD = x_BTD        # block i's input: the pruning before block i + 1 reads block i's attention
             if checkpointed and layer is None:
                 x_BTD, l_aux, modality_BTM = checkpoint_block(block, x_BTD, mask_B1TT, valid_BT, labels_mod_BT,
                                                               modality_BTM)
@@ -197,11 +225,24 @@ class TinyMoEVLM(nn.Module):
             aux = aux + l_aux
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
         lm_loss = loss = None
-        if labels_BT is not None:
+        if targets_BT is not None:
+            lm_loss = F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1),
+                                      ignore_index=-100)
+            loss = lm_loss + aux
+        elif labels_BT is not None:
             lm_loss = F.cross_entropy(logits_BTV[:, :-1].float().reshape(-1, logits_BTV.shape[-1]),
                                       labels_BT[:, 1:].reshape(-1), ignore_index=-100)
             loss = lm_loss + aux
-        return VLMOutput(logits_BTV, loss, lm_loss, aux)
+        return VLMOutput(logits_BTV, loss, lm_loss, aux, packing)
+
+    @torch.no_grad()
+    def _prune(self, scorer: DecoderBlock, scored_BTD, valid_BT, labels_mod_BT, prompt_BT) -> Packing:
+        """Which tokens go on past the pruning point: the budget of vision tokens per image that the prompt's text
+        (its last token for fastv) attends most in `scorer`, the block before it, whose input was `scored_BTD`."""
+        compress = self.cfg.compress
+        query_BT = query_rows(valid_BT, labels_mod_BT, prompt_BT, last_only=compress.method == "fastv")
+        return prune(scorer.attn, scorer.ln1(scored_BTD), valid_BT, labels_mod_BT == 1, query_BT,
+                     compress.budget(self.cfg.num_patches))
 
     def decode_step(self, token_B: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """logits_BV of the next token after feeding one generated (text) token per row, through the cache.
@@ -212,14 +253,19 @@ class TinyMoEVLM(nn.Module):
         token_B1 = token_B.unsqueeze(1)
         valid_B1 = torch.ones_like(token_B1, dtype=torch.bool)
         x_B1D = self.emb_drop(self.tok_emb(token_B1) + self.pos_emb(cache.position_B.unsqueeze(1)))
-        key_valid_BU = cache.extend(valid_B1)
-        # the new token sees every valid key: the fused kernel takes no mask unless some key is padding
-        dense = self.cfg.attn_impl == "eager" or cache.padded
-        mask_B11U = attention_mask(key_valid_BU, causal=True, num_queries=1) if dense else None
+        cache.extend(valid_B1)
         labels_B1 = torch.zeros_like(token_B1)
         modality_B1M = hard_scores(labels_B1) if self.tracks_attention_score() else None
-        for block, layer in zip(self.blocks, cache.layers):
-            x_B1D, _, modality_B1M = block(x_B1D, mask_B11U, valid_B1, labels_B1, modality_B1M, layer, key_valid_BU)
+        masks = {}     # per set of cached key positions (all of them; the kept ones after in-LLM pruning)
+        for i, (block, layer) in enumerate(zip(self.blocks, cache.layers)):
+            key_valid_BU, padded = cache.keys_of(i)
+            pruned = cache.pruned is not None and i >= cache.pruned_from
+            if pruned not in masks:
+                # the new token sees every valid key: the fused kernel takes no mask unless some key is padding
+                dense = self.cfg.attn_impl == "eager" or padded
+                masks[pruned] = attention_mask(key_valid_BU, causal=True, num_queries=1) if dense else None
+            x_B1D, _, modality_B1M = block(x_B1D, masks[pruned], valid_B1, labels_B1, modality_B1M, layer,
+                                           key_valid_BU)
         cache.position_B = cache.position_B + 1
         return self.lm_head(self.ln_f(x_B1D))[:, -1]
 
@@ -265,12 +311,15 @@ class TinyMoEVLM(nn.Module):
     def _generate_uncached(self, ids, mask, mod, image_BCHW, has_image_B, max_new_tokens: int,
                            eos_id: int) -> list[list[int]]:
         new_BT = []
+        prompt_BT = torch.ones_like(mask)     # the pruning's queries stay the prompt's tokens, as at a prefill
         for _ in range(max_new_tokens):
-            nxt_B = self._greedy(self.forward(ids, mask, mod, image_BCHW, has_image_B).logits_BTV[:, -1])
+            nxt_B = self._greedy(self.forward(ids, mask, mod, image_BCHW, has_image_B,
+                                              prompt_BT=prompt_BT).logits_BTV[:, -1])
             new_BT.append(nxt_B)
             ids = torch.cat([ids, nxt_B.unsqueeze(1)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             mod = torch.cat([mod, torch.zeros_like(mod[:, :1])], 1)
+            prompt_BT = torch.cat([prompt_BT, torch.zeros_like(prompt_BT[:, :1])], 1)
         return _until_eos(new_BT, eos_id)
 
 
