@@ -18,6 +18,37 @@ def default_tracking_uri(directory: Path | None = None) -> str:
     return f"sqlite:///{path}"
 
 
+# MLflow 3's UI opens an experiment by its kind: untagged (or "genai_development") on the GenAI traces overview,
+# "custom_model_development" (shown as "Model training") on the runs table, where this project's runs are.  The
+# tag and value are MLflow's own (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT; the UI's kind
+# selector writes the same tag).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def experiment_id(client, name: str, create: bool = True) -> str | None:
+    """The id of experiment `name` in `client`'s store, as a model-training experiment.
+
+    Every experiment this project creates goes through here: a new one is created with the experiment-kind tag,
+    and an existing one without any kind tag gets it (a kind someone chose in the UI is left alone).  None when
+    it does not exist and `create` is False.  Safe when several processes create the same name at once."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        if not create:
+            return None
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        except MlflowException:  # another process created it in between
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return exp.experiment_id
+
+
 def flatten(prefix: str, obj: Any, out: dict[str, Any] | None = None) -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists and paths become strings."""
     out = {} if out is None else out
@@ -43,16 +74,14 @@ class Tracker:
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
-        experiment_obj = mlflow.get_experiment_by_name(experiment)
-        experiment_id = (experiment_obj.experiment_id if experiment_obj is not None
-                         else mlflow.create_experiment(experiment))
         run_tags = dict(tags or {})
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
         self._client = mlflow.MlflowClient(tracking_uri)
-        run = self._client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+        exp_id = experiment_id(self._client, experiment)
+        run = self._client.create_run(exp_id, run_name=run_name, tags=run_tags)
         self.run_id = run.info.run_id
-        self.experiment_id = experiment_id
+        self.experiment_id = exp_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.active:

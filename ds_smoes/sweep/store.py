@@ -62,10 +62,10 @@ class SweepStore:
 
     # -- experiments and the parent run ------------------------------------------------------------
     def experiment_id(self, name: str, create: bool = True) -> str | None:
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        return self.client.create_experiment(name) if create else None
+        """A model-training experiment, as every experiment of the project (`ds_smoes.app.tracking.experiment_id`)."""
+        from ds_smoes.app.tracking import experiment_id
+
+        return experiment_id(self.client, name, create)
 
     def create_parent(self, experiment: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id(experiment), run_name=name,
