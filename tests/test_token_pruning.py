@@ -217,3 +217,24 @@ def test_pruned_training_step_backpropagates():
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert model.tok_emb.weight.grad.abs().sum() > 0 and model.vision.parameters().__next__().grad is not None
+
+
+# -- 2 expert-parallel ranks ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_pruning_on_two_ep_ranks(tmp_path):
+    """Each rank prunes its own batch (packed lengths differ between ranks), routes exactly the removed count fewer
+    tokens after the pruning point, and its cached generation equals the cache-free one, in EP lockstep."""
+    import json
+
+    from launch import ROOT, deepspeed_run
+
+    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "token_pruning.py"), "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rep in reports:
+        assert rep["removed"] > 0
+        assert rep["routed"] == rep["comm_tokens"] == [rep["valid_tokens"], rep["valid_tokens"] - rep["removed"]]
+        assert rep["packed_length"] < rep["input_length"]
+        assert all(b > 0 for b in rep["remote_bytes"])
+        assert rep["cached"] == rep["free"]
+    assert reports[0]["packed_length"] != reports[1]["packed_length"]
