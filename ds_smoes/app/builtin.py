@@ -9,7 +9,7 @@ import torch
 
 from ds_smoes.app.config import TrainConfig
 from ds_smoes.app.evaluation import exact_match_accuracy, measure_routing
-from ds_smoes.app.family import ModelFamily, ensure_digits
+from ds_smoes.app.family import ModelFamily, check_digits_variant, ensure_digits
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train, load_llava_json
 from ds_smoes.data.augment import random_shift
@@ -27,6 +27,7 @@ class Datasets:
 def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
     d = cfg.data
     ensure_digits(d, log)
+    check_digits_variant(d, cfg.model.image_size)
     train = load_llava_json(Path(d.train_json), Path(d.image_folder))
     val = load_llava_json(Path(d.val_json), Path(d.image_folder)) if d.val_json else None
     test = load_llava_json(Path(d.test_json), Path(d.image_folder))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ds_smoes.core.config import SMoESConfig, validate
 from ds_smoes.core.errors import ConfigError
@@ -28,7 +28,18 @@ class DataConfig(_Section):
     image_folder: Path = Field(Path("data/digits"), description="root that the records' \"image\" paths are under")
     generate_digits: bool = Field(True, description="generate the digits dataset into image_folder when missing")
     digits_seed: int = Field(0, description="seed of the generated digits dataset")
+    canvas_size: int | None = Field(None, description="generate the digits' canvas variant (each digit at a seeded "
+                                    "place on an NxN noisy canvas, with 'where is the digit?' questions; 32 or 48); "
+                                    "model.image_size must equal it.  None: the plain 8x8 digits")
     augment_max_shift: int = Field(0, ge=0, description="training images are shifted by up to N pixels per axis")
+
+    @field_validator("canvas_size")
+    @classmethod
+    def _check_canvas_size(cls, value: int | None) -> int | None:
+        from ds_smoes.data.digits import check_canvas_size
+
+        check_canvas_size(value)
+        return value
 
 
 class OptimConfig(_Section):
@@ -66,6 +77,14 @@ class TrainConfig(_Section):
     optim: OptimConfig = OptimConfig()
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _check_canvas(self) -> "TrainConfig":
+        canvas = self.data.canvas_size
+        if canvas is not None and canvas != self.model.image_size:
+            raise ValueError(f"data.canvas_size={canvas} but model.image_size={self.model.image_size}: the model must "
+                             f"see the whole canvas; set model.image_size: {canvas} (--set model.image_size={canvas})")
+        return self
 
 
 def _parse_value(text: str) -> Any:

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ds_smoes.app.evaluation import RoutingMeasurement
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.parallel import distributed
 
 
@@ -28,9 +29,34 @@ def ensure_digits(d, log: Callable) -> None:
 
     if d.generate_digits and not Path(d.train_json).exists():
         if distributed.rank() == 0:
-            log(f"generating the digits dataset (seed {d.digits_seed}) into {d.image_folder} ...")
-            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed)
+            variant = f", {d.canvas_size}x{d.canvas_size} canvas" if d.canvas_size else ""
+            log(f"generating the digits dataset (seed {d.digits_seed}{variant}) into {d.image_folder} ...")
+            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed, canvas_size=d.canvas_size)
         distributed.barrier()
+
+
+def check_digits_variant(d, image_size: int) -> None:
+    """ConfigError when `d.image_folder` holds digits of another variant than `d.canvas_size` asks for, or canvas
+    digits whose canvas is not the model's `image_size` (images would be resized, the digit blurred and moved).
+    Folders without a digits manifest (other datasets) pass."""
+    from ds_smoes.data.digits import GENERATOR_NAME
+
+    try:
+        manifest = json.loads((Path(d.image_folder) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(manifest, dict) or manifest.get("generator") != GENERATOR_NAME:
+        return
+    canvas = manifest.get("canvas_size")
+    if d.canvas_size is not None and canvas != d.canvas_size:
+        found = f"the {canvas}x{canvas} canvas variant" if canvas else "the plain 8x8 digits"
+        raise ConfigError(f"data.canvas_size={d.canvas_size} but {d.image_folder} holds {found}: point data.* at "
+                          f"another folder (e.g. data/digits_canvas{d.canvas_size}) or regenerate it with python -m "
+                          f"ds_smoes.data.digits --out {d.image_folder} --canvas-size {d.canvas_size} --force")
+    if canvas is not None and canvas != image_size:
+        raise ConfigError(f"{d.image_folder} holds digits on a {canvas}x{canvas} canvas but model.image_size="
+                          f"{image_size}: set model.image_size: {canvas} and data.canvas_size: {canvas} "
+                          f"(--set model.image_size={canvas} --set data.canvas_size={canvas})")
 
 
 class ModelFamily(ABC):

@@ -13,6 +13,17 @@ words. Images are split disjointly (70% train, 10% val, 20% test) by a seeded
 permutation; language-only questions are sampled independently per split, so a
 question text can recur across splits (``manifest.json`` reports how often).
 
+The **canvas variant** (``canvas_size=32`` or ``48``; default: off) is the same set with
+each 8x8 digit pasted at a seeded position (on a 4-pixel grid) on a larger canvas of seeded,
+low-amplitude background noise (grey levels 0..``CANVAS_NOISE_MAX`` of 255, below most strokes), and a
+fourth multimodal question, "where is the digit?", answered by the canvas quadrant that
+holds the whole digit (``topleft``, ``topright``, ``bottomleft``, ``bottomright``: one
+word, hence one token, each).  With 4x4 patches a 32x32 canvas is 64 vision tokens of
+which the digit covers 4, so which tokens matter depends on the question: the
+digit's own patches for its identity, where the non-noise patches lie for its location.
+Splits, language questions and set sizes are those of the plain set for the same seed.
+Without a canvas the generator writes exactly the bytes it always did.
+
 Randomness only uses :meth:`random.Random.random` on string-seeded generators, whose
 output Python guarantees to be stable across versions, so a seed always yields the same
 bytes.
@@ -20,6 +31,7 @@ bytes.
 Command line::
 
     python -m ds_smoes.data.digits --out data/digits [--seed 0] [--force]
+    python -m ds_smoes.data.digits --out data/digits_canvas32 --canvas-size 32
 """
 
 from __future__ import annotations
@@ -50,6 +62,15 @@ NUMBER_WORDS = (
 )  # fmt: skip
 
 MULTIMODAL_TASKS = ("digit_name", "digit_even", "digit_plus")
+CANVAS_TASKS = MULTIMODAL_TASKS + ("digit_where",)
+# Quadrants of the canvas, in the order (row, column) = (0, 0), (0, 1), (1, 0), (1, 1).
+LOCATIONS = ("topleft", "topright", "bottomleft", "bottomright")
+CANVAS_NOISE_MAX = 24  # background noise grey levels 0..24 of 255 (a digit stroke is up to 255)
+# Digits sit on a 4-pixel grid: with 4x4 patches (configs/canvas.yaml) a digit always covers exactly 2x2 patches
+# wherever it is, so a vision-token budget means the same for every image (4 of 64 tokens can hold the whole
+# digit), and the encoder never meets a digit cut 16 different ways across 4 to 9 patches.
+CANVAS_GRID = 4
+MIN_CANVAS_SIZE = 2 * IMAGE_SIZE  # each quadrant must hold a whole 8x8 digit
 LANGUAGE_TASKS = ("text_plus", "text_minus", "text_greater", "text_larger")
 
 Record = dict[str, Any]
@@ -81,15 +102,20 @@ def _shuffled(rng: random.Random, items: Sequence[Any]) -> list[Any]:
     return out
 
 
-def multimodal_question(task: str, label: int, addend: int = 0) -> tuple[str, str]:
-    """Question text (without ``<image>``) and answer for a multimodal ``task`` on digit ``label``."""
+def multimodal_question(task: str, label: int, addend: int = 0, location: str | None = None) -> tuple[str, str]:
+    """Question text (without ``<image>``) and answer for a multimodal ``task`` on digit ``label``
+    (``location``, one of :data:`LOCATIONS`, only for the canvas task ``digit_where``)."""
+    if task == "digit_where":
+        if location not in LOCATIONS:
+            raise ValueError(f"digit_where needs a location among {LOCATIONS}, got {location!r}")
+        return "where is the digit?", location
     if task == "digit_name":
         return "which digit is this?", number_word(label)
     if task == "digit_even":
         return "is this digit even?", "yes" if label % 2 == 0 else "no"
     if task == "digit_plus":
         return f"what is this digit plus {number_word(addend)}?", number_word(label + addend)
-    raise ValueError(f"unknown multimodal task {task!r}; expected one of {MULTIMODAL_TASKS}")
+    raise ValueError(f"unknown multimodal task {task!r}; expected one of {CANVAS_TASKS}")
 
 
 def language_question(task: str, a: int, b: int) -> tuple[str, str]:
@@ -141,16 +167,22 @@ def split_image_indices(num_images: int, seed: int) -> dict[str, list[int]]:
     }
 
 
-def _multimodal_records(split: str, indices: list[int], labels: np.ndarray, seed: int) -> list[Record]:
-    """Questions about the split's images: 2 distinct templates per train image, 1 otherwise."""
-    rng = _rng(seed, f"{split}/multimodal")
+def _multimodal_records(split: str, indices: list[int], labels: np.ndarray, seed: int,
+                        locations: Sequence[str] | None = None) -> list[Record]:
+    """Questions about the split's images: 2 distinct templates per train image, 1 otherwise.
+    With ``locations`` (the canvas variant: each image's quadrant) the templates include ``digit_where``,
+    drawn from a stream of its own so the plain set's stream is untouched."""
+    stream = f"{split}/multimodal" if locations is None else f"{split}/multimodal-canvas"
+    rng = _rng(seed, stream)
+    tasks_pool = MULTIMODAL_TASKS if locations is None else CANVAS_TASKS
     per_image = TRAIN_QUESTIONS_PER_IMAGE if split == "train" else 1
     records = []
     for index in indices:
-        tasks = _shuffled(rng, MULTIMODAL_TASKS)[:per_image]
+        tasks = _shuffled(rng, tasks_pool)[:per_image]
         for task in tasks:
             addend = 1 + _below(rng, 3) if task == "digit_plus" else 0
-            question, answer = multimodal_question(task, int(labels[index]), addend)
+            location = locations[index] if locations is not None else None
+            question, answer = multimodal_question(task, int(labels[index]), addend, location)
             records.append(_record(question, answer, task, image_relpath(index)))
     return records
 
@@ -216,17 +248,77 @@ def _write_images(out_dir: Path, images: np.ndarray) -> None:
         Image.fromarray(pixels_HW).save(out_dir / image_relpath(index))
 
 
-def generate_digits_dataset(out_dir: Path, seed: int = 0, *, force: bool = False) -> dict[str, Any]:
+def check_canvas_size(canvas_size: int | None) -> None:
+    """Raise ValueError unless ``canvas_size`` is None or a side of at least 16 pixels, a multiple of 8
+    (each quadrant must hold a whole 8x8 digit, and start on the 4-pixel grid)."""
+    if canvas_size is None:
+        return
+    if isinstance(canvas_size, bool) or not isinstance(canvas_size, int):
+        raise ValueError(f"canvas size must be an integer, got {canvas_size!r}")
+    if canvas_size < MIN_CANVAS_SIZE or canvas_size % (2 * CANVAS_GRID):
+        raise ValueError(f"canvas size must be a multiple of {2 * CANVAS_GRID} and at least {MIN_CANVAS_SIZE} (a "
+                         f"whole 8x8 digit in each quadrant, on the {CANVAS_GRID}-pixel grid), got {canvas_size}; "
+                         "e.g. 32 or 48")
+
+
+def canvas_layout(num_images: int, canvas_size: int, seed: int) -> list[tuple[int, int, str]]:
+    """Per image: the top-left pixel ``(row, col)`` of its 8x8 digit on the canvas and its quadrant.
+
+    The quadrant is drawn uniformly, then the offset inside it on the :data:`CANVAS_GRID`, so the
+    whole digit lies inside that quadrant (and inside the canvas): the location answer is never
+    ambiguous.  A 32x32 canvas has 3x3 places per quadrant, a 48x48 one 5x5."""
+    check_canvas_size(canvas_size)
+    rng = _rng(seed, f"canvas{canvas_size}/positions")
+    half = canvas_size // 2
+    free = (half - IMAGE_SIZE) // CANVAS_GRID + 1  # grid offsets inside a quadrant that keep the digit in it
+    layout = []
+    for _ in range(num_images):
+        quadrant = _below(rng, len(LOCATIONS))
+        row = (quadrant // 2) * half + CANVAS_GRID * _below(rng, free)
+        col = (quadrant % 2) * half + CANVAS_GRID * _below(rng, free)
+        layout.append((row, col, LOCATIONS[quadrant]))
+    return layout
+
+
+def canvas_pixels(digit_HW: np.ndarray, row: int, col: int, canvas_size: int, rng: random.Random) -> np.ndarray:
+    """One canvas (uint8, ``canvas_size`` square): noise in 0..CANVAS_NOISE_MAX everywhere, and the
+    digit (grey levels 0..16 scaled to 0..255) at ``(row, col)`` over it (the brighter of the two)."""
+    noise = [_below(rng, CANVAS_NOISE_MAX + 1) for _ in range(canvas_size * canvas_size)]
+    canvas_HW = np.asarray(noise, dtype=np.uint8).reshape(canvas_size, canvas_size)
+    digit_HW = np.rint(digit_HW.astype(np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    h, w = digit_HW.shape
+    canvas_HW[row:row + h, col:col + w] = np.maximum(canvas_HW[row:row + h, col:col + w], digit_HW)
+    return canvas_HW
+
+
+def _write_canvas_images(out_dir: Path, images: np.ndarray, layout: list[tuple[int, int, str]],
+                         canvas_size: int, seed: int) -> None:
+    """Write every digit on its noisy canvas (one noise stream, images in index order)."""
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = _rng(seed, f"canvas{canvas_size}/noise")
+    for index, (digit_HW, (row, col, _)) in enumerate(zip(images, layout)):
+        Image.fromarray(canvas_pixels(digit_HW, row, col, canvas_size, rng)).save(out_dir / image_relpath(index))
+
+
+def generate_digits_dataset(out_dir: Path, seed: int = 0, *, force: bool = False,
+                            canvas_size: int | None = None) -> dict[str, Any]:
     """Write the digits VQA dataset to ``out_dir`` and return its manifest.
 
     Layout: ``images/{index:04d}.png``, ``train.json``, ``val.json``, ``test.json`` (LLaVA
-    records) and ``manifest.json``. If a manifest with the same ``seed`` and generator
-    version is already there (and the split files exist), nothing is written and that
-    manifest is returned, unless ``force`` is True.
+    records) and ``manifest.json``. If a manifest with the same ``seed``, generator version
+    and variant (``canvas_size``) is already there (and the split files exist), nothing is
+    written and that manifest is returned, unless ``force`` is True.
+
+    ``canvas_size`` (None: the plain 8x8 set): the canvas variant (module docstring), whose
+    images are ``canvas_size`` square, whose records ask "where is the digit?" too and whose
+    manifest records ``variant``, ``canvas_size`` and ``image_size`` (= ``canvas_size``).
     """
+    check_canvas_size(canvas_size)
     out_dir = Path(out_dir)
     existing = None if force else _read_manifest(out_dir)
-    if existing is not None and existing.get("seed") == seed and existing.get("version") == GENERATOR_VERSION:
+    if (existing is not None and existing.get("seed") == seed and existing.get("version") == GENERATOR_VERSION
+            and existing.get("canvas_size") == canvas_size):
         return existing
 
     from sklearn.datasets import load_digits  # imported lazily: sklearn takes ~2 s to import
@@ -237,16 +329,23 @@ def generate_digits_dataset(out_dir: Path, seed: int = 0, *, force: bool = False
 
     digits = load_digits()
     images_NHW, labels = digits.images, digits.target
-    _write_images(out_dir, images_NHW)
+    locations = None
+    if canvas_size is None:
+        _write_images(out_dir, images_NHW)
+    else:
+        layout = canvas_layout(len(labels), canvas_size, seed)
+        _write_canvas_images(out_dir, images_NHW, layout, canvas_size, seed)
+        locations = [where for _, _, where in layout]
+    id_prefix = "digits" if canvas_size is None else f"digits-canvas{canvas_size}"
 
     image_splits = split_image_indices(len(labels), seed)
     splits: dict[str, Any] = {}
     records_by_split: dict[str, list[Record]] = {}
     for split in SPLITS:
-        records = _multimodal_records(split, image_splits[split], labels, seed)
+        records = _multimodal_records(split, image_splits[split], labels, seed, locations)
         records += _language_records(split, LANGUAGE_COUNTS[split], seed)
         records = _shuffled(_rng(seed, f"{split}/order"), records)
-        records = [{"id": f"digits-{split}-{i:05d}", **r} for i, r in enumerate(records)]
+        records = [{"id": f"{id_prefix}-{split}-{i:05d}", **r} for i, r in enumerate(records)]
         _dump_json(out_dir / f"{split}.json", records)
         splits[split] = _split_stats(f"{split}.json", records, len(image_splits[split]))
         records_by_split[split] = records
@@ -265,6 +364,17 @@ def generate_digits_dataset(out_dir: Path, seed: int = 0, *, force: bool = False
         "splits": splits,
         "language_test_seen_in_train": round(seen, 4),
     }
+    if canvas_size is not None:  # the plain set's manifest keeps exactly its old keys (and bytes)
+        manifest["image_size"] = canvas_size
+        manifest.update({
+            "variant": "canvas",
+            "canvas_size": canvas_size,
+            "digit_size": IMAGE_SIZE,
+            "grid": CANVAS_GRID,
+            "noise_max": CANVAS_NOISE_MAX,
+            "locations": list(LOCATIONS),
+            "image_locations": dict(sorted(Counter(locations).items())),
+        })
     _dump_json(manifest_path, manifest)
     return manifest
 
@@ -279,8 +389,10 @@ def summarize(manifest: dict[str, Any], out_dir: Path) -> str:
             f"{s['language']} language-only)"
         )
     seen = manifest["language_test_seen_in_train"]
+    canvas = manifest.get("canvas_size")
+    variant = f", digits on a {canvas}x{canvas} noisy canvas" if canvas else ""
     return (
-        f"Digits dataset (seed {manifest['seed']}, generator v{manifest['version']}) in {out_dir}: "
+        f"Digits dataset (seed {manifest['seed']}, generator v{manifest['version']}{variant}) in {out_dir}: "
         + "; ".join(parts)
         + f". {seen:.1%} of test language-only questions also appear verbatim in train. "
         f"Train on {out_dir / 'train.json'} with image folder {out_dir}."
@@ -296,8 +408,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/digits")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the same seed exists")
+    parser.add_argument("--canvas-size", type=int, default=None, metavar="N",
+                        help="the canvas variant: each digit at a seeded place on an NxN noisy canvas (e.g. 32, "
+                             "with 4x4 patches 64 vision tokens), plus 'where is the digit?' questions; "
+                             "train with model.image_size N and data.canvas_size N")
     args = parser.parse_args(argv)
-    manifest = generate_digits_dataset(args.out, args.seed, force=args.force)
+    try:
+        check_canvas_size(args.canvas_size)
+    except ValueError as err:
+        parser.error(str(err))
+    manifest = generate_digits_dataset(args.out, args.seed, force=args.force, canvas_size=args.canvas_size)
     print(summarize(manifest, args.out))
     return 0
 

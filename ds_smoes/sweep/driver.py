@@ -251,7 +251,7 @@ def _prepare_data(spec: SweepSpec, trials: list[dict], log: Callable) -> None:
         d = trial_config(spec, t).data
         if d.generate_digits and not Path(d.train_json).exists() and d.image_folder not in done:
             log(f"generating the digits dataset (seed {d.digits_seed}) into {d.image_folder} ...")
-            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed)
+            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed, canvas_size=d.canvas_size)
             done.add(d.image_folder)
 
 
