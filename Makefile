@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MLFLOW_DB := $(CURDIR)/mlflow.db
 
-.PHONY: demo demo-figures test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-gates sweep-report bench-comm
+.PHONY: demo demo-figures test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-gates sweep-report bench-comm bench-infer
 
 venv: $(STAMP)
 
@@ -56,6 +56,11 @@ sweep-report: $(STAMP)
 # when missing, measures the variants on 2 gloo ranks, simulates 2..64 ranks; runs/bench/comm.json + MLflow.
 bench-comm: $(STAMP)
 	$(PY) -m ds_smoes.bench comm --tracking-uri sqlite:///$(MLFLOW_DB)
+
+# Serving the trained models (docs/bench.md, "infer"): trains the dense, top-k, hard, SMoES and SMoES-one-bin models
+# into runs/bench/ when missing (about 6 minutes each here), then prefill, decode, EP bytes and accuracy at ep_size 1, 2.
+bench-infer: $(STAMP)
+	$(PY) -m ds_smoes.bench infer --tracking-uri sqlite:///$(MLFLOW_DB)
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000 --workers 1

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_smoes.bench.scale import attention_bars, paired_ratio, shape_figures
+from ds_smoes.bench.report import paired_ratio
+from ds_smoes.bench.scale import attention_bars, shape_figures
 from ds_smoes.bench.simulate import RouterProfile
 from ds_smoes.bench.synthetic_routes import (OwnRouteModel, draw_modality_labels, draw_profile_routes,
                                              draw_uniform_routes)

@@ -1,4 +1,4 @@
-"""`python -m ds_smoes.bench {comm,scale,simulate}` (docs/bench.md).
+"""`python -m ds_smoes.bench {comm,scale,simulate,infer}` (docs/bench.md).
 
     python -m ds_smoes.bench comm                         # train what is missing, measure, simulate
     python -m ds_smoes.bench comm --smoes-run runs/demo --topk-run runs/bench/topk
@@ -6,6 +6,8 @@
     python -m ds_smoes.bench simulate --from runs/bench/comm.json [--capacity-factor 1.25]
     python -m ds_smoes.bench scale                        # published MoE shapes (needs runs/demo or comm.json)
     python -m ds_smoes.bench scale --shapes toy --tokens 256 --repeats 2 --attention-lengths 256   # quick
+    python -m ds_smoes.bench infer                        # train what is missing, serve at ep_size 1 and 2
+    python -m ds_smoes.bench infer --run smoes=runs/demo --variants topk smoes   # reuse the demo's model
 
 Errors a user can fix print one message and exit 2; a failed subprocess exits 1.
 """
@@ -17,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from ds_smoes.bench.infer_variants import INFER_VARIANTS
+from ds_smoes.bench.runs import RECIPES
 from ds_smoes.bench.shapes import PUBLISHED, SHAPES
 from ds_smoes.bench.simulate import EP_GRID, EXPERTS_GRID
 from ds_smoes.bench.variants import VARIANTS
@@ -75,6 +79,29 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--out", type=Path, default=Path("runs/bench"))
     _tracking(sc)
+
+    i = sub.add_parser("infer", help="serving with the KV cache at ep_size 1 and 2: prefill, decode, bytes, accuracy")
+    i.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="the training recipe")
+    i.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field (for training and serving), repeatable")
+    i.add_argument("--variants", nargs="+", default=list(INFER_VARIANTS), metavar="V",
+                   help=f"subset of {' '.join(INFER_VARIANTS)} (default: all)")
+    i.add_argument("--run", dest="runs", action="append", default=[], metavar="RECIPE=DIR",
+                   help=f"a finished training run of a recipe ({', '.join(RECIPES)}), e.g. smoes=runs/demo; "
+                        "default: OUT/RECIPE, trained there when missing")
+    i.add_argument("--no-train", action="store_true", help="fail instead of training a missing model")
+    i.add_argument("--epochs", type=float, default=None,
+                   help="train missing models for this many epochs (into OUT/<recipe>-epochs<N>)")
+    i.add_argument("--ep-sizes", type=int, nargs="+", default=[1, 2], help="EP sizes (ranks) to serve at")
+    i.add_argument("--batches", type=int, default=4, help="fixed test prompt batches per rank for traffic and timing")
+    i.add_argument("--batch-size", type=int, default=None, help="prompts per rank and batch (default: "
+                                                                "run.eval_batch_size)")
+    i.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt in the timed rounds")
+    i.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    i.add_argument("--repeats", type=int, default=20, help="paired timed rounds (default 20)")
+    i.add_argument("--eval-questions", type=int, default=0, help="test questions for accuracy (default 0: all)")
+    i.add_argument("--out", type=Path, default=Path("runs/bench"))
+    _tracking(i)
 
     s = sub.add_parser("simulate", help="expected remote bytes per token for 2..64 EP ranks and 8..256 experts")
     s.add_argument("--from", dest="source_json", type=Path, default=Path("runs/bench/comm.json"),
@@ -141,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "comm":
             from ds_smoes.bench.comm import run
 
+            return run(args)
+        if args.command == "infer":
+            from ds_smoes.bench.infer import run
+
+            args.command_line = " ".join(["python -m ds_smoes.bench", *(argv if argv is not None else sys.argv[1:])])
             return run(args)
         if args.command == "scale":
             from ds_smoes.bench.scale import run

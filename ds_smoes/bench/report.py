@@ -167,6 +167,16 @@ def paired_speed(a_seconds: list[float], c_seconds: list[float]) -> dict:
             "sign_test_p": p, "rounds": len(diffs), "speed_met": p < SPEED_ALPHA}
 
 
+def paired_ratio(new_seconds: list[float], ref_seconds: list[float]) -> dict:
+    """Per round new / reference (both ran in every round, on the same batch): median and its 95 % interval."""
+    ratios = sorted(n / r for n, r in zip(new_seconds, ref_seconds) if r > 0)
+    if not ratios:
+        return {"median": None, "ci95": None, "rounds": 0}
+    interval = median_interval(ratios)
+    return {"median": statistics.median(ratios), "ci95": list(interval) if interval else None, "rounds": len(ratios),
+            "new_ms": 1000 * statistics.median(new_seconds), "ref_ms": 1000 * statistics.median(ref_seconds)}
+
+
 def _fmt(value, spec: str, none: str = "n/a") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return none

@@ -1,5 +1,11 @@
-"""The trained models the benchmark measures: found in a run directory, or trained by the demo
-recipe through the DeepSpeed launcher (as `make demo` does, output under runs/bench/)."""
+"""The trained models the benchmarks measure: found in a run directory, or trained by the demo
+recipe through the DeepSpeed launcher (as `make demo` does, output under runs/bench/).
+
+A *recipe* is the demo config plus a few overrides that pick the model: the routing method
+(`smoes`, `topk`, `hard`), SMoES trained with one bin per token (`smoes-bin1`), or the dense
+VLM with the same active parameters (`dense`: no MoE layer, every block's MLP 3 d_model wide
+instead of 2 d_model, so its 4 MLPs hold the weights a token meets in the MoE model's 2 MLPs and
+2 x 2 experts (top-2) of 2 d_model each; bench infer prints both counts)."""
 from __future__ import annotations
 
 import json
@@ -10,12 +16,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ds_smoes.core.errors import ConfigError
 
-# the recipe of each gate: the base config plus these overrides
-GATE_OVERRIDES = {"smoes": [], "topk": ["smoes.gate=topk"]}
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    label: str
+    gate: str | None                   # the gate a finished run's metrics.json must name (None: a dense model)
+    overrides: tuple[str, ...] = ()    # applied after the base config and the user's --set
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("smoes", "SMoES", "smoes"),
+    Recipe("topk", "DeepSpeed top-k", "topk", ("smoes.gate=topk",)),
+    Recipe("hard", "hard modality routing", "hard", ("smoes.gate=hard",)),
+    Recipe("smoes-bin1", "SMoES, one bin per token", "smoes", ("smoes.max_bins_per_token=1",)),
+    Recipe("dense", "dense VLM, same active parameters", None, ("model.moe_layers=none", "model.ffn_mult=3")),
+)}
 # what must agree between the benchmark's config and a run's metrics.json
 CHECKED_FIELDS = ("num_experts", "k", "ep_size", "num_bins")
 # rank 0's lines of a training run worth echoing as progress
@@ -26,17 +47,18 @@ class RunFailed(RuntimeError):
     """A subprocess (training or the measurement) failed; the message names its log."""
 
 
-def default_run_dir(out_dir: Path, gate: str, epochs: float | None) -> Path:
-    """runs/bench/<gate>, or runs/bench/<gate>-epochs<N> for a shortened recipe."""
-    return out_dir / (gate if epochs is None else f"{gate}-epochs{epochs:g}")
+def default_run_dir(out_dir: Path, recipe: str, epochs: float | None) -> Path:
+    """runs/bench/<recipe>, or runs/bench/<recipe>-epochs<N> for a shortened recipe."""
+    return out_dir / (recipe if epochs is None else f"{recipe}-epochs{epochs:g}")
 
 
 def is_complete(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "checkpoint" / "final").is_dir()
 
 
-def load_run(run_dir: Path, gate: str, smoes_cfg, model_cfg=None) -> dict:
-    """metrics.json of a finished run, checked against the gate and layout the benchmark builds and, when
+def load_run(run_dir: Path, recipe: str, smoes_cfg, model_cfg=None) -> dict:
+    """metrics.json of a finished run of `recipe` (a RECIPES name), checked against the recipe's gate and the
+    layout the benchmark builds and, when
     `model_cfg` is given and the run saved its train_config.json, against every model field (its checkpoint
     loads only into the same architecture)."""
     if not is_complete(run_dir):
@@ -44,7 +66,8 @@ def load_run(run_dir: Path, gate: str, smoes_cfg, model_cfg=None) -> dict:
                           f"as `make demo` or `python -m ds_smoes.train` write them); leave the flag out to let "
                           "the benchmark train the model")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    if metrics.get("gate") != gate:
+    gate = RECIPES[recipe].gate
+    if gate is not None and metrics.get("gate") != gate:
         raise ConfigError(f"{run_dir}: trained with gate {metrics.get('gate')!r}, but the benchmark needs a "
                           f"{gate!r} model here")
     wrong = [f"{f}={metrics.get(f)} (benchmark config: {getattr(smoes_cfg, f)})" for f in CHECKED_FIELDS
@@ -73,10 +96,11 @@ def launcher_command(module: str, ranks: int, args: list[str]) -> list[str]:
     return [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module", module, *args]
 
 
-def train_args(config: Path, overrides: list[str], gate: str, run_dir: Path, epochs: float | None,
+def train_args(config: Path, overrides: list[str], recipe: str, run_dir: Path, epochs: float | None,
                tracking_uri: str | None, experiment: str, parent_run_id: str | None) -> list[str]:
-    """Arguments of `ds_smoes.train` for the demo recipe of `gate` into `run_dir` (pure)."""
-    items = [*overrides, *GATE_OVERRIDES[gate], f"run.output_dir={run_dir.resolve()}", "run.save_checkpoint=true"]
+    """Arguments of `ds_smoes.train` for `recipe` (a RECIPES name) into `run_dir` (pure)."""
+    items = [*overrides, *RECIPES[recipe].overrides, f"run.output_dir={run_dir.resolve()}",
+             "run.save_checkpoint=true"]
     if epochs is not None:
         items.append(f"optim.epochs={epochs:g}")
     args = ["--config", str(config), "--run-name", f"bench-{run_dir.name}"]
@@ -112,7 +136,7 @@ def stream(cmd: list[str], log_path: Path, echo: Callable[[str], None], keep: Ca
 def train(gate: str, run_dir: Path, config: Path, overrides: list[str], epochs: float | None, ranks: int,
           tracking_uri: str | None, experiment: str, parent_run_id: str | None,
           echo: Callable[[str], None] = print) -> None:
-    """Train the demo recipe of `gate` into `run_dir` on `ranks` CPU ranks, echoing its progress."""
+    """Train `gate`'s recipe (a RECIPES name) into `run_dir` on `ranks` CPU ranks, echoing its progress."""
     t0 = time.time()
     echo(f"training the {gate} model by the demo recipe into {run_dir}"
          + (f" ({epochs:g} epochs)" if epochs is not None else "") + f"; log: {run_dir / 'train.log'}")

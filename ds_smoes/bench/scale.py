@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ds_smoes.bench import runs
-from ds_smoes.bench.report import median_interval, strict_json
+from ds_smoes.bench.report import paired_ratio, strict_json
 from ds_smoes.bench.shapes import PUBLISHED, SHAPES
 from ds_smoes.bench.simulate import RouterProfile
 from ds_smoes.core.errors import ConfigError
@@ -119,16 +119,6 @@ def default_profile_source(out_dir: Path) -> Path:
 
 
 # -- ratios ---------------------------------------------------------------------------------------------
-def paired_ratio(new_seconds: list[float], ref_seconds: list[float]) -> dict:
-    """Per round new / reference (both ran in every round, on the same batch): median and its 95 % interval."""
-    ratios = sorted(n / r for n, r in zip(new_seconds, ref_seconds) if r > 0)
-    if not ratios:
-        return {"median": None, "ci95": None, "rounds": 0}
-    interval = median_interval(ratios)
-    return {"median": statistics.median(ratios), "ci95": list(interval) if interval else None, "rounds": len(ratios),
-            "new_ms": 1000 * statistics.median(new_seconds), "ref_ms": 1000 * statistics.median(ref_seconds)}
-
-
 def shape_figures(raw: dict) -> dict:
     """The ratios and bytes of one (shape, dtype) from the worker's raw times."""
     t, b = raw["seconds"], raw["remote_bytes_per_token"]
