@@ -154,7 +154,8 @@ def measured_load(model, cfg, run_dir: Path, source: str, log=print) -> tuple[to
 
     tokenizer = WordTokenizer.load(Path(run_dir) / "tokenizer.json")
     samples = load_llava_json(Path(cfg.data.test_json), Path(cfg.data.image_folder))
-    dataset = LlavaDataset(samples, tokenizer, cfg.model.image_size, cfg.model.patch_size)
+    m = cfg.model
+    dataset = LlavaDataset(samples, tokenizer, m.image_size, m.patch_size, m.compress.pre_llm_budget(m.num_patches))
     log(f"serving: measuring the expert load on the test split ({len(dataset)} conversations) ...")
     device = next(model.parameters()).device
     routing = measure_routing(model, dataset, cfg.run.eval_batch_size, device)

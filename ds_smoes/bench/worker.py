@@ -121,7 +121,7 @@ def question_subset(dataset, count: int):
         return dataset
     picks = [round(i * (len(dataset) - 1) / max(1, count - 1)) for i in range(count)]
     return LlavaDataset([dataset.samples[i] for i in picks], dataset.tokenizer, dataset.image_size,
-                        dataset.patch_size)
+                        dataset.patch_size, dataset.image_tokens)
 
 
 # -- measuring ----------------------------------------------------------------------------------------
