@@ -99,9 +99,24 @@ class BuiltinFamily(ModelFamily):
 
     def evaluate(self, module, dataset, device, with_routing: bool):
         r = self.cfg.run
-        acc = exact_match_accuracy(module, dataset, r.eval_batch_size, r.max_new_tokens, device)
+        # the final evaluation (with_routing) also times the prefill
+        acc = exact_match_accuracy(module, dataset, r.eval_batch_size, r.max_new_tokens, device, timing=with_routing)
         routing = measure_routing(module, dataset, r.eval_batch_size, device) if with_routing else None
         return acc, routing
+
+    def tags(self) -> dict[str, str]:
+        c = self.cfg.model.compress
+        return {**super().tags(), "compress_method": c.method, "keep_ratio": f"{c.keep_ratio:g}"}
+
+    def final_figures(self) -> dict:
+        """Vision tokens per image: the patches, what enters the LLM (the pre-LLM budget) and what reaches its last
+        layers (after in-LLM pruning: the final budget), as `model.compress` sets them for every image."""
+        m = self.cfg.model
+        c = m.compress
+        kept = c.budget(m.num_patches) if c.in_llm_layer(m.n_layers) is not None else c.pre_llm_budget(m.num_patches)
+        return {"compress_method": c.method, "keep_ratio": c.keep_ratio, "vision_patches_per_image": m.num_patches,
+                "vision_tokens_pre_llm": c.pre_llm_budget(m.num_patches), "vision_tokens_kept": kept,
+                "in_llm_layer": c.in_llm_layer(m.n_layers)}
 
     def save_artifacts(self, out_dir: Path, final: dict, tracker) -> None:
         self.data.tokenizer.save(out_dir / "tokenizer.json")

@@ -1,6 +1,10 @@
 """The paper-style comparison: every gate and SMoES ablation, same recipe, same seeds.
 
     python -m ds_smoes.compare --config configs/demo.yaml --seeds 0 1 2 --out runs/compare
+    python -m ds_smoes.compare --suite compression [--smoke]     # visual token compression (issue 19)
+
+`--suite compression` is the method x vision-token budget table on the canvas digits
+(`ds_smoes.app.compare_compression` says what it runs and reports); the rest of this text is the gates'.
 
 Each (variant, seed) is one run of the DeepSpeed entry point (`deepspeed --num_gpus N --module
 ds_smoes.train`), logged as a child of one MLflow parent run.  A run whose metrics.json exists
@@ -98,7 +102,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_one(args, name: str, seed: int, out_dir: Path, parent_run_id: str | None, tracking_uri: str) -> dict | None:
+def run_one(args, name: str, seed: int, out_dir: Path, parent_run_id: str | None, tracking_uri: str,
+            overrides: list[str] | None = None) -> dict | None:
+    """One (variant, seed) run; `overrides`: the variant's (default: the gate variant `name`'s, after --set)."""
     metrics_path = out_dir / "metrics.json"
     if metrics_path.exists():
         return json.loads(metrics_path.read_text())
@@ -109,7 +115,8 @@ def run_one(args, name: str, seed: int, out_dir: Path, parent_run_id: str | None
            "--experiment", args.experiment, "--output-json", str(metrics_path.with_suffix(".partial"))]
     if parent_run_id:
         cmd += ["--parent-run-id", parent_run_id]
-    for item in [*args.overrides, *VARIANTS[name], f"run.seed={seed}", f"run.output_dir={out_dir}",
+    overrides = [*args.overrides, *VARIANTS[name]] if overrides is None else overrides
+    for item in [*overrides, f"run.seed={seed}", f"run.output_dir={out_dir}",
                  "run.save_checkpoint=false", "tracking.enabled=true"]:
         cmd += ["--set", item]
     with open(out_dir / "train.log", "w") as log:
@@ -124,16 +131,33 @@ def run_one(args, name: str, seed: int, out_dir: Path, parent_run_id: str | None
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ds_smoes.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--suite", choices=("gates", "compression"), default="gates",
+                   help="gates: every gate and SMoES ablation (default); compression: visual token compression "
+                        "methods x budgets on the canvas digits (issue 19)")
+    p.add_argument("--smoke", action="store_true",
+                   help="compression suite: 2 settings, 1 seed, 4 steps on a slice of the data (about 2 minutes)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="base training config (default: configs/demo.yaml; compression: configs/canvas.yaml)")
+    p.add_argument("--variants", nargs="+", default=None, help=f"gates: a subset of {', '.join(VARIANTS)}; "
+                   "compression: of none, qmop-0.5, ..., fastv-0.125 (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--smoke: 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override for every run, e.g. --set optim.epochs=10 or --set data.train_json=...")
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per run (DeepSpeed launcher)")
-    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="default runs/compare (compression: runs/compare_compression, --smoke: .../smoke)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///$PWD/mlflow.db)")
     p.add_argument("--experiment", default="ds-smoes-compare")
     args = p.parse_args(argv)
+    if args.suite == "compression":
+        return _main_compression(args)
+    if args.smoke:
+        print("error: --smoke belongs to --suite compression", file=sys.stderr)
+        return 2
+    args.config = args.config or Path("configs/demo.yaml")
+    args.variants = args.variants or list(VARIANTS)
+    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
+    args.out = args.out or Path("runs/compare")
     try:
         unknown = [v for v in args.variants if v not in VARIANTS]
         if unknown:
@@ -176,6 +200,82 @@ def main(argv: list[str] | None = None) -> int:
         parent.end("FAILED" if failed else "FINISHED")
         print(f"\n{md}\n\n{len(jobs) - len(failed)}/{len(jobs)} runs in {time.time() - t0:.0f}s; table in "
               f"{args.out / 'table.md'}; MLflow parent run {parent.run_id} ({uri})")
+        if failed:
+            print("failed: " + ", ".join(failed), file=sys.stderr)
+            return 1
+    except SMoESError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _main_compression(args) -> int:
+    """`--suite compression`: the runs of `compare_compression`'s grid (resumable, under one parent run that a
+    resumed comparison reopens), then its table and plots."""
+    from ds_smoes.app import compare_compression as cc
+
+    args.config = args.config or cc.DEFAULT_CONFIG
+    args.out = args.out or (cc.DEFAULT_OUT / "smoke" if args.smoke else cc.DEFAULT_OUT)
+    variants = args.variants or (cc.SMOKE_VARIANTS if args.smoke else list(cc.VARIANTS))
+    seeds = args.seeds if args.seeds is not None else ([0] if args.smoke else [0, 1, 2])
+    try:
+        unknown = [v for v in variants if v not in cc.VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {unknown}; choose from {list(cc.VARIANTS)}")
+        from ds_smoes.app.config import load_train_config
+        from ds_smoes.app.tracking import Tracker, default_tracking_uri
+
+        base = [*(cc.SMOKE_SCHEDULE if args.smoke else cc.SCHEDULE), *args.overrides]
+        cfg = load_train_config(args.config, base)   # fail fast on a bad base config
+        if args.smoke:
+            base += cc.smoke_data(cfg, args.out / "data")
+        for name in variants:
+            load_train_config(args.config, [*base, *cc.run_overrides(name, seeds[0])])
+        uri = args.tracking_uri or default_tracking_uri()
+        state = cc.load_state(args.out)
+        same_store = state.get("tracking_uri") == uri and state.get("experiment") == args.experiment
+        parent = Tracker(uri, args.experiment, f"compression{'-smoke' if args.smoke else ''}-"
+                         f"{time.strftime('%Y%m%d-%H%M%S')}",
+                         tags={"kind": "comparison", "suite": "compression"},
+                         run_id=state.get("parent_run_id") if same_store else None)
+        resumed = same_store and parent.run_id == state.get("parent_run_id")
+        if not resumed:
+            parent.log_params({"suite": "compression", "variants": ",".join(variants),
+                               "seeds": ",".join(map(str, seeds)), "config": str(args.config),
+                               "overrides": " ".join(base), "smoke": args.smoke})
+            cc.save_state(args.out, {"parent_run_id": parent.run_id, "tracking_uri": uri,
+                                     "experiment": args.experiment})
+        results: dict[str, list[dict]] = {name: [] for name in variants}
+        jobs = [(n, s) for s in seeds for n in variants]   # seed-major: partial results stay comparable
+        failed = []
+        t0 = time.time()
+        print(f"compression comparison: {len(jobs)} runs into {args.out}; MLflow parent run {parent.run_id}"
+              + (" (resumed)" if resumed else ""), flush=True)
+        for i, (name, seed) in enumerate(jobs, 1):
+            t = time.time()
+            print(f"[{i}/{len(jobs)}] {name} seed {seed} ...", flush=True)
+            run_dir = args.out / name / f"seed{seed}"
+            try:
+                m = run_one(args, name, seed, run_dir, parent.run_id, uri, [*base, *cc.run_overrides(name, seed)])
+            except KeyboardInterrupt:
+                parent.end("KILLED")
+                print(f"\ninterrupted; the same command resumes it (finished runs are kept, {name} seed {seed} starts "
+                      "over)", file=sys.stderr)
+                return 130
+            if m is None:
+                failed.append(f"{name} seed {seed}")
+                print(f"    FAILED (log: {run_dir / 'train.log'})", flush=True)
+                continue
+            results[name].append(m)
+            print(f"    {time.time() - t:.0f}s: multimodal {cc.fmt(m.get('acc_multimodal'), '.4f')}  language "
+                  f"{cc.fmt(m.get('acc_language'), '.4f')}  vision tokens {m.get('vision_tokens_kept')}  "
+                  f"bytes/sample {cc.fmt(m.get('bytes_per_sample'), ',.0f')}  "
+                  f"prefill {cc.fmt(m.get('prefill_ms_per_sample'), '.2f')} ms/sample", flush=True)
+        rows = cc.summarize(results)
+        md = cc.write_report(rows, results, args.out, parent)
+        parent.end("FAILED" if failed else "FINISHED")
+        print(f"\n{md}\n\n{len(jobs) - len(failed)}/{len(jobs)} runs, {time.time() - t0:.0f}s this session; table "
+              f"in {args.out / 'table.md'} and table.json; MLflow parent run {parent.run_id} ({uri})")
         if failed:
             print("failed: " + ", ".join(failed), file=sys.stderr)
             return 1

@@ -7,6 +7,8 @@ that are computed but not counted.
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,18 +38,60 @@ def normalize_answer(text: str, tokenizer) -> str:
     return tokenizer.decode(tokenizer.encode(text)).strip().lower()
 
 
+class PrefillClock:
+    """Times the prefill of each `generate`: its first forward runs the whole prompt (filling the KV cache) and ends
+    in the LM head, so the first call of `head` after `start()` ends the prefill.  (A hook on the model itself would
+    not see it: `generate` calls `self.forward`.)  On a GPU both marks synchronise the device, so the time covers
+    the kernels: two host syncs per evaluation batch, at evaluation only."""
+
+    def __init__(self, head: torch.nn.Module, device: torch.device) -> None:
+        self.seconds: list[float] = []        # one prefill per started generate
+        self._t0: float | None = None
+        self._sync = device.type == "cuda"
+        self._handle = head.register_forward_hook(self._mark)
+
+    def start(self) -> None:
+        if self._sync:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def _mark(self, *_) -> None:
+        if self._t0 is not None:
+            if self._sync:
+                torch.cuda.synchronize()
+            self.seconds.append(time.perf_counter() - self._t0)
+            self._t0 = None
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def median_ms_per_sample(seconds: list[float], rows: list[int]) -> float:
+    """The median over batches of (prefill seconds / rows of the batch) in ms; nan without batches."""
+    per_sample = [1e3 * s / n for s, n in zip(seconds, rows) if n]
+    return statistics.median(per_sample) if per_sample else float("nan")
+
+
 @torch.no_grad()
 def exact_match_accuracy(engine, dataset: LlavaDataset, batch_size: int, max_new_tokens: int,
-                         device: torch.device) -> dict[str, float]:
-    """Greedy-decode every question; accuracy separately on multimodal and language-only ones."""
+                         device: torch.device, timing: bool = False) -> dict[str, float]:
+    """Greedy-decode every question; accuracy separately on multimodal and language-only ones.
+
+    `timing`: also `prefill_ms_per_sample`, the prefill forward of each batch's `generate` per row of the batch
+    (padding repeats included: they are computed), the median over this rank's batches, then the slowest rank's."""
     module = engine.module if hasattr(engine, "module") else engine
     tok = dataset.tokenizer
     was_training = module.training
     module.eval()
     # [correct_mm, total_mm, correct_lang, total_lang]
     counts = torch.zeros(4, dtype=torch.float64)
+    clock = PrefillClock(module.lm_head, device) if timing else None
+    rows = []
     for idx, counted in lockstep_batches(len(dataset), distributed.rank(), distributed.world_size(), batch_size):
         batch = collate_prompts([dataset[i] for i in idx]).to(device)
+        if clock is not None:
+            clock.start()
+            rows.append(len(idx))
         generated = module.generate(*model_inputs(batch), max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
         for i, keep, ids in zip(idx, counted, generated):
             if not keep:
@@ -59,12 +103,17 @@ def exact_match_accuracy(engine, dataset: LlavaDataset, batch_size: int, max_new
     distributed.world_sum_(counts)
     module.train(was_training)
     c = counts.tolist()
-    return {
+    out = {
         "acc_multimodal": c[0] / c[1] if c[1] else float("nan"),
         "acc_language": c[2] / c[3] if c[3] else float("nan"),
         "acc_overall": (c[0] + c[2]) / (c[1] + c[3]) if c[1] + c[3] else float("nan"),
         "num_multimodal": int(c[1]), "num_language": int(c[3]),
     }
+    if clock is not None:
+        clock.remove()
+        slowest = distributed.world_max_(torch.tensor([median_ms_per_sample(clock.seconds, rows)], dtype=torch.float64))
+        out["prefill_ms_per_sample"] = float(slowest[0])
+    return out
 
 
 @dataclass
@@ -75,6 +124,10 @@ class RoutingMeasurement:
     # (remote_bytes_per_token: bytes the layer's dispatch sent to other EP ranks, dispatch + combine,
     #  forward only, per valid token; the rank's own chunk is not counted)
     loss: float = float("nan")
+    tokens_per_layer: list[float] = field(default_factory=list)         # tokens each MoE layer routed, all ranks
+    remote_bytes_per_layer: list[float] = field(default_factory=list)   # what each layer's dispatch sent to other
+    #                                                                     EP ranks (dispatch + combine), all ranks
+    num_samples: int = 0              # conversations of the pass (each counted once over the ranks); 0: not known
 
     @property
     def msi(self) -> float:
@@ -86,6 +139,17 @@ class RoutingMeasurement:
     def mean(self, name: str) -> float:
         values = self.comm.get(name, [])
         return sum(values) / len(values) if values else float("nan")
+
+    @property
+    def bytes_per_sample(self) -> float:
+        """EP remote bytes per conversation: every MoE layer's dispatch + combine over all ranks, summed over the
+        layers, divided by the pass's conversations (language-only ones included)."""
+        return sum(self.remote_bytes_per_layer) / self.num_samples if self.num_samples else float("nan")
+
+    @property
+    def moe_tokens_per_sample(self) -> float:
+        """Token visits of the MoE layers per conversation (each layer's routed tokens, summed over the layers)."""
+        return sum(self.tokens_per_layer) / self.num_samples if self.num_samples else float("nan")
 
 
 _COMM_KEYS = ("cross_rank_rate", "ranks_per_token", "remote_pairs_per_token")
@@ -131,7 +195,9 @@ class RoutingAccumulator:
             if all(st is not None for st in stats):
                 self._max_load_L.append(torch.stack([st.load_ME.sum(0).max() for st in stats]).to(self.comm_LX))
 
-    def result(self, loss: float = float("nan")) -> RoutingMeasurement:
+    def result(self, loss: float = float("nan"), num_samples: int = 0) -> RoutingMeasurement:
+        """The world-summed figures; `num_samples`: the conversations the forwards covered, for per-sample
+        figures."""
         device = self.load_LME.device if self.load_LME is not None else distributed.collective_device()
         self._buffers(device)
         load = distributed.world_sum_(self.load_LME.clone())
@@ -144,7 +210,9 @@ class RoutingAccumulator:
         out["remote_bytes_per_token"] = (comm[:, -1] / tokens_L).tolist()
         if self._rank_once:
             out["stock_remote_bytes_per_token"] = (self._stock_bytes_L() / tokens_L).tolist()
-        return RoutingMeasurement(load.float().cpu(), out, loss)  # host read: once per log window or evaluation
+        load_LME = load.float().cpu()  # host read: once per log window or evaluation
+        return RoutingMeasurement(load_LME, out, loss, tokens_per_layer=comm[:, 0].tolist(),
+                                  remote_bytes_per_layer=comm[:, -1].tolist(), num_samples=num_samples)
 
     def _stock_bytes_L(self) -> torch.Tensor:
         """Per layer, over all ranks and forwards: the bytes DeepSpeed's stock dispatch would have sent to other EP
@@ -186,4 +254,4 @@ def measure_routing(engine, dataset: LlavaDataset, batch_size: int, device: torc
         acc.add()
     distributed.world_sum_(loss_sum)
     module.train(was_training)
-    return acc.result(float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else float("nan"))
+    return acc.result(float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else float("nan"), num_samples=len(dataset))

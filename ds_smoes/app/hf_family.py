@@ -8,13 +8,14 @@ tracking are the session's (`ds_smoes.app.session`), as for the built-in model.
 from __future__ import annotations
 
 import json
+import time
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ds_smoes.app.evaluation import RoutingAccumulator, lockstep_batches
+from ds_smoes.app.evaluation import RoutingAccumulator, lockstep_batches, median_ms_per_sample
 from ds_smoes.app.family import ModelFamily, ensure_digits
 from ds_smoes.app.hf_config import HFTrainConfig
 from ds_smoes.core.errors import ConfigError
@@ -37,9 +38,10 @@ def model_inputs(model: SMoESHFModel, batch: dict, with_labels: bool = True) -> 
 
 @torch.no_grad()
 def greedy_answers(model: SMoESHFModel, dataset: HFConversationDataset, idx: list[int], pad_id: int, eos_id: int,
-                   max_new_tokens: int, device) -> list[str]:
+                   max_new_tokens: int, device, prefill_seconds: list[float] | None = None) -> list[str]:
     """Greedy decoding from left-padded prompts, always `max_new_tokens` forwards (every EP rank takes part
-    in the same number of all-to-alls); the text up to the first eos."""
+    in the same number of all-to-alls); the text up to the first eos.  `prefill_seconds` gets the time of the
+    first forward, the one over the whole prompts (synchronised on a GPU: evaluation only)."""
     batch = collate([dataset.item(i, with_answer=False) for i in idx], pad_id, left=True)
     batch.pop("labels")
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -48,7 +50,12 @@ def greedy_answers(model: SMoESHFModel, dataset: HFConversationDataset, idx: lis
         inputs = model_inputs(model, batch, with_labels=False)
         if model.adapter.extra_inputs is None:   # 1-D positions from the mask (left padding)
             inputs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        timed = prefill_seconds is not None and not new
+        if timed:
+            t0 = _synced_time(device)
         nxt_B = model(**inputs, use_cache=False).logits[:, -1].argmax(-1)
+        if timed:
+            prefill_seconds.append(_synced_time(device) - t0)
         new.append(nxt_B)
         batch["input_ids"] = torch.cat([batch["input_ids"], nxt_B[:, None]], 1)
         batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(nxt_B[:, None])], 1)
@@ -57,6 +64,12 @@ def greedy_answers(model: SMoESHFModel, dataset: HFConversationDataset, idx: lis
         row = row[:row.index(eos_id)] if eos_id in row else row
         texts.append(dataset.codec.tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
+
+
+def _synced_time(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 @torch.no_grad()
@@ -68,6 +81,7 @@ def evaluate(model: SMoESHFModel, dataset: HFConversationDataset, batch_size: in
     model.eval()
     acc = RoutingAccumulator(model.moe_layers())
     counts = torch.zeros(6, dtype=torch.float64)   # loss sum, batches, correct mm, mm, correct lang, lang
+    prefill, rows = [], []                          # with_routing (the final evaluation): the prefill times
     for idx, counted in lockstep_batches(len(dataset), distributed.rank(), distributed.world_size(), batch_size):
         if with_routing:
             batch = collate([dataset[i] for i in idx], pad_id)
@@ -79,8 +93,9 @@ def evaluate(model: SMoESHFModel, dataset: HFConversationDataset, batch_size: in
             acc.add()
             counts[0] += float(out.lm_loss) * float(keep_B.any())
             counts[1] += float(keep_B.any())
+        rows.append(len(idx))
         for i, keep, text in zip(idx, counted, greedy_answers(model, dataset, idx, pad_id, eos_id, max_new_tokens,
-                                                               device)):
+                                                               device, prefill if with_routing else None)):
             if keep:
                 slot = 2 if dataset.is_multimodal(i) else 4
                 counts[slot] += float(text.lower() == dataset.answer(i).strip().lower())
@@ -92,7 +107,11 @@ def evaluate(model: SMoESHFModel, dataset: HFConversationDataset, batch_size: in
     accuracy = {"acc_multimodal": ratio(c[2], c[3]), "acc_language": ratio(c[4], c[5]),
                 "acc_overall": ratio(c[2] + c[4], c[3] + c[5]), "num_multimodal": int(c[3]),
                 "num_language": int(c[5])}
-    return accuracy, acc.result(ratio(c[0], c[1])) if with_routing else None
+    if not with_routing:
+        return accuracy, None
+    slowest = distributed.world_max_(torch.tensor([median_ms_per_sample(prefill, rows)], dtype=torch.float64))
+    accuracy["prefill_ms_per_sample"] = float(slowest[0])
+    return accuracy, acc.result(ratio(c[0], c[1]), num_samples=len(dataset))
 
 
 def every_parameter_zero(params: list[torch.Tensor]) -> torch.Tensor:

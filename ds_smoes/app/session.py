@@ -224,6 +224,11 @@ def _final_figures(acc: dict, routing, figures: dict, s, seed: int, world: int, 
         "remote_pairs_per_token": routing.mean("remote_pairs_per_token"),
         # measured from the dispatch's own split sizes (layer.last_comm), per MoE layer
         "bytes_per_token": routing.mean("remote_bytes_per_token"),
+        # the same bytes summed over every MoE layer (and rank), per test conversation; and the MoE token visits
+        "bytes_per_sample": routing.bytes_per_sample,
+        "moe_tokens_per_sample": routing.moe_tokens_per_sample,
+        # the prefill forward of the evaluation's generate, per row: median over batches, slowest rank
+        "prefill_ms_per_sample": acc.get("prefill_ms_per_sample", float("nan")),
         # rank_once only: what DeepSpeed's stock dispatch would have sent for the same routes (its dropless capacity)
         **({"stock_bytes_per_token": routing.mean("stock_remote_bytes_per_token")}
            if "stock_remote_bytes_per_token" in routing.comm else {}),
@@ -270,12 +275,44 @@ def _print_summary(final: dict, log: Callable) -> None:
              + (f"  (DeepSpeed's stock dispatch, same routes: {final['stock_bytes_per_token']:.0f}, "
                 f"{_saving(final['bytes_per_token'], final['stock_bytes_per_token'])})"
                 if final.get("stock_bytes_per_token") else "")),
+            ("remote bytes per sample, all MoE layers", _per_sample(final)),
+            *_vision_rows(final),
+            ("prefill latency", f"{final['prefill_ms_per_sample']:.2f} ms per sample  (the prefill forward of "
+             "the test generation per batch row: median over batches, slowest rank)"
+             if _finite(final.get("prefill_ms_per_sample")) else "n/a"),
             ("wall time", _fmt_time(final["wall_seconds"]))]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         log(f"  {name:<{width}}  {value}")
+    log("  (remote bytes: what the EP dispatch sent to other ranks, dispatch + combine, forward only; per token and "
+        "MoE layer = each layer's bytes / the tokens it routed, averaged over the layers; per sample = the bytes of "
+        "every MoE layer and rank summed / the test conversations, language-only ones included)")
     if final.get("mlflow_run_id"):
         log(f"  MLflow run {final['mlflow_run_id']}  ({final['mlflow_tracking_uri']})")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _per_sample(final: dict) -> str:
+    if not _finite(final.get("bytes_per_sample")):
+        return "n/a"
+    return (f"{final['bytes_per_sample']:,.0f}  ({final['moe_tokens_per_sample']:,.1f} MoE token visits per sample)"
+            if _finite(final.get("moe_tokens_per_sample")) else f"{final['bytes_per_sample']:,.0f}")
+
+
+def _vision_rows(final: dict) -> list[tuple[str, str]]:
+    """The vision tokens per image (built-in model): patches, into the LLM, into its last layers where they differ."""
+    if "vision_tokens_kept" not in final:
+        return []
+    method = final.get("compress_method", "none")
+    pre, kept = final["vision_tokens_pre_llm"], final["vision_tokens_kept"]
+    text = f"{kept} of {final['vision_patches_per_image']} patches ({method}"
+    text += (f", keep {final['keep_ratio']:g})" if method != "none" else ")")
+    if pre != kept:
+        text += f": {pre} enter the LLM, {kept} from block {final['in_llm_layer']} on"
+    return [("vision tokens per image, LLM's last layers", text)]
 
 
 def _check_placement_supported(s, ds_config: dict, total_steps: int, ds_config_path) -> None:

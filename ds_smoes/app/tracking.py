@@ -64,7 +64,10 @@ class Tracker:
     """One MLflow run.  `active=False` (non-zero ranks, or tracking disabled) makes every call a no-op."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, active: bool = True,
-                 tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> None:
+                 tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+                 run_id: str | None = None) -> None:
+        """`run_id`: reopen that run (status RUNNING again) instead of creating one, e.g. the parent run of a
+        comparison that resumes; a new run when the store no longer has it."""
         self.active = active
         self.run_id: str | None = None
         self.tracking_uri = tracking_uri
@@ -78,6 +81,16 @@ class Tracker:
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
         self._client = mlflow.MlflowClient(tracking_uri)
+        if run_id is not None:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.experiment_id = self._client.get_run(run_id).info.experiment_id
+                self._client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                return
+            except MlflowException:   # not in this store (any more): a new run
+                pass
         exp_id = experiment_id(self._client, experiment)
         run = self._client.create_run(exp_id, run_name=run_name, tags=run_tags)
         self.run_id = run.info.run_id

@@ -25,6 +25,11 @@ METRICS = [
     ("ranks_per_token", "ranks/token", "{:.3f}"),
     ("remote_pairs_per_token", "remote pairs/token", "{:.3f}"),
     ("bytes_per_token", "remote bytes/token", "{:,.0f}"),
+    # issue 19: per test conversation over every MoE layer, the prefill, and the vision tokens per image that reach
+    # the LLM's last layers (columns appear when the trials logged them)
+    ("bytes_per_sample", "remote bytes/sample", "{:,.0f}"),
+    ("prefill_ms_per_sample", "prefill ms/sample", "{:.2f}"),
+    ("vision_tokens_kept", "vision tokens kept", "{:.0f}"),
     ("wall_seconds", "wall s", "{:.0f}"),
 ]
 # measured communication, preferred as the x axis of the accuracy plot: key -> axis label

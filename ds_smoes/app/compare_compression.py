@@ -1,0 +1,224 @@
+"""The visual token compression comparison (issue 19, item 5): method x vision-token budget x seeds on the canvas
+digits, with the SMoES gate, on 2 CPU ranks per run.
+
+    python -m ds_smoes.compare --suite compression                 # the table: 13 settings x 3 seeds = 39 runs
+    python -m ds_smoes.compare --suite compression --smoke         # 2 runs of 4 steps on a slice of the data
+
+The grid (`GRID`): `none` (every one of the 64 vision tokens: keep 1.0), QMoP and LearnPruner at keep 0.5, 0.25
+and 0.125, and the baselines (random, pool, FastV) at 0.25 and 0.125.  Every run is one `deepspeed --module
+ds_smoes.train` of `configs/canvas.yaml` with `SCHEDULE`, logged as a child of one MLflow parent run (experiment
+`ds-smoes-compare`, created by `ds_smoes.app.tracking` as a model-training experiment).  A run whose metrics.json
+exists is not run again and the parent run's id is kept in `OUT/state.json`, so an interrupted comparison resumes
+where it stopped, under the same parent (an interrupted run starts over: runs are a few minutes long).
+
+The report (`OUT/table.md`, `OUT/table.json`, logged to the parent with the plots `accuracy_vs_tokens_kept.png`
+and `accuracy_vs_bytes_per_sample.png`): per setting, mean ± sample standard deviation over the seeds of the
+multimodal and language-only accuracy, the vision tokens kept per image (entering the LLM -> reaching its last
+layers), training tokens/s, prefill ms per sample and EP remote bytes per sample, each run's own test-split
+figures (`ds_smoes.app.session`).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+# (method, keep_ratio): none is keep 1.0 (the config refuses another ratio with it)
+GRID: list[tuple[str, float]] = (
+    [("none", 1.0)]
+    + [(m, r) for m in ("qmop", "learnpruner") for r in (0.5, 0.25, 0.125)]
+    + [(m, r) for m in ("random", "pool", "fastv") for r in (0.25, 0.125)])
+
+
+def variant_name(method: str, keep_ratio: float) -> str:
+    return method if method == "none" else f"{method}-{keep_ratio:g}"
+
+
+VARIANTS: dict[str, list[str]] = {variant_name(m, r): [f"model.compress.method={m}", f"model.compress.keep_ratio={r}"]
+                                  for m, r in GRID}
+REFERENCE = "none"
+DEFAULT_CONFIG = Path("configs/canvas.yaml")
+DEFAULT_OUT = Path("runs/compare_compression")
+
+# The schedule of every run of the full table.  Measured here (2 busy CPU ranks, load average 5-6, launcher,
+# training, test evaluation and MLflow included): see SECONDS_PER_RUN.  39 runs x that = the estimate below.
+SCHEDULE: list[str] = ["smoes.gate=smoes", "optim.epochs=2", "run.eval_every_epoch=false", "run.log_every=40"]
+SECONDS_PER_RUN = {"none": 240, "compressed": 150}     # measured, see the module's README paragraph
+ESTIMATE_HOURS = (3 * SECONDS_PER_RUN["none"] + 36 * SECONDS_PER_RUN["compressed"]) / 3600
+
+# --smoke: two settings, one seed, 4 steps on a slice of the data (the end-to-end test runs it)
+SMOKE_VARIANTS = ["none", "learnpruner-0.25"]
+SMOKE_SCHEDULE = ["smoes.gate=smoes", "optim.max_steps=4", "optim.warmup_steps=2", "run.eval_every_epoch=false",
+                  "run.log_every=2", "run.eval_batch_size=32"]
+SMOKE_SPLITS = {"train": 256, "test": 64}
+
+# (metrics.json key, column title, format)
+FIGURES = [("acc_multimodal", "multimodal acc", "{:.3f}"), ("acc_language", "language-only acc", "{:.3f}"),
+           ("tokens_per_s", "training tokens/s", "{:,.0f}"), ("prefill_ms_per_sample", "prefill ms/sample", "{:.2f}"),
+           ("bytes_per_sample", "EP remote bytes/sample", "{:,.0f}"),
+           ("bytes_per_token", "EP remote bytes/token/layer", "{:,.0f}")]
+
+
+def run_overrides(name: str, seed: int) -> list[str]:
+    """A run's overrides on top of the suite's schedule: the setting, and random's draws follow the seed."""
+    return [*VARIANTS[name], f"model.compress.seed={seed}"]
+
+
+def smoke_data(cfg, out_dir: Path, log=print) -> list[str]:
+    """--smoke: the first SMOKE_SPLITS records of the config's train and test splits (generated first if missing),
+    as `--set data.*` overrides; the images stay in the config's folder."""
+    from ds_smoes.app.family import ensure_digits
+
+    ensure_digits(cfg.data, log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = []
+    for split, n in SMOKE_SPLITS.items():
+        records = json.loads(Path(getattr(cfg.data, f"{split}_json")).read_text())[:n]
+        path = out_dir / f"{split}.json"
+        path.write_text(json.dumps(records))
+        sets.append(f"data.{split}_json={path.resolve()}")
+    return sets + ["data.val_json=null"]
+
+
+def summarize(results: dict[str, list[dict]]) -> list[dict]:
+    """One row per setting that has runs: mean and sample standard deviation over its seeds of each figure (nan
+    where a run lacks it), the vision tokens per image, and multimodal accuracy and bytes per sample relative to
+    the reference (`none`) mean."""
+    rows = []
+    for name, runs in results.items():
+        if not runs:
+            continue
+        first = runs[0]
+        row = {"variant": name, "method": first.get("compress_method", name.split("-")[0]),
+               "keep_ratio": first.get("keep_ratio", 1.0), "seeds": len(runs),
+               "vision_patches_per_image": first.get("vision_patches_per_image"),
+               "vision_tokens_pre_llm": first.get("vision_tokens_pre_llm"),
+               "vision_tokens_kept": first.get("vision_tokens_kept")}
+        for key, _, _ in FIGURES:
+            values = [r.get(key) for r in runs]
+            if any(not isinstance(v, (int, float)) for v in values):
+                row[key] = row[key + "_sd"] = float("nan")
+                continue
+            row[key] = statistics.fmean(values)
+            row[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    ref = next((r for r in rows if r["variant"] == REFERENCE), None)
+    for row in rows:
+        row["acc_multimodal_vs_none"] = _ratio(row["acc_multimodal"], ref["acc_multimodal"]) if ref else float("nan")
+        row["bytes_per_sample_vs_none"] = (_ratio(row["bytes_per_sample"], ref["bytes_per_sample"]) if ref
+                                           else float("nan"))
+    return rows
+
+
+def fmt(value, spec: str) -> str:
+    """`value` formatted, or n/a when it is missing or not finite (metrics.json writes nan as null)."""
+    return format(value, spec) if isinstance(value, (int, float)) and value == value else "n/a"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and a == a and b == b else float("nan")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ["method", "keep", "seeds", "vision tokens / image (into LLM -> last layers)",
+            *(title for _, title, _ in FIGURES[:2]), "multimodal vs none", *(title for _, title, _ in FIGURES[2:]),
+            "bytes/sample vs none"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for r in rows:
+        pm = lambda key, fmt: (f"{fmt.format(r[key])} ± {fmt.format(r[key + '_sd'])}"  # noqa: E731
+                               if r[key] == r[key] else "n/a")
+        pct = lambda v: f"{100 * v:.1f} %" if v == v else "n/a"  # noqa: E731
+        tokens = (f"{r['vision_tokens_pre_llm']} -> {r['vision_tokens_kept']} of {r['vision_patches_per_image']}"
+                  if r["vision_tokens_kept"] is not None else "n/a")
+        cells = [r["method"], f"{r['keep_ratio']:g}", str(r["seeds"]), tokens,
+                 *(pm(k, f) for k, _, f in FIGURES[:2]), pct(r["acc_multimodal_vs_none"]),
+                 *(pm(k, f) for k, _, f in FIGURES[2:]), pct(r["bytes_per_sample_vs_none"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_json(rows: list[dict], results: dict[str, list[dict]]) -> str:
+    """The rows plus each setting's per-seed figures (strict JSON: nan -> null)."""
+    def clean(v):
+        return None if isinstance(v, float) and v != v else v
+    per_seed = {name: [{k: clean(m.get(k)) for k in ("seed", "mlflow_run_id", *(k for k, _, _ in FIGURES))}
+                       for m in runs] for name, runs in results.items() if runs}
+    return json.dumps({"rows": [{k: clean(v) for k, v in r.items()} for r in rows], "runs": per_seed}, indent=2,
+                      allow_nan=False)
+
+
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows by method, `none` joining every method's series as its keep-1.0 point."""
+    ref = [r for r in rows if r["variant"] == REFERENCE]
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["variant"] != REFERENCE:
+            out.setdefault(r["method"], list(ref)).append(r)
+    return out or ({"none": ref} if ref else {})
+
+
+def accuracy_plot(rows: list[dict], x_key: str, x_label: str, title: str):
+    """Multimodal (solid) and language-only (dotted) accuracy against `x_key`, one colour per method, error bars
+    the sample standard deviation over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.get_cmap("tab10")
+    for i, (method, members) in enumerate(_series(rows).items()):
+        pts = sorted((r for r in members if r.get(x_key) is not None and r[x_key] == r[x_key]), key=lambda r: r[x_key])
+        if not pts:
+            continue
+        xs = [r[x_key] for r in pts]
+        for key, style, kind in (("acc_multimodal", "-o", "multimodal"), ("acc_language", ":^", "language-only")):
+            ax.errorbar(xs, [r[key] for r in pts], yerr=[r[key + "_sd"] for r in pts], fmt=style, capsize=3,
+                        color=colours(i % 10), label=f"{method}, {kind}", linewidth=1, markersize=4)
+    ax.set_xlabel(x_label, fontsize=8)
+    ax.set_ylabel("held-out accuracy (mean ± sd over seeds)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+PLOTS = {
+    "accuracy_vs_tokens_kept.png": ("vision_tokens_kept", "vision tokens per image reaching the LLM's last layers",
+                                    "accuracy vs vision tokens kept (canvas digits, SMoES gate)"),
+    "accuracy_vs_bytes_per_sample.png": ("bytes_per_sample", "EP remote bytes per sample (all MoE layers, dispatch + "
+                                         "combine, test split)", "accuracy vs expert-parallel traffic per sample"),
+}
+
+
+def write_report(rows: list[dict], results: dict[str, list[dict]], out: Path, parent) -> str:
+    """table.md, table.json and the two plots into `out`, and to the MLflow parent run `parent` (a Tracker)."""
+    import matplotlib.pyplot as plt
+
+    md = markdown_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(md + "\n")
+    (out / "table.json").write_text(table_json(rows, results) + "\n")
+    parent.log_file(out / "table.md")
+    parent.log_file(out / "table.json")
+    for name, (key, label, title) in PLOTS.items():
+        fig = accuracy_plot(rows, key, label, title)
+        fig.savefig(out / name, dpi=120)
+        parent.log_figure(fig, name)
+        plt.close(fig)
+    parent.log_metrics({f"{r['variant']}/{k}": r[k] for r in rows
+                        for k in ("acc_multimodal", "acc_language", "bytes_per_sample", "prefill_ms_per_sample",
+                                  "tokens_per_s", "vision_tokens_kept") if isinstance(r.get(k), (int, float))})
+    return md
+
+
+def load_state(out: Path) -> dict:
+    path = out / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_state(out: Path, state: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "state.json").write_text(json.dumps(state, indent=2))
