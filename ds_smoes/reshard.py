@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, p_E in enumerate(physical):
             print(f"  MoE layer {i}: physical id of each logical expert {p_E.tolist()}")
     except SMoESError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        from ds_smoes.app.train import report_error
+
+        return report_error(err)
     return 0
 
 

@@ -108,17 +108,9 @@ def run(args) -> int:
         raw_path = args.out / "comm_raw.json"
         batch_size = args.batch_size or cfg.optim.micro_batch_size
         _echo(f"measuring on {cfg.smoes.ep_size} gloo ranks; log: {args.out / 'comm_worker.log'}")
-        cmd = runs.launcher_command("ds_smoes.bench.worker", cfg.smoes.ep_size,
-                                    worker_args(args, trained, raw_path, batch_size))
-        if raw_path.exists():
-            raw_path.unlink()
-        code = runs.stream(cmd, args.out / "comm_worker.log", _echo,
-                           lambda line: line.startswith(("[bench]", "error", "Traceback")))
-        if code != 0 or not raw_path.exists():
-            if code == 2:  # the worker printed the user error already
-                raise ConfigError(f"the measurement stopped on an error (see {args.out / 'comm_worker.log'})")
-            raise runs.RunFailed(f"the measurement failed (exit {code}); see {args.out / 'comm_worker.log'}")
-        result = assemble(json.loads(raw_path.read_text()), trained)
+        raw = runs.measure("ds_smoes.bench.worker", cfg.smoes.ep_size, worker_args(args, trained, raw_path, batch_size),
+                           raw_path, args.out / "comm_worker.log", _echo, ("[bench]",))
+        result = assemble(raw, trained)
         result["command"] = {"config": str(args.config), "overrides": args.overrides, "variants": args.variants}
         result["mlflow_run_id"] = tracker.run_id
         if SIMULATION_NEEDS <= set(args.variants):
@@ -130,8 +122,7 @@ def run(args) -> int:
         _print_result(result)
         _log(tracker, result, args.out, md)
         written = ["comm.json", "comm.md", *(SIMULATION_FILES if "simulation" in result else ())]
-        _echo(f"\nwrote {', '.join(str(args.out / f) for f in written)} in {time.time() - t0:.0f}s"
-              + (f"; MLflow run {tracker.run_id} ({uri})" if tracker.active else ""))
+        _echo("\n" + runs.wrote_line([args.out / f for f in written], time.time() - t0, tracker, uri))
         status = "FINISHED"
     finally:
         tracker.end(status)

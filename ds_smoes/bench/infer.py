@@ -21,7 +21,6 @@ Definitions (per EP group of R ranks, each generating for `batch_size` prompts p
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -217,16 +216,9 @@ def run(args) -> int:
             raw_path = args.out / f"infer_raw_ep{ep_size}.json"
             log = args.out / f"infer_worker_ep{ep_size}.log"
             _echo(f"measuring at ep_size {ep_size} ({ep_size} rank{'s' if ep_size > 1 else ''}); log: {log}")
-            if raw_path.exists():
-                raw_path.unlink()
-            cmd = runs.launcher_command("ds_smoes.bench.infer_worker", ep_size,
-                                        worker_args(args, trained, raw_path, batch_size))
-            code = runs.stream(cmd, log, _echo, lambda line: line.startswith(("[infer]", "error", "Traceback")))
-            if code != 0 or not raw_path.exists():
-                if code == 2:   # the worker printed the user error already
-                    raise ConfigError(f"the measurement stopped on an error (see {log})")
-                raise runs.RunFailed(f"the measurement at ep_size {ep_size} failed (exit {code}); see {log}")
-            raws[ep_size] = json.loads(raw_path.read_text())
+            raws[ep_size] = runs.measure("ds_smoes.bench.infer_worker", ep_size,
+                                         worker_args(args, trained, raw_path, batch_size), raw_path, log, _echo,
+                                         ("[infer]",), f"the measurement at ep_size {ep_size}")
         result = assemble(raws, trained)
         result["command"] = command_line(args)
         result["mlflow_run_id"] = tracker.run_id
@@ -235,8 +227,7 @@ def run(args) -> int:
         (args.out / "infer.md").write_text(md)
         _echo("\n" + md)
         _log(tracker, result, args.out)
-        _echo(f"wrote {', '.join(str(args.out / f) for f in FILES)} in {time.time() - t0:.0f}s"
-              + (f"; MLflow run {tracker.run_id} ({uri})" if tracker.active else ""))
+        _echo(runs.wrote_line([args.out / f for f in FILES], time.time() - t0, tracker, uri))
         status = "FINISHED"
     finally:
         tracker.end(status)

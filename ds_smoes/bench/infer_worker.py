@@ -20,7 +20,6 @@ Rank 0 writes the raw figures as JSON; `ds_smoes.bench.infer` turns them into th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -258,10 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             out["variants"][v.key].update(times[v.key], **{k: acc[k] for k in (
                 "acc_multimodal", "acc_language", "acc_overall", "num_multimodal", "num_language")})
             log0(f"{v.key}: accuracy multimodal {acc['acc_multimodal']:.4f}, language {acc['acc_language']:.4f}")
-        if distributed.rank() == 0:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(out, indent=1))
-        distributed.barrier()
+        from ds_smoes.bench.runs import write_raw
+
+        write_raw(args.out, out)
     except SMoESError as err:
         from ds_smoes.app.train import report_error
 

@@ -147,3 +147,37 @@ def train(gate: str, run_dir: Path, config: Path, overrides: list[str], epochs: 
     if code != 0 or not is_complete(run_dir):
         raise RunFailed(f"training the {gate} model failed (exit {code}); see {run_dir / 'train.log'}")
     echo(f"trained the {gate} model in {time.time() - t0:.0f}s")
+
+
+def measure(module: str, ranks: int, args: list[str], raw_path: Path, log: Path, echo: Callable[[str], None],
+            prefixes: tuple[str, ...] = (), what: str = "the measurement") -> dict:
+    """Launch a benchmark worker `module` on `ranks` ranks (DeepSpeed launcher) with `args` (which tell it to write
+    `raw_path`), echo its lines that start with `prefixes` (and errors), and return the JSON it wrote.
+
+    Exit 2 is a user error the worker printed already (ConfigError here); any other failure, or no file, is
+    RunFailed naming the log."""
+    if raw_path.exists():
+        raw_path.unlink()
+    code = stream(launcher_command(module, ranks, args), log, echo,
+                  lambda line: line.startswith((*prefixes, "error", "Traceback")))
+    if code != 0 or not raw_path.exists():
+        if code == 2:
+            raise ConfigError(f"{what} stopped on an error (see {log})")
+        raise RunFailed(f"{what} failed (exit {code}); see {log}")
+    return json.loads(raw_path.read_text())
+
+
+def wrote_line(paths: list[Path], seconds: float, tracker, uri: str | None) -> str:
+    """The closing line of a benchmark command: what it wrote, how long it took, its MLflow run."""
+    return (f"wrote {', '.join(str(p) for p in paths)} in {seconds:.0f}s"
+            + (f"; MLflow run {tracker.run_id} ({uri})" if tracker.active else ""))
+
+
+def write_raw(path: Path, result: dict) -> None:
+    """A benchmark worker's last step: rank 0 writes the raw result as JSON, then every rank waits for it."""
+    from ds_smoes.parallel import distributed
+
+    if distributed.rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    distributed.barrier()

@@ -21,7 +21,7 @@ import torch
 
 from ds_smoes.bench import runs
 from ds_smoes.bench.report import paired_ratio, strict_json
-from ds_smoes.bench.shapes import PUBLISHED, SHAPES
+from ds_smoes.bench.shapes import SHAPES
 from ds_smoes.bench.simulate import RouterProfile
 from ds_smoes.core.errors import ConfigError
 
@@ -93,21 +93,15 @@ def profile_from(source: Path, out_dir: Path, echo=_echo) -> tuple[RouterProfile
     config = source / "train_config.json"
     if not config.is_file():
         raise ConfigError(f"{source}: no train_config.json (runs of ds_smoes.train write it); cannot rebuild the model")
-    raw_path = out_dir / "scale_profile_raw.json"
-    if raw_path.exists():
-        raw_path.unlink()
     log = out_dir / "scale_profile.log"
     echo(f"measuring the SMoES router's own-route statistics on {source} (log: {log})")
-    cmd = runs.launcher_command("ds_smoes.bench.worker", int(metrics["ep_size"]), [
+    raw_path = out_dir / "scale_profile_raw.json"
+    raw = runs.measure("ds_smoes.bench.worker", int(metrics["ep_size"]), [
         "--config", str(config), "--out", str(raw_path), "--variants", "c", "--sources", "trained",
         "--batches", "8", "--warmup", "0", "--repeats", "1", "--eval-questions", "1",
-        "--smoes-checkpoint", str(source / "checkpoint")])
-    code = runs.stream(cmd, log, echo, lambda line: line.startswith(("error", "Traceback")))
-    if code != 0 or not raw_path.exists():
-        raise runs.RunFailed(f"measuring the router profile failed (exit {code}); see {log}")
+        "--smoes-checkpoint", str(source / "checkpoint")], raw_path, log, echo, what="measuring the router profile")
     from ds_smoes.bench.report import variant_figures
 
-    raw = json.loads(raw_path.read_text())
     figures = variant_figures(raw["sources"]["trained"]["c"])
     return (RouterProfile.from_counts(raw["setup"]["k"], figures["own_route_counts_MJ"]),
             f"{source} (SMoES router, {int(figures['valid_tokens'])} test tokens per layer)")
@@ -240,8 +234,6 @@ def run(args) -> int:
         profile_json.write_text(json.dumps({"k": profile.k, "vision_share": profile.vision_share,
                                             "own_routes_MJ": profile.own_routes_MJ, "source": described}))
         raw_path = args.out / "scale_raw.json"
-        if raw_path.exists():
-            raw_path.unlink()
         log = args.out / "scale_worker.log"
         shapes = [s for s in args.shapes]
         _echo(f"MoE layer on {args.ep_size} ranks: {', '.join(SHAPES[s].label for s in shapes)} in "
@@ -251,13 +243,7 @@ def run(args) -> int:
                        "--profile-json", str(profile_json), "--out", str(raw_path), "--seed", str(args.seed)]
         if args.vision_share is not None:
             worker_args += ["--vision-share", str(args.vision_share)]
-        code = runs.stream(runs.launcher_command("ds_smoes.bench.scale_worker", args.ep_size, worker_args), log,
-                           _echo, lambda line: line.startswith(("[bench]", "error", "Traceback")))
-        if code != 0 or not raw_path.exists():
-            if code == 2:
-                raise ConfigError(f"the measurement stopped on an error (see {log})")
-            raise runs.RunFailed(f"the measurement failed (exit {code}); see {log}")
-        raw = json.loads(raw_path.read_text())
+        raw = runs.measure("ds_smoes.bench.scale_worker", args.ep_size, worker_args, raw_path, log, _echo, ("[bench]",))
         result = {"setup": {**raw["setup"], "profile_source": described, "backend": runs_backend(),
                             "command": args.command_line},
                   "shapes": [shape_figures(r) for r in raw["results"]], "bf16_skipped": bf16_skipped,
@@ -280,8 +266,7 @@ def run(args) -> int:
         (args.out / "scale.md").write_text(md)
         _echo("\n" + md)
         _log(tracker, result, args.out)
-        _echo(f"wrote {args.out / 'scale.json'}, {args.out / 'scale.md'} in {time.time() - t0:.0f}s"
-              + (f"; MLflow run {tracker.run_id} ({uri})" if tracker.active else ""))
+        _echo(runs.wrote_line([args.out / "scale.json", args.out / "scale.md"], time.time() - t0, tracker, uri))
         status = "FINISHED"
     finally:
         tracker.end(status)

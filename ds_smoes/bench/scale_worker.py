@@ -34,7 +34,7 @@ from ds_smoes.bench.simulate import RouterProfile
 from ds_smoes.bench.synthetic_routes import (OwnRouteModel, draw_modality_labels, draw_profile_routes,
                                              draw_uniform_routes)
 from ds_smoes.core.config import SMoESConfig
-from ds_smoes.core.errors import ConfigError, SMoESError
+from ds_smoes.core.errors import SMoESError
 from ds_smoes.moe.gate import SMoESGate
 from ds_smoes.parallel import distributed
 
@@ -212,13 +212,13 @@ def main(argv=None) -> int:
             for dtype_name in args.dtypes:
                 log0(f"{SHAPES[key].label}: {dtype_name}, {args.tokens} tokens per rank")
                 out["results"].append(measure(SHAPES[key], dtype_name, args, model))
-        if distributed.rank() == 0:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(out, indent=1))
-        distributed.barrier()
+        from ds_smoes.bench.runs import write_raw
+
+        write_raw(args.out, out)
     except SMoESError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        from ds_smoes.app.train import report_error
+
+        return report_error(err)
     return 0
 
 

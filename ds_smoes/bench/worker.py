@@ -22,7 +22,6 @@ as JSON; `ds_smoes.bench.report` turns them into the table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -279,10 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         first = next(iter(out["sources"].values()))
         measured = next(iter(first.values()))
         out["setup"].update(moe_layers=len(measured["layers"]), element_size=measured["element_size"])
-        if distributed.rank() == 0:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(out, indent=1))
-        distributed.barrier()
+        from ds_smoes.bench.runs import write_raw
+
+        write_raw(args.out, out)
     except SMoESError as err:
         from ds_smoes.app.train import report_error
 
