@@ -87,42 +87,42 @@ class KVCache:
     `padded` (host-side, set by the prefill): some cached key is padding, so a decode step needs a key mask;
     without padding the fused kernel runs without one (one query sees every key)."""
     layers: list[LayerCache]
-    capacity: int
-    length: int = 0
-    valid_BU: torch.Tensor | None = None               # which key positions are tokens
+    keys: KeyValidity                                  # every cached position (the blocks before any pruning point)
     position_B: torch.Tensor | None = None             # the position id of each row's next token
-    padded: bool = False
     pruned_from: int | None = None                     # the first block whose keys are the pruned set
     pruned: KeyValidity | None = None                  # the kept positions' validity, blocks pruned_from..
 
     @classmethod
     def empty(cls, num_layers: int, capacity: int) -> "KVCache":
-        return cls([LayerCache(capacity) for _ in range(num_layers)], capacity)
+        return cls([LayerCache(capacity) for _ in range(num_layers)], KeyValidity(capacity))
+
+    @property
+    def length(self) -> int:
+        return self.keys.length
+
+    @property
+    def padded(self) -> bool:
+        return self.keys.padded
+
+    @padded.setter
+    def padded(self, value: bool) -> None:
+        self.keys.padded = value
 
     def prune(self, block: int, valid_BT: torch.Tensor, padded: bool) -> None:
         """At the prefill: blocks `block`.. cache the packed kept positions `valid_BT` (`padded`: one is padding)."""
         if self.pruned is not None:
             raise ValueError(f"the KV cache is pruned from block {self.pruned_from} already: generation prunes once")
-        self.pruned_from, self.pruned = block, KeyValidity(self.capacity, padded=padded)
+        self.pruned_from, self.pruned = block, KeyValidity(self.keys.capacity, padded=padded)
         self.pruned.extend(valid_BT)
 
     def keys_of(self, block: int) -> tuple[torch.Tensor, bool]:
         """(the U keys' validity, whether one is padding) of the set of key positions `block` caches."""
-        if self.pruned is not None and block >= self.pruned_from:
-            return self.pruned.valid_BU[:, :self.pruned.length], self.pruned.padded
-        return self.valid_BU[:, :self.length], self.padded
+        keys = self.pruned if self.pruned is not None and block >= self.pruned_from else self.keys
+        return keys.valid_BU[:, :keys.length], keys.padded
 
     def extend(self, valid_BT: torch.Tensor) -> torch.Tensor:
         """Append this forward's tokens' validity (to the pruned set too, once there is one); return the U keys'
         validity of the blocks before the pruning point (a view of the buffer)."""
         if self.pruned is not None:
             self.pruned.extend(valid_BT)
-        b, t = valid_BT.shape
-        if self.valid_BU is None:
-            self.valid_BU = valid_BT.new_zeros(b, self.capacity, dtype=torch.bool)
-        end = self.length + t
-        if end > self.capacity:
-            raise ValueError(f"KV cache of {self.capacity} positions cannot take {end}")
-        self.valid_BU[:, self.length:end] = valid_BT
-        self.length = end
-        return self.valid_BU[:, :end]
+        return self.keys.extend(valid_BT)
