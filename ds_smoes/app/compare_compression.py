@@ -1,7 +1,7 @@
 """The visual token compression comparison (issue 19, item 5): method x vision-token budget x seeds on the canvas
 digits, with the SMoES gate, on 2 CPU ranks per run.
 
-    python -m ds_smoes.compare --suite compression                 # the table: 13 settings x 3 seeds = 39 runs
+    python -m ds_smoes.compare --suite compression                 # 13 settings x 3 seeds = 39 runs, ~1h50m here
     python -m ds_smoes.compare --suite compression --smoke         # 2 runs of 4 steps on a slice of the data
 
 The grid (`GRID`): `none` (every one of the 64 vision tokens: keep 1.0), QMoP and LearnPruner at keep 0.5, 0.25
@@ -40,11 +40,22 @@ REFERENCE = "none"
 DEFAULT_CONFIG = Path("configs/canvas.yaml")
 DEFAULT_OUT = Path("runs/compare_compression")
 
-# The schedule of every run of the full table.  Measured here (2 busy CPU ranks, load average 5-6, launcher,
-# training, test evaluation and MLflow included): see SECONDS_PER_RUN.  39 runs x that = the estimate below.
-SCHEDULE: list[str] = ["smoes.gate=smoes", "optim.epochs=2", "run.eval_every_epoch=false", "run.log_every=40"]
-SECONDS_PER_RUN = {"none": 240, "compressed": 150}     # measured, see the module's README paragraph
-ESTIMATE_HOURS = (3 * SECONDS_PER_RUN["none"] + 36 * SECONDS_PER_RUN["compressed"]) / 3600
+# The schedule of every run of the full table: 4 epochs (304 steps of 2 ranks x 32 conversations), no per-epoch
+# validation, so that the 39 runs take about 2 hours on this machine's 2 cores.
+#
+# Measured here on 2026-11-29 at 2 epochs (2 CPU ranks, load average 4-6; each run's time from launch to its
+# metrics.json: launcher, imports, data, training, test evaluation, MLflow):
+#   none              153 s  (91 s of training: 45 s per epoch)
+#   learnpruner-0.25  113 s  (55 s: 28 s per epoch)
+#   qmop-0.125        103 s  (43 s: 22 s per epoch)
+# so about 60 s of every run is not training.  Per epoch, from the tokens each setting keeps (interpolated between
+# the three): none 45 s; learnpruner 40 / 28 / 22 s at 0.5 / 0.25 / 0.125; qmop 30 / 25 / 22 s; random and pool
+# 20 / 17 s at 0.25 / 0.125; fastv (all 64 tokens in blocks 0-1) 35 / 33 s: 353 s per epoch for the 13 settings.
+# Estimate at 4 epochs: 39 x 60 s + 3 seeds x 4 epochs x 353 s = 6,580 s, about 1 h 50 min (20 % either way with
+# the machine's load).  Twice the epochs (8, configs/canvas.yaml's) would take about 3 h 00 min.
+# Accuracy at this length: configs/canvas.yaml notes that multimodal accuracy stays near chance for about 5 epochs
+# (the 2-epoch runs above gave 0.22-0.25 multimodal); the token counts and bytes are exact whatever the training.
+SCHEDULE: list[str] = ["smoes.gate=smoes", "optim.epochs=4", "run.eval_every_epoch=false", "run.log_every=40"]
 
 # --smoke: two settings, one seed, 4 steps on a slice of the data (the end-to-end test runs it)
 SMOKE_VARIANTS = ["none", "learnpruner-0.25"]
@@ -164,8 +175,9 @@ def accuracy_plot(rows: list[dict], x_key: str, x_label: str, title: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     colours = plt.get_cmap("tab10")
     for i, (method, members) in enumerate(_series(rows).items()):
         pts = sorted((r for r in members if r.get(x_key) is not None and r[x_key] == r[x_key]), key=lambda r: r[x_key])
@@ -175,6 +187,13 @@ def accuracy_plot(rows: list[dict], x_key: str, x_label: str, title: str):
         for key, style, kind in (("acc_multimodal", "-o", "multimodal"), ("acc_language", ":^", "language-only")):
             ax.errorbar(xs, [r[key] for r in pts], yerr=[r[key + "_sd"] for r in pts], fmt=style, capsize=3,
                         color=colours(i % 10), label=f"{method}, {kind}", linewidth=1, markersize=4)
+    for r in rows:
+        if r["variant"] == REFERENCE and r.get(x_key) is not None and r[x_key] == r[x_key]:
+            ax.scatter([r[x_key]] * 2, [r["acc_multimodal"], r["acc_language"]], marker="*", s=90, color="black",
+                       zorder=3, label="none (every vision token)")
+    if x_key == "vision_tokens_kept":      # budgets halve: 64, 32, 16, 8
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel(x_label, fontsize=8)
     ax.set_ylabel("held-out accuracy (mean ± sd over seeds)", fontsize=8)
     ax.set_title(title, fontsize=9)
