@@ -1,7 +1,7 @@
 """The visual token compression comparison (issue 19, item 5): method x vision-token budget x seeds on the canvas
 digits, with the SMoES gate, on 2 CPU ranks per run.
 
-    python -m ds_smoes.compare --suite compression                 # 13 settings x 3 seeds = 39 runs, ~1h50m here
+    python -m ds_smoes.compare --suite compression                 # 13 settings x 3 seeds = 39 runs, ~2 h here
     python -m ds_smoes.compare --suite compression --smoke         # 2 runs of 4 steps on a slice of the data
 
 The grid (`GRID`): `none` (every one of the 64 vision tokens: keep 1.0), QMoP and LearnPruner at keep 0.5, 0.25
@@ -52,7 +52,9 @@ DEFAULT_OUT = Path("runs/compare_compression")
 # the three): none 45 s; learnpruner 40 / 28 / 22 s at 0.5 / 0.25 / 0.125; qmop 30 / 25 / 22 s; random and pool
 # 20 / 17 s at 0.25 / 0.125; fastv (all 64 tokens in blocks 0-1) 35 / 33 s: 353 s per epoch for the 13 settings.
 # Estimate at 4 epochs: 39 x 60 s + 3 seeds x 4 epochs x 353 s = 6,580 s, about 1 h 50 min (20 % either way with
-# the machine's load).  Twice the epochs (8, configs/canvas.yaml's) would take about 3 h 00 min.
+# the machine's load).  Checked: none at 4 epochs took 255 s (166 s of training; predicted 240 s); with its 89 s
+# outside training as every run's, the grid takes 7,700 s.  So: 1 h 50 min to 2 h 10 min here.  Twice the epochs
+# (8, configs/canvas.yaml's) would take about 3 h 10 min.
 # Accuracy at this length: configs/canvas.yaml notes that multimodal accuracy stays near chance for about 5 epochs
 # (the 2-epoch runs above gave 0.22-0.25 multimodal); the token counts and bytes are exact whatever the training.
 SCHEDULE: list[str] = ["smoes.gate=smoes", "optim.epochs=4", "run.eval_every_epoch=false", "run.log_every=40"]
