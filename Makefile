@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MLFLOW_DB := $(CURDIR)/mlflow.db
 
-.PHONY: demo demo-figures test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-gates sweep-report bench-comm bench-infer
+.PHONY: demo demo-figures test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-gates sweep-report bench-comm bench-infer compare-compression
 
 venv: $(STAMP)
 
@@ -61,6 +61,10 @@ bench-comm: $(STAMP)
 # into runs/bench/ when missing (about 6 minutes each here), then prefill, decode, EP bytes and accuracy at ep_size 1, 2.
 bench-infer: $(STAMP)
 	$(PY) -m ds_smoes.bench infer --tracking-uri sqlite:///$(MLFLOW_DB)
+
+# Visual token compression (README, docs/compression.md): 39 canvas runs, about 2 hours here; run again to resume.
+compare-compression: $(STAMP)
+	$(PY) -m ds_smoes.compare --suite compression --tracking-uri sqlite:///$(MLFLOW_DB)
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000 --workers 1
