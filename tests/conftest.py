@@ -6,6 +6,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """In-process tests start DeepSpeed's backend too (deepspeed.initialize): skip its shm op's JIT build here
+    as every entry point of the package does (ds_smoes.parallel.launch.no_shm_comm_op_build says why)."""
+    from ds_smoes.parallel.launch import no_shm_comm_op_build
+
+    no_shm_comm_op_build()
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits dataset (seed 0), generated once per test session; tests must not modify it

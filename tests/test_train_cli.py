@@ -1,12 +1,14 @@
 """The training entry point: a real 2-rank run logged to MLflow, and bad input handled cleanly."""
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from launch import ROOT, deepspeed_run, python_run
+from launch import ROOT, deepspeed_run, env, python_run
 
 
 def write_config(tmp_path: Path, data_dir: Path, **sections) -> Path:
@@ -124,6 +126,22 @@ def test_the_process_group_is_destroyed_before_interpreter_exit():
     proc = python_run(["-c", script])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "group alive at exit: False" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_left_over_shm_op_build_lock_does_not_stall_the_backend(tmp_path):
+    # a rank killed while DeepSpeed JIT-built its CPU shm comm op leaves `lock` in the extensions folder, and
+    # torch then waits on it forever; the package never builds that op, so a start must not notice the lock
+    (tmp_path / "deepspeed_shm_comm").mkdir()  # torch builds `name` right under TORCH_EXTENSIONS_DIR
+    (tmp_path / "deepspeed_shm_comm" / "lock").touch()
+    script = ("from ds_smoes.parallel.launch import init_distributed\n"
+              "init_distributed()\n"
+              "import deepspeed, torch\n"
+              "engine, *_ = deepspeed.initialize(model=torch.nn.Linear(2, 2), config={'train_micro_batch_size_per_gpu': 1})\n"
+              "print('backend up', flush=True)\n")
+    e = dict(env(), TORCH_EXTENSIONS_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], env=e, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "backend up" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert list((tmp_path / "deepspeed_shm_comm").iterdir()) == [tmp_path / "deepspeed_shm_comm" / "lock"]
 
 
 def test_placement_under_zero_2_is_refused_only_when_the_bins_freeze_in_the_run():

@@ -27,6 +27,7 @@ from ds_smoes.app.family import ModelFamily
 from ds_smoes.app.loop import TrainWindow, resumable_epochs, train_loader
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.parallel import distributed
+from ds_smoes.parallel.launch import no_shm_comm_op_build
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
     def f(step: int) -> float:
@@ -71,6 +72,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     register_step_updates(optimizer, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    no_shm_comm_op_build()  # where no launcher group was joined first, deepspeed.initialize starts the backend
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine, ds_config

@@ -30,6 +30,7 @@ def init_distributed() -> None:
     cpu_only_machine()
     limit_threads_per_rank()
     no_shm_allreduce_segments()
+    no_shm_comm_op_build()
     deepspeed.init_distributed(verbose=False)
     from deepspeed.accelerator import get_accelerator
 
@@ -80,6 +81,22 @@ def no_shm_allreduce_segments() -> None:
     17 GB and got Ray workers OOM-killed).  Nothing here uses that all-reduce (training runs on the
     process group's collectives), so the variable is dropped before the backend starts."""
     os.environ.pop("LOCAL_SIZE", None)
+
+
+def no_shm_comm_op_build() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory comm op (`deepspeed_shm_comm`).
+
+    DeepSpeed 0.19.8 builds that C++ op on the first comm-backend start of every new virtualenv, in the
+    user-wide torch extensions folder, under a lock file.  A rank killed while building (a timeout, a
+    Ctrl-C) leaves the lock behind, and every later DeepSpeed start on the machine then waits on it
+    forever, silently (seen here: every 2-rank run of the test suite hung).  The op only serves
+    DeepSpeed's CPU inference all-reduce, which nothing here calls (`no_shm_allreduce_segments`), and
+    CUDA machines have no such op.  DeepSpeed keeps its op-compatibility table as one module dict whose
+    edits persist; marking the op incompatible there makes its backend skip the build.  Call before
+    `deepspeed.init_distributed` or `deepspeed.initialize`; calling it again does nothing."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def limit_threads_per_rank() -> None:
