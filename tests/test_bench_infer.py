@@ -2,16 +2,16 @@
 argument errors, the phase split of the worker's meters on a real model, the dense recipe's active parameters,
 and the whole command on real ranks (slow: short training of three recipes, ep_size 1 and 2)."""
 import json
-import time
 
 import pytest
 import torch
 
+from ds_smoes.app.evaluation import PrefillClock
 from ds_smoes.bench import runs
 from ds_smoes.bench.cli import main
 from ds_smoes.bench.infer import assemble, given_runs, markdown_table, variant_figures, worker_args
 from ds_smoes.bench.infer_variants import INFER_VARIANTS, REFERENCE
-from ds_smoes.bench.infer_worker import PhaseClock, TrafficMeter, active_parameters, variant_train_config
+from ds_smoes.bench.infer_worker import TrafficMeter, active_parameters, variant_train_config
 from ds_smoes.core.errors import ConfigError
 from launch import ROOT, python_run
 from test_generation_cache import EOS, build, prompts
@@ -119,16 +119,15 @@ def test_meters_split_prefill_from_decode(new_tokens):
     """One forward (the prefill: each MoE layer called once) then one decode step per further token."""
     model = build("sdpa", dispatch="rank_once")
     ids, valid, mod, image, has_image = prompts()
-    meter, clock = TrafficMeter(model), PhaseClock(model)
+    meter, clock = TrafficMeter(model), PrefillClock(model.lm_head, torch.device("cpu"))
     meter.arm()
-    clock.arm()
-    t0 = time.perf_counter()
+    t0 = clock.start()
     model.generate(ids, valid, mod, image, has_image, max_new_tokens=new_tokens, eos_id=EOS)
-    t2 = time.perf_counter()
+    t2 = clock.now()
     layers = len(model.moe_layers())
     assert meter.calls == {"prefill": layers, "decode": layers * (new_tokens - 1)}
     assert meter.bytes == {"prefill": 0, "decode": 0}          # one process: nothing leaves the rank
-    assert t0 < clock.prefill_end <= t2
+    assert len(clock.seconds) == 1 and 0 < clock.seconds[0] <= t2 - t0   # the prefill only, once
     meter.remove()
     clock.remove()
     model.generate(ids, valid, mod, image, has_image, max_new_tokens=2, eos_id=EOS)

@@ -50,10 +50,17 @@ class PrefillClock:
         self._sync = device.type == "cuda"
         self._handle = head.register_forward_hook(self._mark)
 
-    def start(self) -> None:
+    def now(self) -> float:
+        """`time.perf_counter()` once the device has run what was queued (a mark outside the head, such as the
+        end of a `generate`)."""
         if self._sync:
             torch.cuda.synchronize()
-        self._t0 = time.perf_counter()
+        return time.perf_counter()
+
+    def start(self) -> float:
+        """Start timing the next prefill; returns the start mark (`now()`)."""
+        self._t0 = self.now()
+        return self._t0
 
     def _mark(self, *_) -> None:
         if self._t0 is not None:

@@ -117,29 +117,9 @@ def prompt_batches(dataset, batch_size: int, limit: int, device) -> list:
 
 
 # -- measuring ------------------------------------------------------------------------------------------------
-class PhaseClock:
-    """Marks the end of the prefill: `generate` runs one forward over the prompts (filling the KV cache) and then
-    one `decode_step` per token; each ends in the LM head, so the first LM head call after `arm()` ends the
-    prefill (a hook on the model itself would not fire: `generate` calls `self.forward`)."""
-
-    def __init__(self, model) -> None:
-        self.prefill_end: float | None = None
-        self._handle = model.lm_head.register_forward_hook(self._mark)
-
-    def arm(self) -> None:
-        self.prefill_end = None
-
-    def _mark(self, *_) -> None:
-        if self.prefill_end is None:
-            self.prefill_end = time.perf_counter()
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
 class TrafficMeter:
     """Remote bytes of every MoE call, split into the prefill and the decode steps (`arm()` before each
-    `generate`; the first LM head call ends the prefill, as in `PhaseClock`)."""
+    `generate`; the first LM head call ends the prefill, as in `ds_smoes.app.evaluation.PrefillClock`)."""
 
     def __init__(self, model) -> None:
         self.bytes = {"prefill": 0, "decode": 0}
@@ -189,22 +169,24 @@ def traffic_pass(model, batches: list, new_tokens: int, eos_id: int) -> dict:
 @torch.no_grad()
 def time_rounds(models: dict, batches: list, new_tokens: int, eos_id: int, warmup: int, repeats: int) -> dict:
     """Prefill and decode seconds of every model per timed round (the slowest rank's; the order rotates)."""
+    from ds_smoes.app.evaluation import PrefillClock
+
     keys = list(models)
-    clocks = {key: PhaseClock(m) for key, m in models.items()}
+    clocks = {key: PrefillClock(m.lm_head, next(m.parameters()).device) for key, m in models.items()}
     seconds_QX2 = torch.zeros(repeats, len(keys), 2, dtype=torch.float64)   # Q rounds, X variants
     try:
         for r in range(warmup + repeats):
             batch = batches[r % len(batches)]
             for i in range(len(keys)):
                 x = (r + i) % len(keys)
-                clocks[keys[x]].arm()
+                clock = clocks[keys[x]]
                 distributed.barrier()
-                t0 = time.perf_counter()
+                t0 = clock.start()
                 generate(models[keys[x]], batch, new_tokens, eos_id)
-                t2 = time.perf_counter()
+                t2 = clock.now()                    # on a GPU, after the last decode step's kernels
+                prefill = clock.seconds.pop()
                 if r >= warmup:
-                    t1 = clocks[keys[x]].prefill_end
-                    seconds_QX2[r - warmup, x] = torch.tensor([t1 - t0, t2 - t1], dtype=torch.float64)
+                    seconds_QX2[r - warmup, x] = torch.tensor([prefill, t2 - t0 - prefill], dtype=torch.float64)
             if r == warmup - 1 or (r >= warmup and (r - warmup + 1) % 5 == 0):
                 log0(f"  timing round {r + 1}/{warmup + repeats}")
     finally:
