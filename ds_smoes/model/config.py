@@ -21,6 +21,10 @@ class ModelConfig(BaseModel):
     patch_size: int = Field(2, ge=1, description="square patch side; image_size must be a multiple")
     vision_dim: int = Field(64, ge=8, description="vision encoder width")
     vision_layers: int = Field(1, ge=0, description="transformer blocks in the vision encoder")
+    vision_pos: Literal["learned", "sincos"] = Field(
+        "learned", description="vision patch positions: learned (a trained table, initialised small) or sincos "
+                               "(fixed 2-D sine-cosine rows and columns; vision_dim a multiple of 4): the canvas "
+                               "config uses sincos so that where a digit sits is known from the first step")
     max_len: int = Field(96, ge=8, description="longest sequence (image patches + text)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="residual and embedding dropout in the decoder")
     attn_impl: Literal["sdpa", "eager"] = Field(
@@ -44,6 +48,8 @@ class ModelConfig(BaseModel):
         if self.d_model % self.n_heads or self.vision_dim % self.n_heads:
             raise ValueError(f"d_model={self.d_model} and vision_dim={self.vision_dim} must be multiples of "
                              f"n_heads={self.n_heads}")
+        if self.vision_pos == "sincos" and self.vision_dim % 4:
+            raise ValueError(f"vision_pos=sincos needs vision_dim a multiple of 4, got {self.vision_dim}")
         self.compress.check_layers(self.n_layers)
         return self
 

@@ -25,16 +25,44 @@ class EncoderBlock(nn.Module):
         return x_BTD + self.mlp(self.ln2(x_BTD))
 
 
+def sincos_positions_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid * grid, dim] fixed 2-D sine-cosine positions of a square patch grid, patches in row-major order
+    (as `PatchVisionEncoder.patchify` emits them): the first half of the dims encodes the patch row, the
+    second its column, each as sin and cos at dim / 4 frequencies 1 / 10000^(i / (dim / 4)) (the ViT / MAE
+    form).  Every entry is in [-1, 1]; dim must be a multiple of 4."""
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine positions need a width that is a multiple of 4, got {dim}")
+    quarter = dim // 4
+    omega_F = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows_T, cols_T = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                    indexing="ij")
+    angle_row_TF = rows_T.reshape(-1, 1) * omega_F
+    angle_col_TF = cols_T.reshape(-1, 1) * omega_F
+    pos_TD = torch.cat([angle_row_TF.sin(), angle_row_TF.cos(), angle_col_TF.sin(), angle_col_TF.cos()], dim=1)
+    return pos_TD.float()
+
+
 class PatchVisionEncoder(nn.Module):
-    """[B, C, H, W] image -> [B, T, vision_dim] patch features (T = (H / patch)^2 patches: the encoder's sequence)."""
+    """[B, C, H, W] image -> [B, T, vision_dim] patch features (T = (H / patch)^2 patches: the encoder's sequence).
+
+    Patch positions (`pos`): "learned", a table initialised at N(0, 0.02^2) and trained; "sincos", fixed 2-D
+    sine-cosine positions (`sincos_positions_2d`, a buffer that checkpoints do not store), which tell every
+    patch its row and column from the first step: on a large canvas where one small object matters, the
+    learned table starts as noise 50x smaller than the patch features, and "where is it?" stays at chance for
+    hundreds of steps (docs/compression.md)."""
 
     def __init__(self, image_size: int, patch_size: int, channels: int, dim: int, layers: int, n_heads: int,
-                 impl: str) -> None:
+                 impl: str, pos: str = "learned") -> None:
         super().__init__()
         self.patch_size = patch_size
-        num_patches = (image_size // patch_size) ** 2
+        grid = image_size // patch_size
         self.embed = nn.Linear(channels * patch_size * patch_size, dim)
-        self.pos_TD = nn.Parameter(torch.randn(num_patches, dim) * 0.02)
+        if pos == "learned":
+            self.pos_TD = nn.Parameter(torch.randn(grid * grid, dim) * 0.02)
+        elif pos == "sincos":
+            self.register_buffer("pos_TD", sincos_positions_2d(grid, dim), persistent=False)
+        else:
+            raise ValueError(f"vision positions must be 'learned' or 'sincos', got {pos!r}")
         self.blocks = nn.ModuleList(EncoderBlock(dim, n_heads, impl) for _ in range(layers))
         self.ln = nn.LayerNorm(dim)
 

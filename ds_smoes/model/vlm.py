@@ -91,7 +91,7 @@ class TinyMoEVLM(nn.Module):
             raise ValueError(f"moe_layers={cfg.moe_layers!r} needs an SMoES config")
         self.cfg, self.smoes, self.image_token_id = cfg, smoes, image_token_id
         self.vision = PatchVisionEncoder(cfg.image_size, cfg.patch_size, image_channels, cfg.vision_dim,
-                                         cfg.vision_layers, cfg.n_heads, cfg.attn_impl)
+                                         cfg.vision_layers, cfg.n_heads, cfg.attn_impl, cfg.vision_pos)
         # pre-LLM visual token compression (cfg.compress, docs/compression.md): on the encoder's features, before the
         # projector, so the projector maps only the kept tokens; None keeps every patch
         self.compressor = build_compressor(cfg)
