@@ -82,7 +82,9 @@ def median_ms_per_sample(seconds: list[float], rows: list[int]) -> float:
 @torch.no_grad()
 def exact_match_accuracy(engine, dataset: LlavaDataset, batch_size: int, max_new_tokens: int,
                          device: torch.device, timing: bool = False) -> dict[str, float]:
-    """Greedy-decode every question; accuracy separately on multimodal and language-only ones.
+    """Greedy-decode every question; accuracy separately on multimodal and language-only ones, and per task where
+    the records name one (`acc_by_task` {task: accuracy} and `num_by_task` {task: questions}, tasks in name order;
+    absent when no record has a task).
 
     `timing`: also `prefill_ms_per_sample`, the prefill forward of each batch's `generate` per row of the batch
     (padding repeats included: they are computed), the median over this rank's batches, then the slowest rank's."""
@@ -92,6 +94,11 @@ def exact_match_accuracy(engine, dataset: LlavaDataset, batch_size: int, max_new
     module.eval()
     # [correct_mm, total_mm, correct_lang, total_lang]
     counts = torch.zeros(4, dtype=torch.float64)
+    # per task [correct, total]: every rank holds the whole split, so every rank lists the same tasks
+    task_of = [sample.task for sample in getattr(dataset, "samples", [])]
+    tasks = sorted({t for t in task_of if t is not None})
+    slot_of_task = {t: j for j, t in enumerate(tasks)}
+    task_counts_K2 = torch.zeros(len(tasks), 2, dtype=torch.float64)
     clock = PrefillClock(module.lm_head, device) if timing else None
     rows = []
     for idx, counted in lockstep_batches(len(dataset), distributed.rank(), distributed.world_size(), batch_size):
@@ -107,7 +114,11 @@ def exact_match_accuracy(engine, dataset: LlavaDataset, batch_size: int, max_new
             slot = 0 if dataset.is_multimodal(i) else 2
             counts[slot] += hit
             counts[slot + 1] += 1
+            if task_of and task_of[i] is not None:
+                task_counts_K2[slot_of_task[task_of[i]]] += torch.tensor([hit, 1.0], dtype=torch.float64)
     distributed.world_sum_(counts)
+    if tasks:
+        distributed.world_sum_(task_counts_K2)
     module.train(was_training)
     c = counts.tolist()
     out = {
@@ -116,6 +127,10 @@ def exact_match_accuracy(engine, dataset: LlavaDataset, batch_size: int, max_new
         "acc_overall": (c[0] + c[2]) / (c[1] + c[3]) if c[1] + c[3] else float("nan"),
         "num_multimodal": int(c[1]), "num_language": int(c[3]),
     }
+    if tasks:
+        out["acc_by_task"] = {t: float(task_counts_K2[j, 0] / task_counts_K2[j, 1]) for j, t in enumerate(tasks)
+                              if task_counts_K2[j, 1] > 0}
+        out["num_by_task"] = {t: int(task_counts_K2[j, 1]) for j, t in enumerate(tasks)}
     if clock is not None:
         clock.remove()
         slowest = distributed.world_max_(torch.tensor([median_ms_per_sample(clock.seconds, rows)], dtype=torch.float64))

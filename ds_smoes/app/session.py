@@ -194,6 +194,7 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
             tracker.log_figure(fig, "expert_modality_heatmap.png")
         tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float))
                              and not isinstance(v, bool)}, step=total_steps)
+        tracker.log_metrics({f"acc_task/{t}": a for t, a in final.get("acc_by_task", {}).items()}, step=total_steps)
         for l, value in enumerate(final["msi_per_layer"]):
             tracker.log_metrics({"msi_layer": value}, step=l)
         tracker.log_dict(final, "metrics.json")
@@ -216,6 +217,7 @@ def _final_figures(acc: dict, routing, figures: dict, s, seed: int, world: int, 
     return {
         **{k: acc[k] for k in ("acc_multimodal", "acc_language", "acc_overall")},
         "num_test_multimodal": acc["num_multimodal"], "num_test_language": acc["num_language"],
+        **({"acc_by_task": acc["acc_by_task"], "num_test_by_task": acc["num_by_task"]} if "acc_by_task" in acc else {}),
         "test_loss": routing.loss,
         "msi": routing.msi,
         "msi_per_layer": routing.msi_per_layer(),
@@ -251,6 +253,8 @@ def _to_json(figures: dict) -> str:
             return None
         if isinstance(v, list):
             return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
         return v
     return json.dumps({k: clean(v) for k, v in figures.items()}, indent=2, allow_nan=False)
 
@@ -266,6 +270,9 @@ def _print_summary(final: dict, log: Callable) -> None:
     rows = [("accuracy, multimodal questions", f"{final['acc_multimodal']:.4f}  ({final['num_test_multimodal']} q)"),
             ("accuracy, language-only questions", f"{final['acc_language']:.4f}  ({final['num_test_language']} q)"),
             ("accuracy, overall", f"{final['acc_overall']:.4f}"),
+            *([("accuracy per task", ",  ".join(f"{t} {a:.3f} ({final['num_test_by_task'][t]} q)"
+                                                 for t, a in final["acc_by_task"].items()))]
+              if final.get("acc_by_task") else []),
             ("modality specialisation index (MSI)", f"{final['msi']:.4f}  per layer "
              + ", ".join(f"{v:.3f}" for v in final["msi_per_layer"])),
             ("training throughput", f"{final['tokens_per_s']:.0f} tokens/s (all ranks)"
@@ -446,10 +453,12 @@ def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: 
         val_metrics: dict = {}
         if family.val_set is not None and cfg.run.eval_every_epoch:
             val, _ = family.evaluate(engine.module, family.val_set, engine.device, with_routing=False)
-            val_metrics = {f"val/{k}": v for k, v in val.items() if k.startswith("acc")}
+            val_metrics = {f"val/{k}": v for k, v in val.items() if k.startswith("acc") and not isinstance(v, dict)}
+            val_metrics.update({f"val/acc_task/{t}": a for t, a in val.get("acc_by_task", {}).items()})
             tracker.log_metrics(val_metrics, step=step)
             log(f"  validation after epoch {epoch + 1}: multimodal {val['acc_multimodal']:.3f}, "
-                f"language {val['acc_language']:.3f}")
+                f"language {val['acc_language']:.3f}"
+                + "".join(f", {t} {a:.3f}" for t, a in val.get("acc_by_task", {}).items()))
         if epoch_callback is not None:
             epoch_callback(epoch + 1, step, {**last_metrics, **val_metrics}, engine)
     return {**window.run_totals(), "epoch": epoch + 1 if step > start_step else epoch}
