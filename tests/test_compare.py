@@ -76,3 +76,29 @@ def test_two_variant_comparison_runs_logs_and_resumes(tmp_path, capsys, digits_d
     # resume: finished runs are not launched again
     assert main(args) == 0
     assert len(client.search_runs([exp.experiment_id])) == 3 + 1  # 1 more parent, no new children
+
+
+def test_run_jobs_keeps_order_reports_failures_and_names_the_interrupted_run(tmp_path, capsys):
+    from ds_smoes.app.compare import Interrupted, run_jobs
+
+    seen = []
+
+    def run(name, seed, run_dir):
+        seen.append((name, seed, run_dir))
+        return None if (name, seed) == ("b", 0) else {"acc": seed}
+
+    jobs = [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    results, failed = run_jobs(jobs, tmp_path, run, lambda m: f"acc {m['acc']}")
+    assert seen == [(n, s, tmp_path / n / f"seed{s}") for n, s in jobs]
+    assert results == {"a": [{"acc": 0}, {"acc": 1}], "b": [{"acc": 1}]} and failed == ["b seed 0"]
+    out = capsys.readouterr().out
+    assert "[2/4] b seed 0 ..." in out and f"FAILED (log: {tmp_path / 'b' / 'seed0' / 'train.log'})" in out
+    assert out.count("s: acc ") == 3
+
+    def stopped(name, seed, run_dir):
+        if seed == 1:
+            raise KeyboardInterrupt
+        return {"acc": 0}
+
+    with pytest.raises(Interrupted, match="^a seed 1$"):
+        run_jobs(jobs, tmp_path, stopped, str)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from ds_smoes.core.errors import ConfigError, SMoESError
 
@@ -92,6 +93,51 @@ def csv_table(rows: list[dict]) -> str:
         writer.writeheader()
         writer.writerows(rows)
     return buf.getvalue()
+
+
+def run_jobs(jobs: list[tuple[str, int]], out: Path, run: Callable[[str, int, Path], dict | None],
+             describe: Callable[[dict], str]) -> tuple[dict[str, list[dict]], list[str]]:
+    """Run every (setting, seed) job in order into OUT/setting/seedN, printing one line before and after each;
+    returns ({setting: [metrics of its finished runs]}, the failed jobs).  Ctrl-C raises `Interrupted` naming the
+    job it stopped (finished runs are kept: the same command resumes)."""
+    results: dict[str, list[dict]] = {name: [] for name, _ in jobs}
+    failed = []
+    for i, (name, seed) in enumerate(jobs, 1):
+        t = time.time()
+        print(f"[{i}/{len(jobs)}] {name} seed {seed} ...", flush=True)
+        run_dir = out / name / f"seed{seed}"
+        try:
+            m = run(name, seed, run_dir)
+        except KeyboardInterrupt:
+            raise Interrupted(f"{name} seed {seed}") from None
+        if m is None:
+            failed.append(f"{name} seed {seed}")
+            print(f"    FAILED (log: {run_dir / 'train.log'})", flush=True)
+            continue
+        results[name].append(m)
+        print(f"    {time.time() - t:.0f}s: {describe(m)}", flush=True)
+    return results, failed
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a comparison's run (the message names it)."""
+
+
+def close(parent, md: str, jobs: list, failed: list[str], seconds: float, where: str) -> int:
+    """End the parent run, print the table and the closing line; 1 if a run failed, else 0."""
+    parent.end("FAILED" if failed else "FINISHED")
+    print(f"\n{md}\n\n{len(jobs) - len(failed)}/{len(jobs)} runs in {seconds:.0f}s this session; {where}; MLflow "
+          f"parent run {parent.run_id} ({parent.tracking_uri})")
+    if failed:
+        print("failed: " + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def interrupted(parent, err: Interrupted) -> int:
+    parent.end("KILLED")
+    print(f"\ninterrupted; the same command resumes it (finished runs are kept, {err} starts over)", file=sys.stderr)
+    return 130
 
 
 def _free_port() -> int:
@@ -173,21 +219,15 @@ def main(argv: list[str] | None = None) -> int:
                          tags={"kind": "comparison"})
         parent.log_params({"variants": ",".join(args.variants), "seeds": ",".join(map(str, args.seeds)),
                            "config": str(args.config), "overrides": " ".join(args.overrides)})
-        results: dict[str, list[dict]] = {name: [] for name in args.variants}
         jobs = [(n, s) for s in args.seeds for n in args.variants]  # seed-major: partial results stay comparable
-        failed = []
         t0 = time.time()
-        for i, (name, seed) in enumerate(jobs, 1):
-            t = time.time()
-            print(f"[{i}/{len(jobs)}] {name} seed {seed} ...", flush=True)
-            m = run_one(args, name, seed, args.out / name / f"seed{seed}", parent.run_id, uri)
-            if m is None:
-                failed.append(f"{name} seed {seed}")
-                print(f"    FAILED (log: {args.out / name / f'seed{seed}' / 'train.log'})", flush=True)
-                continue
-            results[name].append(m)
-            print(f"    {time.time() - t:.0f}s: multimodal {m['acc_multimodal']:.4f}  language {m['acc_language']:.4f}"
-                  f"  MSI {m['msi']:.3f}  cross-rank {m['cross_rank_rate']:.3f}", flush=True)
+        try:
+            results, failed = run_jobs(
+                jobs, args.out, lambda name, seed, run_dir: run_one(args, name, seed, run_dir, parent.run_id, uri),
+                lambda m: (f"multimodal {m['acc_multimodal']:.4f}  language {m['acc_language']:.4f}  MSI "
+                           f"{m['msi']:.3f}  cross-rank {m['cross_rank_rate']:.3f}"))
+        except Interrupted as err:
+            return interrupted(parent, err)
         rows = summarize(results)
         md, table_csv = markdown_table(rows), csv_table(rows)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -197,16 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         parent.log_dict(table_csv, "comparison.csv")
         parent.log_metrics({f"{r['variant']}/{f}": r[f] for r in rows for f in ("acc_multimodal", "acc_language",
                                                                                    "acc_overall", "msi")})
-        parent.end("FAILED" if failed else "FINISHED")
-        print(f"\n{md}\n\n{len(jobs) - len(failed)}/{len(jobs)} runs in {time.time() - t0:.0f}s; table in "
-              f"{args.out / 'table.md'}; MLflow parent run {parent.run_id} ({uri})")
-        if failed:
-            print("failed: " + ", ".join(failed), file=sys.stderr)
-            return 1
+        return close(parent, md, jobs, failed, time.time() - t0, f"table in {args.out / 'table.md'}")
     except SMoESError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 def _main_compression(args) -> int:
@@ -245,44 +279,28 @@ def _main_compression(args) -> int:
                                "overrides": " ".join(base), "smoke": args.smoke})
             cc.save_state(args.out, {"parent_run_id": parent.run_id, "tracking_uri": uri,
                                      "experiment": args.experiment})
-        results: dict[str, list[dict]] = {name: [] for name in variants}
         jobs = [(n, s) for s in seeds for n in variants]   # seed-major: partial results stay comparable
-        failed = []
         t0 = time.time()
         print(f"compression comparison: {len(jobs)} runs into {args.out}; MLflow parent run {parent.run_id}"
               + (" (resumed)" if resumed else ""), flush=True)
-        for i, (name, seed) in enumerate(jobs, 1):
-            t = time.time()
-            print(f"[{i}/{len(jobs)}] {name} seed {seed} ...", flush=True)
-            run_dir = args.out / name / f"seed{seed}"
-            try:
-                m = run_one(args, name, seed, run_dir, parent.run_id, uri, [*base, *cc.run_overrides(name, seed)])
-            except KeyboardInterrupt:
-                parent.end("KILLED")
-                print(f"\ninterrupted; the same command resumes it (finished runs are kept, {name} seed {seed} starts "
-                      "over)", file=sys.stderr)
-                return 130
-            if m is None:
-                failed.append(f"{name} seed {seed}")
-                print(f"    FAILED (log: {run_dir / 'train.log'})", flush=True)
-                continue
-            results[name].append(m)
-            print(f"    {time.time() - t:.0f}s: multimodal {cc.fmt(m.get('acc_multimodal'), '.4f')}  language "
-                  f"{cc.fmt(m.get('acc_language'), '.4f')}  vision tokens {m.get('vision_tokens_kept')}  "
-                  f"bytes/sample {cc.fmt(m.get('bytes_per_sample'), ',.0f')}  "
-                  f"prefill {cc.fmt(m.get('prefill_ms_per_sample'), '.2f')} ms/sample", flush=True)
+        try:
+            results, failed = run_jobs(
+                jobs, args.out,
+                lambda name, seed, run_dir: run_one(args, name, seed, run_dir, parent.run_id, uri,
+                                                    [*base, *cc.run_overrides(name, seed)]),
+                lambda m: (f"multimodal {cc.fmt(m.get('acc_multimodal'), '.4f')}  language "
+                           f"{cc.fmt(m.get('acc_language'), '.4f')}  vision tokens {m.get('vision_tokens_kept')}  "
+                           f"bytes/sample {cc.fmt(m.get('bytes_per_sample'), ',.0f')}  "
+                           f"prefill {cc.fmt(m.get('prefill_ms_per_sample'), '.2f')} ms/sample"))
+        except Interrupted as err:
+            return interrupted(parent, err)
         rows = cc.summarize(results)
         md = cc.write_report(rows, results, args.out, parent)
-        parent.end("FAILED" if failed else "FINISHED")
-        print(f"\n{md}\n\n{len(jobs) - len(failed)}/{len(jobs)} runs, {time.time() - t0:.0f}s this session; table "
-              f"in {args.out / 'table.md'} and table.json; MLflow parent run {parent.run_id} ({uri})")
-        if failed:
-            print("failed: " + ", ".join(failed), file=sys.stderr)
-            return 1
+        return close(parent, md, jobs, failed, time.time() - t0,
+                     f"table in {args.out / 'table.md'} and table.json")
     except SMoESError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
