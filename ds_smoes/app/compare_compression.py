@@ -40,24 +40,25 @@ REFERENCE = "none"
 DEFAULT_CONFIG = Path("configs/canvas.yaml")
 DEFAULT_OUT = Path("runs/compare_compression")
 
-# The schedule of every run of the full table: 4 epochs (304 steps of 2 ranks x 32 conversations), no per-epoch
-# validation, so that the 39 runs take about 2 hours on this machine's 2 cores.
+# The schedule of every run of the full table: 10 epochs (760 steps of 2 ranks x 32 conversations), configs/
+# canvas.yaml's, no per-epoch validation.
 #
-# Measured here on 2026-11-29 at 2 epochs (2 CPU ranks, load average 4-6; each run's time from launch to its
-# metrics.json: launcher, imports, data, training, test evaluation, MLflow):
-#   none              153 s  (91 s of training: 45 s per epoch)
-#   learnpruner-0.25  113 s  (55 s: 28 s per epoch)
-#   qmop-0.125        103 s  (43 s: 22 s per epoch)
-# so about 60 s of every run is not training.  Per epoch, from the tokens each setting keeps (interpolated between
-# the three): none 45 s; learnpruner 40 / 28 / 22 s at 0.5 / 0.25 / 0.125; qmop 30 / 25 / 22 s; random and pool
-# 20 / 17 s at 0.25 / 0.125; fastv (all 64 tokens in blocks 0-1) 35 / 33 s: 353 s per epoch for the 13 settings.
-# Estimate at 4 epochs: 39 x 60 s + 3 seeds x 4 epochs x 353 s = 6,580 s, about 1 h 50 min (20 % either way with
-# the machine's load).  Checked: none at 4 epochs took 255 s (166 s of training; predicted 240 s); with its 89 s
-# outside training as every run's, the grid takes 7,700 s.  So: 1 h 50 min to 2 h 10 min here.  Twice the epochs
-# (8, configs/canvas.yaml's) would take about 3 h 10 min.
-# Accuracy at this length: configs/canvas.yaml notes that multimodal accuracy stays near chance for about 5 epochs
-# (the 2-epoch runs above gave 0.22-0.25 multimodal); the token counts and bytes are exact whatever the training.
-SCHEDULE: list[str] = ["smoes.gate=smoes", "optim.epochs=4", "run.eval_every_epoch=false", "run.log_every=40"]
+# Run times, each from launch to its metrics.json (launcher, imports, data, training, test evaluation, MLflow):
+# - measured on 2026-11-29 at 2 epochs, 2 CPU ranks, load average 4-6:
+#     none              153 s  (91 s of training: 45 s per epoch)
+#     learnpruner-0.25  113 s  (55 s: 28 s per epoch)
+#     qmop-0.125        103 s  (43 s: 22 s per epoch)
+#   Per epoch, from the tokens each setting keeps (interpolated between the three): none 45 s; learnpruner
+#   40 / 28 / 22 s at 0.5 / 0.25 / 0.125; qmop 30 / 25 / 22 s; random and pool 20 / 17 s at 0.25 / 0.125; fastv
+#   (all 64 tokens in blocks 0-1) 35 / 33 s: 353 s per epoch for the 13 settings, about 60 s of every run outside
+#   training.
+# - measured on a quiet machine at 10 epochs: none 250 s, learnpruner-0.25 171 s (about half the loaded times).
+# Estimate at 10 epochs on a quiet machine, the loaded per-epoch figures halved: 3 seeds x 10 epochs x 176 s + 39
+# runs x 35 s = 6,650 s, about 1 h 50 min; on a loaded machine up to twice that.
+# Accuracy at this length (configs/canvas.yaml): none, seed 0: multimodal 0.39 (where the digit is: 0.87; its
+# identity: near chance), language-only 0.995; learnpruner-0.25, seed 0: multimodal 0.41.  The token counts and
+# bytes are exact whatever the training.
+SCHEDULE: list[str] = ["smoes.gate=smoes", "optim.epochs=10", "run.eval_every_epoch=false", "run.log_every=40"]
 
 # --smoke: two settings, one seed, 4 steps on a slice of the data (the end-to-end test runs it)
 SMOKE_VARIANTS = ["none", "learnpruner-0.25"]

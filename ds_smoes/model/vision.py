@@ -48,8 +48,8 @@ class PatchVisionEncoder(nn.Module):
     Patch positions (`pos`): "learned", a table initialised at N(0, 0.02^2) and trained; "sincos", fixed 2-D
     sine-cosine positions (`sincos_positions_2d`, a buffer that checkpoints do not store), which tell every
     patch its row and column from the first step: on a large canvas where one small object matters, the
-    learned table starts as noise 50x smaller than the patch features, and "where is it?" stays at chance for
-    hundreds of steps (docs/compression.md)."""
+    learned table starts as noise 50x smaller than the patch features, and "where is it?" stayed at chance after
+    760 steps (configs/canvas.yaml has the measurements)."""
 
     def __init__(self, image_size: int, patch_size: int, channels: int, dim: int, layers: int, n_heads: int,
                  impl: str, pos: str = "learned") -> None:
