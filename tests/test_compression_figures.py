@@ -131,6 +131,49 @@ def test_comparison_table_by_hand():
     assert "fastv-0.125" not in data["runs"]
 
 
+def _grid_run(variant, seed, mm, bps, visits):
+    method, _, keep = variant.partition("-")
+    return {**_run(method, float(keep or 1.0), seed, mm, 0.9, bps), "moe_tokens_per_sample": visits}
+
+
+def test_the_issues_bars_by_hand():
+    from ds_smoes.app import compare_compression as cc
+
+    results = {   # none: mm 0.60 (0.5 / 0.6 / 0.7), 80 MoE token visits and 20,000 bytes per sample
+        "none": [_grid_run("none", s, mm, 20000.0, 80.0) for s, mm in enumerate((0.5, 0.6, 0.7))],
+        # 0.57 / 0.60 = 95.0 %: met (qmop's 0.5 is the worse one and does not count)
+        "qmop-0.25": [_grid_run("qmop-0.25", s, 0.5, 9000.0, 40.0) for s in range(3)],
+        "learnpruner-0.25": [_grid_run("learnpruner-0.25", s, mm, 11000.0, 50.0) for s, mm in
+                             enumerate((0.56, 0.57, 0.58))],
+        # at 0.125: random 0.30 (range 0.10); qmop 0.41 (range 0.02): +0.11 > 0.10 met;
+        # learnpruner 0.45 (range 0.20): +0.15 < 0.20 missed
+        "random-0.125": [_grid_run("random-0.125", s, mm, 6000.0, 30.0) for s, mm in enumerate((0.25, 0.3, 0.35))],
+        "qmop-0.125": [_grid_run("qmop-0.125", s, mm, 6000.0, 30.0) for s, mm in enumerate((0.40, 0.41, 0.42))],
+        "learnpruner-0.125": [_grid_run("learnpruner-0.125", s, mm, 7000.0, 34.0) for s, mm in
+                              enumerate((0.35, 0.45, 0.55))],
+    }
+    rows = cc.summarize(results)
+    by = {r["variant"]: r for r in rows}
+    assert by["learnpruner-0.125"]["acc_multimodal_range"] == pytest.approx(0.2)
+    assert by["learnpruner-0.25"]["moe_tokens_per_sample_vs_none"] == pytest.approx(0.625)
+    (acc, a), (beat_q, q), (beat_l, l), (traffic, t) = [(v, d) for _, v, d in cc.bars(rows)]
+    assert acc is True and "learnpruner-0.25 0.570 vs none 0.600: 95.0 %" in a
+    assert beat_q is True and "+0.110 against a spread of 0.100" in q
+    assert beat_l is False and "+0.150 against a spread of 0.200" in l
+    # bytes: learnpruner-0.25 sends 55 % of none's bytes with 62.5 % of its token visits (met);
+    # learnpruner-0.125: 35 % against 42.5 % (met); every setting is at or under its visits: met
+    assert traffic is True and "all 5 settings" in t
+    results["learnpruner-0.25"] = [_grid_run("learnpruner-0.25", s, 0.2, 13000.0, 50.0) for s in range(3)]
+    rows = cc.summarize(results)
+    (acc, a), _, _, (traffic, t) = [(v, d) for _, v, d in cc.bars(rows)]
+    assert acc is False and "qmop-0.25 0.500 vs none 0.600: 83.3 %" in a
+    assert traffic is False and t == "missed by learnpruner-0.25: bytes 65.0 % of none's, MoE token visits 62.5 %"
+    md = cc.bars_markdown(rows)
+    assert md.count("**missed**") == 3 and md.count("**met**") == 1
+    # settings without runs: the bars say so instead of judging
+    assert [v for _, v, _ in cc.bars(cc.summarize({"none": results["none"]}))] == [None, None, None, None]
+
+
 def test_the_grid_is_the_issues_and_every_setting_is_a_valid_config():
     from ds_smoes.app import compare_compression as cc
     from ds_smoes.app.config import load_train_config

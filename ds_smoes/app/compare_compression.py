@@ -70,7 +70,8 @@ SMOKE_SPLITS = {"train": 256, "test": 64}
 FIGURES = [("acc_multimodal", "multimodal acc", "{:.3f}"), ("acc_language", "language-only acc", "{:.3f}"),
            ("tokens_per_s", "training tokens/s", "{:,.0f}"), ("prefill_ms_per_sample", "prefill ms/sample", "{:.2f}"),
            ("bytes_per_sample", "EP remote bytes/sample", "{:,.0f}"),
-           ("bytes_per_token", "EP remote bytes/token/layer", "{:,.0f}")]
+           ("bytes_per_token", "EP remote bytes/token/layer", "{:,.0f}"),
+           ("moe_tokens_per_sample", "MoE token visits/sample", "{:.1f}")]
 
 
 def run_overrides(name: str, seed: int) -> list[str]:
@@ -111,17 +112,84 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
         for key, _, _ in FIGURES:
             values = [r.get(key) for r in runs]
             if any(not isinstance(v, (int, float)) for v in values):
-                row[key] = row[key + "_sd"] = float("nan")
+                row[key] = row[key + "_sd"] = row[key + "_range"] = float("nan")
                 continue
             row[key] = statistics.fmean(values)
             row[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[key + "_range"] = max(values) - min(values)
         rows.append(row)
     ref = next((r for r in rows if r["variant"] == REFERENCE), None)
     for row in rows:
-        row["acc_multimodal_vs_none"] = _ratio(row["acc_multimodal"], ref["acc_multimodal"]) if ref else float("nan")
-        row["bytes_per_sample_vs_none"] = (_ratio(row["bytes_per_sample"], ref["bytes_per_sample"]) if ref
-                                           else float("nan"))
+        for key in ("acc_multimodal", "bytes_per_sample", "moe_tokens_per_sample"):
+            row[key + "_vs_none"] = _ratio(row[key], ref[key]) if ref else float("nan")
     return rows
+
+
+# The issue's bars ("done when"), judged on the rows by `bars`:
+BAR_KEEP, BAR_FRACTION = 0.25, 0.95       # at 25 % of the vision tokens, the better of QMoP and LearnPruner keeps
+LEARNED = ("qmop", "learnpruner")         # >= 95 % of `none`'s multimodal accuracy (means over seeds)
+LOW_KEEP = 0.125                          # at 12.5 %, each of them beats random pruning by more than the seed spread
+
+
+def bars(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """The issue's three bars on the summarized rows: (claim, met / missed / None when a setting it needs has no
+    runs, the figures behind the verdict).
+
+    - accuracy at 25 %: max over QMoP and LearnPruner at keep 0.25 of the mean multimodal accuracy, against 0.95 x
+      `none`'s mean;
+    - beating random at 12.5 %: each method's mean minus random's mean, against the seed spread, taken as the larger
+      of the two settings' ranges over seeds (max - min; with 3 seeds about 1.7 sample standard deviations);
+    - bytes in proportion: every compressed setting's EP remote bytes per sample relative to `none` at most its MoE
+      token visits per sample relative to `none` (the tokens a sample sends through the MoE layers, summed over
+      the layers: a vision token removed after layer K saves only the layers after K).  Equality is "in proportion";
+      below it, the removed tokens were the more remote ones."""
+    by = {r["variant"]: r for r in rows}
+    ok = lambda v: isinstance(v, (int, float)) and v == v  # noqa: E731
+    out: list[tuple[str, bool | None, str]] = []
+    ref = by.get(REFERENCE)
+
+    claim = f"at {BAR_KEEP:g} of the vision tokens the better of QMoP and LearnPruner keeps >= {BAR_FRACTION:.0%} " \
+            "of the uncompressed multimodal accuracy"
+    cands = [by[n] for n in (variant_name(m, BAR_KEEP) for m in LEARNED) if n in by and ok(by[n]["acc_multimodal"])]
+    if ref is None or not ok(ref["acc_multimodal"]) or not cands:
+        out.append((claim, None, "not measured"))
+    else:
+        best = max(cands, key=lambda r: r["acc_multimodal"])
+        ratio = best["acc_multimodal"] / ref["acc_multimodal"]
+        out.append((claim, ratio >= BAR_FRACTION,
+                    f"{best['variant']} {best['acc_multimodal']:.3f} vs none {ref['acc_multimodal']:.3f}: "
+                    f"{100 * ratio:.1f} %"))
+
+    rnd = by.get(variant_name("random", LOW_KEEP))
+    for m in LEARNED:
+        claim = f"{m} beats random pruning at {LOW_KEEP:g} by more than the seed spread"
+        row = by.get(variant_name(m, LOW_KEEP))
+        if rnd is None or row is None or not ok(row["acc_multimodal"]) or not ok(rnd["acc_multimodal"]):
+            out.append((claim, None, "not measured"))
+            continue
+        diff = row["acc_multimodal"] - rnd["acc_multimodal"]
+        spread = max(row["acc_multimodal_range"], rnd["acc_multimodal_range"])
+        out.append((claim, diff > spread, f"{row['acc_multimodal']:.3f} - random {rnd['acc_multimodal']:.3f} = "
+                                          f"{diff:+.3f} against a spread of {spread:.3f} ({row['seeds']} and "
+                                          f"{rnd['seeds']} seeds)"))
+
+    claim = "EP remote bytes per sample fall at least in proportion to the vision tokens removed"
+    pruned = [r for r in rows if r["variant"] != REFERENCE and ok(r.get("bytes_per_sample_vs_none"))
+              and ok(r.get("moe_tokens_per_sample_vs_none"))]
+    if ref is None or not pruned:
+        out.append((claim, None, "not measured"))
+    else:
+        missed = [r for r in pruned if r["bytes_per_sample_vs_none"] > r["moe_tokens_per_sample_vs_none"]]
+        shown = missed or pruned[:2]
+        out.append((claim, not missed, ("missed by " if missed else f"all {len(pruned)} settings, e.g. ") + "; ".join(
+            f"{r['variant']}: bytes {100 * r['bytes_per_sample_vs_none']:.1f} % of none's, MoE token visits "
+            f"{100 * r['moe_tokens_per_sample_vs_none']:.1f} %" for r in shown)))
+    return out
+
+
+def bars_markdown(rows: list[dict]) -> str:
+    verdict = {True: "**met**", False: "**missed**", None: "not measured"}
+    return "\n".join(f"- {verdict[v]}: {claim} ({detail})" for claim, v, detail in bars(rows))
 
 
 def fmt(value, spec: str) -> str:
@@ -219,7 +287,7 @@ def write_report(rows: list[dict], results: dict[str, list[dict]], out: Path, pa
     """table.md, table.json and the two plots into `out`, and to the MLflow parent run `parent` (a Tracker)."""
     import matplotlib.pyplot as plt
 
-    md = markdown_table(rows)
+    md = markdown_table(rows) + "\n\nThe issue's bars (`compare_compression.bars`):\n" + bars_markdown(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(md + "\n")
     (out / "table.json").write_text(table_json(rows, results) + "\n")
