@@ -168,6 +168,15 @@ def test_the_issues_bars_by_hand():
     (acc, a), _, _, (traffic, t) = [(v, d) for _, v, d in cc.bars(rows)]
     assert acc is False and "qmop-0.25 0.500 vs none 0.600: 83.3 %" in a
     assert traffic is False and t == "missed by learnpruner-0.25: bytes 65.0 % of none's, MoE token visits 62.5 %"
+    # accuracy per task: the mean over seeds, only for tasks every seed measured
+    results["none"][0]["acc_by_task"] = {"digit_where": 0.9, "text_plus": 1.0}
+    results["none"][1]["acc_by_task"] = {"digit_where": 0.3, "text_plus": 0.5}
+    results["none"][2]["acc_by_task"] = {"digit_where": 0.6}
+    rows = cc.summarize(results)
+    assert rows[0]["acc_by_task"] == {"digit_where": pytest.approx(0.6)} and rows[1]["acc_by_task"] == {}
+    tasks = cc.task_table(rows).splitlines()
+    assert tasks[0] == "| setting | digit_where |" and tasks[2] == "| none | 0.600 |" and tasks[3] == "| qmop-0.25 | n/a |"
+    assert cc.task_table(cc.summarize({"qmop-0.25": results["qmop-0.25"]})) == ""
     md = cc.bars_markdown(rows)
     assert md.count("**missed**") == 3 and md.count("**met**") == 1
     # settings without runs: the bars say so instead of judging

@@ -118,6 +118,10 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
             row[key] = statistics.fmean(values)
             row[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
             row[key + "_range"] = max(values) - min(values)
+        tasks = [r.get("acc_by_task") or {} for r in runs]
+        row["acc_by_task"] = {t: statistics.fmean(per[t] for per in tasks)   # only tasks every seed measured
+                              for t in sorted(set().union(*tasks))
+                              if all(isinstance(per.get(t), (int, float)) for per in tasks)}
         rows.append(row)
     ref = next((r for r in rows if r["variant"] == REFERENCE), None)
     for row in rows:
@@ -220,6 +224,19 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def task_table(rows: list[dict]) -> str:
+    """Accuracy per task (each run's `acc_by_task`, mean over seeds): which questions a setting answers; empty
+    when no run has per-task figures."""
+    tasks = sorted(set().union(*(r.get("acc_by_task") or {} for r in rows)))
+    if not tasks:
+        return ""
+    lines = ["| setting | " + " | ".join(tasks) + " |", "|" + "|".join(["---"] * (len(tasks) + 1)) + "|"]
+    for r in rows:
+        per = r.get("acc_by_task") or {}
+        lines.append(f"| {r['variant']} | " + " | ".join(fmt(per.get(t), ".3f") for t in tasks) + " |")
+    return "\n".join(lines)
+
+
 def table_json(rows: list[dict], results: dict[str, list[dict]]) -> str:
     """The rows plus each setting's per-seed figures (strict JSON: nan -> null)."""
     def clean(v):
@@ -288,7 +305,9 @@ def write_report(rows: list[dict], results: dict[str, list[dict]], out: Path, pa
     """table.md, table.json and the two plots into `out`, and to the MLflow parent run `parent` (a Tracker)."""
     import matplotlib.pyplot as plt
 
-    md = markdown_table(rows) + "\n\nThe issue's bars (`compare_compression.bars`):\n" + bars_markdown(rows)
+    tasks = task_table(rows)
+    md = (markdown_table(rows) + (f"\n\nAccuracy per task (mean over seeds):\n\n{tasks}" if tasks else "")
+          + "\n\nThe issue's bars (`compare_compression.bars`):\n" + bars_markdown(rows))
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(md + "\n")
     (out / "table.json").write_text(table_json(rows, results) + "\n")
