@@ -179,6 +179,10 @@ def test_the_issues_bars_by_hand():
     assert cc.task_table(cc.summarize({"qmop-0.25": results["qmop-0.25"]})) == ""
     md = cc.bars_markdown(rows)
     assert md.count("**missed**") == 3 and md.count("**met**") == 1
+    # an uncompressed model at 0 (a smoke run): judged without dividing by it
+    zero = cc.summarize({"none": [_grid_run("none", 0, 0.0, 20000.0, 80.0)],
+                         "qmop-0.25": [_grid_run("qmop-0.25", 0, 0.0, 9000.0, 40.0)]})
+    assert cc.bars(zero)[0][1:] == (True, "qmop-0.25 0.000 vs none 0.000: none scores 0")
     # settings without runs: the bars say so instead of judging
     assert [v for _, v, _ in cc.bars(cc.summarize({"none": results["none"]}))] == [None, None, None, None]
 
