@@ -175,7 +175,8 @@ def test_the_issues_bars_by_hand():
     rows = cc.summarize(results)
     assert rows[0]["acc_by_task"] == {"digit_where": pytest.approx(0.6)} and rows[1]["acc_by_task"] == {}
     tasks = cc.task_table(rows).splitlines()
-    assert tasks[0] == "| setting | digit_where |" and tasks[2] == "| none | 0.600 |" and tasks[3] == "| qmop-0.25 | n/a |"
+    assert tasks[0] == "| setting | digit_where |"
+    assert tasks[2] == "| none | 0.600 |" and tasks[3] == "| qmop-0.25 | n/a |"
     assert cc.task_table(cc.summarize({"qmop-0.25": results["qmop-0.25"]})) == ""
     md = cc.bars_markdown(rows)
     assert md.count("**missed**") == 3 and md.count("**met**") == 1

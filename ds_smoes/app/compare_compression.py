@@ -149,14 +149,14 @@ def bars(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
       the layers: a vision token removed after layer K saves only the layers after K).  Equality is "in proportion";
       below it, the removed tokens were the more remote ones."""
     by = {r["variant"]: r for r in rows}
-    ok = lambda v: isinstance(v, (int, float)) and v == v  # noqa: E731
     out: list[tuple[str, bool | None, str]] = []
     ref = by.get(REFERENCE)
 
     claim = f"at {BAR_KEEP:g} of the vision tokens the better of QMoP and LearnPruner keeps >= {BAR_FRACTION:.0%} " \
             "of the uncompressed multimodal accuracy"
-    cands = [by[n] for n in (variant_name(m, BAR_KEEP) for m in LEARNED) if n in by and ok(by[n]["acc_multimodal"])]
-    if ref is None or not ok(ref["acc_multimodal"]) or not cands:
+    cands = [by[n] for n in (variant_name(m, BAR_KEEP) for m in LEARNED)
+             if n in by and _number(by[n]["acc_multimodal"])]
+    if ref is None or not _number(ref["acc_multimodal"]) or not cands:
         out.append((claim, None, "not measured"))
     else:
         best = max(cands, key=lambda r: r["acc_multimodal"])
@@ -169,7 +169,7 @@ def bars(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     for m in LEARNED:
         claim = f"{m} beats random pruning at {LOW_KEEP:g} by more than the seed spread"
         row = by.get(variant_name(m, LOW_KEEP))
-        if rnd is None or row is None or not ok(row["acc_multimodal"]) or not ok(rnd["acc_multimodal"]):
+        if rnd is None or row is None or not _number(row["acc_multimodal"]) or not _number(rnd["acc_multimodal"]):
             out.append((claim, None, "not measured"))
             continue
         diff = row["acc_multimodal"] - rnd["acc_multimodal"]
@@ -179,9 +179,9 @@ def bars(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                                           f"{rnd['seeds']} seeds)"))
 
     claim = "EP remote bytes per sample fall at least in proportion to the vision tokens removed"
-    pruned = [r for r in rows if r["variant"] != REFERENCE and ok(r.get("bytes_per_sample_vs_none"))
-              and ok(r.get("moe_tokens_per_sample_vs_none"))]
-    if ref is None or not pruned:
+    pruned = [r for r in rows if r["variant"] != REFERENCE and _number(r.get("bytes_per_sample_vs_none"))
+              and _number(r.get("moe_tokens_per_sample_vs_none"))]
+    if not pruned:                            # a ratio to `none` is nan without `none`
         out.append((claim, None, "not measured"))
     else:
         missed = [r for r in pruned if r["bytes_per_sample_vs_none"] > r["moe_tokens_per_sample_vs_none"]]
@@ -197,9 +197,14 @@ def bars_markdown(rows: list[dict]) -> str:
     return "\n".join(f"- {verdict[v]}: {claim} ({detail})" for claim, v, detail in bars(rows))
 
 
+def _number(value) -> bool:
+    """A figure that was measured: a number and not nan (metrics.json writes nan as null)."""
+    return isinstance(value, (int, float)) and value == value
+
+
 def fmt(value, spec: str) -> str:
-    """`value` formatted, or n/a when it is missing or not finite (metrics.json writes nan as null)."""
-    return format(value, spec) if isinstance(value, (int, float)) and value == value else "n/a"
+    """`value` formatted, or n/a when it is missing or not a number."""
+    return format(value, spec) if _number(value) else "n/a"
 
 
 def _ratio(a: float, b: float) -> float:
