@@ -3,7 +3,7 @@
     python ray_jobs/sweep.py run configs/sweeps/smoke.yaml           # local Ray, in this process
     python ray_jobs/sweep.py run configs/sweeps/smoke.yaml --address auto   # a cluster this node belongs to
     ray job submit --working-dir . -- python ray_jobs/sweep.py run configs/sweeps/smoke.yaml \
-        --tracking-uri sqlite:///$PWD/mlflow.db --storage-path $PWD/runs/sweeps      # see README
+        --tracking-uri sqlite:///$PWD/mlflow.db --storage-path $PWD/runs/sweeps      # see docs/sweeps.md
     python ray_jobs/sweep.py resume SWEEP_ID                         # continue an interrupted sweep
     python ray_jobs/sweep.py report [SWEEP]                          # the comparison table, from MLflow
 """

@@ -1,6 +1,6 @@
 """The package's layers, read from the source with `ast` (function-local imports included):
 imports point down, no module imports another in a cycle, and the method core imports no
-framework.  README's "Layout" section shows the same table."""
+framework.  docs/layout.md shows the same table."""
 from __future__ import annotations
 
 import ast
@@ -77,7 +77,7 @@ def layer_of(module: str) -> int:
             if module == prefix or module.startswith(prefix + "."):
                 if best is None or len(prefix) > best[1]:
                     best = (i, len(prefix))
-    assert best is not None, f"{module} is in no layer: add its package to LAYERS and to README's layout"
+    assert best is not None, f"{module} is in no layer: add its package to LAYERS and to docs/layout.md"
     return best[0]
 
 

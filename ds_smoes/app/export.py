@@ -8,7 +8,7 @@ Reads a training run's DeepSpeed checkpoint (any expert-parallel degree), loads 
 process and writes `model.pt` whose physical expert order is **bin order**: bin b's experts
 take physical ids [b * N_B, (b + 1) * N_B).  DeepSpeed gives EP rank r the physical experts
 [r * E/ep, (r + 1) * E/ep), so with that order every bin lands on its rank (b * ep // N_bins,
-SMOES.md section 2) for every ep_size that divides num_bins; the router keeps its logical ids
+docs/method.md, "Expert bins") for every ep_size that divides num_bins; the router keeps its logical ids
 and the gate's `physical_E` buffer records the permutation.  The training entry point loads the
 export (`--init-from`) at any such ep_size, each rank taking its own slice of experts, and
 computes the same outputs as the checkpoint it came from.

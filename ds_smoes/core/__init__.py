@@ -2,7 +2,7 @@
 
     scores.py        soft modality scores: attention update, Gaussian statistics, hard labels
     binning.py       the expert-to-bin map (fixed or adaptive) and its per-step update
-    losses.py        reference inter-bin MI, bin balance and KL-band losses (SMOES.md section 3)
+    losses.py        reference inter-bin MI, bin balance and KL-band losses (docs/method.md, "Losses")
     fused_losses.py  the MI and bin balance from one pass over the routes (what the gate runs)
     routing.py       top-k, bin-limited top-k, slots and capacity: the sparse-route contract
     metrics.py       MSI, expert-modality load, cross-rank figures of routes

@@ -1,4 +1,4 @@
-"""What each token attended to, for the attention modality score, without a [T, U] tensor (SMOES.md section 1).
+"""What each token attended to, for the attention modality score, without a [T, U] tensor (docs/method.md).
 
 The score needs M~ = mean_h softmax(q_h k_h^T * scale + mask) @ M, with M the keys' modality scores [B, U, M].
 Materialising the head-mean probabilities costs B*A*T*U float32 (3.2 GB and 3.4 s at T=4096, 16 heads, on the

@@ -1,6 +1,6 @@
 """Expert bins: the unit of modality specialisation and of placement on expert-parallel ranks.
 
-SMOES.md section 2.  A bin holds N_e / N_bins experts; bin b is placed on expert-parallel rank
+docs/method.md, "Expert bins".  A bin holds N_e / N_bins experts; bin b is placed on expert-parallel rank
 b * ep_size // N_bins, so each rank holds N_bins / ep_size whole bins.
 
 Shapes: E experts, M modalities (0 text, 1 vision), G bins.

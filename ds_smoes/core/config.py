@@ -30,10 +30,10 @@ class _Strict(BaseModel):
 
 
 class SMoESConfig(_Strict):
-    """Everything the SMoES gate and layer need (SMOES.md sections 1-3).
+    """Everything the SMoES gate and layer need (docs/method.md, sections 1-3).
 
-    Defaults are the paper's values where it gives them; choices marked "ours" in the design
-    document are options here.
+    Defaults are the paper's values where it gives them; the choices that are ours (docs/method.md,
+    "Choices that are ours") are options here.
     """
 
     gate: GateType = Field("smoes", description="routing method: smoes, or a baseline (topk, hard, hybrid, ltdr, "
@@ -67,10 +67,11 @@ class SMoESConfig(_Strict):
     dispatch: DispatchType = Field("deepspeed", description="expert-parallel dispatch: deepspeed (stock MOELayer, "
                                                             "capacity-padded all-to-all) or rank_once (dropless, "
                                                             "each token sent once per EP rank); see "
-                                                            "ds_smoes/dispatch.py")
+                                                            "ds_smoes/parallel/dispatch.py")
     placement: PlacementType = Field("bins", description="bins: when adaptive bins freeze, move each bin's experts "
                                                          "(weights and optimizer state) onto the bin's EP rank, "
-                                                         "once; none: keep DeepSpeed's layout (ds_smoes/placement.py)")
+                                                         "once; none: keep DeepSpeed's layout "
+                                                         "(ds_smoes/core/placement.py)")
     max_bins_per_token: int | None = Field(None, ge=1, description="bin-limited routing (ours, beyond the paper): "
                                                                    "top-k inside the token's M bins with the most "
                                                                    "gate mass; None routes globally")
@@ -193,7 +194,7 @@ def format_validation_error(err: ValidationError, source: str = "config", model:
         if item["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc[-1], _fields_at(model, loc[:-1]), n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "check the spelling"
-            msg = f"unknown field ({hint} README lists the accepted fields)"
+            msg = f"unknown field ({hint} docs/training.md lists the accepted fields)"
         elif item["type"] == "literal_error" and isinstance(item.get("input"), str):
             choices = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
             close = difflib.get_close_matches(item["input"], choices, n=1, cutoff=0.6)

@@ -1,4 +1,4 @@
-"""SMoES auxiliary losses (SMOES.md section 3): inter-bin mutual information and bin balance.
+"""SMoES auxiliary losses (docs/method.md, "Losses"): inter-bin mutual information and bin balance.
 
 Pure functions of one MoE layer's routing.  Shapes (glossary: `ds_smoes/__init__.py`): S tokens, E experts, M modalities,
 G bins, N samples.  `probs_SE` is the dense router softmax (differentiable).

@@ -1,4 +1,4 @@
-"""Specialisation and communication metrics (SMOES.md section 4).
+"""Specialisation and communication metrics (docs/method.md, "Metrics").
 
 Shapes: L layers, E experts, K routes per token, S tokens.
 """

@@ -1,6 +1,6 @@
 """Expert placement: move every bin's experts onto the bin's expert-parallel rank.
 
-SMOES.md section 2: bin b's experts must live on EP rank b * ep_size // N_bins before the
+docs/method.md, "Expert bins": bin b's experts must live on EP rank b * ep_size // N_bins before the
 communication a bin saves is real.  Two numbers name an expert here:
 
 - its **logical id** e: what the router's weight rows, the bins, the losses and the metrics use;

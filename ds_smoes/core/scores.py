@@ -1,4 +1,4 @@
-"""Soft modality scores M[token, modality] (SMOES.md section 1).
+"""Soft modality scores M[token, modality] (docs/method.md, "Soft modality scores").
 
 Modality index 0 is text, 1 is vision.  Each score row is a distribution over modalities.
 Scores are routing side-information, without gradient: `hard_scores`, `attention_score_update`,

@@ -1,4 +1,4 @@
-"""The attention modality score inside a Hugging Face decoder (SMOES.md section 1, "attention").
+"""The attention modality score inside a Hugging Face decoder (docs/method.md, "Soft modality scores").
 
 Per decoder layer l, with x the layer's input (the residual stream) and attn_out the self-attention's
 output, the score is carried as in `ds_smoes.model.vlm`:

@@ -1,7 +1,7 @@
 """Multi-head self-attention that can also hand back what each token attended to, for the attention score.
 
-The attention modality score (SMOES.md section 1) needs M~ = A @ M, with A the attention probabilities
-averaged over heads and M the keys' modality scores.  With `impl="eager"` A comes from the softmax that
+The attention modality score (docs/method.md, "Soft modality scores") needs M~ = A @ M, with A the attention
+probabilities averaged over heads and M the keys' modality scores.  With `impl="eager"` A comes from the softmax that
 computes the output (float32, unchanged numerics).  With `impl="sdpa"` the output comes from the fused kernel
 (which does not return probabilities) and M~ is computed by a second fused call, without gradient, with the
 scores as values (`ds_smoes.core.attention_score.head_mean_attention_mix`): no [T, T] tensor is made.

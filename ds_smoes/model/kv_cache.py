@@ -1,8 +1,8 @@
 """The built-in decoder's KV cache: per block the keys and values, and the keys' attention modality scores.
 
 Generation feeds the prompt once (the prefill) and then one token per step; each step's attention reads the
-earlier positions' keys and values from here instead of recomputing them.  The attention score (SMOES.md
-section 1) mixes the keys' scores at the block's input, M~ = A @ M^(l); a position's M^(l) depends only on
+earlier positions' keys and values from here instead of recomputing them.  The attention score (docs/method.md,
+"Soft modality scores") mixes the keys' scores at the block's input, M~ = A @ M^(l); a position's M^(l) depends only on
 the positions up to it (causal attention), so the scores written when the position was fed are those a full
 forward would compute again: they are kept per block next to the keys.
 

@@ -106,7 +106,7 @@ class SMoESMoE(MoE):
         """Statistics of the most recent forward (detached), or None before the first."""
         return self.gate.last_stats
 
-    # -- placement (ds_smoes/placement.py) --------------------------------------------------------
+    # -- placement (ds_smoes/core/placement.py) ---------------------------------------------------
     def placement_due(self) -> bool:
         """True once adaptive bins have frozen while some expert is not yet on its bin's EP rank.  Asked every
         step: the answer is kept on the host once the bins are frozen (they and the placement change no more,
