@@ -17,9 +17,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# what a process group's rendezvous reads from the environment: in-process tests that join a 1-process group
+# (ds_smoes.parallel.launch.init_distributed) set them in pytest's own environment, and a child that inherited
+# them would try to join that group (its MASTER_PORT is in use) instead of starting its own
+GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env() -> dict:
     e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    e.pop("RANK", None)
+    for key in GROUP_ENV:
+        e.pop(key, None)
     return e
 
 

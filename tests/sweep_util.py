@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from launch import ROOT
+from launch import GROUP_ENV, ROOT
 
 SWEEP_SCRIPT = str(ROOT / "ray_jobs" / "sweep.py")
 
@@ -53,7 +53,7 @@ def write_sweep(folder: Path, base: Path, name: str, **fields) -> Path:
 
 def env() -> dict:
     e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST"):
+    for key in (*GROUP_ENV, "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST"):
         e.pop(key, None)
     return e
 

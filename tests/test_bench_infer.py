@@ -135,14 +135,18 @@ def test_meters_split_prefill_from_decode(new_tokens):
 
 
 @pytest.mark.slow
-def test_infer_end_to_end_at_ep_sizes_1_and_2(tmp_path, digits_dir):
+def test_infer_end_to_end_at_ep_sizes_1_and_2(tmp_path, digits_dir, demo_run):
+    # dense and top-k are trained by the command's recipes (0.05 epochs); SMoES is the demo's run (--run)
     cfg = write_config(tmp_path, digits_dir, run={"eval_every_epoch": False})
     out = tmp_path / "bench"
+    demo_run.metrics  # noqa: B018  (the demo finished: its checkpoint is there)
     proc = python_run(["-m", "ds_smoes.bench", "infer", "--config", str(cfg), "--variants", "dense", "topk", "smoes",
+                       "--run", f"smoes={demo_run.out}",
                        "--epochs", "0.05", "--batches", "1", "--batch-size", "4", "--new-tokens", "3", "--warmup", "0",
                        "--repeats", "2", "--eval-questions", "8", "--out", str(out), "--no-mlflow"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "training the dense model" in proc.stdout and "| 2 | SMoES, rank_once |" in proc.stdout
+    assert "training the smoes model" not in proc.stdout and not (out / "smoes-epochs0.05").exists()
     result = json.loads((out / "infer.json").read_text())
     assert (out / "infer.md").read_text().count("| 1 |") == 3
     for ep in ("1", "2"):

@@ -1,9 +1,6 @@
 """`python -m ds_smoes.bench scale`: the drawn routings (pure, by hand and by sampling), the ratios and bars,
 and one real end-to-end run on the toy shape (2 gloo ranks, marked slow)."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +10,7 @@ from ds_smoes.bench.scale import attention_bars, shape_figures
 from ds_smoes.bench.simulate import RouterProfile
 from ds_smoes.bench.synthetic_routes import (OwnRouteModel, draw_modality_labels, draw_profile_routes,
                                              draw_uniform_routes)
-
-ROOT = Path(__file__).resolve().parents[1]
+from launch import python_run
 
 
 def test_beta_binomial_fit_reproduces_a_k2_histogram_exactly():
@@ -95,13 +91,25 @@ def test_paired_ratio_and_bars_by_hand():
     assert bars["attn_score_time_ratio_T4096"]["met"] is False and bars["attn_score_peak_mem_ratio_T8192"]["met"]
 
 
-def test_bad_arguments_exit_2_with_one_message(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "ds_smoes.bench", "scale", "--tokens", "0", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2 and "--tokens must be >= 1" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "ds_smoes.bench", "scale", "--profile-from", str(tmp_path / "none"),
-                           "--out", str(tmp_path), "--no-mlflow"], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2 and "no trained run there" in proc.stderr and "make demo" in proc.stderr
+def test_the_dtypes_follow_the_machine():
+    from ds_smoes.bench.scale import measured_dtypes
+
+    native = lambda: (True, "CPU capability AVX512, amx_bf16")  # noqa: E731
+    emulated = lambda: (False, "CPU capability AVX2, no avx512_bf16 or amx_bf16 in /proc/cpuinfo")  # noqa: E731
+    assert measured_dtypes(None, native) == (["fp32", "bf16"], None)
+    assert measured_dtypes(None, emulated) == (["fp32"], emulated()[1])
+    assert measured_dtypes(["bf16"], emulated) == (["bf16"], None)       # asked for: measured anyway
+    assert measured_dtypes(["fp32"], native) == (["fp32"], None)
+
+
+def test_bad_arguments_exit_2_with_one_message(tmp_path, capsys):
+    from ds_smoes.bench.cli import main
+
+    assert main(["scale", "--tokens", "0", "--out", str(tmp_path)]) == 2
+    assert "--tokens must be >= 1" in capsys.readouterr().err
+    assert main(["scale", "--profile-from", str(tmp_path / "none"), "--out", str(tmp_path), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "no trained run there" in err and "make demo" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -109,10 +117,11 @@ def test_scale_runs_end_to_end_on_the_toy_shape(tmp_path):
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"k": 2, "vision_share": 0.3, "own_routes_MJ": [[0.1, 0.4, 0.5], [0.0, 0.2, 0.8]]}))
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "ds_smoes.bench", "scale", "--shapes", "toy", "--tokens", "256",
-                           "--repeats", "2", "--attention-lengths", "256", "--attention-repeats", "1",
-                           "--profile-from", str(profile),
-                           "--out", str(out), "--no-mlflow"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    # --dtypes fp32: without it the command adds bf16 where the CPU has it natively (AVX512-BF16, AMX), so the
+    # number of measured entries would depend on the machine (test_the_dtypes_follow_the_machine covers that choice)
+    proc = python_run(["-m", "ds_smoes.bench", "scale", "--shapes", "toy", "--tokens", "256",
+                       "--dtypes", "fp32", "--repeats", "2", "--attention-lengths", "256", "--attention-repeats", "1",
+                       "--profile-from", str(profile), "--out", str(out), "--no-mlflow"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "scale.json").read_text())
     (fig,) = result["shapes"]

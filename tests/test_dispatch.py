@@ -2,7 +2,6 @@
 on one process, and forward + backward on 2 real gloo ranks against a 1-process reference; bf16 rows
 packed with their float32 routes in one exchange, and the dispatch's host-sync budget."""
 import copy
-import json
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from ds_smoes.moe.gate import RoutingInputs, SMoESGate
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.core.metrics import routing_comm_stats
 
-from launch import ROOT, deepspeed_run
 
 D = 8
 
@@ -206,11 +204,10 @@ def test_bin_limited_gate_keeps_each_token_in_one_bin():
 
 
 @pytest.mark.slow
-def test_rank_once_on_two_gloo_ranks_matches_one_process_reference(tmp_path):
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "rank_once_parity.py"), "--out", str(tmp_path)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_rank_once_on_two_gloo_ranks_matches_one_process_reference(two_rank_scenarios):
+    reports = two_rank_scenarios.reports("rank_once_parity")
     for r in range(2):
-        report = json.loads((tmp_path / f"rank{r}.json").read_text())
+        report = reports[r]
         assert set(report) == {"smoes_k2", "smoes_k1", "ltdr_variable_k", "bin_limited", "rank1_only_padding",
                                "topk_k1", "module_loop_k2"}
         for case, rep in report.items():
@@ -230,7 +227,7 @@ def test_rank_once_on_two_gloo_ranks_matches_one_process_reference(tmp_path):
         assert report["bin_limited"]["ranks_per_token"] == 1.0  # one bin per token, bins aligned with ranks
         if r == 0:
             assert report["ltdr_variable_k"]["max_routes"] == 3  # a tail token used a = 3 experts
-    padded = json.loads((tmp_path / "rank1.json").read_text())["rank1_only_padding"]
+    padded = reports[1]["rank1_only_padding"]
     assert padded["num_tokens"] == 0 and padded["dispatch_bytes"] == 0 and padded["combine_bytes"] > 0
 
 
@@ -378,12 +375,11 @@ def test_the_dispatch_lines_of_a_whole_moe_layer_read_the_host_once():
 
 
 @pytest.mark.slow
-def test_bf16_rank_once_on_two_gloo_ranks_packs_routes_into_one_exchange(tmp_path):
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "rank_once_bf16.py"), "--out", str(tmp_path)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_bf16_rank_once_on_two_gloo_ranks_packs_routes_into_one_exchange(two_rank_scenarios):
+    reports = two_rank_scenarios.reports("rank_once_bf16")
     hidden, k = 16, 2  # the script's D and K
     for r in range(2):
-        report = json.loads((tmp_path / f"rank{r}.json").read_text())
+        report = reports[r]
         for case, dtype, tol, width, elem in (("bf16", "torch.bfloat16", 2e-2, hidden + 4 * k, 2),
                                               ("float32", "torch.float32", 1e-5, hidden + 2 * k, 4)):
             rep, where = report[case], (r, case)

@@ -1,20 +1,15 @@
-"""Real 2-rank gloo runs with expert parallelism (ep_size 2) under the DeepSpeed launcher."""
-import json
+"""Real 2-rank gloo runs with expert parallelism (ep_size 2) under the DeepSpeed launcher (the scenarios
+ckpt_roundtrip and all_gates of tests/dist_scripts/scenarios.py, run once per test session)."""
 import math
 
 import pytest
-
-from launch import ROOT, deepspeed_run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("score_type", ["gaussian", "attention"])
-def test_train_checkpoint_reload_identical_smoes_buffers(tmp_path, score_type):
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "ckpt_roundtrip.py"), "--out", str(tmp_path),
-                          "--score-type", score_type])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_train_checkpoint_reload_identical_smoes_buffers(two_rank_scenarios, score_type):
+    reports = two_rank_scenarios.reports(f"ckpt_roundtrip-{score_type}")
     for rep in reports:
         losses = rep["losses"]
         assert len(losses) == 6 and all(math.isfinite(l) for l in losses), losses
@@ -35,14 +30,13 @@ def test_train_checkpoint_reload_identical_smoes_buffers(tmp_path, score_type):
         assert rep["binning_steps"] == [6]
 
 
-def test_every_gate_trains_on_two_ranks_with_expert_parallelism(tmp_path):
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "all_gates.py"), "--out", str(tmp_path)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_every_gate_trains_on_two_ranks_with_expert_parallelism(two_rank_scenarios):
+    reports = two_rank_scenarios.reports("all_gates")
     expected_class = {"smoes": "SMoESGate", "smoes-kl": "SMoESGate", "topk": "DeepSpeedTopKGate",
                       "hard": "ModalitySplitGate", "hybrid": "ModalitySplitGate", "ltdr": "LTDRGate",
                       "smar": "SMARGate", "smoes-rank-once": "SMoESGate"}
     for r in range(2):
-        report = json.loads((tmp_path / f"rank{r}.json").read_text())
+        report = reports[r]
         assert set(report) == set(expected_class)
         for name, rep in report.items():
             assert rep["finite"] and len(rep["losses"]) == 3, (name, rep)

@@ -1,25 +1,19 @@
-"""Placement during training and the deployment export, end to end: a 2-rank run whose bins freeze
-and whose experts move onto their bins' ranks, exported, then evaluated from the export on 2 ranks
-and on 1 process with the same results."""
+"""Placement during training and the deployment export, end to end: the demo's 2-rank run (the session's
+`demo_run`), whose bins freeze at step 150 and whose experts move onto their bins' ranks, exported, then
+evaluated from the export on 2 ranks and on 1 process with the same results."""
 import json
 
 import pytest
 
 from launch import deepspeed_run, python_run
-from test_train_cli import write_config
 
 
 @pytest.mark.slow
-def test_placement_then_export_round_trip(tmp_path, digits_dir):
-    cfg = write_config(tmp_path, digits_dir, optim={"max_steps": 30},
-                       smoes={"rebin_interval": 5, "rebin_freeze_step": 10, "dispatch": "rank_once"},
-                       run={"log_every": 10, "eval_every_epoch": False, "seed": 1})
-    db = tmp_path / "mlflow.db"
-    proc = deepspeed_run(["--module", "ds_smoes.train", "--config", str(cfg), "--tracking-uri", f"sqlite:///{db}"])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "placement at step 10 (bins frozen): moved" in proc.stdout, proc.stdout[-3000:]
-    run_dir = tmp_path / "out"
-    trained = json.loads((run_dir / "metrics.json").read_text())
+def test_placement_then_export_round_trip(demo_run, tmp_path):
+    trained = demo_run.metrics
+    assert "placement at step 150 (bins frozen): moved" in demo_run.proc.stdout, demo_run.output()
+    run_dir = demo_run.out
+    db = demo_run.tracking_uri.removeprefix("sqlite:///")
 
     import mlflow
 
@@ -64,9 +58,11 @@ def test_placement_then_export_round_trip(tmp_path, digits_dir):
     assert not (export / "eval" / "checkpoint").exists()  # eval-only writes figures, not checkpoints
 
 
-def test_export_refuses_a_folder_that_is_not_a_run(tmp_path):
-    proc = python_run(["-m", "ds_smoes.export", "--run", str(tmp_path)])
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "train_config.json not found" in proc.stderr
-    proc = python_run(["-m", "ds_smoes.train", "--init-from", str(tmp_path), "--eval-only"])
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+def test_export_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from ds_smoes.app import export, train
+
+    assert export.main(["--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train_config.json not found" in err and "Traceback" not in err
+    assert train.main(["--init-from", str(tmp_path), "--eval-only"]) == 2
+    assert "Traceback" not in capsys.readouterr().err

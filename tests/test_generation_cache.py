@@ -14,7 +14,6 @@ from ds_smoes.model.attention import attention_mask
 from ds_smoes.model.config import ModelConfig
 from ds_smoes.model.kv_cache import KVCache, LayerCache
 
-from launch import ROOT, deepspeed_run
 
 VOCAB, IMAGE_ID, EOS = 16, 15, 2
 PATCHES = 4                       # 8x8 images, patch 4
@@ -209,12 +208,8 @@ def _counted(step, calls, *args):
 
 # -- 2 expert-parallel ranks ----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_cached_generation_on_two_ep_ranks_with_both_dispatches(tmp_path):
-    import json
-
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "generation_cache.py"), "--out", str(tmp_path)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_cached_generation_on_two_ep_ranks_with_both_dispatches(two_rank_scenarios):
+    reports = two_rank_scenarios.reports("generation_cache")
     for rep in reports:
         for dispatch in ("deepspeed", "rank_once"):
             case = rep[dispatch]

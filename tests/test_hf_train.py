@@ -1,48 +1,32 @@
 """`--hf-model` end to end: a tiny Qwen3-VL-MoE trains on 2 gloo ranks with ep_size 2 and ZeRO-2 through the
-DeepSpeed launcher, logs to MLflow, checkpoints, exports; the export loads in transformers; a resumed run
+training command, logs to MLflow, checkpoints, exports; the export loads in transformers; a resumed run
 restores every weight from the checkpoint; at ZeRO 0 the experts move onto their bins' ranks when the
-bins freeze, as in the built-in model's run (the same session code)."""
+bins freeze, as in the built-in model's run (the same session code).  The three runs are the hf_train scenario
+of tests/dist_scripts/ (the command's `main` on each of 2 DeepSpeed-launched ranks, in the session's one launch)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import hf_tiny
-from launch import ROOT, deepspeed_run
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
-data: {{train_json: data/data.json, val_json: null, test_json: data/data.json, image_folder: data,
-        generate_digits: false}}
-smoes: {{num_bins: 2, ep_size: 2, score_type: attention, alpha_mi: 0.01, {smoes}}}
-optim: {{max_steps: 4, micro_batch_size: 4, lr: 0.002, warmup_steps: 1}}
-run: {{output_dir: {out}, eval_batch_size: 8, max_new_tokens: 2, log_every: 2, deepspeed_config: {ds}}}
-hf: {{image_size: 16}}
-"""
-
-
-def _launch(tmp: Path, out: str, *extra: str, ds: str = "cpu_zero2.json", smoes: str = "binning: adaptive"):
-    (tmp / f"{out}.yaml").write_text(CONFIG.format(out=out, ds=ROOT / "ds_configs" / ds, smoes=smoes))
-    return deepspeed_run(["--module", "ds_smoes.train", "--hf-model", str(tmp / "model"),
-                          "--config", str(tmp / f"{out}.yaml"), *extra], timeout=300)
-
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hf_train")
-    hf_tiny.save_tiny_qwen3_vl_moe(tmp / "model")
-    hf_tiny.write_tiny_llava_data(tmp / "data")
-    proc = _launch(tmp, "run1", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--experiment", "hf-test")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return tmp, proc
+def trained(two_rank_scenarios):
+    """(folder, exit codes, console of run1..run3 on rank 0)"""
+    (report, _) = two_rank_scenarios.reports("hf_train")
+    tmp = two_rank_scenarios.out / "hf_train"
+    consoles = {run: (tmp / f"{run}.rank0.out").read_text() for run in ("run1", "run2", "run3")}
+    return tmp, report["exit_codes"], consoles
 
 
 def test_trains_with_expert_parallelism_logs_to_mlflow_and_exports(trained):
     from transformers import AutoModelForImageTextToText
 
-    tmp, proc = trained
+    tmp, codes, _ = trained
+    assert codes["run1"] == 0
     metrics = json.loads((tmp / "run1" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["ep_size"] == 2 and metrics["world_size"] == 2
     assert metrics["zero_stage"] == 2 and metrics["hf_model_type"] == "qwen3_vl_moe"
@@ -79,11 +63,10 @@ def test_trains_with_expert_parallelism_logs_to_mlflow_and_exports(trained):
 def test_resumed_run_restores_every_weight_from_the_checkpoint(trained):
     from safetensors.torch import load_file
 
-    tmp, _ = trained
+    tmp, codes, consoles = trained
     # max_steps 4 = the checkpoint's step: nothing left to train, so the export is the restored model
-    proc = _launch(tmp, "run2", "--no-mlflow", "--set", f"hf.resume_from={tmp / 'run1' / 'checkpoint'}")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "resumed from" in proc.stdout and "step 4/4" in proc.stdout
+    assert codes["run2"] == 0, consoles["run2"][-3000:]
+    assert "resumed from" in consoles["run2"] and "step 4/4" in consoles["run2"]
     first = load_file(tmp / "run1" / "hf_export" / "model.safetensors")
     again = load_file(tmp / "run2" / "hf_export" / "model.safetensors")
     assert set(first) == set(again)
@@ -94,13 +77,12 @@ def test_resumed_run_restores_every_weight_from_the_checkpoint(trained):
 
 
 def test_experts_are_placed_when_the_bins_freeze_and_the_run_reports_like_the_demo(trained):
-    tmp, _ = trained
-    proc = _launch(tmp, "run3", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--experiment", "hf-test",
-                   ds="cpu_ep.json", smoes="placement: bins, binning: adaptive, rebin_interval: 1, rebin_freeze_step: 2")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "placement at step 2 (bins frozen): moved" in proc.stdout, proc.stdout[-3000:]
-    assert "[epoch 2 step 4/4]" in proc.stdout and " MI " in proc.stdout and "eta " in proc.stdout  # 2 steps an epoch
-    assert "== results (held-out test split)" in proc.stdout and "MLflow run " in proc.stdout
+    tmp, codes, consoles = trained
+    out = consoles["run3"]
+    assert codes["run3"] == 0, out[-3000:]
+    assert "placement at step 2 (bins frozen): moved" in out, out[-3000:]
+    assert "[epoch 2 step 4/4]" in out and " MI " in out and "eta " in out  # 2 steps an epoch
+    assert "== results (held-out test split)" in out and "MLflow run " in out
     metrics = json.loads((tmp / "run3" / "metrics.json").read_text())
     assert metrics["zero_stage"] == 0 and metrics["steps"] == 4
     assert metrics["num_experts"] == 4 and metrics["k"] == 2   # read from the model, not the config defaults

@@ -1,7 +1,5 @@
 """Expert placement: the plan by hand, migration of weights and Adam state, invariance of the layer's
 function under a move, the export's slicing; expert migration on 2 real gloo ranks."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.core.placement import bin_ordered_physical, counts_to_physical, is_placed, plan_physical, rank_of_bin, to_physical
 from ds_smoes.parallel.migration import migrate_experts
 
-from launch import ROOT, deepspeed_run
 
 D = 8
 
@@ -168,15 +165,12 @@ def test_slice_experts_renumbers_each_ranks_share():
 
 
 @pytest.mark.slow
-def test_migration_on_two_gloo_ranks_keeps_training_identical(tmp_path):
-    shm = Path("/dev/shm")
-    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "placement_parity.py"), "--out", str(tmp_path)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # DeepSpeed's CPU shm all-reduce segments (69 MB per rank, never unlinked) are not created
-    assert (set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()) <= before
+def test_migration_on_two_gloo_ranks_keeps_training_identical(two_rank_scenarios):
+    reports = two_rank_scenarios.reports("placement_parity")
+    # DeepSpeed's CPU shm all-reduce segments (69 MB per rank, never unlinked) are not created (by any scenario)
+    assert two_rank_scenarios.shm_segments_created == []
     for r in range(2):
-        report = json.loads((tmp_path / f"rank{r}.json").read_text())
+        report = reports[r]
         for dispatch, rep in report.items():
             where = (r, dispatch)
             assert rep["physical_of_expert"] == [3, 1, 2, 0], where

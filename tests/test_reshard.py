@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 
-from launch import ROOT, deepspeed_run
 from ds_smoes.app import reshard
 from ds_smoes.core.errors import ConfigError
 
@@ -127,12 +126,10 @@ def test_command_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_across_ep_size_matches_the_uninterrupted_run(tmp_path):
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "reshard_resume.py"), "--out", str(tmp_path)],
-                         timeout=900)  # three engines; ~90 s on an idle 2-core machine
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_resume_across_ep_size_matches_the_uninterrupted_run(two_rank_scenarios):
+    reports = two_rank_scenarios.reports("reshard_resume")  # three engines in the 2-rank launch
     for r in range(2):
-        rep = json.loads((tmp_path / f"rank{r}.json").read_text())
+        rep = reports[r]
         assert rep["ckpt_ep_sizes"] == [2, 1, 2] and rep["physical2"] == [2, 0, 3, 1]
         assert rep["resumed"] == [3, 0] and rep["client2"] == [3, 0]
         assert any("saved at ep_size 2; converted it to ep_size 1" in line for line in rep["logs"]) == (r == 0)

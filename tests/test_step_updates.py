@@ -5,14 +5,12 @@ Under activation checkpointing a forward runs twice; a state update inside it us
 without checkpointing and require identical buffers and weights.
 """
 import copy
-import json
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from launch import ROOT, deepspeed_run
 
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.step_state import UNAPPLIED_WARNING_AFTER
@@ -76,13 +74,10 @@ def test_checkpointed_training_updates_state_as_the_plain_run(mode):
 
 
 @pytest.mark.slow
-def test_deepspeed_activation_checkpointing_on_two_ranks_updates_state_as_the_plain_run(tmp_path):
+def test_deepspeed_activation_checkpointing_on_two_ranks_updates_state_as_the_plain_run(two_rank_scenarios):
     # DeepSpeed's engine and activation checkpointing, rank_once over 2 gloo ranks, the step update registered
     # on the optimizer the engine wraps: the recomputed forwards record nothing, the world sum keeps ranks alike
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "step_updates_checkpointing.py"), "--out",
-                          str(tmp_path)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = two_rank_scenarios.reports("step_updates_checkpointing")
     for report in reports:
         assert report["plain"] == report["checkpointed"]
         assert report["plain"]["deepspeed_moe.gate.binning.step"] == 4          # 6 steps, frozen at 4

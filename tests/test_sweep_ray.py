@@ -1,4 +1,5 @@
-"""Sweeps on a real Ray: every trial a TorchTrainer of 2 DeepSpeed ranks (gloo, ep_size 2).
+"""Sweeps on a real Ray: every trial a TorchTrainer of 2 DeepSpeed ranks (gloo, ep_size 2), each of the
+baseline gates in one of the trials.
 
 The runs use a small copy of the digits data (10 steps per epoch) so that each trial takes
 seconds of training; what they test is the machinery: MLflow parent and children, a failing
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import ROOT, free_port
+from launch import GROUP_ENV, ROOT, free_port
 from sweep_util import (make_small_split, small_data_fields, start_sweep, sweep, sweep_id, tail, write_base_config,
                         write_sweep)
 
@@ -57,18 +58,21 @@ def check_finished_child(store, run, steps=20):
 # -- failure isolation, crash restart, MLflow contents --------------------------------------------------
 @pytest.fixture(scope="module")
 def isolation(small):
-    """Three trials, two at a time: t00 loses a worker after epoch 1 (Ray Train restarts the group
-    from the epoch-1 checkpoint), t01 trains normally, t02 fails when it runs: its batch is larger than its
+    """Five trials, two at a time, each with a baseline gate (a gate axis plus a trial with its own knobs; the
+    sweep in test_interrupted_sweep... trains SMAR and the SMoES KL ablation, the job-submit one SMoES itself):
+    t00 (top-k) loses a worker after epoch 1 (Ray Train restarts the group from the epoch-1 checkpoint), t01
+    (LTDR), t02 (hard) and t03 (hybrid) train normally, t04 fails when it runs: its batch is larger than its
     data, which only the workers find out (a config that does not validate stops the sweep before it starts,
     test_sweep_spec.py)."""
     folder, _, base = small
-    spec = write_sweep(folder, base, "isolation", grid={"smoes.score_type": ["attention", "gaussian"]},
-                       trials=[{"optim.micro_batch_size": 100000}],
+    spec = write_sweep(folder, base, "isolation", grid={"smoes.gate": ["topk", "ltdr", "hard"]},
+                       trials=[{"smoes.gate": "hybrid", "smoes.text_experts": 1, "smoes.shared_experts": 2},
+                               {"optim.micro_batch_size": 100000}],
                        inject_crash={"trial": 0, "after_epoch": 1, "rank": 1},
                        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2})
     uri = f"sqlite:///{folder / 'isolation.db'}"
     t0 = time.time()
-    proc = sweep(["run", str(spec), "--tracking-uri", uri, "--storage-path", str(folder / "store")], timeout=540)
+    proc = sweep(["run", str(spec), "--tracking-uri", uri, "--storage-path", str(folder / "store")], timeout=900)
     print(f"isolation sweep: {time.time() - t0:.0f}s")
     store = store_at(uri)
     parents = store.parents()
@@ -79,20 +83,29 @@ def isolation(small):
 def test_failing_trial_is_recorded_and_the_others_finish(isolation):
     proc, store, parent, runs = isolation
     assert proc.returncode == 1, tail(proc)  # 1: the sweep ran to its end, with a failed trial
-    assert "2 finished, 1 failed" in proc.stdout, tail(proc)
-    assert set(runs) == {"t00", "t01", "t02"}
-    assert runs["t02"].status == "FAILED"
-    assert "do not fill one batch of optim.micro_batch_size=100000" in runs["t02"].tags["sweep.error"]
-    assert runs["t02"].tags["mlflow.parentRunId"] == parent.run_id
-    assert runs["t00"].status == "FINISHED" and runs["t01"].status == "FINISHED"
+    assert "4 finished, 1 failed" in proc.stdout, tail(proc)
+    assert set(runs) == {"t00", "t01", "t02", "t03", "t04"}
+    assert runs["t04"].status == "FAILED"
+    assert "do not fill one batch of optim.micro_batch_size=100000" in runs["t04"].tags["sweep.error"]
+    assert runs["t04"].tags["mlflow.parentRunId"] == parent.run_id
+    assert all(runs[tid].status == "FINISHED" for tid in ("t00", "t01", "t02", "t03"))
 
 
 def test_every_child_run_carries_the_required_metrics(isolation):
     _, store, parent, runs = isolation
-    for tid in ("t00", "t01"):
+    for tid in ("t00", "t01", "t02", "t03"):
         check_finished_child(store, runs[tid])
         assert runs[tid].tags["mlflow.parentRunId"] == parent.run_id
-    assert runs["t00"].tags["score_type"] == "attention" and runs["t01"].tags["score_type"] == "gaussian"
+
+
+def test_the_baseline_gates_train_through_the_sweep(isolation):
+    """A gate axis and a trial with the gate's own knobs reach the workers; each gate's own figures reach
+    MLflow (SMAR's KL band and the SMoES KL ablation: test_interrupted_sweep_resumes...)."""
+    _, _, _, runs = isolation
+    assert {tid: run.tags["gate"] for tid, run in runs.items() if tid != "t04"} == \
+        {"t00": "topk", "t01": "ltdr", "t02": "hard", "t03": "hybrid"}
+    assert runs["t03"].params["smoes.shared_experts"] == "2" and runs["t03"].params["smoes.text_experts"] == "1"
+    assert "train/gate/tail_share" in runs["t01"].metrics  # LTDR's share of vision tail tokens
 
 
 def test_crashed_worker_group_restarts_from_the_last_checkpoint(isolation, small):
@@ -114,16 +127,17 @@ def test_console_has_one_line_per_trial_event_and_ends_with_the_summary(isolatio
     proc, _, _, _ = isolation
     out = proc.stdout
     lines = out.splitlines()
-    names = {"t00": "t00:score_type=attention", "t01": "t01:score_type=gaussian", "t02": "t02:micro_batch_size=100000"}
+    names = {"t00": "t00:gate=topk", "t01": "t01:gate=ltdr", "t02": "t02:gate=hard",
+             "t03": "t03:gate=hybrid,text_experts=1,shared_experts=2", "t04": "t04:micro_batch_size=100000"}
     for i, (tid, name) in enumerate(names.items()):
-        mine = [l for l in lines if l.startswith(f"[trial {i + 1}/3] {name}  ")]
+        mine = [l for l in lines if l.startswith(f"[trial {i + 1}/5] {name}  ")]
         assert sum(" started  (done " in l for l in mine) == 1, mine
         ends = [l for l in mine if "  finished in " in l or "  failed after " in l]
         assert len(ends) == 1, mine
-        assert ("  failed after " in ends[0]) == (tid == "t02"), ends
+        assert ("  failed after " in ends[0]) == (tid == "t04"), ends
         assert all(l.endswith(")") and "(done " in l and ", ETA " in l for l in mine), mine
-    assert "do not fill one batch" in [l for l in lines if l.startswith("[trial 3/3]") and "failed" in l][0]
-    assert any("epoch 1, step 10: loss " in l for l in lines if l.startswith("[trial 2/3]")), out
+    assert "do not fill one batch" in [l for l in lines if l.startswith("[trial 5/5]") and "failed" in l][0]
+    assert any("epoch 1, step 10: loss " in l for l in lines if l.startswith("[trial 2/5]")), out
     assert any(l.startswith("Ray logs: ") for l in lines), out
     for noise in ("TrainingReport(", "RayTrainWorker", "Trial status", "pid="):
         assert noise not in out + proc.stderr, noise
@@ -141,41 +155,17 @@ def test_parent_run_holds_the_comparison(isolation, tmp_path):
             "msi_per_layer.png", "sweep.yaml", "trials.json"} <= artifacts
     csv_text = Path(store.client.download_artifacts(parent.run_id, "comparison.csv", str(tmp_path))).read_text()
     lines = csv_text.strip().splitlines()
-    assert len(lines) == 4 and lines[0].startswith("trial,smoes.score_type,optim.micro_batch_size,status,acc_multimodal")
-    assert lines[3].startswith("t02,,100000,FAILED")
+    assert len(lines) == 6 and lines[0].startswith("trial,smoes.gate,smoes.text_experts,smoes.shared_experts,"
+                                                   "optim.micro_batch_size,status,acc_multimodal"), lines[0]
+    # each trial's row holds its resolved values of the sweep's axes, then its status
+    assert lines[1].startswith("t00,topk,") and ",FINISHED," in lines[1], lines[1]
+    assert lines[5].startswith("t04,") and ",100000,FAILED," in lines[5], lines[5]
     # the report command reads the same table back from MLflow alone
     rep = sweep(["report", parent.tags["sweep.id"], "--tracking-uri", store.tracking_uri], timeout=120)
     assert rep.returncode == 0, tail(rep)
-    for tid in ("t00", "t01", "t02"):
+    for tid in ("t00", "t01", "t02", "t03", "t04"):
         assert f"| {tid} " in rep.stdout
     assert "mean and spread" in rep.stdout and "do not fill one batch" in rep.stdout
-
-
-# -- every gate through the sweep ------------------------------------------------------------------------
-def test_every_gate_trains_through_the_sweep(small):
-    """The baselines and the KL ablation as sweep trials (a gate axis plus trials with their own knobs)."""
-    folder, _, base = small
-    spec = write_sweep(folder, base, "gates", overrides={"optim.max_steps": 10},
-                       grid={"smoes.gate": ["topk", "hard", "ltdr", "smar"]},
-                       trials=[{"smoes.gate": "hybrid", "smoes.text_experts": 1, "smoes.shared_experts": 2},
-                               {"smoes.gate": "smoes", "smoes.bin_objective": "kl"}],
-                       resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2})
-    uri = f"sqlite:///{folder / 'gates.db'}"
-    proc = sweep(["run", str(spec), "--tracking-uri", uri, "--storage-path", str(folder / "gates-store")],
-                 timeout=600)
-    assert proc.returncode == 0, tail(proc)
-    assert "6 finished, 0 failed" in proc.stdout, tail(proc)
-    store = store_at(uri)
-    parent = store.parents()[0]
-    runs = {c.tags["sweep.trial_id"]: c for c in store.children(parent.run_id)}
-    gates = {tid: run.tags["gate"] for tid, run in runs.items()}
-    assert gates == {"t00": "topk", "t01": "hard", "t02": "ltdr", "t03": "smar", "t04": "hybrid", "t05": "smoes"}
-    for run in runs.values():
-        check_finished_child(store, run, steps=10)
-    assert runs["t05"].params["smoes.bin_objective"] == "kl" and runs["t04"].params["smoes.shared_experts"] == "2"
-    assert "train/gate/kl_band" in runs["t05"].metrics and "train/gate/kl_band" in runs["t03"].metrics
-    assert "train/gate/tail_share" in runs["t02"].metrics  # LTDR's share of vision tail tokens
-    shutil.rmtree(folder / "gates-store", ignore_errors=True)
 
 
 # -- resume after interruption ------------------------------------------------------------------------
@@ -191,11 +181,19 @@ def _wait_for(predicate, timeout, proc=None, log=None):
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small):
-    """Two trials at a time: t00 (20 steps) finishes, t01 (100 steps) is interrupted by Ctrl+C after
-    its first checkpoints; `resume` leaves t00 alone and continues t01 from its last checkpoint."""
+    """Two trials at a time: t00 (SMAR, 20 steps) finishes, t01 (the SMoES KL ablation with the Gaussian score,
+    40 steps) is interrupted by Ctrl+C after its first checkpoint; `resume` leaves t00 alone and continues t01
+    from its last checkpoint.  t01 waits after that checkpoint for as long as a hold file exists (the spec's
+    testing-only inject_hold), so the Ctrl+C always lands while it runs, on a machine of any speed."""
     folder, _, base = small
-    spec = write_sweep(folder, base, "resume", trials=[{"run.seed": 0}, {"run.seed": 1, "optim.max_steps": 100}],
-                       resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2})
+    hold = folder / "resume.hold"
+    hold.touch()
+    spec = write_sweep(folder, base, "resume",
+                       trials=[{"run.seed": 0, "smoes.gate": "smar"},
+                               {"run.seed": 1, "smoes.bin_objective": "kl", "smoes.score_type": "gaussian",
+                                "optim.max_steps": 40}],
+                       resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+                       inject_hold={"trial": 1, "after_epoch": 1, "while_file": str(hold)})
     uri = f"sqlite:///{folder / 'resume.db'}"
     store_path = folder / "store"
     log = folder / "resume-1.log"
@@ -208,7 +206,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small):
         sid = sweep_id(log.read_text())
 
         def t00_done_t01_checkpointed():  # t00 settled in MLflow and ended in Tune; t01 has a checkpoint
-            return "[trial 1/2] t00:seed=0  finished in " in log.read_text() and any(
+            return "[trial 1/2] t00:seed=0,gate=smar  finished in " in log.read_text() and any(
                 c.tags.get("sweep.trial_id") == "t00" and "sweep.attempts" in c.tags
                 for c in store.children(parent.run_id)) and \
                 any((store_path / sid / "train" / "t01").glob("checkpoint_*"))
@@ -218,6 +216,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small):
     finally:
         if proc.poll() is None:
             proc.kill()
+        hold.unlink(missing_ok=True)
     out = log.read_text()
     assert proc.returncode == 130, tail(out)
     assert "1 finished, 0 failed, 1 not run (interrupted)" in out, tail(out)
@@ -230,9 +229,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small):
     resumed = sweep(["resume", sid, "--storage-path", str(store_path)], timeout=420)
     assert resumed.returncode == 0, tail(resumed)
     assert "2 finished, 0 failed" in resumed.stdout
-    assert "[trial 1/2] t00:seed=0  skipped: finished in an earlier session  (done 1/2, " in resumed.stdout
-    assert "[trial 2/2] t01:seed=1,max_steps=100  resumed  (done 1/2, " in resumed.stdout, tail(resumed)
-    assert "[trial 2/2] t01:seed=1,max_steps=100  goes on from the step-" in resumed.stdout, tail(resumed)
+    assert "[trial 1/2] t00:seed=0,gate=smar  skipped: finished in an earlier session  (done 1/2, " in resumed.stdout
+    t01 = "[trial 2/2] t01:seed=1,bin_objective=kl,score_type=gaussian,max_steps=40"
+    assert f"{t01}  resumed  (done 1/2, " in resumed.stdout, tail(resumed)
+    assert f"{t01}  goes on from the step-" in resumed.stdout, tail(resumed)
     assert "workers restarted" not in resumed.stdout, tail(resumed)
     after = {c.tags.get("sweep.trial_id"): c for c in store.children(parent.run_id)}
     assert set(after) == {"t00", "t01"}
@@ -243,8 +243,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small):
     assert len(all_t00) == 1
     # t01 went on from a checkpoint of the interrupted session, and kept one run with its whole history
     t01 = after["t01"]
-    check_finished_child(store, t01, steps=100)
+    check_finished_child(store, t01, steps=40)
     assert int(t01.tags["sweep.resumed_from_step"]) >= 10 and t01.tags["sweep.attempts"] == "2"
+    # the gates' own figures: SMAR's and the KL ablation's KL band, through the sweep into MLflow
+    assert after["t00"].tags["gate"] == "smar" and "train/gate/kl_band" in after["t00"].metrics
+    assert t01.tags["gate"] == "smoes" and t01.params["smoes.bin_objective"] == "kl"
+    assert t01.tags["score_type"] == "gaussian" and "train/gate/kl_band" in t01.metrics
     assert store.get(parent.run_id).status == "FINISHED"
 
 
@@ -256,7 +260,7 @@ def test_ray_job_submit_against_a_local_head_node(small):
     # as README says: the venv's python first on PATH, token authentication on for the cluster and the CLI
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", DS_ACCELERATOR="cpu",
                RAY_AUTH_MODE="token")
-    for key in ("RAY_ADDRESS", "PYTEST_CURRENT_TEST", "RANK"):
+    for key in ("RAY_ADDRESS", "PYTEST_CURRENT_TEST", *GROUP_ENV):
         env.pop(key, None)
     port, dashboard = free_port(), free_port()
     uri = f"sqlite:///{folder / 'job.db'}"

@@ -1,22 +1,15 @@
 """`run_training`'s hooks for the sweeps, under the DeepSpeed launcher (2 ranks, ep_size 2):
 `epoch_callback` after every epoch, and `resume_from` a DeepSpeed checkpoint saved there."""
-import json
-
 import pytest
-
-from launch import ROOT, deepspeed_run
-from sweep_util import make_small_split, write_base_config
 
 pytestmark = pytest.mark.slow
 
 
-def test_epoch_callback_and_resume_from_checkpoint(tmp_path, digits_dir):
-    cfg = write_base_config(tmp_path, digits_dir, make_small_split(digits_dir, tmp_path / "small"))  # 10 steps/epoch
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "resume_from_checkpoint.py"), "--config", str(cfg),
-                          "--out", str(tmp_path)])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+def test_epoch_callback_and_resume_from_checkpoint(two_rank_scenarios):
+    # the scenario trains the small split of sweep_util (10 steps per epoch, 2 epochs)
+    reports = two_rank_scenarios.reports("resume_from_checkpoint")
     for rank in range(2):
-        rep = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        rep = reports[rank]
         # the hook runs on every rank after each epoch, with the latest training figures
         assert [c[:2] for c in rep["calls_a"]] == [[1, 10], [2, 20]]
         assert "train/loss" in rep["calls_a"][0][2] and "train/msi" in rep["calls_a"][0][2]

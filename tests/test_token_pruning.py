@@ -221,16 +221,10 @@ def test_pruned_training_step_backpropagates():
 
 # -- 2 expert-parallel ranks ----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_pruning_on_two_ep_ranks(tmp_path):
+def test_pruning_on_two_ep_ranks(two_rank_scenarios):
     """Each rank prunes its own batch (packed lengths differ between ranks), routes exactly the removed count fewer
     tokens after the pruning point, and its cached generation equals the cache-free one, in EP lockstep."""
-    import json
-
-    from launch import ROOT, deepspeed_run
-
-    proc = deepspeed_run([str(ROOT / "tests" / "dist_scripts" / "token_pruning.py"), "--out", str(tmp_path)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = two_rank_scenarios.reports("token_pruning")
     for rep in reports:
         assert rep["removed"] > 0
         assert rep["routed"] == rep["comm_tokens"] == [rep["valid_tokens"], rep["valid_tokens"] - rep["removed"]]

@@ -26,15 +26,11 @@ def write_config(tmp_path: Path, data_dir: Path, **sections) -> Path:
 
 
 @pytest.mark.slow
-def test_two_rank_training_logs_to_mlflow(tmp_path, digits_dir):
-    cfg = write_config(tmp_path, digits_dir, optim={"max_steps": 12}, run={"log_every": 4, "eval_every_epoch": False})
-    db = tmp_path / "mlflow.db"
-    out_json = tmp_path / "metrics.json"
-    proc = deepspeed_run(["--module", "ds_smoes.train", "--config", str(cfg), "--output-json", str(out_json),
-                          "--tracking-uri", f"sqlite:///{db}", "--experiment", "e2e"])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "[epoch 1 step 12/12]" in proc.stdout and "== results" in proc.stdout
-    m = json.loads(out_json.read_text())
+def test_two_rank_training_logs_to_mlflow(demo_run):
+    # the demo's command (the session's demo_run: 1,900 steps, log_every 20, MLflow into its own SQLite store)
+    proc = demo_run.proc
+    m = demo_run.metrics
+    assert "[epoch 25 step 1900/1900]" in proc.stdout and "== results" in proc.stdout
     for key in ("acc_multimodal", "acc_language", "msi", "tokens_per_s", "cross_rank_rate", "ranks_per_token",
                 "mlflow_run_id", "gate", "score_type", "num_bins"):
         assert key in m, key
@@ -49,17 +45,17 @@ def test_two_rank_training_logs_to_mlflow(tmp_path, digits_dir):
 
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    client = mlflow.MlflowClient(demo_run.tracking_uri)
     run = client.get_run(m["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     for key in ("acc_multimodal", "acc_language", "msi", "tokens_per_s", "cross_rank_rate", "bytes_per_token",
                 "train/loss", "train/bytes_per_token"):
         assert key in run.data.metrics, key
-    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3  # steps 4, 8, 12
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 1900 // 20  # every log_every steps
     assert run.data.params["smoes.score_type"] == "attention" and run.data.tags["gate"] == "smoes"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "metrics.json", "expert_modality_heatmap.png"} <= artifacts
-    assert (tmp_path / "out" / "checkpoint" / "final").is_dir()
+    assert (demo_run.out / "checkpoint" / "final").is_dir()
 
 
 def _fails_cleanly(proc, *needles):
@@ -69,22 +65,41 @@ def _fails_cleanly(proc, *needles):
         assert needle in proc.stderr, proc.stderr[-2000:]
 
 
+def _main_fails_cleanly(capsys, argv, *needles):
+    """The training command's `main(argv)` in this process (what `python -m ds_smoes.train ARGV` runs): exit
+    status 2, one `error:` line on stderr with every needle, and no traceback (an exception would raise here)."""
+    from ds_smoes.app.train import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err, err[-2000:]
+    for needle in needles:
+        assert needle in err, err[-2000:]
+
+
 @pytest.mark.parametrize("override, needles", [
     ("smoes.score_type=cosine", ["smoes.score_type", "'attention', 'gaussian' or 'hard'"]),
     ("smoes.num_bins=3", ["num_bins=3 is not a multiple of ep_size=2"]),
     ("smoes.ep_sise=1", ["smoes.ep_sise: unknown field"]),
 ])
-def test_config_errors_exit_2_with_message(tmp_path, override, needles):
-    proc = python_run(["-m", "ds_smoes.train", "--config", str(ROOT / "configs" / "demo.yaml"), "--set", override,
-                       "--no-mlflow"])
-    _fails_cleanly(proc, *needles)
+def test_config_errors_exit_2_with_message(capsys, override, needles):
+    _main_fails_cleanly(capsys, ["--config", str(ROOT / "configs" / "demo.yaml"), "--set", override, "--no-mlflow"],
+                        *needles)
 
 
-def test_ep_size_larger_than_world(tmp_path, digits_dir):
+def test_ep_size_larger_than_world(tmp_path, digits_dir, capsys):
     cfg = write_config(tmp_path, digits_dir)
-    proc = python_run(["-m", "ds_smoes.train", "--config", str(cfg), "--no-mlflow"])
-    _fails_cleanly(proc, "smoes.ep_size=2 does not divide the number of ranks (1)",
-                   "deepspeed --num_gpus 2 --module ds_smoes.train")   # the launcher's spelling of -m
+    _main_fails_cleanly(capsys, ["--config", str(cfg), "--no-mlflow"],
+                        "smoes.ep_size=2 does not divide the number of ranks (1)",
+                        "deepspeed --num_gpus 2 --module ds_smoes.train")   # the launcher's spelling of -m
+
+
+def test_the_command_line_error_path_is_the_programs(tmp_path):
+    # the tests above call main() in-process; once, the real `python -m ds_smoes.train` with its exit status
+    proc = python_run(["-m", "ds_smoes.train", "--config", str(ROOT / "configs" / "demo.yaml"), "--set",
+                       "smoes.num_bins=3", "--no-mlflow"])
+    _fails_cleanly(proc, "num_bins=3 is not a multiple of ep_size=2")
 
 
 @pytest.mark.slow
@@ -100,7 +115,7 @@ def test_a_config_error_under_the_launcher_is_printed_once():
     ("malformed", ["train.json", "line 2"]),
     ("missing_image", ["not found under", "images/0000.png"]),
 ])
-def test_dataset_errors_exit_2_with_message(tmp_path, digits_dir, damage, needles):
+def test_dataset_errors_exit_2_with_message(tmp_path, digits_dir, damage, needles, capsys):
     data = tmp_path / "data"
     shutil.copytree(digits_dir, data)
     if damage == "malformed":
@@ -111,8 +126,7 @@ def test_dataset_errors_exit_2_with_message(tmp_path, digits_dir, damage, needle
         records[0]["image"] = "images/0000.png"
         (data / "train.json").write_text(json.dumps(records))
     cfg = write_config(tmp_path, data, smoes={"ep_size": 1})
-    proc = python_run(["-m", "ds_smoes.train", "--config", str(cfg), "--no-mlflow"])
-    _fails_cleanly(proc, *needles)
+    _main_fails_cleanly(capsys, ["--config", str(cfg), "--no-mlflow"], *needles)
 
 
 def test_the_process_group_is_destroyed_before_interpreter_exit():
@@ -163,23 +177,13 @@ def test_placement_under_zero_2_is_refused_only_when_the_bins_freeze_in_the_run(
 
 
 @pytest.mark.slow
-def test_activation_checkpointing_and_bf16_train_the_demo_recipe(tmp_path, digits_dir):
-    # 30 steps (one rebin at 25): DeepSpeed's activation checkpointing recomputes every decoder block in the
-    # backward, and the run ends exactly where the plain one does (dropout masks restored, routing state
-    # recorded once); DeepSpeed's bf16 trains the same recipe (placement off: its optimizer state is flat)
-    figures = {}
-    variants = {"plain": {}, "checkpointed": {"model.activation_checkpointing": True},
-                "bf16": {"run.deepspeed_config": str(ROOT / "ds_configs" / "bf16.json"), "smoes.placement": "none"}}
-    for name, changes in variants.items():
-        (tmp_path / name).mkdir()
-        cfg = write_config(tmp_path / name, digits_dir, optim={"max_steps": 30},
-                           run={"log_every": 10, "eval_every_epoch": False})
-        sets = [a for key, value in changes.items() for a in ("--set", f"{key}={value}")]
-        out_json = tmp_path / f"{name}.json"
-        proc = deepspeed_run(["--module", "ds_smoes.train", "--config", str(cfg), "--output-json", str(out_json),
-                              "--no-mlflow", *sets], timeout=400)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        figures[name] = json.loads(out_json.read_text())
-    same = ("final_train_loss", "test_loss", "acc_overall", "msi", "cross_rank_rate")
-    assert {k: figures["checkpointed"][k] for k in same} == {k: figures["plain"][k] for k in same}
-    assert abs(figures["bf16"]["test_loss"] - figures["plain"]["test_loss"]) < 0.1 * figures["plain"]["test_loss"]
+def test_activation_checkpointing_and_bf16_train_the_demo_recipe(two_rank_scenarios):
+    # 30 steps (one rebin at 25) of the demo recipe in the training session, 2 ranks (tests/dist_scripts/
+    # train_variants.py): DeepSpeed's activation checkpointing recomputes every decoder block in the backward, and
+    # the run ends exactly where the plain one does (dropout masks restored, routing state recorded once);
+    # DeepSpeed's bf16 trains the same recipe (placement off: its optimizer state is flat)
+    for figures in two_rank_scenarios.reports("train_variants"):
+        assert figures["plain"]["steps"] == 30 and figures["bf16"]["steps"] == 30
+        same = ("final_train_loss", "test_loss", "acc_overall", "msi", "cross_rank_rate")
+        assert {k: figures["checkpointed"][k] for k in same} == {k: figures["plain"][k] for k in same}
+        assert abs(figures["bf16"]["test_loss"] - figures["plain"]["test_loss"]) < 0.1 * figures["plain"]["test_loss"]

@@ -47,6 +47,16 @@ def native_bf16() -> tuple[bool, str]:
     return native, f"CPU capability {capability}" + ("" if native else ", no avx512_bf16 or amx_bf16 in /proc/cpuinfo")
 
 
+def measured_dtypes(asked: list[str] | None, probe=native_bf16) -> tuple[list[str], str | None]:
+    """The dtypes to measure and, where bf16 is left out, why.  Asked for (`--dtypes`): exactly those.
+    Not asked: fp32, plus bf16 where `probe()` says the machine computes it natively (on a CPU without
+    native bf16 its times measure an emulation, not the layer)."""
+    if asked:
+        return list(asked), None
+    native, seen = probe()
+    return (["fp32", "bf16"], None) if native else (["fp32"], seen)
+
+
 def check_args(args) -> None:
     for name in ("tokens", "repeats"):
         if getattr(args, name) < 1:
@@ -209,14 +219,7 @@ def run(args) -> int:
     check_args(args)
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    dtypes = list(args.dtypes) if args.dtypes else ["fp32"]
-    bf16_skipped = None
-    if args.dtypes is None:
-        native, seen = native_bf16()
-        if native:
-            dtypes.append("bf16")
-        else:
-            bf16_skipped = seen
+    dtypes, bf16_skipped = measured_dtypes(args.dtypes, native_bf16)
     uri = None if args.no_mlflow else (args.tracking_uri or default_tracking_uri())
     tracker = Tracker(uri or "", args.experiment, f"bench-scale-{time.strftime('%Y%m%d-%H%M%S')}",
                       active=uri is not None, tags={"kind": "bench-scale"})

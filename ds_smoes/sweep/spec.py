@@ -64,6 +64,16 @@ class CrashInjection(_Strict):
     rank: int = Field(0, ge=0)
 
 
+class HoldInjection(_Strict):
+    """Testing only: the workers of one trial wait, right after the checkpoint of an epoch is reported, for
+    as long as a file exists, so that a test can interrupt the sweep while that trial is known to be
+    running, whatever the machine's speed (it deletes the file to let the trial go on)."""
+
+    trial: int = Field(0, ge=0, description="index of the trial (0 = the first)")
+    after_epoch: int = Field(1, ge=1)
+    while_file: Path = Field(..., description="the workers wait while this file exists (an absolute path)")
+
+
 class SweepSpec(_Strict):
     name: str = Field(..., description="sweep name (letters, digits, - and _)")
     base_config: Path = Field(..., description="training config, relative to the sweep file")
@@ -74,6 +84,7 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     max_failures: int = Field(1, ge=-1, description="Ray Train restarts per trial after a worker crash (-1: no limit)")
     inject_crash: CrashInjection | None = Field(None, description="testing only: crash one worker once")
+    inject_hold: HoldInjection | None = Field(None, description="testing only: hold one trial while a file exists")
 
     @field_validator("name")
     @classmethod
@@ -115,6 +126,8 @@ class SweepSpec(_Strict):
             raise ValueError("no trials: give a grid (axis: [values]) or a list of trials")
         if self.inject_crash and self.inject_crash.trial >= self.num_trials:
             raise ValueError(f"inject_crash.trial={self.inject_crash.trial} but the sweep has {self.num_trials} trials")
+        if self.inject_hold and self.inject_hold.trial >= self.num_trials:
+            raise ValueError(f"inject_hold.trial={self.inject_hold.trial} but the sweep has {self.num_trials} trials")
         if self.inject_crash and self.inject_crash.rank >= self.resources.workers_per_trial:
             raise ValueError(f"inject_crash.rank={self.inject_crash.rank} but trials have "
                              f"{self.resources.workers_per_trial} workers")

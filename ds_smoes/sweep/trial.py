@@ -81,10 +81,12 @@ def run_trial(config: dict, ctx: dict) -> None:
 
     res = spec.resources
     crash = spec.inject_crash.model_dump() if spec.inject_crash and spec.inject_crash.trial == trial["index"] else None
+    hold = (spec.inject_hold.model_dump(mode="json") if spec.inject_hold and spec.inject_hold.trial == trial["index"]
+            else None)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": json.loads(cfg.model_dump_json()), "parent_run_id": ctx["parent_run_id"],
-                           "crash": crash, "worker_log": not ctx.get("verbose", False)},
+                           "crash": crash, "hold": hold, "worker_log": not ctx.get("verbose", False)},
         # no backend named: Ray Train takes NCCL for GPU workers, gloo for CPU ones; DeepSpeed joins that group
         torch_config=TorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=res.workers_per_trial, use_gpu=res.gpus_per_worker > 0,
@@ -152,6 +154,7 @@ def train_worker(config: dict) -> None:
     rank = context.get_world_rank()
     checkpoint = ray.train.get_checkpoint()
     crash = config.get("crash") if checkpoint is None else None  # only the first attempt crashes
+    hold = config.get("hold")
     start_step = 0
 
     def log(*args) -> None:  # rank 0 only; sys.stdout, not print, which Ray Train also copies to its logger
@@ -167,6 +170,11 @@ def train_worker(config: dict) -> None:
                 (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"step": step, "epoch": epoch}))
             ray.train.report({**_numeric(metrics), "epoch": epoch, "step": step, "resumed_from_step": start_step},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if hold and epoch == hold["after_epoch"]:
+            sys.stdout.write(f"inject_hold: waiting after epoch {epoch} while {hold['while_file']} exists\n")
+            sys.stdout.flush()
+            while Path(hold["while_file"]).exists():
+                time.sleep(0.2)
         if crash and epoch == crash["after_epoch"] and rank == crash["rank"]:
             time.sleep(6.0)  # let the controller register the checkpoint first
             sys.stdout.write(f"inject_crash: killing worker rank {rank} after epoch {epoch}\n")

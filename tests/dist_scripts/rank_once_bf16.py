@@ -4,7 +4,6 @@ gates and the experts); how many all_to_all_single calls and host syncs it makes
 float32 routes through a real packed bf16 exchange, bit for bit.
 Each rank writes OUT/rank{r}.json; tests/test_dispatch.py asserts on them."""
 
-import copy
 
 import torch
 import torch.distributed as dist
