@@ -27,6 +27,7 @@ MAINS = {
     "ds_smoes.sweep": "ds_smoes.sweep.cli:main",
     "ds_smoes.hf.tiny": "ds_smoes.hf.tiny:main",
     "ds_smoes.data.digits": "ds_smoes.data.digits:main",
+    "ds_smoes.pretrain_vision": "ds_smoes.app.pretrain_vision:main",
 }
 SCRIPTS = {"ray_jobs/sweep.py": "ds_smoes.sweep.cli:main"}
 PROGRAM = re.compile(r"^(\S*/)?(python3?(\.\d+)?|deepspeed|make|ray|mlflow)\s")

@@ -40,12 +40,15 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int]
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """The optimizer's param groups: decay / no_decay, each split by DeepSpeed into non-expert and expert
-    groups.  Their order is the parameter order of every saved optimizer state (ds_smoes.app.reshard)."""
+    groups.  Their order is the parameter order of every saved optimizer state (ds_smoes.app.reshard).  Frozen
+    parameters (requires_grad False: a pretrained encoder, model.freeze_vision) are in no group: no update and
+    no optimizer state."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name.endswith("pos_TD") else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or name.endswith("pos_TD") else decay).append(p)
     return split_params_into_different_moe_groups_for_optimizer([
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}])

@@ -25,6 +25,14 @@ class ModelConfig(BaseModel):
         "learned", description="vision patch positions: learned (a trained table, initialised small) or sincos "
                                "(fixed 2-D sine-cosine rows and columns; vision_dim a multiple of 4): the canvas "
                                "config uses sincos so that where a digit sits is known from the first step")
+    vision_checkpoint: str | None = Field(
+        None, description="a pretrained patch encoder (`python -m ds_smoes.pretrain_vision`, the recipe's stage 0: "
+                          "encoder.pt) whose weights the vision encoder starts from; its shape fields must match "
+                          "image_size, patch_size, vision_dim, vision_layers, n_heads and vision_pos")
+    freeze_vision: bool | None = Field(
+        None, description="keep the vision encoder's weights fixed (no gradient, no optimizer state); None: frozen "
+                          "when vision_checkpoint is set (a pretrained encoder, as LLaVA freezes CLIP), trained "
+                          "otherwise")
     max_len: int = Field(96, ge=8, description="longest sequence (image patches + text)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="residual and embedding dropout in the decoder")
     attn_impl: Literal["sdpa", "eager"] = Field(
@@ -52,6 +60,11 @@ class ModelConfig(BaseModel):
             raise ValueError(f"vision_pos=sincos needs vision_dim a multiple of 4, got {self.vision_dim}")
         self.compress.check_layers(self.n_layers)
         return self
+
+    @property
+    def vision_frozen(self) -> bool:
+        """Whether the vision encoder trains (`freeze_vision`, or by default: frozen when pretrained)."""
+        return self.freeze_vision if self.freeze_vision is not None else self.vision_checkpoint is not None
 
     @property
     def num_patches(self) -> int:

@@ -24,6 +24,7 @@ from ds_smoes.model.config import ModelConfig
 from ds_smoes.model.kv_cache import KVCache, LayerCache
 from ds_smoes.model.token_pruning import Packing, prune, query_rows
 from ds_smoes.model.vision import PatchVisionEncoder, mlp
+from ds_smoes.model.vision_checkpoint import load_encoder
 from ds_smoes.core.scores import attention_score_mix_update, hard_scores
 
 
@@ -92,6 +93,10 @@ class TinyMoEVLM(nn.Module):
         self.cfg, self.smoes, self.image_token_id = cfg, smoes, image_token_id
         self.vision = PatchVisionEncoder(cfg.image_size, cfg.patch_size, image_channels, cfg.vision_dim,
                                          cfg.vision_layers, cfg.n_heads, cfg.attn_impl, cfg.vision_pos)
+        if cfg.vision_checkpoint is not None:   # the recipe's stage 0 (ds_smoes.model.vision_checkpoint)
+            load_encoder(self.vision, cfg, cfg.vision_checkpoint)
+        if cfg.vision_frozen:   # no gradient, hence no optimizer state (ds_smoes.app.session.optimizer_groups)
+            self.vision.requires_grad_(False)
         # pre-LLM visual token compression (cfg.compress, docs/compression.md): on the encoder's features, before the
         # projector, so the projector maps only the kept tokens; None keeps every patch
         self.compressor = build_compressor(cfg)

@@ -1,0 +1,160 @@
+"""`python -m ds_smoes.pretrain_vision`: the recipe's stage 0, a pretrained vision encoder of our own.
+
+LLaVA and MoE-LLaVA start from a pretrained CLIP / SigLIP encoder; no hub is reachable here, so this command
+makes the stand-in: the canvas config's patch encoder (`model.*` of a training config), trained alone to name
+the digit and its quadrant (ds_smoes.model.vision_heads) on the TRAINING split's digits only, each re-placed on
+a fresh noisy canvas every epoch (ds_smoes.data.canvas_stream: seeded by --seed, a pure function of the epoch).
+It reports digit and quadrant accuracy on the held-out test split's canvases as written on disk (digits never
+seen in training, at their fixed places) and writes OUT/encoder.pt, which a later stage loads with
+`model.vision_checkpoint` (frozen unless `model.freeze_vision: false`), and OUT/metrics.json.
+
+    python -m ds_smoes.pretrain_vision --config configs/canvas.yaml              # -> runs/vision/canvas32-seed0
+    python -m ds_smoes.pretrain_vision --config configs/canvas.yaml --set model.image_size=48 \\
+        --set data.canvas_size=48 --set data.image_folder=data/digits_canvas48 --epochs 30
+
+One process (the encoder is small); errors a user can fix print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ds_smoes.app.config import TrainConfig, load_train_config
+from ds_smoes.app.family import check_digits_variant, ensure_digits
+from ds_smoes.core.errors import ConfigError, SMoESError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ds_smoes.pretrain_vision", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=Path("configs/canvas.yaml"),
+                   help="training config whose model.* (encoder shape) and data.* (canvas digits) are used")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, repeatable")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training digits, each re-placed anew")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=None, help="initialisation and augmentation stream (default: run.seed)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/vision/canvasN-seedS)")
+    return p.parse_args(argv)
+
+
+def check_config(cfg: TrainConfig) -> int:
+    """The canvas size stage 0 trains on; ConfigError unless the config asks for canvas digits."""
+    if cfg.data.canvas_size is None:
+        raise ConfigError("stage 0 pretrains on canvas digits: set data.canvas_size (32 or 48) and model.image_size "
+                          "to it (configs/canvas.yaml does)")
+    if cfg.model.vision_layers < 1:
+        raise ConfigError("model.vision_layers=0: there is no encoder to pretrain")
+    return cfg.data.canvas_size
+
+
+def held_out_set(cfg: TrainConfig, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images [N, 1, S, S], digits [N], quadrants [N]) of the split's canvases as written on disk."""
+    from ds_smoes.data.canvas_stream import sklearn_digits
+    from ds_smoes.data.digits import LOCATIONS, canvas_layout, image_relpath, split_image_indices
+    from ds_smoes.data.llava import load_image
+
+    d, size = cfg.data, cfg.data.canvas_size
+    _, labels_N = sklearn_digits()
+    layout = canvas_layout(len(labels_N), size, d.digits_seed)
+    indices = split_image_indices(len(labels_N), d.digits_seed)[split]
+    images = torch.stack([load_image(Path(d.image_folder) / image_relpath(i), cfg.model.image_size) for i in indices])
+    quadrants = torch.tensor([LOCATIONS.index(layout[i][2]) for i in indices])
+    return images, torch.as_tensor(labels_N[indices]), quadrants
+
+
+def accuracy(encoder, heads, images, digits, quadrants, batch: int = 256) -> tuple[float, float]:
+    encoder.eval(), heads.eval()
+    hits = torch.zeros(2)
+    with torch.no_grad():
+        for s in range(0, len(digits), batch):
+            digit_NC, where_NC = heads(encoder(images[s:s + batch]))
+            hits += torch.stack([(digit_NC.argmax(-1) == digits[s:s + batch]).sum(),
+                                 (where_NC.argmax(-1) == quadrants[s:s + batch]).sum()]).float()
+    encoder.train(), heads.train()
+    return float(hits[0]) / len(digits), float(hits[1]) / len(digits)
+
+
+def pretrain(cfg: TrainConfig, epochs: int, batch_size: int, lr: float, seed: int, out: Path,
+             log=print) -> dict:
+    """Train the encoder (stage 0) and write OUT/encoder.pt and OUT/metrics.json; returns the metrics."""
+    from ds_smoes.data.canvas_stream import CanvasStream
+    from ds_smoes.model.vision import PatchVisionEncoder
+    from ds_smoes.model.vision_checkpoint import save_encoder
+    from ds_smoes.model.vision_heads import DigitWhereHeads
+
+    size = check_config(cfg)
+    ensure_digits(cfg.data, log)
+    check_digits_variant(cfg.data, cfg.model.image_size)
+    m = cfg.model
+    torch.manual_seed(seed)
+    encoder = PatchVisionEncoder(m.image_size, m.patch_size, 1, m.vision_dim, m.vision_layers, m.n_heads,
+                                 "sdpa", m.vision_pos)
+    heads = DigitWhereHeads(m.vision_dim)
+    stream = CanvasStream(size, seed, dataset_seed=cfg.data.digits_seed)
+    test = held_out_set(cfg)
+    params = list(encoder.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    steps_per_epoch = math.ceil(len(stream) / batch_size)
+    total = epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    log(f"stage 0: pretraining the {m.image_size}x{m.image_size} patch encoder ({m.vision_layers} blocks, width "
+        f"{m.vision_dim}, {m.num_patches} patches) on {len(stream)} training digits re-placed every epoch; "
+        f"held out: {len(test[1])} test canvases; {epochs} epochs of {steps_per_epoch} steps")
+    t0 = time.time()
+    for epoch in range(epochs):
+        canvases = stream.epoch(epoch)
+        order_N = torch.randperm(len(stream), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        loss_sum = torch.zeros(())
+        for s in range(0, len(stream), batch_size):
+            idx = order_N[s:s + batch_size]
+            digit_NC, where_NC = heads(encoder(canvases.image_NCHW[idx]))
+            loss = F.cross_entropy(digit_NC, canvases.digit_N[idx]) + F.cross_entropy(where_NC, canvases.quadrant_N[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.detach() * len(idx)
+        if (epoch + 1) % 5 == 0 or epoch + 1 == epochs:
+            digit_acc, where_acc = accuracy(encoder, heads, *test)
+            done = time.time() - t0
+            log(f"[stage 0 epoch {epoch + 1}/{epochs}] loss {float(loss_sum) / len(stream):.4f}  held-out digit "
+                f"{digit_acc:.3f}  quadrant {where_acc:.3f}  {done:.0f}s, eta {done / (epoch + 1) * (epochs - epoch - 1):.0f}s")
+    digit_acc, where_acc = accuracy(encoder, heads, *test)
+    metrics = {"stage": 0, "seed": seed, "epochs": epochs, "canvas_size": size, "train_digits": len(stream),
+               "test_canvases": len(test[1]), "acc_digit": digit_acc, "acc_quadrant": where_acc,
+               "seconds": time.time() - t0}
+    out.mkdir(parents=True, exist_ok=True)
+    save_encoder(out / "encoder.pt", encoder, m, {"metrics": metrics})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log(f"stage 0 done in {metrics['seconds']:.0f}s: held-out digit accuracy {digit_acc:.4f}, quadrant "
+        f"{where_acc:.4f}; encoder -> {out / 'encoder.pt'} (model.vision_checkpoint)")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        cfg = load_train_config(args.config, args.overrides)
+        seed = cfg.run.seed if args.seed is None else args.seed
+        out = args.out or Path("runs") / "vision" / f"canvas{cfg.data.canvas_size}-seed{seed}"
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(os.cpu_count() or 1)
+        pretrain(cfg, args.epochs, args.batch_size, args.lr, seed, out)
+    except SMoESError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
