@@ -44,6 +44,26 @@ def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
     return sets
 
 
+def dense_run_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], WordTokenizer]:
+    """The final weights and the tokenizer of a dense training run (model.moe_layers none): its
+    checkpoint/final/mp_rank_00_model_states.pt, where DeepSpeed keeps the whole module when no expert or
+    ZeRO-3 partition splits it."""
+    cfg_path, tok_path = run_dir / "train_config.json", run_dir / "tokenizer.json"
+    for path in (cfg_path, tok_path):
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: model.upcycle_from must be a dense training run's output_dir")
+    dense = TrainConfig.model_validate_json(cfg_path.read_text())
+    if dense.model.moe_layers != "none":
+        raise ConfigError(f"{run_dir} trained a MoE model (moe_layers {dense.model.moe_layers}): upcycle from a "
+                          "dense run (model.moe_layers: none)")
+    states = run_dir / "checkpoint" / "final" / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise ConfigError(f"{states} not found: the dense run saved no final checkpoint (run.save_checkpoint)")
+    # DeepSpeed's own file (it pickles its config with the weights): the run's own output, not foreign data
+    blob = torch.load(states, map_location="cpu", weights_only=False)
+    return blob["module"], WordTokenizer.load(tok_path)
+
+
 class BuiltinFamily(ModelFamily):
     """`init_from`: a deployment export (`python -m ds_smoes.export`) whose weights and SMoES buffers the
     model starts from, each EP rank taking its own experts."""
@@ -64,8 +84,12 @@ class BuiltinFamily(ModelFamily):
         self.model = TinyMoEVLM(cfg.model, self.data.tokenizer.vocab_size, self.data.tokenizer.image_id,
                                 cfg.smoes if cfg.model.moe_layers != "none" else None,
                                 expert_seed=cfg.run.seed, ep_rank=rank % ep)
+        if self.init_from is not None and cfg.model.upcycle_from is not None:
+            raise ConfigError("--init-from and model.upcycle_from both set the weights: give one of them")
         if self.init_from is not None:
             self._load_export(Path(self.init_from), ep, rank % ep, log)
+        if cfg.model.upcycle_from is not None:
+            self._upcycle(Path(cfg.model.upcycle_from), rank % ep, log)
         self._aug_gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + rank)
 
     def _load_export(self, export_dir: Path, ep_size: int, ep_rank: int, log: Callable) -> None:
@@ -77,6 +101,18 @@ class BuiltinFamily(ModelFamily):
                               "trained on other data; point data.* at the export's data (its train_config.json)")
         load_export(self.model, export_dir, ep_size, ep_rank)
         log(f"initialised from the export {export_dir}")
+
+    def _upcycle(self, run_dir: Path, ep_rank: int, log: Callable) -> None:
+        from ds_smoes.model.upcycle import upcycle_from_dense
+
+        state, tokenizer = dense_run_state(run_dir)
+        if tokenizer != self.data.tokenizer:
+            raise ConfigError(f"{run_dir / 'tokenizer.json'} differs from the vocabulary built from data.train_json: "
+                              "the dense run was trained on other data; upcycle from a run on the same training split")
+        done = upcycle_from_dense(self.model, state, self.cfg.model.upcycle_noise, self.cfg.run.seed, ep_rank)
+        log(f"upcycled from the dense run {run_dir}: {done['copied']} tensors copied, every expert of the "
+            f"{len(self.model.moe_layers())} MoE blocks a copy of its block's FFN "
+            f"(noise {self.cfg.model.upcycle_noise:g}; {done['expert_tensors']} expert tensors on this rank)")
 
     def describe(self) -> str:
         cfg, s = self.cfg, self.cfg.smoes

@@ -108,7 +108,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _resolve_paths(data: dict, base: Path) -> dict:
     """Make relative paths in the file relative to the file's directory."""
     for section, fields in (("data", ("train_json", "val_json", "test_json", "image_folder")),
-                            ("model", ("vision_checkpoint",)),
+                            ("model", ("vision_checkpoint", "upcycle_from")),
                             ("run", ("output_dir", "deepspeed_config"))):
         sec = data.get(section) or {}
         for name in fields:

@@ -33,6 +33,13 @@ class ModelConfig(BaseModel):
         None, description="keep the vision encoder's weights fixed (no gradient, no optimizer state); None: frozen "
                           "when vision_checkpoint is set (a pretrained encoder, as LLaVA freezes CLIP), trained "
                           "otherwise")
+    upcycle_from: str | None = Field(
+        None, description="sparse upcycling (the recipe's stage III): a dense run's output_dir (model.moe_layers: "
+                          "none, same other model fields, same training data) whose final checkpoint the model "
+                          "starts from, every expert of a MoE block a copy of the block's dense FFN "
+                          "(ds_smoes.model.upcycle)")
+    upcycle_noise: float = Field(0.0, ge=0.0, description="relative noise added to each upcycled expert's weight "
+                                                          "matrices (0: exact copies, as MoE-LLaVA)")
     max_len: int = Field(96, ge=8, description="longest sequence (image patches + text)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="residual and embedding dropout in the decoder")
     attn_impl: Literal["sdpa", "eager"] = Field(
@@ -59,6 +66,8 @@ class ModelConfig(BaseModel):
         if self.vision_pos == "sincos" and self.vision_dim % 4:
             raise ValueError(f"vision_pos=sincos needs vision_dim a multiple of 4, got {self.vision_dim}")
         self.compress.check_layers(self.n_layers)
+        if self.upcycle_from is not None and self.moe_layers == "none":
+            raise ValueError("upcycle_from needs MoE blocks to upcycle into: set moe_layers (every_other or all)")
         return self
 
     @property
