@@ -63,9 +63,15 @@ class TwoRankScenarios:
                         f"an earlier scenario may have stopped the launch):\n{self.output()}")
         return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(ranks)]
 
-    def folder(self, name: str) -> Path:
-        self.reports(name)
-        return self.out / name
+    @staticmethod
+    def names() -> list[str]:
+        """Every scenario the launch runs (scenarios.py's SCENARIOS, read without importing its script folder)."""
+        import ast
+
+        tree = ast.parse((Path(__file__).resolve().parent / "dist_scripts" / "scenarios.py").read_text())
+        table = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "SCENARIOS")
+        return [entry[0] for entry in ast.literal_eval(table)]
+
 
 
 @pytest.fixture(scope="session")

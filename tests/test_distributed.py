@@ -46,3 +46,11 @@ def test_every_gate_trains_on_two_ranks_with_expert_parallelism(two_rank_scenari
             assert rep["remote_bytes"] > 0  # ep_size 2: both dispatches send to the other rank
         assert "mi" in report["smoes"]["losses_logged"] and "bin_kl" in report["smoes-kl"]["losses_logged"]
         assert "tail_share" in report["ltdr"]["losses_logged"] and "modality_kl" in report["smar"]["losses_logged"]
+
+
+def test_the_scenario_launch_exits_cleanly(two_rank_scenarios):
+    # every scenario's test reads its reports; the launch itself must also end well (each script, run alone, was
+    # checked for exit status 0): no rank failed, and none crashed while tearing down its process group
+    for name in two_rank_scenarios.names():
+        two_rank_scenarios.reports(name)
+    assert two_rank_scenarios.proc.returncode == 0, two_rank_scenarios.output()
