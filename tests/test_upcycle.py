@@ -123,3 +123,19 @@ def test_the_dense_runs_checkpoint_is_read_as_deepspeed_writes_it(tmp_path):
         dense_run_state(run)
     with pytest.raises(ConfigError, match="not found: model.upcycle_from must be a dense training run"):
         dense_run_state(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_upcycled_run_on_two_ep_ranks_starts_as_the_dense_run_ended(two_rank_scenarios):
+    """Through the training session (tests/dist_scripts/upcycle_run.py): the MoE run upcycled from a dense run,
+    evaluated before any training on 2 EP ranks with the rank_once dispatch, gives the dense run's test loss and
+    answers; then it trains."""
+    for rep in two_rank_scenarios.reports("upcycle_run"):
+        dense, upcycled = rep["dense"], rep["upcycled"]
+        assert upcycled["test_loss"] == pytest.approx(dense["test_loss"], rel=1e-4), (dense, upcycled)
+        for key in ("acc_multimodal", "acc_language"):
+            assert abs(upcycled[key] - dense[key]) <= 0.011, (key, dense, upcycled)   # at most 1 of ~100 answers
+        assert upcycled["bytes_per_token"] > 0   # the experts really sit on 2 ranks: tokens crossed
+        assert rep["trained"]["steps"] == 10
+    assert any("upcycled from the dense run" in line and "every expert of the 2 MoE blocks" in line
+               for line in two_rank_scenarios.reports("upcycle_run")[0]["lines"])

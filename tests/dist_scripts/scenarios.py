@@ -34,6 +34,7 @@ SCENARIOS = (
     ("resume_from_checkpoint", "resume_from_checkpoint", ("--config", "{small_config}")),
     ("train_variants", "train_variants", ("--config", "{small_config}")),
     ("hf_train", "hf_train", ()),
+    ("upcycle_run", "upcycle_run", ("--config", "{small_config}")),
 )
 
 
