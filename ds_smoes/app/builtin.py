@@ -115,10 +115,12 @@ class BuiltinFamily(ModelFamily):
             f"(noise {self.cfg.model.upcycle_noise:g}; {done['expert_tensors']} expert tensors on this rank)")
 
     def describe(self) -> str:
-        cfg, s = self.cfg, self.cfg.smoes
+        s = self.cfg.smoes
         n_params = sum(p.numel() for p in self.model.parameters())
-        return (f"model: {n_params / 1e3:.0f}k parameters on rank 0 ({len(self.model.moe_layers())} MoE layers, "
-                f"gate {s.gate}, {s.num_experts} experts, top-{s.k}, {s.num_bins} bins, ep_size {s.ep_size}, "
+        frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        held = f", {frozen / 1e3:.0f}k of them frozen" if frozen else ""
+        return (f"model: {n_params / 1e3:.0f}k parameters on rank 0{held} ({len(self.model.moe_layers())} MoE "
+                f"layers, gate {s.gate}, {s.num_experts} experts, top-{s.k}, {s.num_bins} bins, ep_size {s.ep_size}, "
                 f"score {s.score_type}, binning {s.binning})")
 
     def run_name(self) -> str:

@@ -119,7 +119,8 @@ def pretrain(cfg: TrainConfig, epochs: int, batch_size: int, lr: float, seed: in
         for s in range(0, len(stream), batch_size):
             idx = order_N[s:s + batch_size]
             digit_NC, where_NC = heads(encoder(canvases.image_NCHW[idx]))
-            loss = F.cross_entropy(digit_NC, canvases.digit_N[idx]) + F.cross_entropy(where_NC, canvases.quadrant_N[idx])
+            loss = (F.cross_entropy(digit_NC, canvases.digit_N[idx])
+                    + F.cross_entropy(where_NC, canvases.quadrant_N[idx]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -128,8 +129,9 @@ def pretrain(cfg: TrainConfig, epochs: int, batch_size: int, lr: float, seed: in
         if (epoch + 1) % 5 == 0 or epoch + 1 == epochs:
             digit_acc, where_acc = accuracy(encoder, heads, *test)
             done = time.time() - t0
+            eta = done / (epoch + 1) * (epochs - epoch - 1)
             log(f"[stage 0 epoch {epoch + 1}/{epochs}] loss {float(loss_sum) / len(stream):.4f}  held-out digit "
-                f"{digit_acc:.3f}  quadrant {where_acc:.3f}  {done:.0f}s, eta {done / (epoch + 1) * (epochs - epoch - 1):.0f}s")
+                f"{digit_acc:.3f}  quadrant {where_acc:.3f}  {done:.0f}s, eta {eta:.0f}s")
     digit_acc, where_acc = accuracy(encoder, heads, *test)
     metrics = {"stage": 0, "seed": seed, "epochs": epochs, "canvas_size": size, "train_digits": len(stream),
                "test_canvases": len(test[1]), "acc_digit": digit_acc, "acc_quadrant": where_acc,
