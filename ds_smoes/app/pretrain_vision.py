@@ -73,14 +73,17 @@ def held_out_set(cfg: TrainConfig, split: str = "test") -> tuple[torch.Tensor, t
 
 
 def accuracy(encoder, heads, images, digits, quadrants, batch: int = 256) -> tuple[float, float]:
+    """(digit, quadrant) accuracy on host tensors, computed on the encoder's device (one host read at the end)."""
+    device = next(encoder.parameters()).device
     encoder.eval(), heads.eval()
-    hits = torch.zeros(2)
+    hits = torch.zeros(2, device=device)
     with torch.no_grad():
         for s in range(0, len(digits), batch):
-            digit_NC, where_NC = heads(encoder(images[s:s + batch]))
-            hits += torch.stack([(digit_NC.argmax(-1) == digits[s:s + batch]).sum(),
-                                 (where_NC.argmax(-1) == quadrants[s:s + batch]).sum()]).float()
+            digit_NC, where_NC = heads(encoder(images[s:s + batch].to(device)))
+            hits += torch.stack([(digit_NC.argmax(-1) == digits[s:s + batch].to(device)).sum(),
+                                 (where_NC.argmax(-1) == quadrants[s:s + batch].to(device)).sum()]).float()
     encoder.train(), heads.train()
+    hits = hits.cpu()
     return float(hits[0]) / len(digits), float(hits[1]) / len(digits)
 
 
@@ -100,6 +103,8 @@ def pretrain(cfg: TrainConfig, epochs: int, batch_size: int, lr: float, seed: in
     encoder = PatchVisionEncoder(m.image_size, m.patch_size, 1, m.vision_dim, m.vision_layers, m.n_heads,
                                  "sdpa", m.vision_pos)
     heads = DigitWhereHeads(m.vision_dim)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # the stream is drawn on the host
+    encoder.to(device), heads.to(device)
     stream = CanvasStream(size, seed, dataset_seed=cfg.data.digits_seed)
     test = held_out_set(cfg)
     params = list(encoder.parameters()) + list(heads.parameters())
@@ -108,19 +113,19 @@ def pretrain(cfg: TrainConfig, epochs: int, batch_size: int, lr: float, seed: in
     total = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    log(f"stage 0: pretraining the {m.image_size}x{m.image_size} patch encoder ({m.vision_layers} blocks, width "
+    log(f"stage 0 on {device}: pretraining the {m.image_size}x{m.image_size} patch encoder ({m.vision_layers} blocks, width "
         f"{m.vision_dim}, {m.num_patches} patches) on {len(stream)} training digits re-placed every epoch; "
         f"held out: {len(test[1])} test canvases; {epochs} epochs of {steps_per_epoch} steps")
     t0 = time.time()
     for epoch in range(epochs):
         canvases = stream.epoch(epoch)
         order_N = torch.randperm(len(stream), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)
         for s in range(0, len(stream), batch_size):
             idx = order_N[s:s + batch_size]
-            digit_NC, where_NC = heads(encoder(canvases.image_NCHW[idx]))
-            loss = (F.cross_entropy(digit_NC, canvases.digit_N[idx])
-                    + F.cross_entropy(where_NC, canvases.quadrant_N[idx]))
+            digit_NC, where_NC = heads(encoder(canvases.image_NCHW[idx].to(device)))
+            loss = (F.cross_entropy(digit_NC, canvases.digit_N[idx].to(device))
+                    + F.cross_entropy(where_NC, canvases.quadrant_N[idx].to(device)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
