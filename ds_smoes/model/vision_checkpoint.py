@@ -19,7 +19,8 @@ def save_encoder(path: Path, encoder: PatchVisionEncoder, cfg: ModelConfig, extr
     """Write `encoder`'s weights (built from `cfg`) with the shape fields and `extra` (e.g. how it was trained)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    # written once, after stage 0, never on the training path
+    state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}  # host read: the file, once
     torch.save({"format": FORMAT, "shape": {f: getattr(cfg, f) for f in SHAPE_FIELDS}, "state_dict": state,
                 **extra}, path)
 
