@@ -46,7 +46,9 @@ class TwoRankScenarios:
         self.out, self.proc, self.shm_segments_created = out, proc, shm_segments_created
 
     def output(self) -> str:
-        return self.proc.stdout[-4000:] + "\n--- stderr ---\n" + self.proc.stderr[-4000:]
+        from sweep_util import tail
+
+        return tail(self.proc, 4000)
 
     def reports(self, name: str, ranks: int = 2) -> list[dict]:
         """Scenario `name`'s per-rank reports (OUT/<name>/rank{r}.json); fails with the rank's error, or the
@@ -101,7 +103,9 @@ class DemoRun:
         self.out, self.proc, self.tracking_uri = out, proc, tracking_uri
 
     def output(self) -> str:
-        return self.proc.stdout[-4000:] + "\n--- stderr ---\n" + self.proc.stderr[-4000:]
+        from sweep_util import tail
+
+        return tail(self.proc, 4000)
 
     @property
     def metrics(self) -> dict:

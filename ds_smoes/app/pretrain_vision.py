@@ -59,8 +59,7 @@ def check_config(cfg: TrainConfig) -> int:
 
 def held_out_set(cfg: TrainConfig, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images [N, 1, S, S], digits [N], quadrants [N]) of the split's canvases as written on disk."""
-    from ds_smoes.data.canvas_stream import sklearn_digits
-    from ds_smoes.data.digits import LOCATIONS, canvas_layout, image_relpath, split_image_indices
+    from ds_smoes.data.digits import LOCATIONS, canvas_layout, image_relpath, sklearn_digits, split_image_indices
     from ds_smoes.data.llava import load_image
 
     d, size = cfg.data, cfg.data.canvas_size

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ds_smoes.data.digits import (CANVAS_GRID, CANVAS_NOISE_MAX, IMAGE_SIZE, LOCATIONS, check_canvas_size,
-                                  split_image_indices)
+from ds_smoes.data.digits import (CANVAS_GRID, CANVAS_NOISE_MAX, LOCATIONS, check_canvas_size, grey_levels,
+                                  quadrant_places, sklearn_digits, split_image_indices)
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,6 @@ class CanvasBatch:
     digit_N: torch.Tensor
     quadrant_N: torch.Tensor
     source_N: torch.Tensor
-
-
-def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 1,797 digits: ([N, 8, 8] grey levels 0..16, [N] labels), as the generator reads them."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return digits.images, digits.target
 
 
 def place_on_canvas(digit_NHW: torch.Tensor, row_N: torch.Tensor, col_N: torch.Tensor,
@@ -62,9 +54,8 @@ class CanvasStream:
         indices = split_image_indices(len(labels_N), dataset_seed)[split]
         self.canvas_size, self.seed = canvas_size, seed
         self.source_N = torch.tensor(indices, dtype=torch.long)
-        # grey levels 0..16 -> 0..255 as the generator writes them (rounded), kept as uint8-valued floats
-        scaled_NHW = np.rint(images_NHW[indices].astype(np.float64) * (255.0 / 16.0)).clip(0, 255)
-        self.digit_NHW = torch.tensor(scaled_NHW, dtype=torch.float32)
+        # grey levels 0..16 -> 0..255 as the generator writes them, kept as uint8-valued floats
+        self.digit_NHW = torch.tensor(grey_levels(images_NHW[indices]), dtype=torch.float32)
         self.label_N = torch.tensor(np.asarray(labels_N)[indices], dtype=torch.long)
 
     def __len__(self) -> int:
@@ -74,8 +65,7 @@ class CanvasStream:
         """Epoch ``epoch``'s canvases (a pure function of seed and epoch)."""
         n, size = len(self), self.canvas_size
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        half = size // 2
-        free = (half - IMAGE_SIZE) // CANVAS_GRID + 1   # grid offsets inside a quadrant that keep the digit in it
+        half, free = quadrant_places(size)
         quadrant_N = torch.randint(0, len(LOCATIONS), (n,), generator=gen)
         row_N = (quadrant_N // 2) * half + CANVAS_GRID * torch.randint(0, free, (n,), generator=gen)
         col_N = (quadrant_N % 2) * half + CANVAS_GRID * torch.randint(0, free, (n,), generator=gen)

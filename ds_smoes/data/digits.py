@@ -239,12 +239,31 @@ def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 1,797 digits: ([N, 8, 8] grey levels 0..16, [N] labels).  Imported lazily:
+    sklearn takes about 2 s to import."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+def grey_levels(images: np.ndarray) -> np.ndarray:
+    """Digits' grey levels 0..16 scaled to 0..255 (uint8), as every image of the set is written."""
+    return np.rint(images.astype(np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+
+
+def quadrant_places(canvas_size: int) -> tuple[int, int]:
+    """(half the canvas side, grid offsets per axis inside a quadrant that keep the whole digit in it)."""
+    half = canvas_size // 2
+    return half, (half - IMAGE_SIZE) // CANVAS_GRID + 1
+
+
 def _write_images(out_dir: Path, images: np.ndarray) -> None:
     """Write every digit as an 8x8 greyscale PNG with grey levels 0..16 scaled to 0..255."""
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    pixels = np.rint(images.astype(np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    for index, pixels_HW in enumerate(pixels):
+    for index, pixels_HW in enumerate(grey_levels(images)):
         Image.fromarray(pixels_HW).save(out_dir / image_relpath(index))
 
 
@@ -269,8 +288,7 @@ def canvas_layout(num_images: int, canvas_size: int, seed: int) -> list[tuple[in
     ambiguous.  A 32x32 canvas has 3x3 places per quadrant, a 48x48 one 5x5."""
     check_canvas_size(canvas_size)
     rng = _rng(seed, f"canvas{canvas_size}/positions")
-    half = canvas_size // 2
-    free = (half - IMAGE_SIZE) // CANVAS_GRID + 1  # grid offsets inside a quadrant that keep the digit in it
+    half, free = quadrant_places(canvas_size)
     layout = []
     for _ in range(num_images):
         quadrant = _below(rng, len(LOCATIONS))
@@ -285,7 +303,7 @@ def canvas_pixels(digit_HW: np.ndarray, row: int, col: int, canvas_size: int, rn
     digit (grey levels 0..16 scaled to 0..255) at ``(row, col)`` over it (the brighter of the two)."""
     noise = [_below(rng, CANVAS_NOISE_MAX + 1) for _ in range(canvas_size * canvas_size)]
     canvas_HW = np.asarray(noise, dtype=np.uint8).reshape(canvas_size, canvas_size)
-    digit_HW = np.rint(digit_HW.astype(np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    digit_HW = grey_levels(digit_HW)
     h, w = digit_HW.shape
     canvas_HW[row:row + h, col:col + w] = np.maximum(canvas_HW[row:row + h, col:col + w], digit_HW)
     return canvas_HW
@@ -321,14 +339,11 @@ def generate_digits_dataset(out_dir: Path, seed: int = 0, *, force: bool = False
             and existing.get("canvas_size") == canvas_size):
         return existing
 
-    from sklearn.datasets import load_digits  # imported lazily: sklearn takes ~2 s to import
-
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
     manifest_path.unlink(missing_ok=True)  # a partial run must never look complete
 
-    digits = load_digits()
-    images_NHW, labels = digits.images, digits.target
+    images_NHW, labels = sklearn_digits()
     locations = None
     if canvas_size is None:
         _write_images(out_dir, images_NHW)
