@@ -27,19 +27,14 @@ demo: $(STAMP)
 		--output-json runs/demo/metrics.json --tracking-uri sqlite:///$(MLFLOW_DB)
 	@echo "figures: runs/demo/metrics.json   MLflow UI: make mlflow-ui"
 
-# The canvas task (docs/recipe.md): stage 0 pretrains the vision encoder (about 30 s, once: skipped while the file
-# exists), then the canvas MoE-VLM trains with it frozen on 2 CPU ranks (about 2.5 minutes) and prints per-task
-# accuracy, MSI and the EP bytes; runs/demo-canvas/metrics.json + MLflow.
-CANVAS_ENCODER := runs/vision/canvas32-seed0/encoder.pt
-
-$(CANVAS_ENCODER): $(STAMP)
-	$(PY) -m ds_smoes.pretrain_vision --config configs/canvas.yaml --out $(dir $(CANVAS_ENCODER))
-
-demo-canvas: $(CANVAS_ENCODER)
-	$(VENV)/bin/deepspeed --num_gpus 2 --module ds_smoes.train --config configs/canvas.yaml \
-		--set model.vision_checkpoint=$(CANVAS_ENCODER) --set run.output_dir=runs/demo-canvas \
-		--output-json runs/demo-canvas/metrics.json --tracking-uri sqlite:///$(MLFLOW_DB)
-	@echo "figures: runs/demo-canvas/metrics.json   MLflow UI: make mlflow-ui"
+# The canvas task through the whole MoE-LLaVA recipe (docs/recipe.md), seed 0, SMoES: stage 0 (the vision encoder),
+# the language model, stage I (projector alignment), stage II (dense), stage III (the upcycled MoE, 2 CPU ranks,
+# ep_size 2, rank_once); about 6 minutes here.  Prints each stage's figures and stage III's per-task accuracy, MSI
+# and EP bytes; finished stages are reused on the next run (remove runs/recipe/canvas32 to start over).
+demo-canvas: $(STAMP)
+	$(PY) -m ds_smoes.pipeline --config configs/recipe/canvas32.yaml --seed 0 --variant smoes \
+		--tracking-uri sqlite:///$(MLFLOW_DB)
+	@echo "figures: runs/recipe/canvas32/seed0/moe-smoes/metrics.json   MLflow UI: make mlflow-ui"
 
 # README's table of the demo's figures, from the last `make demo`, with the machine that measured them
 demo-figures: $(STAMP)

@@ -25,6 +25,16 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out_dir
 
 
+@pytest.fixture(scope="session")
+def canvas32_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 32x32 canvas digits (seed 0), generated once per test session; read-only for tests."""
+    from ds_smoes.data import generate_digits_dataset
+
+    out_dir = tmp_path_factory.mktemp("canvas32")
+    generate_digits_dataset(out_dir, seed=0, canvas_size=32)
+    return out_dir
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `cuda` need a CUDA device: skipped where torch sees none (ci/gpu-check.sh runs them on a GPU)."""
     cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]

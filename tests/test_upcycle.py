@@ -92,8 +92,16 @@ def test_noise_is_relative_seeded_and_per_global_expert():
 def test_models_that_differ_beyond_the_ffns_are_refused():
     with pytest.raises(ConfigError, match="the model sections differ"):
         upcycle_from_dense(_moe(), _dense(ffn_mult=3).state_dict())
-    with pytest.raises(ValueError, match="upcycle_from needs MoE blocks"):
-        _cfg("none", upcycle_from="runs/dense")
+
+
+def test_a_dense_model_started_from_a_dense_run_copies_every_tensor():
+    """model.start_from on a dense model (the recipe's stages I and II): the same function, bit for bit."""
+    source, target = _dense(seed=0), _dense(seed=1)
+    done = upcycle_from_dense(target, source.state_dict())
+    assert done == {"copied": len(source.state_dict()), "expert_tensors": 0}
+    source.eval(), target.eval()
+    with torch.no_grad():
+        assert torch.equal(target(*_batch()).logits_BTV, source(*_batch()).logits_BTV)
 
 
 def test_the_dense_runs_checkpoint_is_read_as_deepspeed_writes_it(tmp_path):
@@ -121,7 +129,7 @@ def test_the_dense_runs_checkpoint_is_read_as_deepspeed_writes_it(tmp_path):
     (run / "train_config.json").write_text(TrainConfig().model_dump_json())   # a MoE run
     with pytest.raises(ConfigError, match="upcycle from a dense run"):
         dense_run_state(run)
-    with pytest.raises(ConfigError, match="not found: model.upcycle_from must be a dense training run"):
+    with pytest.raises(ConfigError, match="not found: model.start_from must be a dense training run"):
         dense_run_state(tmp_path / "nothing")
 
 

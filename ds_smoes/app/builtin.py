@@ -13,6 +13,8 @@ from ds_smoes.app.family import ModelFamily, check_digits_variant, ensure_digits
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train, load_llava_json
 from ds_smoes.data.augment import random_shift
+from ds_smoes.data.tasks import select_tasks
+from ds_smoes.data.tokenizer import split_words
 from ds_smoes.model import TinyMoEVLM, model_inputs
 
 
@@ -31,8 +33,18 @@ def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
     train = load_llava_json(Path(d.train_json), Path(d.image_folder))
     val = load_llava_json(Path(d.val_json), Path(d.image_folder)) if d.val_json else None
     test = load_llava_json(Path(d.test_json), Path(d.image_folder))
-    # Built from the training split only (same order on every rank, so identical ids everywhere).
+    # Built from the whole training split (same order on every rank, so identical ids everywhere), before any
+    # task filter: every stage of the recipe has the same vocabulary.
     tokenizer = WordTokenizer.build(t for s in train for t in (s.prompt, s.answer))
+    if d.tasks is not None:
+        folder = Path(d.image_folder)
+        train, test = select_tasks(train, d.tasks, folder, "train"), select_tasks(test, d.tasks, folder, "test")
+        val = select_tasks(val, d.tasks, folder, "val") if val else None
+        unknown = sorted({w for s in train for w in split_words(f"{s.prompt} {s.answer}")
+                          if tokenizer.encode(w) == [tokenizer.unk_id]})
+        if unknown:
+            raise ConfigError(f"data.tasks {list(d.tasks)}: the words {unknown} are not in the training split's "
+                              "vocabulary")
     m = cfg.model
     image_tokens = m.compress.pre_llm_budget(m.num_patches)   # compressed before the LLM: fewer placeholders
     make = lambda samples: LlavaDataset(samples, tokenizer, m.image_size, m.patch_size, image_tokens)  # noqa: E731
@@ -51,7 +63,7 @@ def dense_run_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], WordTokeniz
     cfg_path, tok_path = run_dir / "train_config.json", run_dir / "tokenizer.json"
     for path in (cfg_path, tok_path):
         if not path.is_file():
-            raise ConfigError(f"{path} not found: model.upcycle_from must be a dense training run's output_dir")
+            raise ConfigError(f"{path} not found: model.start_from must be a dense training run's output_dir")
     dense = TrainConfig.model_validate_json(cfg_path.read_text())
     if dense.model.moe_layers != "none":
         raise ConfigError(f"{run_dir} trained a MoE model (moe_layers {dense.model.moe_layers}): upcycle from a "
@@ -84,13 +96,18 @@ class BuiltinFamily(ModelFamily):
         self.model = TinyMoEVLM(cfg.model, self.data.tokenizer.vocab_size, self.data.tokenizer.image_id,
                                 cfg.smoes if cfg.model.moe_layers != "none" else None,
                                 expert_seed=cfg.run.seed, ep_rank=rank % ep)
-        if self.init_from is not None and cfg.model.upcycle_from is not None:
-            raise ConfigError("--init-from and model.upcycle_from both set the weights: give one of them")
+        if self.init_from is not None and cfg.model.start_from is not None:
+            raise ConfigError("--init-from and model.start_from both set the weights: give one of them")
         if self.init_from is not None:
             self._load_export(Path(self.init_from), ep, rank % ep, log)
-        if cfg.model.upcycle_from is not None:
-            self._upcycle(Path(cfg.model.upcycle_from), rank % ep, log)
-        self._aug_gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + rank)
+        if cfg.model.start_from is not None:
+            self._start_from(Path(cfg.model.start_from), rank % ep, log)
+        self._aug_seed, self._aug_gen = cfg.run.seed * 7919 + rank, torch.Generator()
+
+    def begin_step(self, step: int) -> None:
+        """The augmentation's generator is a pure function of (seed, rank, step): a run resumed at step s draws
+        the shifts the uninterrupted run drew there, with no generator state in the checkpoint."""
+        self._aug_gen.manual_seed(self._aug_seed * 1_000_003 + step)
 
     def _load_export(self, export_dir: Path, ep_size: int, ep_rank: int, log: Callable) -> None:
         from ds_smoes.app.export import load_export
@@ -102,16 +119,20 @@ class BuiltinFamily(ModelFamily):
         load_export(self.model, export_dir, ep_size, ep_rank)
         log(f"initialised from the export {export_dir}")
 
-    def _upcycle(self, run_dir: Path, ep_rank: int, log: Callable) -> None:
+    def _start_from(self, run_dir: Path, ep_rank: int, log: Callable) -> None:
         from ds_smoes.model.upcycle import upcycle_from_dense
 
         state, tokenizer = dense_run_state(run_dir)
         if tokenizer != self.data.tokenizer:
             raise ConfigError(f"{run_dir / 'tokenizer.json'} differs from the vocabulary built from data.train_json: "
-                              "the dense run was trained on other data; upcycle from a run on the same training split")
+                              "the dense run was trained on other data; start from a run on the same training split")
         done = upcycle_from_dense(self.model, state, self.cfg.model.upcycle_noise, self.cfg.run.seed, ep_rank)
+        moe = self.model.moe_layers()
+        if not moe:
+            log(f"started from the dense run {run_dir}: {done['copied']} tensors copied")
+            return
         log(f"upcycled from the dense run {run_dir}: {done['copied']} tensors copied, every expert of the "
-            f"{len(self.model.moe_layers())} MoE blocks a copy of its block's FFN "
+            f"{len(moe)} MoE blocks a copy of its block's FFN "
             f"(noise {self.cfg.model.upcycle_noise:g}; {done['expert_tensors']} expert tensors on this rank)")
 
     def describe(self) -> str:

@@ -31,7 +31,13 @@ class DataConfig(_Section):
     canvas_size: int | None = Field(None, description="generate the digits' canvas variant (each digit at a seeded "
                                     "place on an NxN noisy canvas, with 'where is the digit?' questions; 32 or 48); "
                                     "model.image_size must equal it.  None: the plain 8x8 digits")
-    augment_max_shift: int = Field(0, ge=0, description="training images are shifted by up to N pixels per axis")
+    augment_max_shift: int = Field(0, ge=0, description="training images are shifted by up to N pixels per axis "
+                                   "(seeded per step: a resumed run draws the shifts the uninterrupted one drew)")
+    tasks: tuple[str, ...] | None = Field(
+        None, min_length=1, description="train and evaluate on these tasks only (the records' \"task\"; "
+                                        "digit_caption: one caption per image of the canvas digits, the recipe's "
+                                        "stage I); None: every conversation.  The vocabulary is always the whole "
+                                        "training split's, so the recipe's stages share it")
 
     @field_validator("canvas_size")
     @classmethod
@@ -68,6 +74,10 @@ class RunConfig(_Section):
     log_every: int = Field(20, ge=1, description="print and log training metrics every N steps")
     eval_every_epoch: bool = Field(True, description="validation accuracy after every epoch")
     save_checkpoint: bool = Field(True, description="DeepSpeed checkpoint in output_dir/checkpoint at the end")
+    checkpoint_every_epoch: bool = Field(
+        False, description="also a DeepSpeed checkpoint after every epoch (output_dir/checkpoint, tag epochN; the "
+                           "previous epoch's is removed), so an interrupted run continues with --resume-from "
+                           "output_dir/checkpoint (the recipe's pipeline does)")
 
 
 class TrainConfig(_Section):
@@ -108,7 +118,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _resolve_paths(data: dict, base: Path) -> dict:
     """Make relative paths in the file relative to the file's directory."""
     for section, fields in (("data", ("train_json", "val_json", "test_json", "image_folder")),
-                            ("model", ("vision_checkpoint", "upcycle_from")),
+                            ("model", ("vision_checkpoint", "start_from")),
                             ("run", ("output_dir", "deepspeed_config"))):
         sec = data.get(section) or {}
         for name in fields:

@@ -98,6 +98,10 @@ class ModelFamily(ABC):
         """The config as logged (params, config.json) and written beside the run."""
         return json.loads(self.cfg.model_dump_json())
 
+    def begin_step(self, step: int) -> None:
+        """Called before the forward of optimizer step `step` (0-based, counted over the whole run, resumed or
+        not): where a family seeds what it draws per step."""
+
     @abstractmethod
     def forward(self, engine, batch, device: torch.device):
         """One training forward of `batch` (still on the host): an output with .loss, .lm_loss, .aux_loss."""

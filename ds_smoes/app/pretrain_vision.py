@@ -86,9 +86,29 @@ def accuracy(encoder, heads, images, digits, quadrants, batch: int = 256) -> tup
     return float(hits[0]) / len(digits), float(hits[1]) / len(digits)
 
 
+STATE_FILE = "state.pt"
+
+
+def _resume_state(path: Path, settings: dict, log) -> dict | None:
+    """The interrupted run's state at `path` when it was made with the same `settings`, else None (with a line
+    saying why a state is not used)."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("settings") != settings:
+        log(f"{path} was written with other settings ({state.get('settings')}); starting stage 0 afresh")
+        return None
+    return state
+
+
 def pretrain(cfg: TrainConfig, epochs: int, batch_size: int, lr: float, seed: int, out: Path,
-             log=print) -> dict:
-    """Train the encoder (stage 0) and write OUT/encoder.pt and OUT/metrics.json; returns the metrics."""
+             log=print, on_epoch=None) -> dict:
+    """Train the encoder (stage 0) and write OUT/encoder.pt and OUT/metrics.json; returns the metrics.
+
+    After every epoch the whole state (encoder, heads, optimizer, schedule, epoch) goes to OUT/state.pt; a run
+    started again with the same settings continues from it, and since the canvas stream and the shuffle are pure
+    functions of (seed, epoch), it trains on exactly what the uninterrupted run would have.  The file is removed
+    when the encoder is written.  `on_epoch(epoch)` is called after each epoch's state is saved."""
     from ds_smoes.data.canvas_stream import CanvasStream
     from ds_smoes.model.vision import PatchVisionEncoder
     from ds_smoes.model.vision_checkpoint import save_encoder
@@ -112,11 +132,21 @@ def pretrain(cfg: TrainConfig, epochs: int, batch_size: int, lr: float, seed: in
     total = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                "model": json.loads(m.model_dump_json()), "canvas_size": size, "digits_seed": cfg.data.digits_seed}
+    out.mkdir(parents=True, exist_ok=True)
+    state_path, start = out / STATE_FILE, 0
+    state = _resume_state(state_path, settings, log)
+    if state is not None:
+        encoder.load_state_dict(state["encoder"]), heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"]), schedule.load_state_dict(state["schedule"])
+        start = state["epoch"]
+        log(f"stage 0: resuming from {state_path} after epoch {start}/{epochs}")
     log(f"stage 0 on {device}: pretraining the {m.image_size}x{m.image_size} patch encoder ({m.vision_layers} blocks, width "
         f"{m.vision_dim}, {m.num_patches} patches) on {len(stream)} training digits re-placed every epoch; "
         f"held out: {len(test[1])} test canvases; {epochs} epochs of {steps_per_epoch} steps")
     t0 = time.time()
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         canvases = stream.epoch(epoch)
         order_N = torch.randperm(len(stream), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         loss_sum = torch.zeros((), device=device)
@@ -133,16 +163,22 @@ def pretrain(cfg: TrainConfig, epochs: int, batch_size: int, lr: float, seed: in
         if (epoch + 1) % 5 == 0 or epoch + 1 == epochs:
             digit_acc, where_acc = accuracy(encoder, heads, *test)
             done = time.time() - t0
-            eta = done / (epoch + 1) * (epochs - epoch - 1)
+            eta = done / (epoch + 1 - start) * (epochs - epoch - 1)
             log(f"[stage 0 epoch {epoch + 1}/{epochs}] loss {float(loss_sum) / len(stream):.4f}  held-out digit "
                 f"{digit_acc:.3f}  quadrant {where_acc:.3f}  {done:.0f}s, eta {eta:.0f}s")
+        torch.save({"settings": settings, "epoch": epoch + 1, "encoder": encoder.state_dict(),
+                    "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict()}, state_path.with_suffix(".tmp"))
+        state_path.with_suffix(".tmp").replace(state_path)   # never a half-written state
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     digit_acc, where_acc = accuracy(encoder, heads, *test)
     metrics = {"stage": 0, "seed": seed, "epochs": epochs, "canvas_size": size, "train_digits": len(stream),
                "test_canvases": len(test[1]), "acc_digit": digit_acc, "acc_quadrant": where_acc,
-               "seconds": time.time() - t0}
-    out.mkdir(parents=True, exist_ok=True)
+               "seconds": time.time() - t0, "resumed_at_epoch": start}
     save_encoder(out / "encoder.pt", encoder, m, {"metrics": metrics})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    state_path.unlink(missing_ok=True)
     log(f"stage 0 done in {metrics['seconds']:.0f}s: held-out digit accuracy {digit_acc:.4f}, quadrant "
         f"{where_acc:.4f}; encoder -> {out / 'encoder.pt'} (model.vision_checkpoint)")
     return metrics

@@ -158,6 +158,8 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
     try:
         step, epoch = _resume(engine, resume_from, len(loader), total_steps, log, scratch_dir=out_dir)
         start_step = step
+        if cfg.run.checkpoint_every_epoch and not eval_only:
+            epoch_callback = _with_epoch_checkpoints(epoch_callback, out_dir / "checkpoint")
         figures = _train_loop(family, engine, loader, sampler, step, epoch, total_steps, tracker, log,
                               epoch_callback=epoch_callback)
         final = {"steps": total_steps, "steps_this_run": max(0, total_steps - start_step)}
@@ -386,6 +388,23 @@ def _resume(engine, resume_from: Path | None, steps_per_epoch: int, total_steps:
     return step, epoch
 
 
+def _with_epoch_checkpoints(callback: Callable | None, ckpt_dir: Path) -> Callable:
+    """`callback` preceded by a DeepSpeed checkpoint of the epoch (tag epochN, `latest` pointing at it); once every
+    rank has saved, rank 0 removes the previous epochs' tags (one epoch's checkpoint on disk at a time)."""
+    def on_epoch(epoch: int, step: int, metrics: dict, engine) -> None:
+        engine.save_checkpoint(str(ckpt_dir), tag=f"epoch{epoch}", client_state={"step": step, "epoch": epoch})
+        distributed.barrier()
+        if distributed.rank() == 0:
+            import shutil
+
+            for old in ckpt_dir.glob("epoch*"):
+                if old.name != f"epoch{epoch}" and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+        if callback is not None:
+            callback(epoch, step, metrics, engine)
+    return on_epoch
+
+
 def _reshard_for_engine(engine, resume_from: Path, scratch_dir: Path | None, log: Callable) -> Path | None:
     """When `resume_from` was saved at another ep_size than the engine's: rank 0 converts it (weights, Adam
     state, placement: experts on their bins' ranks where the bins allow) into a temporary folder, whose path
@@ -437,6 +456,7 @@ def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: 
     for epoch, batches in resumable_epochs(loader, sampler, step, epoch, total_steps):
         for batch in batches:
             t0 = time.time()
+            family.begin_step(step)
             out = family.forward(engine, batch, engine.device)
             engine.backward(family.train_loss(out))
             engine.step()

@@ -33,11 +33,18 @@ class ModelConfig(BaseModel):
         None, description="keep the vision encoder's weights fixed (no gradient, no optimizer state); None: frozen "
                           "when vision_checkpoint is set (a pretrained encoder, as LLaVA freezes CLIP), trained "
                           "otherwise")
-    upcycle_from: str | None = Field(
-        None, description="sparse upcycling (the recipe's stage III): a dense run's output_dir (model.moe_layers: "
-                          "none, same other model fields, same training data) whose final checkpoint the model "
-                          "starts from, every expert of a MoE block a copy of the block's dense FFN "
-                          "(ds_smoes.model.upcycle)")
+    freeze_decoder: bool = Field(
+        False, description="keep the language model's weights fixed (token and position embeddings, decoder blocks, "
+                           "final norm, LM head): the recipe's stage I trains the projector alone on a frozen "
+                           "language model")
+    freeze_projector: bool = Field(
+        False, description="keep the vision-to-language projector fixed (the recipe's language stage, which sees "
+                           "no image)")
+    start_from: str | None = Field(
+        None, description="a dense run's output_dir (model.moe_layers: none, the same other model fields, the same "
+                          "training split) whose final checkpoint the model starts from: a dense model copies "
+                          "every tensor (the recipe's stages I-II chain this way); a MoE model is upcycled, every "
+                          "expert of a MoE block a copy of the block's dense FFN (stage III, ds_smoes.model.upcycle)")
     upcycle_noise: float = Field(0.0, ge=0.0, description="relative noise added to each upcycled expert's weight "
                                                           "matrices (0: exact copies, as MoE-LLaVA)")
     max_len: int = Field(96, ge=8, description="longest sequence (image patches + text)")
@@ -66,8 +73,9 @@ class ModelConfig(BaseModel):
         if self.vision_pos == "sincos" and self.vision_dim % 4:
             raise ValueError(f"vision_pos=sincos needs vision_dim a multiple of 4, got {self.vision_dim}")
         self.compress.check_layers(self.n_layers)
-        if self.upcycle_from is not None and self.moe_layers == "none":
-            raise ValueError("upcycle_from needs MoE blocks to upcycle into: set moe_layers (every_other or all)")
+        if self.freeze_decoder and self.moe_layers != "none":
+            raise ValueError("freeze_decoder is for the dense stages (moe_layers: none): a MoE model with its "
+                             "decoder frozen would not train its experts or routers")
         return self
 
     @property

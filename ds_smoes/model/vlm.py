@@ -108,6 +108,11 @@ class TinyMoEVLM(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self._init_experts(expert_seed, ep_rank)
+        if cfg.freeze_decoder:   # the recipe's stage I: the projector learns to speak a fixed language model
+            for part in (self.tok_emb, self.pos_emb, self.blocks, self.ln_f, self.lm_head):
+                part.requires_grad_(False)
+        if cfg.freeze_projector:
+            self.projector.requires_grad_(False)
 
     def _init_experts(self, seed: int, ep_rank: int) -> None:
         """DeepSpeed deep-copies one expert module; give every global expert its own init.

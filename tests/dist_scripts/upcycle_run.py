@@ -1,6 +1,6 @@
 """Run under `deepspeed --num_gpus 2`: sparse upcycling through the training session.  A dense run of the demo
 recipe (model.moe_layers none, 20 steps on the small split) saves its checkpoint; the MoE run with
-model.upcycle_from = that run is evaluated before any training (ep_size 2, the rank_once dispatch), then trained
+model.start_from = that run is evaluated before any training (ep_size 2, the rank_once dispatch), then trained
 10 steps.  Each rank writes OUT/rank{r}.json with the three runs' figures and the upcycling log line;
 tests/test_upcycle.py compares them (the upcycled model computes the dense model's function)."""
 from pathlib import Path
@@ -23,7 +23,7 @@ def main() -> None:
                                                          "model.moe_layers=none", "run.save_checkpoint=true"]),
                          log=lambda *a: None)
     lines = []
-    moe = [*common, f"model.upcycle_from={dense_dir}"]
+    moe = [*common, f"model.start_from={dense_dir}"]
     before = run_training(load_train_config(args.config, [*moe, f"run.output_dir={args.out / 'moe0'}"]),
                           log=lines.append, eval_only=True)
     trained = run_training(load_train_config(args.config, [*moe, f"run.output_dir={args.out / 'moe'}",
