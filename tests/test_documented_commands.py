@@ -28,6 +28,7 @@ MAINS = {
     "ds_smoes.hf.tiny": "ds_smoes.hf.tiny:main",
     "ds_smoes.data.digits": "ds_smoes.data.digits:main",
     "ds_smoes.pretrain_vision": "ds_smoes.app.pretrain_vision:main",
+    "ds_smoes.pipeline": "ds_smoes.app.pipeline_cli:main",
 }
 SCRIPTS = {"ray_jobs/sweep.py": "ds_smoes.sweep.cli:main"}
 PROGRAM = re.compile(r"^(\S*/)?(python3?(\.\d+)?|deepspeed|make|ray|mlflow)\s")

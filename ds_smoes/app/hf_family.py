@@ -20,6 +20,7 @@ from ds_smoes.app.family import ModelFamily, ensure_digits
 from ds_smoes.app.hf_config import HFTrainConfig
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.data import load_llava_json
+from ds_smoes.data.tasks import select_tasks
 from ds_smoes.hf.data import HFConversationDataset, VLMTextCodec, collate
 from ds_smoes.hf.export import export_pretrained
 from ds_smoes.hf.load import load_hf_model, to_smoes
@@ -137,9 +138,13 @@ class HFFamily(ModelFamily):
         self.eos_id = tok.eos_token_id
         d = cfg.data
         ensure_digits(d, log)
-        make = lambda p: HFConversationDataset(load_llava_json(Path(p), Path(d.image_folder)), self.codec)  # noqa: E731
-        self.train_set, self.test_set = make(d.train_json), make(d.test_json)
-        self.val_set = make(d.val_json) if d.val_json else None
+        def make(path, split):   # data.tasks keeps the named tasks, as for the built-in model
+            samples = select_tasks(load_llava_json(Path(path), Path(d.image_folder)), d.tasks, Path(d.image_folder),
+                                   split)
+            return HFConversationDataset(samples, self.codec)
+
+        self.train_set, self.test_set = make(d.train_json, "train"), make(d.test_json, "test")
+        self.val_set = make(d.val_json, "val") if d.val_json else None
         self.collate = partial(collate, pad_id=self.pad_id)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 

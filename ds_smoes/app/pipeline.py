@@ -145,7 +145,7 @@ def _stream(cmd: list[str], log_path: Path, prefix: str, echo: Callable[[str], N
     """Run `cmd`, every output line to `log_path` and, prefixed, to `echo`; its exit status."""
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=dict(os.environ))
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})   # progress lines as they come
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -221,13 +221,13 @@ class Pipeline:
         self.echo(f"== {stage.name}: done in {seconds:.0f}s: {_headline(stage.name, metrics)}")
 
     def _vision(self, stage: Stage) -> dict:
-        from ds_smoes.app.config import load_train_config
-        from ds_smoes.app.pretrain_vision import pretrain
-
+        """Stage 0 in its own process (`python -m ds_smoes.pretrain_vision`): on a GPU it holds no CUDA memory
+        the training stages after it need; it continues from its state file when one is there."""
         v = self.cfg.vision
-        train = load_train_config(self.cfg.train_config, [f"run.seed={self.cfg.seed}"])
-        return pretrain(train, v.epochs, v.batch_size, v.lr, self.cfg.seed, stage.directory,
-                        log=lambda *a: self.echo("[vision] " + " ".join(map(str, a))))
+        cmd = [sys.executable, "-m", "ds_smoes.pretrain_vision", "--config", str(self.cfg.train_config),
+               "--set", f"run.seed={self.cfg.seed}", "--seed", str(self.cfg.seed), "--epochs", str(v.epochs),
+               "--batch-size", str(v.batch_size), "--lr", str(v.lr), "--out", str(stage.directory)]
+        return self._finish(stage, _stream(cmd, stage.directory / "train.log", "[vision] ", self.echo))
 
     def _train(self, stage: Stage, resume: bool) -> dict:
         cfg = self.cfg
@@ -244,12 +244,15 @@ class Pipeline:
             cmd += ["--resume-from", str(checkpoint)]
         for item in stage.overrides:
             cmd += ["--set", item]
-        log_path = stage.directory / "train.log"
-        rc = _stream(cmd, log_path, f"[{stage.name}] ", self.echo)
+        return self._finish(stage, _stream(cmd, stage.directory / "train.log", f"[{stage.name}] ", self.echo))
+
+    @staticmethod
+    def _finish(stage: Stage, rc: int) -> dict:
+        """The stage's metrics.json; StageFailed when its process failed or wrote none."""
         metrics_path = stage.directory / METRICS_FILE
         if rc != 0 or not metrics_path.is_file():
-            raise StageFailed(f"the {stage.name} stage failed (exit status {rc}); its log: {log_path}. Run the same "
-                              "command again to resume it from its last epoch")
+            raise StageFailed(f"the {stage.name} stage failed (exit status {rc}); its log: "
+                              f"{stage.directory / 'train.log'}. Run the same command again to resume it")
         return json.loads(metrics_path.read_text())
 
     # -- MLflow ----------------------------------------------------------------------------------------------
