@@ -166,7 +166,7 @@ def test_each_stage_trains_what_the_recipe_says_from_the_stage_before(tmp_path):
     assert list(stages) == ["vision", "language", "align", "dense", "moe"]
     root = tmp_path / "seed3"
     lang, align, dense, moe = (stages[n].settings for n in ("language", "align", "dense", "moe"))
-    assert lang["data"]["tasks"] == ["text_plus", "text_minus", "text_greater", "text_larger"]
+    assert lang["data"]["tasks"] == ["language_only"]
     assert lang["model"]["vision_checkpoint"] == str(root / "vision" / "encoder.pt")
     assert lang["model"]["freeze_projector"] and lang["model"]["moe_layers"] == "none"
     assert align["data"]["tasks"] == [CAPTION_TASK] and align["model"]["freeze_decoder"]

@@ -13,7 +13,7 @@ from ds_smoes.app.family import ModelFamily, check_digits_variant, ensure_digits
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train, load_llava_json
 from ds_smoes.data.augment import random_shift
-from ds_smoes.data.tasks import select_tasks
+from ds_smoes.data.tasks import select_tasks, with_text_share
 from ds_smoes.data.tokenizer import split_words
 from ds_smoes.model import TinyMoEVLM, model_inputs
 
@@ -45,6 +45,7 @@ def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
         if unknown:
             raise ConfigError(f"data.tasks {list(d.tasks)}: the words {unknown} are not in the training split's "
                               "vocabulary")
+    train = with_text_share(train, d.text_share, cfg.run.seed)   # a multimodal-heavy mix (stage III)
     m = cfg.model
     image_tokens = m.compress.pre_llm_budget(m.num_patches)   # compressed before the LLM: fewer placeholders
     make = lambda samples: LlavaDataset(samples, tokenizer, m.image_size, m.patch_size, image_tokens)  # noqa: E731

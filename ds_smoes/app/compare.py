@@ -2,6 +2,7 @@
 
     python -m ds_smoes.compare --config configs/demo.yaml --seeds 0 1 2 --out runs/compare
     python -m ds_smoes.compare --suite compression [--smoke]     # visual token compression (issue 19)
+    python -m ds_smoes.compare --suite recipe                    # the gates on the recipe (docs/results.md)
 
 `--suite compression` is the method x vision-token budget table on the canvas digits
 (`ds_smoes.app.compare_compression` says what it runs and reports); the rest of this text is the gates'.
@@ -39,6 +40,7 @@ VARIANTS: dict[str, list[str]] = {
     "smoes": [],
     "smoes-gaussian": ["smoes.score_type=gaussian"],
     "smoes-binning-only": ["smoes.alpha_mi=0"],
+    "smoes-one-bin": ["smoes.max_bins_per_token=1"],
     "smoes-fixed-bins": ["smoes.binning=fixed"],
     "smoes-hard-score": ["smoes.score_type=hard"],
     "smoes-kl": ["smoes.bin_objective=kl"],
@@ -177,9 +179,10 @@ def run_one(args, name: str, seed: int, out_dir: Path, parent_run_id: str | None
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ds_smoes.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("gates", "compression"), default="gates",
+    p.add_argument("--suite", choices=("gates", "compression", "recipe"), default="gates",
                    help="gates: every gate and SMoES ablation (default); compression: visual token compression "
-                        "methods x budgets on the canvas digits (issue 19)")
+                        "methods x budgets on the canvas digits (issue 19); recipe: the gates' stage III on the "
+                        "recipe (configs/recipe/evidence32.yaml, docs/results.md)")
     p.add_argument("--smoke", action="store_true",
                    help="compression suite: 2 settings, 1 seed, 4 steps on a slice of the data (about 2 minutes)")
     p.add_argument("--config", type=Path, default=None,
@@ -197,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.suite == "compression":
         return _main_compression(args)
+    if args.suite == "recipe":
+        return _main_recipe(args)
     if args.smoke:
         print("error: --smoke belongs to --suite compression", file=sys.stderr)
         return 2
@@ -298,6 +303,31 @@ def _main_compression(args) -> int:
         md = cc.write_report(rows, results, args.out, parent)
         return close(parent, md, jobs, failed, time.time() - t0,
                      f"table in {args.out / 'table.md'} and table.json")
+    except SMoESError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main_recipe(args) -> int:
+    """`--suite recipe`: stage III of every gate on the recipe, from the same stages 0-II per seed
+    (`ds_smoes.app.compare_recipe`)."""
+    from ds_smoes.app import compare_recipe as cr
+
+    if args.smoke:
+        print("error: --smoke belongs to --suite compression", file=sys.stderr)
+        return 2
+    try:
+        from ds_smoes.app.tracking import default_tracking_uri
+
+        gates = args.variants or list(cr.GATES)
+        unknown = [v for v in gates if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown gate variant(s) {unknown}; choose from {list(VARIANTS)}")
+        if cr.REFERENCE not in gates:
+            raise ConfigError(f"the paired differences are against {cr.REFERENCE}: include it in --variants")
+        seeds = args.seeds if args.seeds is not None else [0, 1, 2]
+        return cr.run(args.config or cr.DEFAULT_CONFIG, gates, seeds, args.out or cr.DEFAULT_OUT, args.overrides,
+                      args.tracking_uri or default_tracking_uri(), args.experiment)
     except SMoESError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,6 +31,14 @@ class DataConfig(_Section):
     canvas_size: int | None = Field(None, description="generate the digits' canvas variant (each digit at a seeded "
                                     "place on an NxN noisy canvas, with 'where is the digit?' questions; 32 or 48); "
                                     "model.image_size must equal it.  None: the plain 8x8 digits")
+    digits_language: Literal["words", "sums"] = Field(
+        "words", description="the generated digits' language-only questions: words (one-digit arithmetic in number "
+                             "words) or sums (two-digit sums and the larger of two numbers, digit by digit, test questions never in "
+                             "training: language accuracy that measures a skill, not memory)")
+    text_share: float | None = Field(
+        None, gt=0, lt=1, description="cut the training split's language-only conversations to this share of it "
+                                      "(a seeded choice by run.seed; e.g. 0.05 for a multimodal-heavy stage III); "
+                                      "None: as the data has them")
     augment_max_shift: int = Field(0, ge=0, description="training images are shifted by up to N pixels per axis "
                                    "(seeded per step: a resumed run draws the shifts the uninterrupted one drew)")
     tasks: tuple[str, ...] | None = Field(

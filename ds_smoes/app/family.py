@@ -30,8 +30,10 @@ def ensure_digits(d, log: Callable) -> None:
     if d.generate_digits and not Path(d.train_json).exists():
         if distributed.rank() == 0:
             variant = f", {d.canvas_size}x{d.canvas_size} canvas" if d.canvas_size else ""
+            variant += f", {d.digits_language} language questions" if d.digits_language != "words" else ""
             log(f"generating the digits dataset (seed {d.digits_seed}{variant}) into {d.image_folder} ...")
-            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed, canvas_size=d.canvas_size)
+            generate_digits_dataset(Path(d.image_folder), seed=d.digits_seed, canvas_size=d.canvas_size,
+                                    language=d.digits_language)
         distributed.barrier()
 
 
@@ -48,6 +50,11 @@ def check_digits_variant(d, image_size: int) -> None:
     if not isinstance(manifest, dict) or manifest.get("generator") != GENERATOR_NAME:
         return
     canvas = manifest.get("canvas_size")
+    language = manifest.get("language", "words")
+    if language != d.digits_language:
+        raise ConfigError(f"data.digits_language={d.digits_language} but {d.image_folder} holds the {language} "
+                          "language questions: point data.* at another folder or regenerate it with python -m "
+                          f"ds_smoes.data.digits --out {d.image_folder} --language {d.digits_language} --force")
     if d.canvas_size is not None and canvas != d.canvas_size:
         found = f"the {canvas}x{canvas} canvas variant" if canvas else "the plain 8x8 digits"
         raise ConfigError(f"data.canvas_size={d.canvas_size} but {d.image_folder} holds {found}: point data.* at "

@@ -20,7 +20,7 @@ from ds_smoes.app.family import ModelFamily, ensure_digits
 from ds_smoes.app.hf_config import HFTrainConfig
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.data import load_llava_json
-from ds_smoes.data.tasks import select_tasks
+from ds_smoes.data.tasks import select_tasks, with_text_share
 from ds_smoes.hf.data import HFConversationDataset, VLMTextCodec, collate
 from ds_smoes.hf.export import export_pretrained
 from ds_smoes.hf.load import load_hf_model, to_smoes
@@ -144,6 +144,7 @@ class HFFamily(ModelFamily):
             return HFConversationDataset(samples, self.codec)
 
         self.train_set, self.test_set = make(d.train_json, "train"), make(d.test_json, "test")
+        self.train_set.samples = with_text_share(self.train_set.samples, d.text_share, cfg.run.seed)
         self.val_set = make(d.val_json, "val") if d.val_json else None
         self.collate = partial(collate, pad_id=self.pad_id)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]

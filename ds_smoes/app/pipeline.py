@@ -56,12 +56,11 @@ def stage_overrides(cfg: PipelineConfig, stage: str, dirs: dict[str, Path]) -> l
     """The `--set` items of a training stage: what the stage trains, on what, from where; then its epochs,
     learning rate and own `set` items (last, so they win)."""
     from ds_smoes.app.compare import VARIANTS
-    from ds_smoes.data.digits import LANGUAGE_TASKS
-    from ds_smoes.data.tasks import CAPTION_TASK
+    from ds_smoes.data.tasks import CAPTION_TASK, LANGUAGE_ONLY
 
     frozen = str(cfg.freeze_vision).lower()
     own = {
-        "language": ["model.moe_layers=none", f"data.tasks=[{','.join(LANGUAGE_TASKS)}]",
+        "language": ["model.moe_layers=none", f"data.tasks=[{LANGUAGE_ONLY}]",
                      f"model.vision_checkpoint={dirs['vision'] / 'encoder.pt'}", "model.freeze_vision=true",
                      "model.freeze_projector=true"],
         "align": ["model.moe_layers=none", f"data.tasks=[{CAPTION_TASK}]", f"model.start_from={dirs['language']}",
@@ -165,8 +164,10 @@ class Pipeline:
     """Runs the stages of `cfg` in order (see the module's text); `tracking_uri` None: no MLflow."""
 
     def __init__(self, cfg: PipelineConfig, tracking_uri: str | None, experiment: str,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, parent_run_id: str | None = None) -> None:
+        """`parent_run_id`: nest this pipeline's MLflow run under that one (a comparison's)."""
         self.cfg, self.tracking_uri, self.experiment, self.echo = cfg, tracking_uri, experiment, echo
+        self.parent_run_id = parent_run_id
         self.stages = plan(cfg)
         self.report: dict[str, dict] = {}
 
@@ -177,7 +178,8 @@ class Pipeline:
         cfg = self.cfg
         parent = Tracker(self.tracking_uri or "", self.experiment, f"recipe-seed{cfg.seed}-{cfg.variant}",
                          active=self.tracking_uri is not None,
-                         tags={"kind": "recipe", "seed": str(cfg.seed), "variant": cfg.variant})
+                         tags={"kind": "recipe", "seed": str(cfg.seed), "variant": cfg.variant},
+                         parent_run_id=self.parent_run_id)
         parent.log_params({"seed": cfg.seed, "variant": cfg.variant, "freeze_vision": cfg.freeze_vision,
                            "train_config": str(cfg.train_config), "out_dir": str(cfg.out_dir),
                            **{f"{s}.epochs": getattr(cfg, s).epochs for s in STAGES}})
@@ -208,7 +210,8 @@ class Pipeline:
         (stage.directory / STAGE_FILE).write_text(json.dumps(
             {"stage": stage.name, "fingerprint": stage.fingerprint, "settings": stage.settings}, indent=1,
             default=str))
-        self.echo(f"== {stage.name}: {'resuming' if state == 'resume' else 'starting'} in {stage.directory}")
+        self.echo(f"== {stage.name}: {'resuming' if state == 'resume' else 'starting'} in {stage.directory} "
+                  f"(log: {stage.directory / 'train.log'})")
         if stage.name == "vision":
             metrics = self._vision(stage)
             self._child_run(stage, metrics, reused=False)

@@ -72,6 +72,14 @@ CANVAS_NOISE_MAX = 24  # background noise grey levels 0..24 of 255 (a digit stro
 CANVAS_GRID = 4
 MIN_CANVAS_SIZE = 2 * IMAGE_SIZE  # each quadrant must hold a whole 8x8 digit
 LANGUAGE_TASKS = ("text_plus", "text_minus", "text_greater", "text_larger")
+# The "sums" language side (``language="sums"``): two-digit sums ("what is 4 7 plus 3 5?" -> "8 2") and the larger
+# of two two-digit numbers ("which is larger, 4 7 or 3 5?" -> "4 7"), operands written digit by digit, whose test
+# and validation questions never occur in training (the pairs are split, not sampled per split), so that
+# language-only accuracy measures a skill, not memory, and does not saturate at the demo's model size.
+LANGUAGE_VARIANTS = ("words", "sums")
+SUM_TASKS = ("text_sum", "text_max")
+SUM_COUNTS = {"train": 2000, "val": 100, "test": 200}   # per task
+SUM_OPERANDS = range(10, 100)
 
 Record = dict[str, Any]
 
@@ -134,6 +142,39 @@ def language_question(task: str, a: int, b: int) -> tuple[str, str]:
             raise ValueError("text_larger needs two different numbers")
         return f"which is larger, {wa} or {wb}?", number_word(max(a, b))
     raise ValueError(f"unknown language task {task!r}; expected one of {LANGUAGE_TASKS}")
+
+
+def spelled(value: int) -> str:
+    """A non-negative integer digit by digit: ``107 -> "1 0 7"`` (each digit one token)."""
+    if value < 0:
+        raise ValueError(f"spelled numbers are non-negative, got {value}")
+    return " ".join(str(value))
+
+
+def sum_question(task: str, a: int, b: int) -> tuple[str, str]:
+    """Question and answer of a "sums" language task on two-digit ``a`` and ``b``."""
+    if task == "text_sum":
+        return f"what is {spelled(a)} plus {spelled(b)}?", spelled(a + b)
+    if task == "text_max":
+        if a == b:
+            raise ValueError("text_max needs two different numbers")
+        return f"which is larger, {spelled(a)} or {spelled(b)}?", spelled(max(a, b))
+    raise ValueError(f"unknown sums task {task!r}; expected one of {SUM_TASKS}")
+
+
+def _sum_records(seed: int) -> dict[str, list[Record]]:
+    """Per split, the "sums" questions: every (a, b) pair of a task is shuffled once and cut into test, val and
+    train, so no test or validation question occurs in training."""
+    out: dict[str, list[Record]] = {split: [] for split in SPLITS}
+    for task in SUM_TASKS:
+        pairs = [(a, b) for a in SUM_OPERANDS for b in SUM_OPERANDS if task != "text_max" or a != b]
+        pairs = _shuffled(_rng(seed, f"sums/{task}"), pairs)
+        start = 0
+        for split in ("test", "val", "train"):
+            for a, b in pairs[start:start + SUM_COUNTS[split]]:
+                out[split].append(_record(*sum_question(task, a, b), task, None))
+            start += SUM_COUNTS[split]
+    return out
 
 
 def _record(question: str, answer: str, task: str, image: str | None) -> Record:
@@ -319,8 +360,13 @@ def _write_canvas_images(out_dir: Path, images: np.ndarray, layout: list[tuple[i
         Image.fromarray(canvas_pixels(digit_HW, row, col, canvas_size, rng)).save(out_dir / image_relpath(index))
 
 
+def check_language(language: str) -> None:
+    if language not in LANGUAGE_VARIANTS:
+        raise ValueError(f"language must be one of {LANGUAGE_VARIANTS}, got {language!r}")
+
+
 def generate_digits_dataset(out_dir: Path, seed: int = 0, *, force: bool = False,
-                            canvas_size: int | None = None) -> dict[str, Any]:
+                            canvas_size: int | None = None, language: str = "words") -> dict[str, Any]:
     """Write the digits VQA dataset to ``out_dir`` and return its manifest.
 
     Layout: ``images/{index:04d}.png``, ``train.json``, ``val.json``, ``test.json`` (LLaVA
@@ -331,12 +377,17 @@ def generate_digits_dataset(out_dir: Path, seed: int = 0, *, force: bool = False
     ``canvas_size`` (None: the plain 8x8 set): the canvas variant (module docstring), whose
     images are ``canvas_size`` square, whose records ask "where is the digit?" too and whose
     manifest records ``variant``, ``canvas_size`` and ``image_size`` (= ``canvas_size``).
+
+    ``language``: ``words`` (the default: one-digit arithmetic and comparisons in number words, sampled per
+    split) or ``sums`` (two-digit sums and the larger of two numbers, digit by digit, test questions never in training;
+    the manifest then records ``language``).
     """
     check_canvas_size(canvas_size)
+    check_language(language)
     out_dir = Path(out_dir)
     existing = None if force else _read_manifest(out_dir)
     if (existing is not None and existing.get("seed") == seed and existing.get("version") == GENERATOR_VERSION
-            and existing.get("canvas_size") == canvas_size):
+            and existing.get("canvas_size") == canvas_size and existing.get("language", "words") == language):
         return existing
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -351,14 +402,16 @@ def generate_digits_dataset(out_dir: Path, seed: int = 0, *, force: bool = False
         layout = canvas_layout(len(labels), canvas_size, seed)
         _write_canvas_images(out_dir, images_NHW, layout, canvas_size, seed)
         locations = [where for _, _, where in layout]
-    id_prefix = "digits" if canvas_size is None else f"digits-canvas{canvas_size}"
+    id_prefix = ("digits" if canvas_size is None else f"digits-canvas{canvas_size}") + (
+        "-sums" if language == "sums" else "")
+    sums = _sum_records(seed) if language == "sums" else None
 
     image_splits = split_image_indices(len(labels), seed)
     splits: dict[str, Any] = {}
     records_by_split: dict[str, list[Record]] = {}
     for split in SPLITS:
         records = _multimodal_records(split, image_splits[split], labels, seed, locations)
-        records += _language_records(split, LANGUAGE_COUNTS[split], seed)
+        records += _language_records(split, LANGUAGE_COUNTS[split], seed) if sums is None else sums[split]
         records = _shuffled(_rng(seed, f"{split}/order"), records)
         records = [{"id": f"{id_prefix}-{split}-{i:05d}", **r} for i, r in enumerate(records)]
         _dump_json(out_dir / f"{split}.json", records)
@@ -379,6 +432,8 @@ def generate_digits_dataset(out_dir: Path, seed: int = 0, *, force: bool = False
         "splits": splits,
         "language_test_seen_in_train": round(seen, 4),
     }
+    if language != "words":   # the words sets keep exactly their old keys (and bytes)
+        manifest["language"] = language
     if canvas_size is not None:  # the plain set's manifest keeps exactly its old keys (and bytes)
         manifest["image_size"] = canvas_size
         manifest.update({
@@ -406,6 +461,7 @@ def summarize(manifest: dict[str, Any], out_dir: Path) -> str:
     seen = manifest["language_test_seen_in_train"]
     canvas = manifest.get("canvas_size")
     variant = f", digits on a {canvas}x{canvas} noisy canvas" if canvas else ""
+    variant += ", two-digit sums as language questions" if manifest.get("language") == "sums" else ""
     return (
         f"Digits dataset (seed {manifest['seed']}, generator v{manifest['version']}{variant}) in {out_dir}: "
         + "; ".join(parts)
@@ -427,12 +483,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the canvas variant: each digit at a seeded place on an NxN noisy canvas (e.g. 32, "
                              "with 4x4 patches 64 vision tokens), plus 'where is the digit?' questions; "
                              "train with model.image_size N and data.canvas_size N")
+    parser.add_argument("--language", choices=LANGUAGE_VARIANTS, default="words",
+                        help="the language-only questions: words (one-digit arithmetic in number words; default) or "
+                             "sums (two-digit sums and the larger of two numbers, digit by digit, test questions "
+                             "unseen in training)")
     args = parser.parse_args(argv)
     try:
         check_canvas_size(args.canvas_size)
     except ValueError as err:
         parser.error(str(err))
-    manifest = generate_digits_dataset(args.out, args.seed, force=args.force, canvas_size=args.canvas_size)
+    manifest = generate_digits_dataset(args.out, args.seed, force=args.force, canvas_size=args.canvas_size,
+                                       language=args.language)
     print(summarize(manifest, args.out))
     return 0
 

@@ -23,6 +23,8 @@ from ds_smoes.data.llava import Sample
 
 CAPTION_TASK = "digit_caption"
 CAPTION_QUESTION = "what is this?"
+LANGUAGE_ONLY = "language_only"
+"""Not a task of the records: every conversation without an image (the recipe's language stage)."""
 
 
 def caption_samples(samples: Sequence[Sample], image_folder: Path) -> list[Sample]:
@@ -55,17 +57,35 @@ def caption_samples(samples: Sequence[Sample], image_folder: Path) -> list[Sampl
 
 def select_tasks(samples: Sequence[Sample], tasks: Sequence[str] | None, image_folder: Path,
                  split: str) -> list[Sample]:
-    """The samples of `split` whose task is in `tasks` (None: all), captions first when `tasks` names
-    :data:`CAPTION_TASK`.  DatasetError when a task is unknown to the split or nothing is left."""
+    """The samples of `split` whose task is in `tasks` (None: all; :data:`LANGUAGE_ONLY`: every sample without an
+    image), captions first when `tasks` names :data:`CAPTION_TASK`.  DatasetError when a task is unknown to the
+    split or nothing is left."""
     if tasks is None:
         return list(samples)
     present = sorted({s.task for s in samples if s.task is not None})
-    unknown = [t for t in tasks if t != CAPTION_TASK and t not in present]
+    unknown = [t for t in tasks if t not in (CAPTION_TASK, LANGUAGE_ONLY) and t not in present]
     if unknown:
         raise DatasetError(f"data.tasks names {unknown}, which the {split} split does not have; its tasks are "
-                           f"{present} (and {CAPTION_TASK}, built from its images)")
+                           f"{present} (and {CAPTION_TASK}, built from its images, and {LANGUAGE_ONLY}: every "
+                           "conversation without an image)")
     kept = caption_samples(samples, image_folder) if CAPTION_TASK in tasks else []
-    kept += [s for s in samples if s.task in tasks]
+    kept += [s for s in samples if s.task in tasks or (LANGUAGE_ONLY in tasks and s.image_path is None)]
     if not kept:
         raise DatasetError(f"data.tasks {list(tasks)} leaves no conversation in the {split} split")
     return kept
+
+
+def with_text_share(samples: Sequence[Sample], share: float | None, seed: int) -> list[Sample]:
+    """`samples` with their language-only ones cut to `share` of the result (None: unchanged): a seeded choice,
+    in the samples' order, of round(share / (1 - share) * multimodal) of them (all if there are fewer).  Stage III
+    of a multimodal-heavy mix (MoE-LLaVA, SMAR) sees a few text-only conversations, so that it can cost
+    language ability and gates can differ in how much of it they keep."""
+    if share is None:
+        return list(samples)
+    import random
+
+    text = [i for i, s in enumerate(samples) if s.image_path is None]
+    multimodal = len(samples) - len(text)
+    want = min(len(text), round(share / (1.0 - share) * multimodal))
+    keep = set(random.Random(f"ds_smoes.text_share/{seed}").sample(text, want))
+    return [s for i, s in enumerate(samples) if s.image_path is not None or i in keep]
