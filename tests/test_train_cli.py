@@ -187,3 +187,21 @@ def test_activation_checkpointing_and_bf16_train_the_demo_recipe(two_rank_scenar
         same = ("final_train_loss", "test_loss", "acc_overall", "msi", "cross_rank_rate")
         assert {k: figures["checkpointed"][k] for k in same} == {k: figures["plain"][k] for k in same}
         assert abs(figures["bf16"]["test_loss"] - figures["plain"]["test_loss"]) < 0.1 * figures["plain"]["test_loss"]
+
+
+def test_a_diverging_run_stops_without_a_checkpoint_and_its_mlflow_run_says_why(tmp_path, digits_dir, capsys):
+    """optim.lr=1000: the loss turns non-finite within the first steps; the run stops at the next log line with
+    exit 2 and one message, writes no checkpoint (neither an epoch's nor the final one), and its MLflow run is
+    FAILED with the reason."""
+    import mlflow
+
+    cfg = write_config(tmp_path, digits_dir, smoes={"ep_size": 1},
+                       optim={"lr": 1000.0, "warmup_steps": 0, "max_steps": 60},
+                       run={"log_every": 5, "checkpoint_every_epoch": True, "eval_every_epoch": False})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _main_fails_cleanly(capsys, ["--config", str(cfg), "--tracking-uri", uri], "training diverged",
+                        "saves no checkpoint", "optim.lr")
+    assert not (tmp_path / "out" / "checkpoint").exists() and not (tmp_path / "out" / "metrics.json").exists()
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ds-smoes").experiment_id])
+    assert run.info.status == "FAILED" and "training diverged" in run.data.tags["failure_reason"]

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ds_smoes.parallel import distributed
-from ds_smoes.core.errors import ConfigError
+from ds_smoes.core.errors import ConfigError, TrainingDiverged
 from ds_smoes.app.evaluation import RoutingAccumulator
 
 
@@ -75,6 +75,7 @@ class TrainWindow:
         self.train_seconds = 0.0   # over the whole run, this process
         self.tokens = 0            # over the whole run, this process
         self.last_loss = float("nan")
+        self.last_finite = (float("nan"), 0)   # (loss, step) of the last window whose mean loss was finite
         self._reset()
 
     def _reset(self) -> None:
@@ -131,6 +132,28 @@ class TrainWindow:
                    **{f"train/gate/{k}": v for k, v in mean_gate_losses(stats).items()}}
         self._reset()
         return metrics
+
+    def check_finite(self, metrics: dict, step: int, lr: float) -> None:
+        """After `flush` at `step`: TrainingDiverged when the window's mean loss (over every rank, so every rank
+        decides alike) is NaN or infinite, else remember it as the last finite one.  The bound: a non-finite step
+        stops the run at the next logging step, `log_every` steps later at most."""
+        loss = metrics["train/loss"]
+        if math.isfinite(loss):
+            self.last_finite = (loss, step)
+            return
+        seen, at = self.last_finite
+        before = f"the last finite window loss was {seen:.4f} at step {at}" if at else "no window before it was finite"
+        raise TrainingDiverged(
+            f"training diverged: the loss is {loss} in the steps up to {step} ({before}); the run stops and saves no "
+            f"checkpoint. Try a lower optim.lr (now {lr:g} at this step), more optim.warmup_steps, or gradient "
+            "clipping (\"gradient_clipping\": 1.0 in the DeepSpeed JSON)")
+
+    def all_finite(self) -> bool:
+        """Whether every step since the last flush had a finite loss on every rank (a collective, one host read):
+        checked before an epoch checkpoint, so that none is written from weights a non-finite step produced."""
+        flag = (torch.ones((), device=distributed.collective_device()) if self._losses is None
+                else torch.isfinite(self._losses).all().float())
+        return bool(distributed.world_sum_(flag.reshape(1).double()).item() == distributed.world_size())
 
     def run_totals(self) -> dict[str, float]:
         """tokens_per_s (all ranks' tokens over this process's training seconds), train_seconds, final loss;

@@ -25,7 +25,7 @@ from ds_smoes.app.builtin import BuiltinFamily
 from ds_smoes.app.config import TrainConfig
 from ds_smoes.app.family import ModelFamily
 from ds_smoes.app.loop import TrainWindow, resumable_epochs, train_loader
-from ds_smoes.core.errors import ConfigError
+from ds_smoes.core.errors import ConfigError, SMoESError
 from ds_smoes.parallel import distributed
 from ds_smoes.parallel.launch import no_shm_comm_op_build
 
@@ -181,6 +181,9 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
             for key in _TRAINING_KEYS:
                 final.pop(key, None)
         status = "FINISHED"
+    except SMoESError as err:   # the reason, on the MLflow run too (FAILED below)
+        tracker.set_tags({"failure_reason": str(err)[:5000]})
+        raise
     finally:
         if status == "FAILED":
             tracker.end("FAILED")
@@ -467,6 +470,7 @@ def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: 
             if window.due(step, total_steps):
                 metrics = window.flush(engine.get_lr()[0])
                 tracker.log_metrics(metrics, step=step)
+                window.check_finite(metrics, step, engine.get_lr()[0])
                 last_metrics = metrics
                 eta = window.train_seconds / (step - start_step) * (total_steps - step)
                 log(f"[epoch {epoch + 1} step {step}/{total_steps}] loss {metrics['train/loss']:.4f} (lm "
@@ -483,5 +487,7 @@ def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: 
                 f"language {val['acc_language']:.3f}"
                 + "".join(f", {t} {a:.3f}" for t, a in val.get("acc_by_task", {}).items()))
         if epoch_callback is not None:
+            if not window.all_finite():   # a non-finite step since the last log line: no checkpoint of it
+                window.check_finite(window.flush(engine.get_lr()[0]), step, engine.get_lr()[0])
             epoch_callback(epoch + 1, step, {**last_metrics, **val_metrics}, engine)
     return {**window.run_totals(), "epoch": epoch + 1 if step > start_step else epoch}

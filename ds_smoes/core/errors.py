@@ -15,3 +15,7 @@ class ConfigError(SMoESError):
 
 class DatasetError(SMoESError):
     """A dataset file, record or image cannot be read or does not follow the expected format."""
+
+
+class TrainingDiverged(SMoESError):
+    """The training loss became NaN or infinite: the run stops without saving the non-finite weights."""
