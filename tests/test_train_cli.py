@@ -205,3 +205,21 @@ def test_a_diverging_run_stops_without_a_checkpoint_and_its_mlflow_run_says_why(
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ds-smoes").experiment_id])
     assert run.info.status == "FAILED" and "training diverged" in run.data.tags["failure_reason"]
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_that_rank_1_checks_stops_the_run_before_step_1_with_one_message(tmp_path, digits_dir):
+    """Images load lazily; the run decodes every referenced image up front, the ranks sharing the files.  The
+    second distinct training image is rank 1's to check: its problem reaches the user once, through rank 0."""
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    records = json.loads((data / "train.json").read_text())
+    images = list(dict.fromkeys(r["image"] for r in records if "image" in r))
+    (data / images[1]).write_bytes(b"not a png at all")
+    record = next(r["id"] for r in records if r.get("image") == images[1])
+    cfg = write_config(tmp_path, data)
+    proc = deepspeed_run(["--module", "ds_smoes.train", "--config", str(cfg), "--no-mlflow"], timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
+    assert f"record {record!r}" in proc.stderr and images[1] in proc.stderr and "corrupt image" in proc.stderr
+    assert "Traceback" not in proc.stderr and "[epoch 1 step" not in proc.stdout

@@ -10,7 +10,7 @@ import torch
 from ds_smoes.app.config import TrainConfig
 from ds_smoes.app.evaluation import exact_match_accuracy, measure_routing
 from ds_smoes.app.family import ModelFamily, check_digits_variant, ensure_digits
-from ds_smoes.core.errors import ConfigError
+from ds_smoes.core.errors import ConfigError, DatasetError
 from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train, load_llava_json
 from ds_smoes.data.augment import random_shift
 from ds_smoes.data.tasks import select_tasks, with_text_share
@@ -47,6 +47,7 @@ def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
                               "vocabulary")
     train = with_text_share(train, d.text_share, cfg.run.seed)   # a multimodal-heavy mix (stage III)
     m = cfg.model
+    check_images({"train": train, "val": val or [], "test": test}, m.image_size)
     image_tokens = m.compress.pre_llm_budget(m.num_patches)   # compressed before the LLM: fewer placeholders
     make = lambda samples: LlavaDataset(samples, tokenizer, m.image_size, m.patch_size, image_tokens)  # noqa: E731
     sets = Datasets(make(train), make(val) if val else None, make(test), tokenizer)
@@ -55,6 +56,21 @@ def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
         raise ConfigError(f"the data has sequences of {longest} tokens but model.max_len={m.max_len}: "
                           f"raise model.max_len (e.g. --set model.max_len={longest + 8})")
     return sets
+
+
+def check_images(splits: dict[str, list], image_size: int) -> None:
+    """Every image the splits reference decodes, or DatasetError on every rank with the first problem any rank
+    found (the ranks share the files; rank 0 prints the one message)."""
+    from ds_smoes.data.llava import unreadable_image
+    from ds_smoes.parallel import distributed
+
+    rank, world = distributed.rank(), distributed.world_size()
+    found = None
+    for split, samples in splits.items():
+        found = found or unreadable_image(samples, image_size, split, rank, world)
+    message = distributed.first_message(found)
+    if message is not None:
+        raise DatasetError(message)
 
 
 def dense_run_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], WordTokenizer]:

@@ -230,3 +230,22 @@ def load_image(path: Path, image_size: int) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"{path}: cannot read image ({exc}) -- replace or remove this corrupt image") from exc
     return torch.from_numpy(pixels_HW.copy()).unsqueeze(0)
+
+
+def unreadable_image(samples: list[Sample], image_size: int, split: str, part: int = 0, parts: int = 1) -> str | None:
+    """The first problem found decoding the distinct images of `samples` (those whose index among them is `part`
+    modulo `parts`, so that ranks share the work), naming the split, the record and the file; None when every one
+    decodes.  Images load lazily in training: checked up front, a corrupt file stops a run in seconds instead of
+    at the step (or the evaluation) that happens to read it."""
+    first: dict[Path, Sample] = {}
+    for s in samples:
+        if s.image_path is not None and s.image_path not in first:
+            first[s.image_path] = s
+    for i, (path, s) in enumerate(first.items()):
+        if i % parts != part:
+            continue
+        try:
+            load_image(path, image_size)
+        except DatasetError as err:
+            return f"the {split} split's record {s.id!r}: {err}"
+    return None

@@ -70,3 +70,13 @@ def group_rank(group=None) -> int:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def first_message(message: str | None) -> str | None:
+    """Every rank's `message` (e.g. an error this rank found, or None) gathered; the lowest rank's that is not None,
+    the same on every rank, so that every rank can stop with one message a rank-0 print shows.  A collective."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return message
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, message)
+    return next((m for m in gathered if m is not None), None)
