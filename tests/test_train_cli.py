@@ -223,3 +223,57 @@ def test_a_corrupt_image_that_rank_1_checks_stops_the_run_before_step_1_with_one
     assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
     assert f"record {record!r}" in proc.stderr and images[1] in proc.stderr and "corrupt image" in proc.stderr
     assert "Traceback" not in proc.stderr and "[epoch 1 step" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_at_a_step_boundary_and_the_same_command_resumes_to_the_uninterrupted_figures(tmp_path):
+    """SIGINT to the whole job (what Ctrl-C sends) on 2 ranks: every rank stops after the same logging step, the
+    state (weights, optimizer, schedule, SMoES buffers, each rank's random state) is saved, one line says so,
+    the MLflow run is KILLED with the reason; the same command resumes, and ends with exactly the figures of a
+    run never interrupted (fp32, same machine)."""
+    import os
+    import signal
+
+    import mlflow
+
+    from launch import DEEPSPEED, free_port
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def command(out):
+        return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_smoes.train",
+                "--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"run.output_dir={out}",
+                "--set", "optim.max_steps=60", "--set", "run.log_every=10", "--set", "run.eval_every_epoch=false",
+                "--tracking-uri", uri]
+
+    proc = subprocess.Popen(command(tmp_path / "run"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[epoch 1 step 10/60]" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    out = "".join(lines)
+    assert out.count("interrupted at step 20/60 (SIGINT received)") == 1, out[-3000:]
+    assert "run the same command to resume" in out
+    assert (tmp_path / "run" / "checkpoint" / "latest").read_text().strip() == "interrupted"
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    again = subprocess.run(command(tmp_path / "run"), cwd=ROOT, env=env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert again.stdout.count("resuming the interrupted run") == 1 and "step 20/60" in again.stdout
+    whole = subprocess.run(command(tmp_path / "whole"), cwd=ROOT, env=env(), capture_output=True, text=True,
+                           timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    uninterrupted = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert resumed["steps_this_run"] == 40 and uninterrupted["steps_this_run"] == 60
+    for key in ("acc_multimodal", "acc_language", "msi", "cross_rank_rate", "bytes_per_token"):
+        assert resumed[key] == uninterrupted[key], key
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ds-smoes").experiment_id])
+    states = sorted((r.info.status, r.data.tags.get("end_reason", "")[:22]) for r in runs)
+    assert states == [("FINISHED", ""), ("FINISHED", ""), ("KILLED", "interrupted at step 20")], states

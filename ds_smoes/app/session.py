@@ -25,7 +25,8 @@ from ds_smoes.app.builtin import BuiltinFamily
 from ds_smoes.app.config import TrainConfig
 from ds_smoes.app.family import ModelFamily
 from ds_smoes.app.loop import TrainWindow, resumable_epochs, train_loader
-from ds_smoes.core.errors import ConfigError, SMoESError
+from ds_smoes.core.errors import ConfigError, RunInterrupted, SMoESError
+from ds_smoes.parallel.stop import StopRequests
 from ds_smoes.parallel import distributed
 from ds_smoes.parallel.launch import no_shm_comm_op_build
 
@@ -119,8 +120,10 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
 
     cfg = family.cfg
     t_start = time.time()
+    stop = StopRequests()   # before the process group: it tells a launcher's rank from a direct run
     if init_distributed is not None:
         init_distributed()
+    stop.install()
     world, rank = distributed.world_size(), distributed.rank()
     seed_everything(cfg.run.seed)
     out_dir = Path(cfg.run.output_dir)
@@ -156,12 +159,12 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
 
     status = "FAILED"
     try:
-        step, epoch = _resume(engine, resume_from, len(loader), total_steps, log, scratch_dir=out_dir)
+        step, epoch, pending_rng = _resume(engine, resume_from, len(loader), total_steps, log, scratch_dir=out_dir)
         start_step = step
         if cfg.run.checkpoint_every_epoch and not eval_only:
             epoch_callback = _with_epoch_checkpoints(epoch_callback, out_dir / "checkpoint")
         figures = _train_loop(family, engine, loader, sampler, step, epoch, total_steps, tracker, log,
-                              epoch_callback=epoch_callback)
+                              epoch_callback=epoch_callback, stop=stop, pending_rng=pending_rng)
         final = {"steps": total_steps, "steps_this_run": max(0, total_steps - start_step)}
         if cfg.run.save_checkpoint and not eval_only:
             ckpt = out_dir / "checkpoint"
@@ -181,12 +184,21 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
             for key in _TRAINING_KEYS:
                 final.pop(key, None)
         status = "FINISHED"
+    except RunInterrupted as err:
+        status = "KILLED"
+        tracker.set_tags({"end_reason": str(err)[:5000]})
+        raise
+    except KeyboardInterrupt:   # a second Ctrl-C: stopped at once, nothing saved
+        status = "KILLED"
+        tracker.set_tags({"end_reason": "interrupted twice: stopped without saving"})
+        raise
     except SMoESError as err:   # the reason, on the MLflow run too (FAILED below)
         tracker.set_tags({"failure_reason": str(err)[:5000]})
         raise
     finally:
-        if status == "FAILED":
-            tracker.end("FAILED")
+        stop.uninstall()
+        if status != "FINISHED":
+            tracker.end(status)
     final["wall_seconds"] = time.time() - t_start
 
     if rank == 0:
@@ -372,7 +384,7 @@ def _resume(engine, resume_from: Path | None, steps_per_epoch: int, total_steps:
     as older Hugging Face runs saved, resumes in the epoch its step falls in).  A checkpoint saved at
     another ep_size is converted first (`_reshard_for_engine`) into a folder under `scratch_dir`."""
     if resume_from is None:
-        return 0, 0
+        return 0, 0, None
     converted = _reshard_for_engine(engine, Path(resume_from), scratch_dir, log)
     try:
         load_path, client_state = engine.load_checkpoint(str(converted or resume_from))
@@ -385,10 +397,18 @@ def _resume(engine, resume_from: Path | None, steps_per_epoch: int, total_steps:
                 shutil.rmtree(converted, ignore_errors=True)
     if load_path is None or "step" not in (client_state or {}):
         raise ConfigError(f"{resume_from}: no DeepSpeed checkpoint with a step in its client_state")
+    rng = load_rng(Path(load_path).parent) if converted is None else None
     step = int(client_state["step"])
     epoch = int(client_state.get("epoch", step // steps_per_epoch))
+    # The random state continues the uninterrupted run's stream.  Each epoch's data iterator draws one number
+    # from it when it is created: a run resumed at an epoch's end takes the state now (its next iterator draws
+    # as the uninterrupted one did); one resumed mid-epoch after that epoch's iterator exists (the
+    # uninterrupted run drew at the epoch's start, before the saved state): the loop applies it then.
+    if step == epoch * steps_per_epoch:
+        set_rng(rng)
+        rng = None
     log(f"resumed from {load_path if converted is None else resume_from} at epoch {epoch}, step {step}/{total_steps}")
-    return step, epoch
+    return step, epoch, rng
 
 
 def _with_epoch_checkpoints(callback: Callable | None, ckpt_dir: Path) -> Callable:
@@ -396,6 +416,7 @@ def _with_epoch_checkpoints(callback: Callable | None, ckpt_dir: Path) -> Callab
     rank has saved, rank 0 removes the previous epochs' tags (one epoch's checkpoint on disk at a time)."""
     def on_epoch(epoch: int, step: int, metrics: dict, engine) -> None:
         engine.save_checkpoint(str(ckpt_dir), tag=f"epoch{epoch}", client_state={"step": step, "epoch": epoch})
+        save_rng(ckpt_dir / f"epoch{epoch}")
         distributed.barrier()
         if distributed.rank() == 0:
             import shutil
@@ -449,8 +470,44 @@ def _reshard_for_engine(engine, resume_from: Path, scratch_dir: Path | None, log
     return Path(box[0])
 
 
+def save_rng(tag_dir: Path) -> None:
+    """This rank's torch random state (dropout draws) beside a DeepSpeed checkpoint, which does not keep it: a
+    resumed run then draws what the uninterrupted one would have."""
+    from deepspeed.accelerator import get_accelerator
+
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    acc = get_accelerator()
+    state = {"cpu": torch.get_rng_state(),
+             "device": acc.get_rng_state() if acc.device_name() != "cpu" else None}
+    torch.save(state, tag_dir / f"rng_rank{distributed.rank()}.pt")
+
+
+def load_rng(tag_dir: Path) -> dict | None:
+    """This rank's random state saved by `save_rng` beside a checkpoint, if it has one (`set_rng` applies it)."""
+    path = tag_dir / f"rng_rank{distributed.rank()}.pt"
+    return torch.load(path, weights_only=False) if path.is_file() else None   # the run's own file
+
+
+def set_rng(state: dict | None) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    if state is None:
+        return
+    torch.set_rng_state(state["cpu"])
+    if state["device"] is not None and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["device"])
+
+
+def _save_interrupted(engine, ckpt_dir: Path, step: int, epoch: int) -> None:
+    """The state at a step boundary mid-run (tag `interrupted`, `latest` pointing at it; a collective)."""
+    engine.save_checkpoint(str(ckpt_dir), tag="interrupted", client_state={"step": step, "epoch": epoch})
+    save_rng(ckpt_dir / "interrupted")
+    distributed.barrier()
+
+
 def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: int, total_steps: int, tracker,
-                log: Callable, epoch_callback: Callable | None = None) -> dict:
+                log: Callable, epoch_callback: Callable | None = None, stop: StopRequests | None = None,
+                pending_rng: dict | None = None) -> dict:
     cfg = family.cfg
     moe_layers = engine.module.moe_layers()
     start_step = step
@@ -458,6 +515,9 @@ def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: 
     window = TrainWindow(moe_layers, cfg.run.log_every)
     for epoch, batches in resumable_epochs(loader, sampler, step, epoch, total_steps):
         for batch in batches:
+            if pending_rng is not None:   # resumed mid-epoch: now that this epoch's iterator exists (`_resume`)
+                set_rng(pending_rng)
+                pending_rng = None
             t0 = time.time()
             family.begin_step(step)
             out = family.forward(engine, batch, engine.device)
@@ -468,9 +528,15 @@ def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: 
             if any(layer.placement_due() for layer in moe_layers):
                 _place_experts(moe_layers, engine, step, tracker, log)
             if window.due(step, total_steps):
-                metrics = window.flush(engine.get_lr()[0])
+                metrics = window.flush(engine.get_lr()[0], stop=stop is not None and stop.requested())
                 tracker.log_metrics(metrics, step=step)
                 window.check_finite(metrics, step, engine.get_lr()[0])
+                if window.stop_agreed and step < total_steps:
+                    ckpt = Path(cfg.run.output_dir) / "checkpoint"
+                    _save_interrupted(engine, ckpt, step, epoch)
+                    why = stop.reason() if stop is not None and stop.requested() else "another rank was asked to stop"
+                    raise RunInterrupted(f"interrupted at step {step}/{total_steps} ({why}); the state is saved in "
+                                         f"{ckpt} (tag interrupted): run the same command to resume")
                 last_metrics = metrics
                 eta = window.train_seconds / (step - start_step) * (total_steps - step)
                 log(f"[epoch {epoch + 1} step {step}/{total_steps}] loss {metrics['train/loss']:.4f} (lm "

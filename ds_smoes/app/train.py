@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from ds_smoes.core.errors import SMoESError
+from ds_smoes.core.errors import ConfigError, RunInterrupted, SMoESError
 from ds_smoes.parallel.launch import init_distributed
 
 
@@ -66,14 +66,14 @@ def with_tracking_args(cfg, args: argparse.Namespace):
     return cfg.model_copy(update={"tracking": tracking})
 
 
-def report_error(err: SMoESError) -> int:
+def report_error(err: SMoESError, prefix: str = "error: ") -> int:
     """Print a user-fixable error once (on rank 0), without a traceback; the exit status is 2.  An error
     raised before the process group exists (a bad config) reads the rank the launcher gave the process."""
     from ds_smoes.parallel import distributed
 
     rank = distributed.rank() if distributed.is_distributed() else int(os.environ.get("RANK", "0"))
     if rank == 0:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"{prefix}{err}", file=sys.stderr, flush=True)
     return 2
 
 
@@ -102,12 +102,40 @@ def main(argv: list[str] | None = None) -> int:
                     overrides.insert(0, f"smoes.ep_size={os.environ.get('WORLD_SIZE', '1')}")
             cfg = with_tracking_args(load_train_config(config, overrides), args)
             family = BuiltinFamily(cfg, init_from=args.init_from)
-            resume_from = args.resume_from
+            resume_from = args.resume_from or interrupted_run(cfg)
         run_session(family, output_json=args.output_json, parent_run_id=args.parent_run_id,
                     init_distributed=init_distributed, log=log0, resume_from=resume_from, eval_only=args.eval_only)
+    except RunInterrupted as err:
+        report_error(err, prefix="")
+        return 130
     except SMoESError as err:
         return report_error(err)
     return 0
+
+
+def interrupted_run(cfg) -> Path | None:
+    """`run.output_dir/checkpoint` when it holds a run this command interrupted (its `latest` tag is
+    `interrupted`): the same command resumes it.  ConfigError when that run had other settings."""
+    ckpt = Path(cfg.run.output_dir) / "checkpoint"
+    latest = ckpt / "latest"
+    if not latest.is_file() or latest.read_text().strip() != "interrupted":
+        return None
+    saved = Path(cfg.run.output_dir) / "train_config.json"
+    if saved.is_file():
+        import json
+
+        def settings(text_or_cfg) -> dict:
+            data = json.loads(text_or_cfg) if isinstance(text_or_cfg, str) else json.loads(text_or_cfg.model_dump_json())
+            data.pop("tracking", None)
+            return data
+
+        if settings(saved.read_text()) != settings(cfg):
+            raise ConfigError(f"{ckpt} holds an interrupted run with other settings than these: run the command that "
+                              f"started it to resume it, pass --resume-from {ckpt} to continue it with these, or set "
+                              "run.output_dir to another folder (or remove that one) to start afresh")
+    if int(os.environ.get("RANK", "0")) == 0:   # before the process group: the launcher's rank
+        print(f"resuming the interrupted run in {ckpt}", flush=True)
+    return ckpt
 
 
 if __name__ == "__main__":

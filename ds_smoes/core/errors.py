@@ -19,3 +19,7 @@ class DatasetError(SMoESError):
 
 class TrainingDiverged(SMoESError):
     """The training loss became NaN or infinite: the run stops without saving the non-finite weights."""
+
+
+class RunInterrupted(SMoESError):
+    """SIGINT / SIGTERM (or a launcher gone) stopped training at a step boundary; the state was saved."""

@@ -126,7 +126,7 @@ def main() -> None:
 
     # 2 -> 1: the training entry point's resume converts by itself
     e1 = build(7, 1)
-    step, epoch = _resume(e1, ckpt, 100, 10, logs.append, scratch_dir=args.out / "scratch")
+    step, epoch, _ = _resume(e1, ckpt, 100, 10, logs.append, scratch_dir=args.out / "scratch")
     loaded1 = live_state(e1)
     e1.save_checkpoint(str(ckpt1), tag="ep1", client_state={"step": step, "epoch": epoch})
     layout1 = reshard.optimizer_layout(e1.module, e1.optimizer)
