@@ -23,17 +23,28 @@ def test_without_an_address_the_sweep_starts_its_own_local_ray(recorded_init):
     assert recorded_init[0]["address"] == "local" and recorded_init[0]["num_cpus"] == 9
 
 
-def test_an_address_or_ray_address_connects_to_that_cluster(recorded_init, monkeypatch):
-    driver.init_ray("127.0.0.1:6390", 9, lambda *a: None)
+@pytest.fixture
+def listening():
+    """A TCP port something listens on (what a Ray head's GCS port looks like to the address probe)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_address_or_ray_address_connects_to_that_cluster(recorded_init, monkeypatch, listening):
+    driver.init_ray(listening, 9, lambda *a: None)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8290")
     driver.init_ray(None, 9, lambda *a: None)
-    assert [c["address"] for c in recorded_init] == ["127.0.0.1:6390", "http://127.0.0.1:8290"]
+    assert [c["address"] for c in recorded_init] == [listening, "http://127.0.0.1:8290"]
     assert all("num_cpus" not in c for c in recorded_init)
 
 
-def test_workers_output_reaches_the_console_only_with_verbose(recorded_init, monkeypatch):
+def test_workers_output_reaches_the_console_only_with_verbose(recorded_init, monkeypatch, listening):
     driver.init_ray(None, 9, lambda *a: None)
-    driver.init_ray("127.0.0.1:6390", 9, lambda *a: None, verbose=True)
+    driver.init_ray(listening, 9, lambda *a: None, verbose=True)
     assert [c["log_to_driver"] for c in recorded_init] == [False, True]
     names = ("RAY_AIR_NEW_OUTPUT", "TUNE_PRINT_ALL_TRIAL_ERRORS")
     for name in names:
@@ -60,3 +71,26 @@ def test_tunes_own_resume_hint_is_dropped_the_sweep_prints_its_command(monkeypat
     assert not tune_logger.filter(record("Experiment has been interrupted, but the most recent state was saved.\n"
                                          "Resume experiment with: Tuner.restore(path=..., trainable=...)"))
     assert tune_logger.filter(record("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run."))
+
+
+def test_an_unreachable_address_fails_in_seconds_before_any_run_or_file(tmp_path):
+    """`sweep run ... --address` with nothing listening: one line naming the address, exit 2, well under 30 s,
+    and no MLflow store, parent run or sweep folder (Ray's own retries took minutes)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from launch import ROOT, env
+
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "ds_smoes.sweep", "run", str(ROOT / "configs" / "sweeps" / "smoke.yaml"),
+                           "--address", f"127.0.0.1:{port}", "--storage-path", str(tmp_path / "sweeps"),
+                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert time.time() - t0 < 30 and proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"cannot reach a Ray cluster at '127.0.0.1:{port}'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()

@@ -43,6 +43,26 @@ class SweepOutcome:
         return 130 if self.unfinished else (1 if self.failed else 0)
 
 
+def probe_address(address: str, timeout: float = 10.0) -> None:
+    """ConfigError within `timeout` seconds when nothing accepts a TCP connection at a `host:port` or
+    `ray://host:port` address (ray.init itself retries an unreachable head for minutes).  Other forms (`auto`,
+    `local`) are Ray's to resolve."""
+    import socket
+
+    scheme, _, target = address.rpartition("://")
+    if scheme not in ("", "ray"):
+        return
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(f"cannot reach a Ray cluster at {address!r} (--address / RAY_ADDRESS): {err}. Start one "
+                          f"there (ray start --head --port {port}), give the address `ray start` printed, or leave "
+                          "--address out for a local Ray; nothing was started or written") from None
+
+
 def init_ray(address: str | None, local_cpus: int, log: Callable, verbose: bool = False) -> None:
     """Start or join Ray.  Unless `verbose`, the workers' output stays out of this console
     (`log_to_driver=False`: each trial's workers write theirs to trials/tNN/worker-rankR.log, Ray's
@@ -55,6 +75,7 @@ def init_ray(address: str | None, local_cpus: int, log: Callable, verbose: bool 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log(f"ray: connecting to {address}")
+        probe_address(address)
         try:
             ray.init(address=address, log_to_driver=verbose, **quiet)
         except ConnectionError as err:
@@ -144,6 +165,7 @@ def start_sweep(sweep_file: Path, overrides: list[str] | None = None, address: s
                                                  bad[t["id"]].splitlines()]
         raise ConfigError("\n".join(lines) + "\nfix those values in the sweep file (grid, trials or overrides) or "
                           "the --set that gave them")
+    init_ray(address, local_cpus_for(spec), log, verbose)   # an unreachable cluster: before any run or file
     sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(storage or default_storage()).resolve()
     sweep_dir = storage / sweep_id
@@ -176,7 +198,6 @@ def start_sweep(sweep_file: Path, overrides: list[str] | None = None, address: s
     log(f"mlflow: parent run {parent} in experiment {experiment!r} at {uri}")
     log(f"files: {sweep_dir}")
 
-    init_ray(address, local_cpus_for(spec), log, verbose)
     from ray import tune
 
     from ds_smoes.sweep.progress import SweepProgress, progress_callback
@@ -209,11 +230,11 @@ def resume_sweep(sweep: str, address: str | None = None, storage: Path | None = 
     ctx = {k: state[k] for k in ("sweep_id", "sweep_name", "sweep_dir", "tracking_uri", "experiment",
                                  "parent_run_id", "spec")}
     spec = SweepSpec.model_validate(state["spec"])
+    init_ray(address, local_cpus_for(spec), log, verbose)   # an unreachable cluster: before the parent reopens
     store = SweepStore(ctx["tracking_uri"])
     store.reopen(ctx["parent_run_id"])
     log(f"sweep {ctx['sweep_id']}: resuming ({len(state['trials'])} trials); MLflow parent run "
         f"{ctx['parent_run_id']} at {ctx['tracking_uri']}")
-    init_ray(address, local_cpus_for(spec), log, verbose)
     from ray import tune
 
     from ds_smoes.sweep.progress import SweepProgress, progress_callback
