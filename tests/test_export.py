@@ -37,7 +37,9 @@ def test_placement_then_export_round_trip(demo_run, tmp_path):
     proc = python_run(["-m", "ds_smoes.train", "--init-from", str(export), "--eval-only", "--tracking-uri",
                        f"sqlite:///{db}", "--output-json", str(tmp_path / "eval1.json")])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert f"evaluation only: no training; the figures go to {export / 'eval' / 'metrics.json'}" in proc.stdout
+    assert f"evaluation only: no training; the figures go to {export / 'eval-ep1' / 'metrics.json'}" in proc.stdout
+    # each layout's evaluation has its own folder: the one at ep 1 did not overwrite the one at ep 2
+    assert json.loads((export / "eval-ep2" / "metrics.json").read_text())["cross_rank_rate"] > 0
     eval2 = json.loads((tmp_path / "eval2.json").read_text())
     eval1 = json.loads((tmp_path / "eval1.json").read_text())
     # the eval run is told apart in MLflow: its own name and a mode tag, and no training figures
@@ -55,7 +57,7 @@ def test_placement_then_export_round_trip(demo_run, tmp_path):
     assert eval2["cross_rank_rate"] == pytest.approx(trained["cross_rank_rate"], abs=1e-9)
     assert eval2["bytes_per_token"] == pytest.approx(trained["bytes_per_token"], rel=1e-9)
     assert eval1["cross_rank_rate"] == 0.0
-    assert not (export / "eval" / "checkpoint").exists()  # eval-only writes figures, not checkpoints
+    assert not (export / "eval-ep1" / "checkpoint").exists()  # eval-only writes figures, not checkpoints
 
 
 def test_export_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -106,8 +106,8 @@ def run_jobs(jobs: list[tuple[str, int]], out: Path, run: Callable[[str, int, Pa
     failed = []
     for i, (name, seed) in enumerate(jobs, 1):
         t = time.time()
-        print(f"[{i}/{len(jobs)}] {name} seed {seed} ...", flush=True)
         run_dir = out / name / f"seed{seed}"
+        print(f"[{i}/{len(jobs)}] {name} seed {seed} ... (progress: {run_dir / 'train.log'})", flush=True)
         try:
             m = run(name, seed, run_dir)
         except KeyboardInterrupt:

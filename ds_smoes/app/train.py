@@ -96,10 +96,13 @@ def main(argv: list[str] | None = None) -> int:
             config, overrides = args.config, args.overrides
             if config is None and args.init_from is not None:  # the export's own config; outputs beside it
                 config = args.init_from / "train_config.json"
-                overrides = [f"run.output_dir={(args.init_from / 'eval').resolve()}", *overrides]
-                if not any(o.split("=", 1)[0].strip() == "smoes.ep_size" for o in overrides):
-                    # an export loads at any ep_size that keeps its bins whole: by default, one rank per process
-                    overrides.insert(0, f"smoes.ep_size={os.environ.get('WORLD_SIZE', '1')}")
+                given = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "smoes.ep_size"]
+                # an export loads at any ep_size that keeps its bins whole: by default, one rank per process
+                ep = given[-1] if given else os.environ.get("WORLD_SIZE", "1")
+                if not given:
+                    overrides = [f"smoes.ep_size={ep}", *overrides]
+                # each layout's evaluation its own folder: one at ep 2 does not overwrite one at ep 1
+                overrides = [f"run.output_dir={(args.init_from / f'eval-ep{ep}').resolve()}", *overrides]
             cfg = with_tracking_args(load_train_config(config, overrides), args)
             family = BuiltinFamily(cfg, init_from=args.init_from)
             resume_from = args.resume_from or interrupted_run(cfg)
