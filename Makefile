@@ -10,6 +10,10 @@ MLFLOW_DB := $(CURDIR)/mlflow.db
 
 .PHONY: demo demo-canvas demo-figures docs-check test test-fast venv mlflow-ui clean sweep-smoke sweep sweep-gates sweep-report bench-comm bench-infer compare-compression
 
+# a port nothing listens on, for the launcher's rendezvous: a second demo beside a running one (or any process on
+# DeepSpeed's default 29500) does not fail with EADDRINUSE
+FREE_PORT = $(shell python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -23,7 +27,7 @@ $(STAMP): pyproject.toml
 # Train the SMoES MoE-VLM on 2 CPU ranks (expert parallelism 2), print the figures,
 # log the run to MLflow ($(MLFLOW_DB)) and write runs/demo/metrics.json.
 demo: $(STAMP)
-	$(VENV)/bin/deepspeed --num_gpus 2 --module ds_smoes.train --config configs/demo.yaml \
+	$(VENV)/bin/deepspeed --master_port $(FREE_PORT) --num_gpus 2 --module ds_smoes.train --config configs/demo.yaml \
 		--output-json runs/demo/metrics.json --tracking-uri sqlite:///$(MLFLOW_DB)
 	@echo "figures: runs/demo/metrics.json   MLflow UI: make mlflow-ui"
 

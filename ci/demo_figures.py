@@ -93,7 +93,7 @@ def demo_command(out: Path, port: int, tracking_uri: str | None = None) -> list[
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(port)]
     rest = iter(words[1:])
     for w in rest:
-        if w in ("--output-json", "--tracking-uri"):   # where the figures go: `out`, not the user's runs/ and mlflow.db
+        if w in ("--output-json", "--tracking-uri", "--master_port"):   # `out`, not runs/ and mlflow.db; `port`
             next(rest)
             continue
         cmd.append(w)

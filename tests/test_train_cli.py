@@ -277,3 +277,12 @@ def test_ctrl_c_saves_at_a_step_boundary_and_the_same_command_resumes_to_the_uni
     runs = client.search_runs([client.get_experiment_by_name("ds-smoes").experiment_id])
     states = sorted((r.info.status, r.data.tags.get("end_reason", "")[:22]) for r in runs)
     assert states == [("FINISHED", ""), ("FINISHED", ""), ("KILLED", "interrupted at step 20")], states
+
+
+def test_runs_of_one_recipe_are_named_by_what_their_command_changed():
+    from ds_smoes.app.train import named_overrides
+
+    assert named_overrides(["optim.lr=1000", "run.output_dir=/x", "smoes.gate=topk", "smoes.alpha_mi=0",
+                            "tracking.enabled=false", "run.seed=3"]) == "lr=1000 alpha_mi=0"
+    assert named_overrides([]) == "" and named_overrides(["run.output_dir=/x"]) == ""
+    assert len(named_overrides([f"model.f{i}=1" for i in range(40)])) == 80

@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                 overrides = [f"run.output_dir={(args.init_from / f'eval-ep{ep}').resolve()}", *overrides]
             cfg = with_tracking_args(load_train_config(config, overrides), args)
             family = BuiltinFamily(cfg, init_from=args.init_from)
+            if cfg.tracking.run_name is None and named_overrides(args.overrides):
+                # runs of one recipe told apart in the MLflow runs table by what this command changed
+                name = f"{family.run_name()} {named_overrides(args.overrides)}"
+                cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": name})})
+                family = BuiltinFamily(cfg, init_from=args.init_from)
             resume_from = args.resume_from or interrupted_run(cfg)
         run_session(family, output_json=args.output_json, parent_run_id=args.parent_run_id,
                     init_distributed=init_distributed, log=log0, resume_from=resume_from, eval_only=args.eval_only)
@@ -114,6 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     except SMoESError as err:
         return report_error(err)
     return 0
+
+
+# --set keys that say where things go, not what the run is: left out of its MLflow name
+_PLACES = ("run.output_dir", "run.deepspeed_config", "tracking.", "data.train_json", "data.val_json",
+           "data.test_json", "data.image_folder", "run.seed", "smoes.gate", "smoes.score_type", "smoes.num_bins",
+           "smoes.k")
+
+
+def named_overrides(overrides: list[str], width: int = 80) -> str:
+    """The `--set` items that change what a run is (not where it writes, nor what its name already says: gate,
+    score, bins, k, seed), shortened to their last key: `optim.lr=0.01 smoes.alpha_mi=0` -> `lr=0.01 alpha_mi=0`."""
+    items = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if not any(key == p or (p.endswith(".") and key.startswith(p)) for p in _PLACES):
+            items.append(f"{key.rsplit('.', 1)[-1]}={value.strip()}")
+    text = " ".join(items)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def interrupted_run(cfg) -> Path | None:
