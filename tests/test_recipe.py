@@ -194,6 +194,23 @@ def test_another_gate_reuses_stages_0_to_ii_and_a_changed_stage_changes_all_afte
         _pipeline(tmp_path, variant="nope")
 
 
+def test_a_compression_setting_changes_the_recipe_from_stage_i_and_shares_stage_0_and_the_language_stage(tmp_path):
+    from ds_smoes.app.pipeline import plan
+
+    gate = {s.name: s for s in plan(_pipeline(tmp_path))}
+    qmop = {s.name: s for s in plan(_pipeline(tmp_path, variant="qmop-0.25", seed=0))}
+    assert [qmop[n].fingerprint == gate[n].fingerprint for n in gate] == [True, True, False, False, False]
+    assert [qmop[n].directory.name for n in qmop] == ["vision", "language", "align-qmop-0.25", "dense-qmop-0.25",
+                                                       "moe-qmop-0.25"]
+    for name in ("align", "dense", "moe"):
+        compress = qmop[name].settings["model"]["compress"]
+        assert compress["method"] == "qmop" and compress["keep_ratio"] == 0.25
+    assert qmop["moe"].settings["smoes"]["gate"] == gate["moe"].settings["smoes"]["gate"]
+    assert qmop["dense"].settings["model"]["start_from"] == str(tmp_path / "seed0" / "align-qmop-0.25")
+    none = {s.name: s for s in plan(_pipeline(tmp_path, variant="none"))}
+    assert [none[n].fingerprint == gate[n].fingerprint for n in gate] == [True, True, True, True, False]
+
+
 def test_a_finished_stage_under_other_settings_is_refused_and_an_interrupted_one_starts_afresh(tmp_path):
     from ds_smoes.app.pipeline import STAGE_FILE, plan, stage_state
 

@@ -147,3 +147,19 @@ def test_upcycled_run_on_two_ep_ranks_starts_as_the_dense_run_ended(two_rank_sce
         assert rep["trained"]["steps"] == 10
     assert any("upcycled from the dense run" in line and "every expert of the 2 MoE blocks" in line
                for line in two_rank_scenarios.reports("upcycle_run")[0]["lines"])
+
+
+def test_a_compressor_the_dense_run_did_not_have_starts_fresh():
+    """The recipe's compression settings add their module at stage I, after a language stage without one."""
+    from ds_smoes.model.compress.config import CompressConfig
+
+    source = _dense()
+    torch.manual_seed(4)
+    target = TinyMoEVLM(_cfg("none", compress=CompressConfig(method="learnpruner", keep_ratio=0.5)), VOCAB, IMAGE_ID,
+                        None)
+    fresh = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("compressor.")}
+    assert fresh
+    done = upcycle_from_dense(target, source.state_dict())
+    assert done["copied"] == len(source.state_dict())
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in fresh.items())
+    assert torch.equal(target.state_dict()["lm_head.weight"], source.state_dict()["lm_head.weight"])

@@ -2,7 +2,8 @@
 
     python -m ds_smoes.compare --config configs/demo.yaml --seeds 0 1 2 --out runs/compare
     python -m ds_smoes.compare --suite compression [--smoke]     # visual token compression (issue 19)
-    python -m ds_smoes.compare --suite recipe                    # the gates on the recipe (docs/results.md)
+    python -m ds_smoes.compare --suite recipe                    # the gates on the recipe (docs/gates.md)
+    python -m ds_smoes.compare --suite recipe-compression        # compression on the recipe (docs/compression.md)
 
 `--suite compression` is the method x vision-token budget table on the canvas digits
 (`ds_smoes.app.compare_compression` says what it runs and reports); the rest of this text is the gates'.
@@ -179,10 +180,11 @@ def run_one(args, name: str, seed: int, out_dir: Path, parent_run_id: str | None
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ds_smoes.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("gates", "compression", "recipe"), default="gates",
+    p.add_argument("--suite", choices=("gates", "compression", "recipe", "recipe-compression"), default="gates",
                    help="gates: every gate and SMoES ablation (default); compression: visual token compression "
                         "methods x budgets on the canvas digits (issue 19); recipe: the gates' stage III on the "
-                        "recipe (configs/recipe/evidence32.yaml, docs/results.md)")
+                        "recipe (configs/recipe/evidence32.yaml); recipe-compression: the compression settings on "
+                        "it, from stage I on")
     p.add_argument("--smoke", action="store_true",
                    help="compression suite: 2 settings, 1 seed, 4 steps on a slice of the data (about 2 minutes)")
     p.add_argument("--config", type=Path, default=None,
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.suite == "compression":
         return _main_compression(args)
-    if args.suite == "recipe":
+    if args.suite in ("recipe", "recipe-compression"):
         return _main_recipe(args)
     if args.smoke:
         print("error: --smoke belongs to --suite compression", file=sys.stderr)
@@ -319,15 +321,20 @@ def _main_recipe(args) -> int:
     try:
         from ds_smoes.app.tracking import default_tracking_uri
 
-        gates = args.variants or list(cr.GATES)
-        unknown = [v for v in gates if v not in VARIANTS]
+        compression = args.suite == "recipe-compression"
+        known = cr.compression_settings() if compression else list(VARIANTS)
+        reference = cr.COMPRESSION_REFERENCE if compression else cr.REFERENCE
+        settings = args.variants or (known if compression else list(cr.GATES))
+        unknown = [v for v in settings if v not in known]
         if unknown:
-            raise ConfigError(f"unknown gate variant(s) {unknown}; choose from {list(VARIANTS)}")
-        if cr.REFERENCE not in gates:
-            raise ConfigError(f"the paired differences are against {cr.REFERENCE}: include it in --variants")
+            raise ConfigError(f"unknown setting(s) {unknown}; choose from {known}")
+        if reference not in settings:
+            raise ConfigError(f"the paired differences are against {reference}: include it in --variants")
         seeds = args.seeds if args.seeds is not None else [0, 1, 2]
-        return cr.run(args.config or cr.DEFAULT_CONFIG, gates, seeds, args.out or cr.DEFAULT_OUT, args.overrides,
-                      args.tracking_uri or default_tracking_uri(), args.experiment)
+        out = args.out or cr.DEFAULT_OUT   # one root for both suites: stage 0 and the language stage are shared
+        return cr.run(args.config or cr.DEFAULT_CONFIG, settings, seeds, out, args.overrides,
+                      args.tracking_uri or default_tracking_uri(), args.experiment, reference=reference,
+                      suite=args.suite)
     except SMoESError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

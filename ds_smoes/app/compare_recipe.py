@@ -6,7 +6,7 @@ seed, stages 0-II once (the pipeline reuses them) and stage III with every gate,
 
 Each (seed, gate) is one run of the pipeline (`ds_smoes.app.pipeline`) of `configs/recipe/evidence32.yaml`, whose
 MLflow run nests under the comparison's parent run.  Finished stages are reused, so an interrupted comparison
-resumes with the same command (the parent run's id is kept in OUT/state.json).  Per gate the report gives the
+resumes with the same command (the parent run's id is kept in OUT/<suite>/state.json, beside the report).  Per gate the report gives the
 mean and standard deviation over seeds of stage III's figures and, against DeepSpeed's top-k, the paired
 difference over seeds (same seed = same stages 0-II) with its 95 % t interval, for multimodal accuracy and for
 language retention (stage III's language-only accuracy minus stage II's).
@@ -26,8 +26,17 @@ GATES = ("topk", "hard", "smar", "ltdr", "hybrid", "smoes", "smoes-gaussian", "s
 REFERENCE = "topk"
 DEFAULT_CONFIG = Path("configs/recipe/evidence32.yaml")
 DEFAULT_OUT = Path("runs/compare_recipe")
+# --suite recipe-compression: the compression settings on the same recipe (each from stage I on, the SMoES gate)
+COMPRESSION_REFERENCE = "none"
 FIGURES = ("acc_multimodal", "acc_language", "retention", "msi", "cross_rank_rate", "bytes_per_token",
-           "stock_bytes_per_token", "bytes_per_sample", "tokens_per_s")
+           "stock_bytes_per_token", "bytes_per_sample", "tokens_per_s", "vision_tokens_kept",
+           "moe_tokens_per_sample", "prefill_ms_per_sample")
+
+
+def compression_settings() -> list[str]:
+    from ds_smoes.app.compare_compression import VARIANTS
+
+    return list(VARIANTS)
 
 
 def run_figures(stage3: dict, stage2: dict) -> dict:
@@ -91,9 +100,9 @@ def _delta(d: dict | None) -> str:
 
 
 def markdown_table(rows: list[dict], reference: str = REFERENCE) -> str:
-    head = (f"| gate | seeds | multimodal | Δ vs {reference} (points, 95 % CI) | language-only | retention (points) "
+    head = (f"| setting | seeds | multimodal | Δ vs {reference} (points, 95 % CI) | language-only | retention (points) "
             f"| Δ retention vs {reference} | MSI | cross-rank rate | bytes / token (stock) | x {reference} stock "
-            "| bytes / sample | tokens/s |")
+            "| bytes / sample | vision tokens kept | prefill ms / sample | tokens/s |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         retention = (f"{100 * r['retention']:+.1f} ± {100 * r['retention_sd']:.1f}" if _number(r["retention_sd"])
@@ -103,18 +112,19 @@ def markdown_table(rows: list[dict], reference: str = REFERENCE) -> str:
             f"| {_delta(r['delta_acc_multimodal'])} | {_pm(r, 'acc_language')} | {retention} "
             f"| {_delta(r['delta_retention'])} | {_pm(r, 'msi')} | {_pm(r, 'cross_rank_rate')} "
             f"| {r['bytes_per_token']:.0f} ({r['stock_bytes_per_token']:.0f}) | {r['bytes_vs_reference_stock']:.2f} "
-            f"| {r['bytes_per_sample']:,.0f} | {r['tokens_per_s']:,.0f} |")
+            f"| {r['bytes_per_sample']:,.0f} | {_pm(r, 'vision_tokens_kept', '.0f')} "
+            f"| {_pm(r, 'prefill_ms_per_sample', '.2f')} | {r['tokens_per_s']:,.0f} |")
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict], out: Path, parent) -> str:
+def write_report(rows: list[dict], out: Path, parent, reference: str = REFERENCE) -> str:
     """table.md, table.json and accuracy_vs_bytes_per_sample.png into `out`, and to the MLflow parent run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    md = markdown_table(rows)
+    md = markdown_table(rows, reference)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(md + "\n")
     (out / "table.json").write_text(json.dumps(rows, indent=1, default=str))
@@ -127,7 +137,7 @@ def write_report(rows: list[dict], out: Path, parent) -> str:
                         xytext=(4, 4), fontsize=8)
     ax.set_xlabel("EP remote bytes per test sample (rank_once dispatch)")
     ax.set_ylabel("multimodal accuracy (stage III, mean ± sd over seeds)")
-    ax.set_title("gates on the recipe: accuracy against communication")
+    ax.set_title(f"the recipe's settings against {reference}: accuracy and communication")
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_bytes_per_sample.png", dpi=120)
     parent.log_figure(fig, "accuracy_vs_bytes_per_sample.png")
@@ -138,9 +148,10 @@ def write_report(rows: list[dict], out: Path, parent) -> str:
 
 
 def run(config: Path, gates: list[str], seeds: list[int], out: Path, overrides: list[str], uri: str,
-        experiment: str, echo: Callable[[str], None] = print) -> int:
-    """Every (seed, gate) pipeline, seed-major, then the report; 0, 1 if a run failed, 130 on Ctrl-C."""
-    from ds_smoes.app.compare_compression import load_state, save_state
+        experiment: str, echo: Callable[[str], None] = print, reference: str = REFERENCE,
+        suite: str = "recipe") -> int:
+    """Every (seed, setting) pipeline, seed-major, then the report (paired against `reference`); 0, 1 if a run
+    failed, 130 on Ctrl-C."""
     from ds_smoes.app.pipeline import Pipeline, StageFailed, plan, stage_dirs
     from ds_smoes.app.pipeline_config import load_pipeline_config
     from ds_smoes.app.tracking import Tracker
@@ -150,16 +161,21 @@ def run(config: Path, gates: list[str], seeds: list[int], out: Path, overrides: 
                for s in seeds for g in gates}
     for cfg in configs.values():
         plan(cfg)   # a bad override fails here, before anything runs
-    state = load_state(out)
+    state_path = out / suite / "state.json"   # per suite: both share the output root (and the stages they share)
+    candidates = [state_path] + ([out / "state.json"] if suite == "recipe" else [])   # where the first ones kept it
+    found = next((path for path in candidates if path.is_file()), None)
+    state = json.loads(found.read_text()) if found is not None else {}
     same_store = state.get("tracking_uri") == uri and state.get("experiment") == experiment
-    parent = Tracker(uri, experiment, f"recipe-gates-{time.strftime('%Y%m%d-%H%M%S')}",
-                     tags={"kind": "comparison", "suite": "recipe"},
+    parent = Tracker(uri, experiment, f"{suite}-{time.strftime('%Y%m%d-%H%M%S')}",
+                     tags={"kind": "comparison", "suite": suite},
                      run_id=state.get("parent_run_id") if same_store else None)
     if not (same_store and parent.run_id == state.get("parent_run_id")):
-        parent.log_params({"suite": "recipe", "variants": ",".join(gates), "seeds": ",".join(map(str, seeds)),
+        parent.log_params({"suite": suite, "variants": ",".join(gates), "seeds": ",".join(map(str, seeds)),
                            "config": str(config), "overrides": " ".join(overrides)})
-        save_state(out, {"parent_run_id": parent.run_id, "tracking_uri": uri, "experiment": experiment})
-    echo(f"recipe gate comparison: {len(configs)} pipelines into {out}; MLflow parent run {parent.run_id}")
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps({"parent_run_id": parent.run_id, "tracking_uri": uri,
+                                          "experiment": experiment}, indent=2))
+    echo(f"{suite} comparison: {len(configs)} pipelines into {out}; MLflow parent run {parent.run_id}")
     results: dict[str, dict[int, dict]] = {g: {} for g in gates}
     failed: list[str] = []
     t0 = time.time()
@@ -182,11 +198,11 @@ def run(config: Path, gates: list[str], seeds: list[int], out: Path, overrides: 
         echo("interrupted: the same command resumes (finished stages are reused, the interrupted one continues "
              "from its last epoch)")
         return 130
-    rows = summarize(results)
-    md = write_report(rows, out, parent)
+    rows = summarize(results, reference)
+    md = write_report(rows, out / suite, parent, reference)
     parent.end("FAILED" if failed else "FINISHED")
     echo(f"\n{md}\n\n{len(configs) - len(failed)}/{len(configs)} pipelines in {time.time() - t0:.0f}s this "
-         f"session; table in {out / 'table.md'}; MLflow parent run {parent.run_id} ({uri})")
+         f"session; table in {out / suite / 'table.md'}; MLflow parent run {parent.run_id} ({uri})")
     if failed:
         print("failed: " + ", ".join(failed), file=sys.stderr)
         return 1

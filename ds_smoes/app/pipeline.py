@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ds_smoes.app.pipeline_config import STAGES, PipelineConfig
+from ds_smoes.app.pipeline_config import STAGES, PipelineConfig, variant_settings
 from ds_smoes.core.errors import ConfigError, SMoESError
 
 STAGE_FILE = "stage.json"
@@ -48,15 +48,20 @@ class Stage:
 
 
 def stage_dirs(cfg: PipelineConfig) -> dict[str, Path]:
+    """OUT/seedS/<stage>, and <stage>-<variant> for the stages the variant changes (from `variant_settings`'s
+    first stage on): `moe-topk` for a gate, `align-qmop-0.25` ... `moe-qmop-0.25` for a compression setting."""
     root = Path(cfg.out_dir) / f"seed{cfg.seed}"
-    return {s: root / (f"moe-{cfg.variant}" if s == "moe" else s) for s in STAGES}
+    first = STAGES.index(variant_settings(cfg.variant)[0])
+    return {s: root / (f"{s}-{cfg.variant}" if i >= first else s) for i, s in enumerate(STAGES)}
 
 
 def stage_overrides(cfg: PipelineConfig, stage: str, dirs: dict[str, Path]) -> list[str]:
     """The `--set` items of a training stage: what the stage trains, on what, from where; then its epochs,
     learning rate and own `set` items (last, so they win)."""
-    from ds_smoes.app.compare import VARIANTS
     from ds_smoes.data.tasks import CAPTION_TASK, LANGUAGE_ONLY
+
+    first, variant = variant_settings(cfg.variant)
+    changed = STAGES.index(stage) >= STAGES.index(first)
 
     frozen = str(cfg.freeze_vision).lower()
     own = {
@@ -66,8 +71,10 @@ def stage_overrides(cfg: PipelineConfig, stage: str, dirs: dict[str, Path]) -> l
         "align": ["model.moe_layers=none", f"data.tasks=[{CAPTION_TASK}]", f"model.start_from={dirs['language']}",
                   "model.freeze_vision=true", "model.freeze_decoder=true"],
         "dense": ["model.moe_layers=none", f"model.start_from={dirs['align']}", f"model.freeze_vision={frozen}"],
-        "moe": [*VARIANTS[cfg.variant], f"model.start_from={dirs['dense']}", f"model.freeze_vision={frozen}"],
-    }[stage]
+        "moe": [f"model.start_from={dirs['dense']}", f"model.freeze_vision={frozen}"],
+    }[stage] + (variant if changed else [])
+    if changed and first == "align":   # a compression setting: random pruning's draws follow the seed
+        own.append(f"model.compress.seed={cfg.seed}")
     st = getattr(cfg, stage)
     return [*own, f"run.seed={cfg.seed}", f"run.output_dir={dirs[stage]}", "run.save_checkpoint=true",
             "run.checkpoint_every_epoch=true", f"optim.epochs={st.epochs}",

@@ -35,8 +35,10 @@ class PipelineConfig(_Section):
     out_dir: Path = Field(Path("runs/recipe"), description="stages go to OUT_DIR/seedS/<stage> (the MoE stage to "
                                                           "OUT_DIR/seedS/moe-<variant>)")
     seed: int = Field(0, description="seed of every stage (stage 0's initialisation and canvas stream too)")
-    variant: str = Field("smoes", description="the MoE stage's gate: a variant of python -m ds_smoes.compare "
-                                              "(smoes, topk, hard, hybrid, ltdr, smar, smoes-kl, ...)")
+    variant: str = Field("smoes", description="a gate variant of python -m ds_smoes.compare (smoes, topk, hard, "
+                                              "hybrid, ltdr, smar, smoes-kl, ...): the MoE stage's gate; or a visual "
+                                              "token compression setting (none, qmop-0.25, learnpruner-0.125, "
+                                              "random-0.25, pool-0.125, fastv-0.25, ...): on from stage I, SMoES gate")
     freeze_vision: bool = Field(True, description="keep the stage-0 encoder frozen in stages II-III (stage I and "
                                                   "the language stage always keep it frozen)")
     ranks: int = Field(2, ge=1, description="processes per training stage (deepspeed --num_gpus)")
@@ -49,11 +51,26 @@ class PipelineConfig(_Section):
     @field_validator("variant")
     @classmethod
     def _known_variant(cls, value: str) -> str:
-        from ds_smoes.app.compare import VARIANTS
-
-        if value not in VARIANTS:
-            raise ValueError(f"unknown variant {value!r}; choose from {', '.join(VARIANTS)}")
+        variant_settings(value)
         return value
+
+
+def variant_settings(variant: str) -> tuple[str, list[str]]:
+    """(the first stage the variant changes, its --set items).  A gate changes stage III only, so every gate of a
+    seed shares stages 0-II; a compression setting changes what the LLM sees from stage I on (QMoP's and
+    LearnPruner's modules train with the projector there), so compression settings share stage 0 and the
+    language stage.  ValueError for an unknown name."""
+    from ds_smoes.app.compare import VARIANTS
+    from ds_smoes.app.compare_compression import VARIANTS as COMPRESSION
+
+    if variant in VARIANTS:
+        return "moe", list(VARIANTS[variant])
+    if variant == "none":   # no compression: the recipe as the gates run it (stage III alone is its own)
+        return "moe", []
+    if variant in COMPRESSION:
+        return "align", list(COMPRESSION[variant])
+    raise ValueError(f"unknown variant {variant!r}; choose a gate ({', '.join(VARIANTS)}) or a compression "
+                     f"setting ({', '.join(COMPRESSION)})")
 
 
 def load_pipeline_config(path: Path, overrides: list[str] | None = None) -> PipelineConfig:

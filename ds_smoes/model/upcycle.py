@@ -54,8 +54,10 @@ def upcycle_from_dense(moe_model, dense_state: dict[str, torch.Tensor], noise: f
                     value += noise * source.float().std() * torch.randn(value.shape, generator=gen).to(value.dtype)
                 filled[f"{ffn}{EXPERTS}.{j}.{name}"] = value
                 experts += 1
+    # the router and SMoES state start fresh; so does a visual token compressor the dense model did not have
+    # (the recipe's compression variants add theirs at stage I, after a language stage without one)
     missing = [n for n in target if n not in filled and ".gate." not in n and ".scorer." not in n
-               and ".binning." not in n and "physical_E" not in n]
+               and ".binning." not in n and "physical_E" not in n and not n.startswith("compressor.")]
     if missing:
         raise ConfigError(f"the dense model lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}: upcycle from a "
                           "dense run of the same model section")
