@@ -75,6 +75,15 @@ def test_parents_are_found_by_sweep_id_or_name(store):
     assert [p.run_id for p in store.parents("e", sweep="s")] == [a]
 
 
+def test_a_report_without_a_name_shows_the_newest_sweep_that_ended(store):
+    done = store.create_parent("e", "s-1", {"sweep.id": "s-1"}, {})
+    store.finish(done)
+    store.create_parent("e", "s-2", {"sweep.id": "s-2"}, {})   # abandoned: its cluster never answered
+    assert store.default_parent().run_id == done
+    store.finish(store.create_parent("e", "s-3", {"sweep.id": "s-3"}, {}), "FAILED")
+    assert store.default_parent().tags["sweep.id"] == "s-3"
+
+
 def _hammer(uri: str, parent: str, worker: int, n: int, errors) -> None:
     try:
         t = Tracker(uri, "e", f"t{worker:02d}:w", parent_run_id=parent)

@@ -67,14 +67,19 @@ def _report(args: argparse.Namespace) -> int:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"no MLflow store at {uri}: pass --tracking-uri")
     store = SweepStore(uri)
-    parents = store.parents(args.experiment, args.sweep)
     if args.list:
         for p in store.parents(args.experiment):
+            note = "  (not ended: running now, or abandoned: resume it by its id)" if p.status == "RUNNING" else ""
             print(f"{p.tags.get('sweep.id', p.name):40s} {p.status:9s} {p.params.get('sweep.num_trials', '?'):>4s} "
-                  f"trials  run {p.run_id}  experiment {store.experiment_name(p.experiment_id)!r}")
+                  f"trials  run {p.run_id}  experiment {store.experiment_name(p.experiment_id)!r}{note}")
         return 0
+    parents = store.parents(args.experiment, args.sweep) if args.sweep else [
+        p for p in [store.default_parent(args.experiment)] if p is not None]
     if not parents:
         raise ConfigError(f"no sweep {args.sweep!r} in {uri}" if args.sweep else f"no sweeps in {uri}")
+    if not args.sweep and parents[0].status == "RUNNING":
+        print(f"(no sweep has ended; showing {parents[0].tags.get('sweep.id', parents[0].name)}, still RUNNING)",
+              file=sys.stderr)
     print(report.render(store, parents[0].run_id, args.format))
     return 0
 

@@ -139,6 +139,13 @@ class SweepStore:
             runs = [r for r in runs if sweep in (r.tags.get(SWEEP_TAG), r.tags.get("sweep.name"), r.run_id)]
         return sorted(runs, key=lambda r: r.start_time, reverse=True)
 
+    def default_parent(self, experiment: str | None = None) -> RunRecord | None:
+        """The sweep a report shows when none is named: the newest one that ended (FINISHED, or FAILED with some
+        trial failed), not one still RUNNING, which is running now or was abandoned (a driver killed, a cluster
+        that never answered); the newest of all when none ended."""
+        parents = self.parents(experiment)
+        return next((p for p in parents if p.status != "RUNNING"), parents[0] if parents else None)
+
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in sorted(self.client.get_metric_history(run_id, key),
                                                   key=lambda m: (m.step, m.timestamp))]
