@@ -531,7 +531,8 @@ def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: 
                 metrics = window.flush(engine.get_lr()[0], stop=stop is not None and stop.requested())
                 tracker.log_metrics(metrics, step=step)
                 window.check_finite(metrics, step, engine.get_lr()[0])
-                if window.stop_agreed and step < total_steps:
+                # not at an epoch's last step: its validation and epoch callback come first (the next log step)
+                if window.stop_agreed and step < total_steps and step % len(loader):
                     ckpt = Path(cfg.run.output_dir) / "checkpoint"
                     _save_interrupted(engine, ckpt, step, epoch)
                     why = stop.reason() if stop is not None and stop.requested() else "another rank was asked to stop"
