@@ -9,8 +9,8 @@ import torch
 
 from ds_smoes.app.config import TrainConfig
 from ds_smoes.app.evaluation import exact_match_accuracy, measure_routing
-from ds_smoes.app.family import ModelFamily, check_digits_variant, ensure_digits
-from ds_smoes.core.errors import ConfigError, DatasetError
+from ds_smoes.app.family import ModelFamily, check_digits_variant, check_images, ensure_digits
+from ds_smoes.core.errors import ConfigError
 from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train, load_llava_json
 from ds_smoes.data.augment import random_shift
 from ds_smoes.data.tasks import select_tasks, with_text_share
@@ -56,21 +56,6 @@ def prepare_data(cfg: TrainConfig, log: Callable) -> Datasets:
         raise ConfigError(f"the data has sequences of {longest} tokens but model.max_len={m.max_len}: "
                           f"raise model.max_len (e.g. --set model.max_len={longest + 8})")
     return sets
-
-
-def check_images(splits: dict[str, list], image_size: int) -> None:
-    """Every image the splits reference decodes, or DatasetError on every rank with the first problem any rank
-    found (the ranks share the files; rank 0 prints the one message)."""
-    from ds_smoes.data.llava import unreadable_image
-    from ds_smoes.parallel import distributed
-
-    rank, world = distributed.rank(), distributed.world_size()
-    found = None
-    for split, samples in splits.items():
-        found = found or unreadable_image(samples, image_size, split, rank, world)
-    message = distributed.first_message(found)
-    if message is not None:
-        raise DatasetError(message)
 
 
 def dense_run_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], WordTokenizer]:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ds_smoes.app.evaluation import RoutingMeasurement
-from ds_smoes.core.errors import ConfigError
+from ds_smoes.core.errors import ConfigError, DatasetError
 from ds_smoes.parallel import distributed
 
 
@@ -64,6 +64,21 @@ def check_digits_variant(d, image_size: int) -> None:
         raise ConfigError(f"{d.image_folder} holds digits on a {canvas}x{canvas} canvas but model.image_size="
                           f"{image_size}: set model.image_size: {canvas} and data.canvas_size: {canvas} "
                           f"(--set model.image_size={canvas} --set data.canvas_size={canvas})")
+
+
+def check_images(splits: dict[str, list], image_size: int) -> None:
+    """Every image the splits reference decodes, or DatasetError on every rank with the first problem any rank
+    found (the ranks share the files; rank 0 prints the one message)."""
+    from ds_smoes.data.llava import unreadable_image
+    from ds_smoes.parallel import distributed
+
+    rank, world = distributed.rank(), distributed.world_size()
+    found = None
+    for split, samples in splits.items():
+        found = found or unreadable_image(samples, image_size, split, rank, world)
+    message = distributed.first_message(found)
+    if message is not None:
+        raise DatasetError(message)
 
 
 class ModelFamily(ABC):

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ds_smoes.app.evaluation import RoutingAccumulator, lockstep_batches, median_ms_per_sample
-from ds_smoes.app.family import ModelFamily, ensure_digits
+from ds_smoes.app.family import ModelFamily, check_images, ensure_digits
 from ds_smoes.app.hf_config import HFTrainConfig
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.data import load_llava_json
@@ -146,6 +146,10 @@ class HFFamily(ModelFamily):
         self.train_set, self.test_set = make(d.train_json, "train"), make(d.test_json, "test")
         self.train_set.samples = with_text_share(self.train_set.samples, d.text_share, cfg.run.seed)
         self.val_set = make(d.val_json, "val") if d.val_json else None
+        # every referenced image decodes, or one message from whichever rank found the problem (a decode check:
+        # the processor does its own resizing later)
+        check_images({"train": self.train_set.samples, "val": self.val_set.samples if self.val_set else [],
+                      "test": self.test_set.samples}, image_size=8)
         self.collate = partial(collate, pad_id=self.pad_id)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
