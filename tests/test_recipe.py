@@ -217,7 +217,7 @@ def test_a_finished_stage_under_other_settings_is_refused_and_an_interrupted_one
     stage = plan(_pipeline(tmp_path))[2]
     assert stage_state(stage) == "fresh"
     stage.directory.mkdir(parents=True)
-    record = {"stage": stage.name, "fingerprint": stage.fingerprint, "settings": stage.settings}
+    record = {"stage": stage.name, "format": 2, "fingerprint": stage.fingerprint, "settings": stage.settings}
     (stage.directory / STAGE_FILE).write_text(json.dumps(record, default=str))
     assert stage_state(stage) == "resume"
     (stage.directory / "metrics.json").write_text("{}")
@@ -227,6 +227,28 @@ def test_a_finished_stage_under_other_settings_is_refused_and_an_interrupted_one
         stage_state(changed)
     (stage.directory / "metrics.json").unlink()
     assert stage_state(changed) == "fresh" and not stage.directory.exists()
+
+
+def test_a_setting_added_later_at_its_default_keeps_a_stage_s_fingerprint(tmp_path):
+    """Upgrading ds-smoes (a new config field, at its default) must not make finished stages look foreign; a
+    stage.json of the first format (every setting hashed) is still recognised."""
+    import dataclasses
+
+    from ds_smoes.app.pipeline import STAGE_FILE, plan, stage_state, without_defaults
+
+    assert without_defaults({"a": 1, "b": {"c": 2, "d": 3}, "e": 5}, {"a": 1, "b": {"c": 2, "d": 0}}) == \
+        {"b": {"d": 3}, "e": 5}
+    stage = plan(_pipeline(tmp_path))[3]
+    newer = dataclasses.replace(stage, settings={**stage.settings, "run": {**stage.settings["run"], "new_knob": 7}},
+                                defaults={**stage.defaults, "run": {**stage.defaults["run"], "new_knob": 7}})
+    assert newer.fingerprint == stage.fingerprint
+    changed = dataclasses.replace(newer, settings={**newer.settings, "run": {**newer.settings["run"], "new_knob": 8}})
+    assert changed.fingerprint != stage.fingerprint
+    stage.directory.mkdir(parents=True)
+    (stage.directory / "metrics.json").write_text("{}")
+    (stage.directory / STAGE_FILE).write_text(json.dumps({"fingerprint": stage.legacy_fingerprint,
+                                                          "settings": stage.settings}, default=str))
+    assert stage_state(stage) == "done"
 
 
 # -- end to end --------------------------------------------------------------------------------------------------

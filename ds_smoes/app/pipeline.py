@@ -35,16 +35,40 @@ class StageFailed(SMoESError):
     """A stage's process exited with an error (the message names its log)."""
 
 
+FINGERPRINT_FORMAT = 2
+
+
+def _digest(tree: dict) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def without_defaults(value, default):
+    """`value` (a JSON tree) without the entries equal to `default`'s at the same place: a setting a later version
+    adds, at its default, leaves a stage's fingerprint as it was."""
+    if not (isinstance(value, dict) and isinstance(default, dict)):
+        return value
+    return {k: without_defaults(v, default[k]) if k in default else v for k, v in value.items()
+            if k not in default or v != default[k]}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     directory: Path
-    settings: dict          # what defines the stage's result (its fingerprint), upstream fingerprint included
+    settings: dict          # what defines the stage's result, upstream fingerprint included
     overrides: list[str]    # the training run's --set items (empty for stage 0)
+    defaults: dict          # the settings' defaults, where they have one (left out of the fingerprint)
+    legacy_upstream: str | None = None
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Of the settings that differ from their defaults (and the stage before's fingerprint)."""
+        return _digest(without_defaults(self.settings, self.defaults))
+
+    @property
+    def legacy_fingerprint(self) -> str:
+        """How stage.json files without a format (the pipeline's first version) fingerprinted: every setting."""
+        return _digest({**self.settings, **({"upstream": self.legacy_upstream} if self.legacy_upstream else {})})
 
 
 def stage_dirs(cfg: PipelineConfig) -> dict[str, Path]:
@@ -90,9 +114,16 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     if base.data.canvas_size is None:
         raise ConfigError(f"{cfg.train_config}: the recipe pretrains its encoder on the canvas digits: set "
                           "data.canvas_size (configs/canvas.yaml does)")
+    from ds_smoes.app.config import DataConfig, TrainConfig
+    from ds_smoes.app.pipeline_config import VisionStage
+    from ds_smoes.model.config import ModelConfig
+
     vision_settings = {"stage": "vision", **cfg.vision.model_dump(), "seed": cfg.seed,
                        "model": base.model.model_dump(mode="json"), "data": base.data.model_dump(mode="json")}
-    stages = [Stage("vision", dirs["vision"], vision_settings, [])]
+    vision_defaults = {**VisionStage().model_dump(), "model": ModelConfig().model_dump(mode="json"),
+                       "data": DataConfig().model_dump(mode="json")}
+    train_defaults = {k: v for k, v in TrainConfig().model_dump(mode="json").items() if k != "tracking"}
+    stages = [Stage("vision", dirs["vision"], vision_settings, [], vision_defaults)]
     for name in STAGES[1:]:
         overrides = stage_overrides(cfg, name, dirs)
         train = load_train_config(cfg.train_config, overrides, origin=f"the pipeline's {name} stage")
@@ -101,7 +132,8 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                               "into (every_other or all)")
         settings = {"stage": name, "ranks": cfg.ranks, "upstream": stages[-1].fingerprint,
                     **{k: v for k, v in train.model_dump(mode="json").items() if k != "tracking"}}
-        stages.append(Stage(name, dirs[name], settings, overrides))
+        stages.append(Stage(name, dirs[name], settings, overrides, train_defaults,
+                            legacy_upstream=stages[-1].legacy_fingerprint))
     return stages
 
 
@@ -125,7 +157,8 @@ def stage_state(stage: Stage) -> str:
     if not record.is_file():
         return "fresh"
     saved = json.loads(record.read_text())
-    same = saved.get("fingerprint") == stage.fingerprint
+    expected = stage.fingerprint if saved.get("format") == FINGERPRINT_FORMAT else stage.legacy_fingerprint
+    same = saved.get("fingerprint") == expected
     if (stage.directory / METRICS_FILE).is_file():
         if same:
             return "done"
@@ -215,7 +248,8 @@ class Pipeline:
             return
         stage.directory.mkdir(parents=True, exist_ok=True)
         (stage.directory / STAGE_FILE).write_text(json.dumps(
-            {"stage": stage.name, "fingerprint": stage.fingerprint, "settings": stage.settings}, indent=1,
+            {"stage": stage.name, "format": FINGERPRINT_FORMAT, "fingerprint": stage.fingerprint,
+             "settings": stage.settings}, indent=1,
             default=str))
         self.echo(f"== {stage.name}: {'resuming' if state == 'resume' else 'starting'} in {stage.directory} "
                   f"(log: {stage.directory / 'train.log'})")
