@@ -29,23 +29,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ds_smoes.app.gate_variants import VARIANTS  # the gate variants, shared with the pipeline
 from ds_smoes.core.errors import ConfigError, SMoESError
 
-# name -> overrides on top of the base config (the base config's own smoes section is "smoes")
-VARIANTS: dict[str, list[str]] = {
-    "topk": ["smoes.gate=topk"],
-    "hard": ["smoes.gate=hard"],
-    "hybrid": ["smoes.gate=hybrid", "smoes.text_experts=1", "smoes.shared_experts=2"],
-    "ltdr": ["smoes.gate=ltdr", "smoes.ltdr_top_a=4"],
-    "smar": ["smoes.gate=smar"],
-    "smoes": [],
-    "smoes-gaussian": ["smoes.score_type=gaussian"],
-    "smoes-binning-only": ["smoes.alpha_mi=0"],
-    "smoes-one-bin": ["smoes.max_bins_per_token=1"],
-    "smoes-fixed-bins": ["smoes.binning=fixed"],
-    "smoes-hard-score": ["smoes.score_type=hard"],
-    "smoes-kl": ["smoes.bin_objective=kl"],
-}
 REFERENCE = "topk"
 FIGURES = ("acc_multimodal", "acc_language", "acc_overall", "msi", "cross_rank_rate", "ranks_per_token",
            "remote_pairs_per_token", "tokens_per_s")

@@ -60,7 +60,7 @@ def variant_settings(variant: str) -> tuple[str, list[str]]:
     seed shares stages 0-II; a compression setting changes what the LLM sees from stage I on (QMoP's and
     LearnPruner's modules train with the projector there), so compression settings share stage 0 and the
     language stage.  ValueError for an unknown name."""
-    from ds_smoes.app.compare import VARIANTS
+    from ds_smoes.app.gate_variants import VARIANTS
     from ds_smoes.app.compare_compression import VARIANTS as COMPRESSION
 
     if variant in VARIANTS:
