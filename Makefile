@@ -87,6 +87,7 @@ compare-compression: $(STAMP)
 	$(PY) -m ds_smoes.compare --suite compression --tracking-uri sqlite:///$(MLFLOW_DB)
 
 mlflow-ui: $(STAMP)
+	@$(PY) -m ds_smoes.app.tracking --tracking-uri sqlite:///$(MLFLOW_DB)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000 --workers 1
 
 clean:

@@ -240,11 +240,11 @@ def test_ctrl_c_saves_at_a_step_boundary_and_the_same_command_resumes_to_the_uni
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    def command(out):
+    def command(out, *extra):
         return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_smoes.train",
                 "--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"run.output_dir={out}",
                 "--set", "optim.max_steps=40", "--set", "run.log_every=10", "--set", "run.eval_every_epoch=false",
-                "--tracking-uri", uri]
+                "--tracking-uri", uri, *extra]
 
     proc = subprocess.Popen(command(tmp_path / "run"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -273,10 +273,34 @@ def test_ctrl_c_saves_at_a_step_boundary_and_the_same_command_resumes_to_the_uni
     for key in ("acc_multimodal", "acc_language", "msi", "cross_rank_rate", "bytes_per_token"):
         assert resumed[key] == uninterrupted[key], key
 
+    # A crash (SIGKILL: nothing can save or end a run) after a periodic checkpoint: the same command resumes from
+    # the last one and ends with the same figures; the killed run's MLflow run, left RUNNING, is ended by it.
+    periodic = ["--set", "run.checkpoint_every_minutes=0.0001"]   # due at every logging step
+    proc = subprocess.Popen(command(tmp_path / "crash", *periodic), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if "checkpoint at step 20/40" in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert (tmp_path / "crash" / "checkpoint" / "latest").read_text().strip() == "periodic"
+    again = subprocess.run(command(tmp_path / "crash", *periodic), cwd=ROOT, env=env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "resuming the interrupted run" in again.stdout and "at epoch 0, step 20/40" in again.stdout
+    assert "checkpoint at step 30/40" in again.stdout   # periodic again after the resume
+    crashed = json.loads((tmp_path / "crash" / "metrics.json").read_text())
+    for key in ("acc_multimodal", "acc_language", "msi", "cross_rank_rate", "bytes_per_token"):
+        assert crashed[key] == uninterrupted[key], key
+    # finished: nothing left to resume (the same command would train afresh)
+    assert not (tmp_path / "crash" / "checkpoint" / "periodic").exists()
+    assert (tmp_path / "crash" / "checkpoint" / "latest").read_text().strip() == "final"
+
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ds-smoes").experiment_id])
     states = sorted((r.info.status, r.data.tags.get("end_reason", "")[:22]) for r in runs)
-    assert states == [("FINISHED", ""), ("FINISHED", ""), ("KILLED", "interrupted at step 20")], states
+    assert states == [("FINISHED", ""), ("FINISHED", ""), ("FINISHED", ""), ("KILLED", "interrupted at step 20"),
+                      ("KILLED", "its processes stopped ")], states
 
 
 def test_runs_of_one_recipe_are_named_by_what_their_command_changed():

@@ -86,6 +86,11 @@ class RunConfig(_Section):
         False, description="also a DeepSpeed checkpoint after every epoch (output_dir/checkpoint, tag epochN; the "
                            "previous epoch's is removed), so an interrupted run continues with --resume-from "
                            "output_dir/checkpoint (the recipe's pipeline does)")
+    checkpoint_every_minutes: float | None = Field(
+        30.0, gt=0, description="also save the whole state (tag periodic in output_dir/checkpoint, replaced each "
+                                "time) at the first logging step after this many minutes since the last one, not "
+                                "at an epoch's last step: after a crash or a kill, the same command resumes from "
+                                "it; null: never")
 
 
 class TrainConfig(_Section):

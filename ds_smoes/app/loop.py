@@ -77,6 +77,7 @@ class TrainWindow:
         self.last_loss = float("nan")
         self.last_finite = (float("nan"), 0)   # (loss, step) of the last window whose mean loss was finite
         self.stop_agreed = False
+        self.checkpoint_agreed = False
         self._reset()
 
     def _reset(self) -> None:
@@ -101,11 +102,12 @@ class TrainWindow:
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.log_every == 0 or step == total_steps
 
-    def flush(self, lr: float, stop: bool = False) -> dict[str, float]:
+    def flush(self, lr: float, stop: bool = False, checkpoint: bool = False) -> dict[str, float]:
         """The window's `train/...` metrics, then a fresh window; a collective (every rank calls it).
 
         `stop`: this rank's stop request (`ds_smoes.parallel.stop`), summed in the same all-reduce; afterwards
-        `stop_agreed` says whether any rank asked, the same on every rank.  `lr` is only reported, as train/lr.  Over the window and every rank: the loss terms (means per
+        `stop_agreed` says whether any rank asked, the same on every rank.  `checkpoint` (this rank's clock says a
+        periodic checkpoint is due) likewise gives `checkpoint_agreed`.  `lr` is only reported, as train/lr.  Over the window and every rank: the loss terms (means per
         step), tokens_per_s (all ranks' tokens over this rank's seconds), msi (from the summed routing
         loads) and the communication figures (token-weighted; cross_rank_rate and ranks_per_token with
         experts placed by their bins, bytes_per_token what the dispatch really sent).  This rank's last
@@ -115,8 +117,10 @@ class TrainWindow:
         device = self._losses.device if self._losses is not None else distributed.collective_device()
         losses = self._losses if self._losses is not None else torch.zeros(3, device=device)
         sums = distributed.world_sum_(torch.cat([losses.double(), torch.tensor(
-            [float(c) for c in self._counts] + [float(stop)], dtype=torch.float64, device=device)]))
+            [float(c) for c in self._counts] + [float(stop), float(checkpoint)], dtype=torch.float64,
+            device=device)]))
         self.stop_agreed = bool(sums[5] > 0)
+        self.checkpoint_agreed = bool(sums[6] > 0)
         routing = self._routing.result()
         loss, lm, aux = (sums[:3] / sums[3].clamp_min(1)).tolist()
         self.last_loss = loss

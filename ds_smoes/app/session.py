@@ -159,7 +159,8 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
 
     status = "FAILED"
     try:
-        step, epoch, pending_rng = _resume(engine, resume_from, len(loader), total_steps, log, scratch_dir=out_dir)
+        step, epoch, pending_rng = _resume(engine, resume_from, len(loader), total_steps, log, scratch_dir=out_dir,
+                                           tracker=tracker)
         start_step = step
         if cfg.run.checkpoint_every_epoch and not eval_only:
             epoch_callback = _with_epoch_checkpoints(epoch_callback, out_dir / "checkpoint")
@@ -171,6 +172,8 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
             engine.save_checkpoint(str(ckpt), tag="final", client_state={"step": total_steps,
                                                                           "epoch": figures["epoch"]})
             final["checkpoint"] = str(ckpt)
+        if not eval_only:
+            _drop_resumable(out_dir / "checkpoint")
 
         # -- final evaluation on the held-out split -------------------------------------------------
         log("evaluating on the held-out test split ...")
@@ -179,6 +182,7 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
         final.update(family.final_figures())
         final["mlflow_run_id"] = tracker.run_id
         final["mlflow_tracking_uri"] = tracker.tracking_uri if tracker.active else None
+        final["mlflow_experiment_id"] = getattr(tracker, "experiment_id", None) if tracker.active else None
         final.update(family.export(out_dir, log))
         if eval_only:   # no training happened: no throughput, steps or training loss to report
             for key in _TRAINING_KEYS:
@@ -318,6 +322,10 @@ def _print_summary(final: dict, log: Callable) -> None:
         "every MoE layer and rank summed / the test conversations, language-only ones included)")
     if final.get("mlflow_run_id"):
         log(f"  MLflow run {final['mlflow_run_id']}  ({final['mlflow_tracking_uri']})")
+    if final.get("mlflow_experiment_id") is not None:
+        from ds_smoes.app.tracking import runs_table_url
+
+        log(f"  MLflow UI (after make mlflow-ui): {runs_table_url(final['mlflow_experiment_id'])}")
 
 
 def _finite(value) -> bool:
@@ -379,10 +387,12 @@ def _place_experts(moe_layers, engine, step: int, tracker, log: Callable) -> Non
 
 
 def _resume(engine, resume_from: Path | None, steps_per_epoch: int, total_steps: int,
-            log: Callable, scratch_dir: Path | None = None) -> tuple[int, int]:
+            log: Callable, scratch_dir: Path | None = None, tracker=None) -> tuple[int, int]:
     """(step, epoch) to start from: (0, 0), or a DeepSpeed checkpoint's client_state (one without an epoch,
     as older Hugging Face runs saved, resumes in the epoch its step falls in).  A checkpoint saved at
-    another ep_size is converted first (`_reshard_for_engine`) into a folder under `scratch_dir`."""
+    another ep_size is converted first (`_reshard_for_engine`) into a folder under `scratch_dir`.  The MLflow
+    run that saved the state (client_state's mlflow_run_id), when `tracker`'s store still shows it RUNNING (its
+    processes were killed before they could end it), is ended as KILLED with the reason."""
     if resume_from is None:
         return 0, 0, None
     converted = _reshard_for_engine(engine, Path(resume_from), scratch_dir, log)
@@ -408,6 +418,10 @@ def _resume(engine, resume_from: Path | None, steps_per_epoch: int, total_steps:
         set_rng(rng)
         rng = None
     log(f"resumed from {load_path if converted is None else resume_from} at epoch {epoch}, step {step}/{total_steps}")
+    if tracker is not None and client_state.get("mlflow_run_id"):
+        tracker.close_abandoned(client_state["mlflow_run_id"],
+                                f"its processes stopped without ending the run (killed, or the machine went down) "
+                                f"after the state of step {step} was saved; run {tracker.run_id} resumed from it")
     return step, epoch, rng
 
 
@@ -498,11 +512,29 @@ def set_rng(state: dict | None) -> None:
         get_accelerator().set_rng_state(state["device"])
 
 
-def _save_interrupted(engine, ckpt_dir: Path, step: int, epoch: int) -> None:
-    """The state at a step boundary mid-run (tag `interrupted`, `latest` pointing at it; a collective)."""
-    engine.save_checkpoint(str(ckpt_dir), tag="interrupted", client_state={"step": step, "epoch": epoch})
-    save_rng(ckpt_dir / "interrupted")
+def _save_resumable(engine, ckpt_dir: Path, step: int, epoch: int, tag: str, run_id: str | None) -> None:
+    """The state at a step boundary mid-run (tag `interrupted` or `periodic`, `latest` pointing at it; a
+    collective): the same command resumes from it (`ds_smoes.app.train.interrupted_run`).  `run_id`: this run's
+    MLflow run (rank 0's), which the resuming run ends if nothing else did."""
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch,
+                                                                 "mlflow_run_id": run_id})
+    save_rng(ckpt_dir / tag)
     distributed.barrier()
+
+
+def _drop_resumable(ckpt_dir: Path) -> None:
+    """The run finished: its `interrupted` and `periodic` states go (rank 0, after every rank is past the final
+    save), and `latest` no longer names one, so the same command trains afresh instead of resuming."""
+    distributed.barrier()
+    if distributed.rank() != 0:
+        return
+    import shutil
+
+    latest = ckpt_dir / "latest"
+    if latest.is_file() and latest.read_text().strip() in ("interrupted", "periodic"):
+        latest.unlink()
+    for tag in ("interrupted", "periodic"):
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
 def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: int, total_steps: int, tracker,
@@ -513,6 +545,9 @@ def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: 
     start_step = step
     last_metrics: dict = {}
     window = TrainWindow(moe_layers, cfg.run.log_every)
+    every_s = None if cfg.run.checkpoint_every_minutes is None else 60.0 * cfg.run.checkpoint_every_minutes
+    last_saved = time.monotonic()
+    ckpt = Path(cfg.run.output_dir) / "checkpoint"
     for epoch, batches in resumable_epochs(loader, sampler, step, epoch, total_steps):
         for batch in batches:
             if pending_rng is not None:   # resumed mid-epoch: now that this epoch's iterator exists (`_resume`)
@@ -528,16 +563,23 @@ def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: 
             if any(layer.placement_due() for layer in moe_layers):
                 _place_experts(moe_layers, engine, step, tracker, log)
             if window.due(step, total_steps):
-                metrics = window.flush(engine.get_lr()[0], stop=stop is not None and stop.requested())
+                due = every_s is not None and time.monotonic() - last_saved >= every_s
+                metrics = window.flush(engine.get_lr()[0], stop=stop is not None and stop.requested(),
+                                       checkpoint=due)
                 tracker.log_metrics(metrics, step=step)
                 window.check_finite(metrics, step, engine.get_lr()[0])
                 # not at an epoch's last step: its validation and epoch callback come first (the next log step)
-                if window.stop_agreed and step < total_steps and step % len(loader):
-                    ckpt = Path(cfg.run.output_dir) / "checkpoint"
-                    _save_interrupted(engine, ckpt, step, epoch)
+                mid_epoch = step < total_steps and step % len(loader)
+                if window.stop_agreed and mid_epoch:
+                    _save_resumable(engine, ckpt, step, epoch, "interrupted", tracker.run_id)
                     why = stop.reason() if stop is not None and stop.requested() else "another rank was asked to stop"
                     raise RunInterrupted(f"interrupted at step {step}/{total_steps} ({why}); the state is saved in "
                                          f"{ckpt} (tag interrupted): run the same command to resume")
+                if window.checkpoint_agreed and mid_epoch:   # the clock of some rank: every rank saves alike
+                    _save_resumable(engine, ckpt, step, epoch, "periodic", tracker.run_id)
+                    last_saved = time.monotonic()
+                    log(f"  checkpoint at step {step}/{total_steps} in {ckpt} (tag periodic): after a crash, the same "
+                        "command resumes from it")
                 last_metrics = metrics
                 eta = window.train_seconds / (step - start_step) * (total_steps - step)
                 log(f"[epoch {epoch + 1} step {step}/{total_steps}] loss {metrics['train/loss']:.4f} (lm "

@@ -18,12 +18,39 @@ def default_tracking_uri(directory: Path | None = None) -> str:
     return f"sqlite:///{path}"
 
 
-# MLflow 3's UI opens an experiment by its kind: untagged (or "genai_development") on the GenAI traces overview,
-# "custom_model_development" (shown as "Model training") on the runs table, where this project's runs are.  The
-# tag and value are MLflow's own (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT; the UI's kind
-# selector writes the same tag).
+# MLflow 3's UI keeps a global mode ("GenAI" or "Model training", the switch at its top left, remembered by the
+# browser) and opens every experiment on that mode's first page: in a browser that never chose, GenAI's traces
+# overview ("Traces 0, No data available"), whatever the experiment holds.  Checked in headless Chromium against
+# MLflow 3.17.2 (ci/mlflow_ui_check.py).  Two things of MLflow's own make the runs table what a user sees:
+# - the experiment-kind tag ("custom_model_development", the UI's "Model training"; its kind selector writes the
+#   same tag), set on every experiment this project creates;
+# - a shared view (the UI's "Share" button stores one as the experiment tag `mlflow.sharedViewState.<key>`,
+#   a JSON of the table's state): `HEADLINE_VIEW` holds the headline columns and the sort, and `runs_table_url`
+#   opens the runs table in Model-training mode with it (`make mlflow-ui` prints the links).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+HEADLINE_VIEW_KEY = "ds-smoes-headline"
+# The figures a reader compares first (a training run's final metrics), then what tells runs apart.
+HEADLINE_METRICS = ("acc_multimodal", "acc_language", "msi", "bytes_per_token", "stock_bytes_per_token",
+                    "tokens_per_s", "cross_rank_rate")
+HEADLINE_PARAMS = ("smoes.gate", "smoes.score_type", "smoes.num_bins", "smoes.dispatch", "run.seed")
+
+
+def headline_view() -> dict:
+    """The runs table's state behind `HEADLINE_VIEW_KEY`: headline metric and parameter columns, the runs sorted by
+    multimodal accuracy (the keys and the column naming, group.`name`, are the UI's own)."""
+    return {"selectedColumns": [f"metrics.`{m}`" for m in HEADLINE_METRICS]
+                               + [f"params.`{p}`" for p in HEADLINE_PARAMS],
+            "orderByKey": f"metrics.`{HEADLINE_METRICS[0]}`", "orderByAsc": False}
+
+
+def runs_table_url(experiment_id: str, ui: str = "http://127.0.0.1:5000", charts: bool = False) -> str:
+    """The UI page of an experiment's runs table (or, `charts`, its chart comparison view) in Model-training mode
+    with the headline columns, whatever mode the browser was left in."""
+    mode = "&compareRunsMode=CHART" if charts else ""
+    return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={HEADLINE_VIEW_KEY}{mode}")
 
 
 def experiment_id(client, name: str, create: bool = True) -> str | None:
@@ -39,13 +66,18 @@ def experiment_id(client, name: str, create: bool = True) -> str | None:
         if not create:
             return None
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND,
+                                                        SHARED_VIEW_TAG_PREFIX + HEADLINE_VIEW_KEY:
+                                                            json.dumps(headline_view())})
         except MlflowException:  # another process created it in between
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if EXPERIMENT_KIND_TAG not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    view = json.dumps(headline_view())
+    if exp.tags.get(SHARED_VIEW_TAG_PREFIX + HEADLINE_VIEW_KEY) != view:
+        client.set_experiment_tag(exp.experiment_id, SHARED_VIEW_TAG_PREFIX + HEADLINE_VIEW_KEY, view)
     return exp.experiment_id
 
 
@@ -138,6 +170,58 @@ class Tracker:
         if self.active:
             self._client.log_figure(self.run_id, figure, name)
 
+    def close_abandoned(self, run_id: str, reason: str) -> None:
+        """End another run of this store that is still RUNNING although its processes are gone: KILLED, with
+        `reason` as its end_reason tag; this run is tagged resumed_from_run.  Nothing when it ended already."""
+        if not self.active or run_id == self.run_id:
+            return
+        from mlflow.exceptions import MlflowException
+
+        self._client.set_tag(self.run_id, "resumed_from_run", run_id)
+        try:
+            if self._client.get_run(run_id).info.status != "RUNNING":
+                return
+        except MlflowException:   # not in this store
+            return
+        self._client.set_tag(run_id, "end_reason", reason)
+        self._client.set_terminated(run_id, status="KILLED")
+
     def end(self, status: str = "FINISHED") -> None:
         if self.active and self.run_id:
             self._client.set_terminated(self.run_id, status=status)
+
+
+def ui_links(tracking_uri: str, ui: str = "http://127.0.0.1:5000") -> list[str]:
+    """One line per experiment of the store that holds runs: its name, the runs-table link and the charts link
+    (the headline view is (re)written on the experiments this project made)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    lines = []
+    for exp in client.search_experiments():
+        if exp.name == "Default" and not client.search_runs([exp.experiment_id], max_results=1):
+            continue
+        if exp.tags.get(EXPERIMENT_KIND_TAG) == MODEL_TRAINING_KIND:
+            experiment_id(client, exp.name)   # an older store: add the headline view
+        lines.append(f"{exp.name}: {runs_table_url(exp.experiment_id, ui)}\n"
+                     f"{' ' * len(exp.name)}  charts: {runs_table_url(exp.experiment_id, ui, charts=True)}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ds_smoes.app.tracking --tracking-uri URI [--ui URL]`: the UI links of every experiment."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ds_smoes.app.tracking",
+                                description="print the MLflow UI links that open each experiment's runs table "
+                                            "with the headline columns")
+    p.add_argument("--tracking-uri", default=default_tracking_uri())
+    p.add_argument("--ui", default="http://127.0.0.1:5000", help="where `mlflow ui` listens")
+    args = p.parse_args(argv)
+    lines = ui_links(args.tracking_uri, args.ui)
+    print("\n".join(lines) if lines else f"no experiment in {args.tracking_uri} yet: run `make demo` first")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

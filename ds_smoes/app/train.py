@@ -141,11 +141,12 @@ def named_overrides(overrides: list[str], width: int = 80) -> str:
 
 
 def interrupted_run(cfg) -> Path | None:
-    """`run.output_dir/checkpoint` when it holds a run this command interrupted (its `latest` tag is
-    `interrupted`): the same command resumes it.  ConfigError when that run had other settings."""
+    """`run.output_dir/checkpoint` when it holds a run this command did not finish (its `latest` tag is
+    `interrupted`, saved on Ctrl-C or SIGTERM, or `periodic`, saved every run.checkpoint_every_minutes): the
+    same command resumes it.  ConfigError when that run had other settings."""
     ckpt = Path(cfg.run.output_dir) / "checkpoint"
     latest = ckpt / "latest"
-    if not latest.is_file() or latest.read_text().strip() != "interrupted":
+    if not latest.is_file() or latest.read_text().strip() not in ("interrupted", "periodic"):
         return None
     saved = Path(cfg.run.output_dir) / "train_config.json"
     if saved.is_file():
