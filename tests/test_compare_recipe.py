@@ -105,3 +105,30 @@ def test_the_text_share_keeps_that_share_of_language_only_conversations():
 def test_language_only_selects_every_conversation_without_an_image(tmp_path):
     samples = _samples(3, 4)
     assert [s.id for s in select_tasks(samples, (LANGUAGE_ONLY,), tmp_path, "train")] == ["t0", "t1", "t2", "t3"]
+
+
+def test_report_only_tables_the_finished_runs_and_runs_nothing(tmp_path, capsys):
+    """`--report-only` while a comparison still runs: the pipelines whose stage III finished are tabled (paired
+    over the seeds both settings have), the others listed as not yet; no training and no MLflow store."""
+    from ds_smoes.app.compare import main
+    from ds_smoes.app.pipeline import stage_dirs
+    from ds_smoes.app.pipeline_config import load_pipeline_config
+
+    config = "configs/recipe/evidence32.yaml"
+    finished = {("topk", 0): 0.90, ("topk", 1): 0.92, ("smoes", 0): 0.93, ("smoes", 1): 0.94}
+    for (gate, seed), mm in finished.items():
+        dirs = stage_dirs(load_pipeline_config(config, [f"seed={seed}", f"variant={gate}", f"out_dir={tmp_path}"]))
+        for stage, figures in (("dense", _run(0.9, 0.80, 0.0)), ("moe", _run(mm, 0.70, 0.0))):
+            dirs[stage].mkdir(parents=True, exist_ok=True)
+            (dirs[stage] / "metrics.json").write_text(json.dumps(figures))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["--suite", "recipe", "--config", config, "--out", str(tmp_path), "--variants", "topk", "smoes",
+                 "--seeds", "0", "1", "2", "--tracking-uri", uri, "--report-only"]) == 0
+    out = capsys.readouterr().out
+    assert "4/6 runs finished" in out and "not yet: topk seed 2, smoes seed 2" in out
+    table = (tmp_path / "recipe" / "table.md").read_text()
+    (smoes,) = [line for line in table.splitlines() if line.startswith("| smoes |")]
+    assert "| 0,1 |" in smoes and "+2.5 [" in smoes   # paired: (3 + 2) / 2 points over seeds 0 and 1
+    assert (tmp_path / "recipe" / "accuracy_vs_bytes_per_sample.png").is_file()
+    assert not (tmp_path / "mlflow.db").exists()
+    assert main(["--suite", "gates", "--report-only"]) == 2

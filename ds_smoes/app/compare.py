@@ -185,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="default runs/compare (compression: runs/compare_compression, --smoke: .../smoke)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///$PWD/mlflow.db)")
     p.add_argument("--experiment", default="ds-smoes-compare")
+    p.add_argument("--report-only", action="store_true",
+                   help="recipe suites: write the table and plots from the runs that finished (no training, no "
+                        "MLflow run), e.g. while the comparison still runs")
     args = p.parse_args(argv)
+    if args.report_only and args.suite not in ("recipe", "recipe-compression"):
+        print("error: --report-only belongs to --suite recipe and recipe-compression", file=sys.stderr)
+        return 2
     if args.suite == "compression":
         return _main_compression(args)
     if args.suite in ("recipe", "recipe-compression"):
@@ -320,7 +326,7 @@ def _main_recipe(args) -> int:
         out = args.out or cr.DEFAULT_OUT   # one root for both suites: stage 0 and the language stage are shared
         return cr.run(args.config or cr.DEFAULT_CONFIG, settings, seeds, out, args.overrides,
                       args.tracking_uri or default_tracking_uri(), args.experiment, reference=reference,
-                      suite=args.suite)
+                      suite=args.suite, report_only=args.report_only)
     except SMoESError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

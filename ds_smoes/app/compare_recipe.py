@@ -128,31 +128,72 @@ def write_report(rows: list[dict], out: Path, parent, reference: str = REFERENCE
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(md + "\n")
     (out / "table.json").write_text(json.dumps(rows, indent=1, default=str))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if _number(r["bytes_per_sample"]) and _number(r["acc_multimodal"]):
-            ax.errorbar(r["bytes_per_sample"], r["acc_multimodal"],
-                        yerr=r["acc_multimodal_sd"] if _number(r["acc_multimodal_sd"]) else None, fmt="o", capsize=3)
-            ax.annotate(r["variant"], (r["bytes_per_sample"], r["acc_multimodal"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("EP remote bytes per test sample (rank_once dispatch)")
-    ax.set_ylabel("multimodal accuracy (stage III, mean ± sd over seeds)")
-    ax.set_title(f"the recipe's settings against {reference}: accuracy and communication")
+    rows_plotted = sorted((r for r in rows if _number(r["bytes_per_sample"]) and _number(r["acc_multimodal"])),
+                          key=lambda r: r["bytes_per_sample"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = [("acc_multimodal", 1.0, "multimodal accuracy"),
+              ("retention", 100.0, "language retention (points)")]
+    for ax, (key, scale, label) in zip(axes, panels):
+        for i, r in enumerate(rows_plotted):
+            if not _number(r[key]):
+                continue
+            sd = r[key + "_sd"] * scale if _number(r[key + "_sd"]) else None
+            ax.errorbar(r["bytes_per_sample"], r[key] * scale, yerr=sd, fmt="o", capsize=3,
+                        color="black" if r["variant"] == reference else None)
+            # neighbours along the x axis get labels above and below in turn, so close points stay readable
+            ax.annotate(r["variant"], (r["bytes_per_sample"], r[key] * scale), textcoords="offset points",
+                        xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)
+        ax.set_xlabel("EP remote bytes per test sample (rank_once dispatch)")
+        ax.set_ylabel(f"{label}, stage III (mean ± sd over seeds)")
+    fig.suptitle(f"the recipe's settings against {reference}: accuracy and communication")
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_bytes_per_sample.png", dpi=120)
-    parent.log_figure(fig, "accuracy_vs_bytes_per_sample.png")
+    if parent is not None:
+        parent.log_figure(fig, "accuracy_vs_bytes_per_sample.png")
     plt.close(fig)
+    if parent is None:
+        return md
     parent.log_dict(md, "comparison.md")
     parent.log_dict(rows, "comparison.json")
     return md
 
 
+def _finished(cfg) -> dict | None:
+    """The run's figures when its stage III (and so its stage II) finished, else None."""
+    from ds_smoes.app.pipeline import stage_dirs
+
+    dirs = stage_dirs(cfg)
+    stage3, stage2 = dirs["moe"] / "metrics.json", dirs["dense"] / "metrics.json"
+    if not (stage3.is_file() and stage2.is_file()):
+        return None
+    return run_figures(json.loads(stage3.read_text()), json.loads(stage2.read_text()))
+
+
+def _report_only(configs: dict, out: Path, reference: str, echo: Callable[[str], None]) -> int:
+    results: dict[str, dict[int, dict]] = {}
+    missing = []
+    for (seed, setting), cfg in configs.items():
+        figures = _finished(cfg)
+        if figures is None:
+            missing.append(f"{setting} seed {seed}")
+            continue
+        results.setdefault(setting, {})[seed] = figures
+    if reference not in results:
+        echo(f"no finished run of the reference {reference!r} yet: nothing to report")
+        return 1
+    md = write_report(summarize(results, reference), out, None, reference)
+    echo(f"{md}\n\n{len(configs) - len(missing)}/{len(configs)} runs finished; table in {out / 'table.md'}"
+         + (f"; not yet: {', '.join(missing)}" if missing else ""))
+    return 0
+
+
 def run(config: Path, gates: list[str], seeds: list[int], out: Path, overrides: list[str], uri: str,
         experiment: str, echo: Callable[[str], None] = print, reference: str = REFERENCE,
-        suite: str = "recipe") -> int:
+        suite: str = "recipe", report_only: bool = False) -> int:
     """Every (seed, setting) pipeline, seed-major, then the report (paired against `reference`); 0, 1 if a run
-    failed, 130 on Ctrl-C."""
-    from ds_smoes.app.pipeline import Pipeline, StageFailed, plan, stage_dirs
+    failed, 130 on Ctrl-C.  `report_only`: the report from the pipelines whose stage III finished, nothing run
+    or logged to MLflow."""
+    from ds_smoes.app.pipeline import Pipeline, StageFailed, plan
     from ds_smoes.app.pipeline_config import load_pipeline_config
     from ds_smoes.app.tracking import Tracker
 
@@ -161,6 +202,8 @@ def run(config: Path, gates: list[str], seeds: list[int], out: Path, overrides: 
                for s in seeds for g in gates}
     for cfg in configs.values():
         plan(cfg)   # a bad override fails here, before anything runs
+    if report_only:
+        return _report_only(configs, out / suite, reference, echo)
     state_path = out / suite / "state.json"   # per suite: both share the output root (and the stages they share)
     candidates = [state_path] + ([out / "state.json"] if suite == "recipe" else [])   # where the first ones kept it
     found = next((path for path in candidates if path.is_file()), None)
@@ -189,10 +232,7 @@ def run(config: Path, gates: list[str], seeds: list[int], out: Path, overrides: 
                 failed.append(f"{gate} seed {seed}")
                 echo(f"    FAILED: {err}")
                 continue
-            dirs = stage_dirs(cfg)
-            stage3 = json.loads((dirs["moe"] / "metrics.json").read_text())
-            stage2 = json.loads((dirs["dense"] / "metrics.json").read_text())
-            results[gate][seed] = run_figures(stage3, stage2)
+            results[gate][seed] = _finished(cfg)
     except KeyboardInterrupt:
         parent.end("KILLED")
         echo("interrupted: the same command resumes (finished stages are reused, the interrupted one continues "
