@@ -39,9 +39,9 @@ def test_stock_bytes_from_the_capacity():
 
 def test_expert_rows_per_rank_by_hand():
     # rank_once: the 7 routes e0 e1 | e2 e0 | e3 e2 | e3 -> 3 rows on rank 0 (e0 e1 e0), 4 on rank 1
-    assert expert_rows_sent(CALL, "rank_once", num_experts=4, ep_size=2).tolist() == [3.0, 4.0]
+    assert expert_rows_sent(CALL, False, num_experts=4, ep_size=2).tolist() == [3.0, 4.0]
     # stock: each rank's 2 experts get a capacity-3 slot block from this rank, used or not
-    assert expert_rows_sent(CALL, "deepspeed", 4, 2).tolist() == [6.0, 6.0]
+    assert expert_rows_sent(CALL, True, 4, 2).tolist() == [6.0, 6.0]
     # over the group: call 1 ranks run [3 + 5, 4 + 1] rows, call 2 [2, 2] -> busiest 8 + 2, mean 6.5 + 2
     busiest, mean = expert_work(torch.tensor([[8.0, 5.0], [2.0, 2.0]]))
     assert (busiest, mean) == (10.0, 8.5)

@@ -2,6 +2,7 @@
 on one process, and forward + backward on 2 real gloo ranks against a 1-process reference; bf16 rows
 packed with their float32 routes in one exchange, and the dispatch's host-sync budget."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,3 +405,33 @@ def test_bf16_rank_once_on_two_gloo_ranks_packs_routes_into_one_exchange(two_ran
         row = ODD_BITS_YX[r]
         expected = [row, row] if r == 0 else [[row[0], row[1]], [row[0], row[1] + 1]]
         assert report["route_bits"]["received_bits"] == expected and report["route_bits"]["received_x"] == [0.0, 1.0]
+
+
+def test_the_dispatch_is_a_component_chosen_once_and_named_nowhere_else():
+    """The layer holds its dispatcher (built from the config); no other module of the package branches on the
+    dispatch's name: the config declares it, the dispatchers' module maps it."""
+    import re
+
+    from ds_smoes.moe.dispatchers import RankOnceDispatcher, StockDispatcher
+
+    assert isinstance(_layer("rank_once").dispatcher, RankOnceDispatcher)
+    assert isinstance(_layer("deepspeed").dispatcher, StockDispatcher)
+    package = Path(__file__).resolve().parents[1] / "ds_smoes"
+    branching = re.compile(r"""dispatch\s*[!=]=\s*["']|["'](rank_once|deepspeed)["']\s*[!=]=""")
+    offenders = [f"{path.relative_to(package)}:{i}" for path in package.rglob("*.py")
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if branching.search(line)]
+    assert offenders == [], offenders
+
+
+def test_rank_once_refuses_a_tensor_parallel_group_with_a_message(monkeypatch):
+    """rank_once bypasses MOELayer.forward and so DeepSpeed's dropping of the tokens each TP rank duplicates."""
+    from types import SimpleNamespace
+
+    from deepspeed.utils import groups
+
+    from ds_smoes.core.errors import ConfigError
+
+    mpu = SimpleNamespace(get_tensor_model_parallel_world_size=lambda: 2, get_model_parallel_world_size=lambda: 2)
+    monkeypatch.setattr(groups, "mpu", mpu)
+    with pytest.raises(ConfigError, match="tensor-parallel ranks .* smoes.dispatch='deepspeed'"):
+        _run(_layer("rank_once", k=2))

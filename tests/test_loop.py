@@ -94,7 +94,9 @@ def _fake_layer(loads: list, tokens: list, ep_size: int, hidden: int):
             "remote_pairs_per_token": torch.tensor(0.5)}
     stats = [SimpleNamespace(load_ME=torch.tensor(l, dtype=torch.float32), num_tokens=torch.tensor(n),
                              comm_binned=comm, comm_physical=comm) for l, n in zip(loads, tokens)]
-    layer = SimpleNamespace(config=SimpleNamespace(dispatch="rank_once", num_experts=len(loads[0][0])),
+    from ds_smoes.moe.dispatchers import RankOnceDispatcher
+
+    layer = SimpleNamespace(config=SimpleNamespace(num_experts=len(loads[0][0])), dispatcher=RankOnceDispatcher(),
                             deepspeed_moe=SimpleNamespace(ep_size=ep_size, ep_group=None,
                                                           experts=nn.Linear(hidden, hidden)),
                             gate=SimpleNamespace(wg=nn.Linear(hidden, len(loads[0][0]), bias=False)),
@@ -123,7 +125,9 @@ def test_stock_dispatch_runs_report_no_counterfactual():
     from ds_smoes.app.evaluation import RoutingAccumulator
 
     layer, stats = _fake_layer([[[1, 1, 0, 0], [0, 0, 1, 1]]], [2], ep_size=2, hidden=8)
-    layer.config.dispatch = "deepspeed"
+    from ds_smoes.moe.dispatchers import StockDispatcher
+
+    layer.dispatcher = StockDispatcher()
     acc = RoutingAccumulator([layer])
     layer.last_routing_stats = stats[0]
     acc.add()

@@ -310,3 +310,9 @@ def test_runs_of_one_recipe_are_named_by_what_their_command_changed():
                             "tracking.enabled=false", "run.seed=3"]) == "lr=1000 alpha_mi=0"
     assert named_overrides([]) == "" and named_overrides(["run.output_dir=/x"]) == ""
     assert len(named_overrides([f"model.f{i}=1" for i in range(40)])) == 80
+
+
+def test_eval_only_from_a_folder_without_an_export_says_how_to_make_one(tmp_path, capsys):
+    (tmp_path / "train_config.json").write_text("{}")   # a run folder, not its export
+    _main_fails_cleanly(capsys, ["--init-from", str(tmp_path), "--eval-only"], "no export there",
+                        "python -m ds_smoes.export --run")

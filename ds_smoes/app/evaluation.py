@@ -188,11 +188,11 @@ class RoutingAccumulator:
         # per layer: [tokens, sum of each comm figure for binned placement, then physical, then the
         # bytes the layer's dispatch really sent to other EP ranks (layer.last_remote_bytes)]
         self.comm_LX: torch.Tensor | None = None
-        # rank_once layers: per forward, each layer's largest expert load on this rank (valid routes), from which
+        # layers whose dispatcher is not the stock one (rank_once): per forward, each layer's largest expert load on this rank (valid routes), from which
         # `result` computes what DeepSpeed's stock dispatch would have sent for the same routing (its dropless
         # capacity is the EP group's largest expert load)
         self._max_load_L: list[torch.Tensor] = []
-        self._rank_once = bool(moe_layers) and all(l.config.dispatch == "rank_once" for l in moe_layers)
+        self._counterfactual = bool(moe_layers) and all(l.dispatcher.has_stock_counterfactual for l in moe_layers)
 
     def _buffers(self, device) -> None:
         if self.load_LME is None:
@@ -212,7 +212,7 @@ class RoutingAccumulator:
             self.comm_LX[l, 0] += n
             self.comm_LX[l, 1:-1] += torch.stack(figures).to(self.comm_LX) * n
             self.comm_LX[l, -1] += getattr(layer, "last_remote_bytes", 0)
-        if self._rank_once:
+        if self._counterfactual:
             stats = [layer.last_routing_stats for layer in self.layers]
             if all(st is not None for st in stats):
                 self._max_load_L.append(torch.stack([st.load_ME.sum(0).max() for st in stats]).to(self.comm_LX))
@@ -230,7 +230,7 @@ class RoutingAccumulator:
             out[key] = (comm[:, 1 + j] / tokens_L).tolist()
             out[f"{key}_physical"] = (comm[:, 1 + len(_COMM_KEYS) + j] / tokens_L).tolist()
         out["remote_bytes_per_token"] = (comm[:, -1] / tokens_L).tolist()
-        if self._rank_once:
+        if self._counterfactual:
             out["stock_remote_bytes_per_token"] = (self._stock_bytes_L() / tokens_L).tolist()
         load_LME = load.float().cpu()  # host read: once per log window or evaluation
         return RoutingMeasurement(load_LME, out, loss, tokens_per_layer=comm[:, 0].tolist(),

@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
             config, overrides = args.config, args.overrides
             if config is None and args.init_from is not None:  # the export's own config; outputs beside it
+                if not (args.init_from / "model.pt").is_file():
+                    raise ConfigError(f"--init-from {args.init_from}: no export there (no model.pt); make one from a "
+                                      f"finished run with `python -m ds_smoes.export --run RUN_DIR` (it writes "
+                                      "RUN_DIR/export), then pass that folder")
                 config = args.init_from / "train_config.json"
                 given = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "smoes.ep_size"]
                 # an export loads at any ep_size that keeps its bins whole: by default, one rank per process

@@ -143,16 +143,17 @@ def expected_stock_bytes(calls: list[LayerCall], num_experts: int, ep_size: int,
 
 
 # -- expert work per rank (pure) -----------------------------------------------------------------------
-def expert_rows_sent(call: LayerCall, dispatch: str, num_experts: int, ep_size: int) -> torch.Tensor:
+def expert_rows_sent(call: LayerCall, capacity_padded: bool, num_experts: int, ep_size: int) -> torch.Tensor:
     """rows_R (float64): the rows this rank's tokens put in front of each EP rank's experts in this call.
 
-    rank_once: one row per route of every routed token (padding a gate routed included, as it is
-    dispatched), on the rank that holds the route's expert.  deepspeed: the capacity-padded buffer,
+    Not `capacity_padded` (rank_once): one row per route of every routed token (padding a gate routed included,
+    as it is dispatched), on the rank that holds the route's expert.  `capacity_padded` (the stock dispatch,
+    `ds_smoes.moe.dispatchers`): the capacity-padded buffer,
     whatever the routing: each rank's E/ep experts run on `capacity` rows from every sender, padding
     included.  Summed over the group's ranks (`distributed.world_sum_`), rows_R is the expert work of
     each rank in the call; the busiest rank's is what the whole group waits for."""
     per_rank = num_experts // ep_size
-    if dispatch == "rank_once":
+    if not capacity_padded:
         used = call.indices_KS[call.indices_KS >= 0]
         return torch.bincount(used // per_rank, minlength=ep_size)[:ep_size].double()
     return torch.full((ep_size,), float(per_rank * call.capacity), dtype=torch.float64)

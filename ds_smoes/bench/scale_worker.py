@@ -35,12 +35,15 @@ from ds_smoes.bench.synthetic_routes import (OwnRouteModel, draw_modality_labels
                                              draw_uniform_routes)
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.errors import SMoESError
+from ds_smoes.moe.dispatchers import build_dispatcher
 from ds_smoes.moe.gate import SMoESGate
 from ds_smoes.parallel import distributed
 
 VARIANTS = ("smoes/rank_once", "topk/rank_once", "smoes/stock", "topk/stock",
             "profile/rank_once", "profile/stock", "uniform/rank_once", "uniform/stock")
 SEQUENCE = 256   # tokens per sequence: the MI loss is per sample
+# a variant's dispatch part -> the config's dispatch name (`ds_smoes.moe.dispatchers`)
+VARIANT_DISPATCH = {"rank_once": "rank_once", "stock": "deepspeed"}
 
 
 def log0(message: str) -> None:
@@ -115,9 +118,9 @@ def use_variant(layer, gates: dict, variant: str, given: dict, batch_index: int)
     """Install the variant's router and dispatch on the layer (configs are frozen: copies with the dispatch)."""
     router, dispatch = variant.split("/")
     gate = gates[router] if router in ("smoes", "topk") else gates["given"]
-    dispatch = "rank_once" if dispatch == "rank_once" else "deepspeed"
-    gate.config = gate.config.model_copy(update={"dispatch": dispatch})
+    gate.config = gate.config.model_copy(update={"dispatch": VARIANT_DISPATCH[dispatch]})
     layer.config = gate.config
+    layer.dispatcher = build_dispatcher(gate.config.dispatch)   # the component, not only the config's name
     layer.deepspeed_moe.gate = gate
     if router in ("profile", "uniform"):
         gate.given_SK = given[router][batch_index]

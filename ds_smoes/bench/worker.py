@@ -149,7 +149,7 @@ def routing_pass(model, batches: list, smoes: SMoESConfig) -> dict:
             call = recorder.calls[l][-1]
             # summed over the ranks, what rank_once combines back equals what it dispatched
             expected = (2 * expected_rank_once_dispatch_bytes([call], home, per_rank, d, elt)
-                        if smoes.dispatch == "rank_once"
+                        if layer.dispatcher.has_stock_counterfactual
                         else expected_stock_bytes([call], smoes.num_experts, ep, d, elt))
             tally_LX[l] += torch.tensor([comm.dispatch_bytes, comm.combine_bytes, comm.metadata_bytes,
                                          comm.num_tokens, comm.cross_rank_rate * comm.num_tokens,
@@ -158,7 +158,8 @@ def routing_pass(model, batches: list, smoes: SMoESConfig) -> dict:
     distributed.world_sum_(tally_LX)
     # expert rows of every rank per call (Q = recorded calls of the layer): what each rank's tokens put in front of
     # each rank, summed over the ranks
-    rows_LQR = torch.stack([torch.stack([expert_rows_sent(call, smoes.dispatch, smoes.num_experts, ep)
+    rows_LQR = torch.stack([torch.stack([expert_rows_sent(call, layers[l].dispatcher.capacity_padded,
+                                                          smoes.num_experts, ep)
                                          for call in recorder.calls[l]]) for l in range(len(layers))])
     distributed.world_sum_(rows_LQR)
     layers_out = []

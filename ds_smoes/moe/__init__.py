@@ -1,7 +1,8 @@
 """The DeepSpeed integration: the gates and the MoE layer.
 
     gate.py       ModalityGate (a DeepSpeed TopKGate with modality side-information) and SMoESGate
-    layer.py      SMoESMoE: DeepSpeed's MoE with the gate, the scores, either dispatch and placement
+    layer.py      SMoESMoE: DeepSpeed's MoE with the gate, the scores, its dispatcher and placement
+    dispatchers.py  the stock and rank_once dispatchers (config.dispatch -> one component per layer)
     registry.py   smoes.gate -> gate class
     baselines/    DeepSpeed top-k, hard modality routing, LTDR, the KL band (docs/gates.md)
 

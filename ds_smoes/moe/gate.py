@@ -135,9 +135,11 @@ class ModalityGate(TopKGate):
 
     @property
     def slotless(self) -> bool:
-        """rank_once without dropping: no capacity-padded buffer, so routes need no slots and the EP ranks
-        need no common capacity (no all-reduce of it)."""
-        return self.config.dispatch == "rank_once" and not self.drop_tokens
+        """The layer's dispatcher keeps no capacity-padded buffer (rank_once without dropping): routes need no
+        slots and the EP ranks need no common capacity (no all-reduce of it)."""
+        from ds_smoes.moe.dispatchers import build_dispatcher
+
+        return build_dispatcher(self.config.dispatch).slotless(self.drop_tokens)
 
     # -- placement -------------------------------------------------------------------------------
     def ep_world(self) -> tuple[int, int]:

@@ -21,15 +21,13 @@ are refused in any case, by the per-sample losses, which read the largest id any
 0 tokens is not an error without that option: it takes the ordinary path (so an expert-parallel rank
 with no tokens still joins its group's collectives) and returns an empty output with l_aux 0.
 
-`config.dispatch` picks the expert-parallel dispatch: "deepspeed" runs DeepSpeed's stock
-`MOELayer.forward` (capacity-padded all-to-all), "rank_once" the dropless token-once-per-rank
-dispatch of `ds_smoes.parallel.dispatch`, whose recognised experts run as one grouped matmul per projection on
-weights the layer lays out stacked at construction (`ds_smoes.parallel.grouped_experts`).  Either way `layer.last_comm` holds what the last call sent to
-other EP ranks (`ds_smoes.parallel.dispatch.CommVolume`).
+The expert-parallel dispatch is a component chosen at construction from `config.dispatch`
+(`ds_smoes.moe.dispatchers`): DeepSpeed's stock `MOELayer.forward` (capacity-padded all-to-all), or the
+dropless token-once-per-rank dispatch, whose recognised experts run as one grouped matmul per projection on
+weights laid out stacked at construction.  Either way `layer.last_comm` holds what the last call sent to other
+EP ranks (`ds_smoes.parallel.dispatch.CommVolume`).
 """
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 from deepspeed.moe.layer import MoE
@@ -38,9 +36,7 @@ from torch import nn
 from ds_smoes.parallel import distributed
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.deferred import Deferred
-from ds_smoes.parallel.grouped_experts import grouped_kind, is_view_stacked, stack_expert_params_
-from ds_smoes.parallel.dispatch import (CommVolume, RankOncePlan, plan_rank_once, rank_once_dispatch, rank_once_volume,
-                                        stock_alltoall_bytes, stock_volume)
+from ds_smoes.moe.dispatchers import build_dispatcher
 from ds_smoes.moe.gate import ModalityGate, RoutingInputs, RoutingStats
 from ds_smoes.core.placement import is_placed, plan_physical
 from ds_smoes.parallel.migration import MigrationCost, migrate_experts
@@ -62,8 +58,8 @@ class SMoESMoE(MoE):
                          min_capacity=config.min_capacity, use_residual=use_residual, noisy_gate_policy=None,
                          drop_tokens=config.drop_tokens, use_rts=False)
         self.config = config
-        if config.dispatch == "rank_once":
-            self._stack_experts()
+        self.dispatcher = build_dispatcher(config.dispatch)
+        self.dispatcher.prepare(self)
         # Replace the stock TopKGate before DeepSpeed sets process groups (`_set_ep_group` reaches the new gate).
         self.deepspeed_moe.gate = build_gate(hidden_size, config)
         self.scorer = (GaussianModalityStats(hidden_size, beta=config.ema_beta, tau=config.gaussian_tau,
@@ -75,26 +71,16 @@ class SMoESMoE(MoE):
         self.last_remote_bytes = 0
         self._placed: bool | None = None  # experts on their bins' ranks, once the bins are frozen (host-side)
 
-    def _stack_experts(self) -> None:
-        """rank_once runs recognised experts as one grouped matmul per projection on their stacked weights
-        (`ds_smoes.parallel.grouped_experts`): lay each parameter name of the local experts out as slices of one
-        [n, ...] tensor, so the stacked weight is a view rather than a copy per forward.  The per-expert
-        parameters stay what DeepSpeed, checkpoints, migration and the optimizer see; only their storage is
-        shared.  Done at construction, before any optimizer holds the parameters."""
-        experts = self.deepspeed_moe.experts.deepspeed_experts
-        if grouped_kind(experts) is not None:
-            stack_expert_params_(experts)
-
     def _apply(self, fn, recurse=True):
         """`.to()`, `.cuda()`, `.bfloat16()`... give every parameter a tensor of its own; lay the experts out
         stacked again when they were before (DeepSpeed moves and casts the model before it builds its
         optimizer).  Experts that were not stacked are left alone (a ZeRO flat buffer may hold them)."""
-        config = getattr(self, "config", None)  # None while DeepSpeed's constructor runs
-        experts = self.deepspeed_moe.experts.deepspeed_experts if config is not None else None
-        restack = config is not None and config.dispatch == "rank_once" and is_view_stacked(experts)
+        dispatcher = getattr(self, "dispatcher", None)  # None while DeepSpeed's constructor runs
+        experts = self.deepspeed_moe.experts.deepspeed_experts if dispatcher is not None else None
+        restack = dispatcher is not None and dispatcher.keeps_stacked(experts)
         out = super()._apply(fn, recurse)
-        if restack and not is_view_stacked(experts):
-            stack_expert_params_(experts)
+        if restack and not dispatcher.keeps_stacked(experts):
+            dispatcher.prepare(self)
         return out
 
     @property
@@ -179,50 +165,4 @@ class SMoESMoE(MoE):
                                modality_scores.reshape(-1, 2) if modality_scores is not None else None)
         scores_SM = self.modality_scores(x_SD, labels_S, valid_S, modality_scores)
         self.gate.set_routing_inputs(RoutingInputs(scores_SM, labels_S, sample_id_S, valid_S))
-        if self.config.dispatch == "rank_once":
-            return self._rank_once_forward(hidden_states, x_SD, valid_S)
-        out = super().forward(hidden_states, None)
-        self.last_comm = partial(self._stock_comm, x_SD.shape[1], x_SD.element_size())
-        self.last_remote_bytes = stock_alltoall_bytes(self.config.num_experts, int(self.gate.last_capacity),
-                                                      x_SD.shape[1], self.deepspeed_moe.ep_size, x_SD.element_size())
-        return out
-
-    def _rank_once_forward(self, hidden_states: torch.Tensor, x_SD: torch.Tensor, valid_S: torch.Tensor):
-        """The gate as MOELayer calls it, then the token-once-per-rank dispatch on the local experts."""
-        moe = self.deepspeed_moe
-        if moe.ep_size > 1 and moe.ep_group is None:
-            raise RuntimeError(f"ep_size={moe.ep_size} but the layer has no expert-parallel group yet: build the "
-                               "engine with deepspeed.initialize (or call layer.set_deepspeed_parallelism()) first")
-        group = moe.ep_group if moe.ep_size > 1 else None
-        plans: list[RankOncePlan] = []
-        self.gate.on_routes = lambda indices_KS: plans.append(plan_rank_once(indices_KS, moe.num_local_experts, group))
-        try:
-            moe.l_aux, _, num_experts, indices_KS, _, gates_KS, moe.exp_counts = moe.gate(x_SD, None, True, False)
-        finally:
-            self.gate.on_routes = None
-        plan = plans[0] if plans else plan_rank_once(indices_KS, moe.num_local_experts, group)
-        out_SD, self.last_comm = rank_once_dispatch(x_SD, indices_KS, gates_KS, moe.experts.deepspeed_experts,
-                                                    num_experts, group, valid_S, plan)
-        send, recv = plan.counts()   # read by the dispatch already: no new host read
-        home = torch.distributed.get_rank(group) if group is not None else 0
-        dispatch_b, combine_b, _ = rank_once_volume(send, recv, home, x_SD.shape[1], x_SD.element_size(),
-                                                    indices_KS.shape[0])
-        self.last_remote_bytes = dispatch_b + combine_b
-        output = out_SD.reshape(hidden_states.shape)
-        if self.use_residual:  # Residual MoE: a learned per-token mix of the MoE output and a dense MLP
-            mlp_out = self.mlp(hidden_states)
-            mlp_out = mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out
-            coef = torch.softmax(self.coefficient(hidden_states), dim=-1)
-            output = output * coef[..., 0:1] + mlp_out * coef[..., 1:]
-        return output, moe.l_aux, moe.exp_counts
-
-    def _stock_comm(self, hidden: int, element_size: int) -> CommVolume | None:
-        """The stock dispatch's CommVolume from the gate's statistics of the same call (both are read lazily and
-        replaced together by the next forward)."""
-        stats = self.gate.last_stats
-        if stats is None:
-            return None
-        routing = stats.comm_physical
-        return stock_volume(self.config.num_experts, int(stats.capacity), hidden, self.deepspeed_moe.ep_size,
-                            element_size, float(routing["cross_rank_rate"]), float(routing["ranks_per_token"]),
-                            int(routing["num_tokens"]))
+        return self.dispatcher.forward(self, hidden_states, x_SD, valid_S)
