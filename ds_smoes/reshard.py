@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, p_E in enumerate(physical):
             print(f"  MoE layer {i}: physical id of each logical expert {p_E.tolist()}")
     except SMoESError as err:
-        from ds_smoes.app.train import report_error
+        from ds_smoes.parallel.console import report_error
 
         return report_error(err)
     return 0

@@ -76,3 +76,14 @@ def test_a_bad_value_from_set_is_blamed_on_the_set_not_the_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_train_config(path, ["optim.epochs=2"])
     assert "optim.lr: Input should be greater than 0" in str(err.value) and "--set" not in str(err.value)
+
+
+def test_whether_a_run_moves_experts_is_decided_in_one_place():
+    from ds_smoes.core.config import SMoESConfig
+
+    base = dict(num_experts=4, num_bins=2, ep_size=2, gate="smoes", binning="adaptive", placement="bins",
+                rebin_freeze_step=150)
+    assert SMoESConfig(**base).moves_experts(150) and not SMoESConfig(**base).moves_experts(149)
+    for change in ({"ep_size": 1}, {"placement": "none"}, {"binning": "fixed"}, {"gate": "topk"}):
+        assert not SMoESConfig(**{**base, **change}).moves_experts(10_000), change
+    assert SMoESConfig(**base).adaptive_bins and not SMoESConfig(**{**base, "gate": "hard"}).adaptive_bins

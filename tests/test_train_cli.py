@@ -229,8 +229,10 @@ def test_a_corrupt_image_that_rank_1_checks_stops_the_run_before_step_1_with_one
 def test_ctrl_c_saves_at_a_step_boundary_and_the_same_command_resumes_to_the_uninterrupted_figures(tmp_path):
     """SIGINT to the whole job (what Ctrl-C sends) on 2 ranks: every rank stops after the same logging step, the
     state (weights, optimizer, schedule, SMoES buffers, each rank's random state) is saved, one line says so,
-    the MLflow run is KILLED with the reason; the same command resumes, and ends with exactly the figures of a
-    run never interrupted (fp32, same machine)."""
+    the MLflow run is KILLED with the reason; the same command resumes.  The resumed run saves a periodic
+    checkpoint (run.checkpoint_every_minutes) and is then killed outright (SIGKILL: nothing can save or end a
+    run); the same command resumes from that checkpoint, ends the killed run's MLflow run, and finishes with
+    exactly the figures of a run never interrupted (fp32, same machine)."""
     import os
     import signal
 
@@ -240,66 +242,58 @@ def test_ctrl_c_saves_at_a_step_boundary_and_the_same_command_resumes_to_the_uni
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    def command(out, *extra):
+    def command(out):
         return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_smoes.train",
                 "--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"run.output_dir={out}",
-                "--set", "optim.max_steps=40", "--set", "run.log_every=10", "--set", "run.eval_every_epoch=false",
-                "--tracking-uri", uri, *extra]
+                "--set", "optim.max_steps=20", "--set", "run.log_every=5", "--set", "run.eval_every_epoch=false",
+                "--set", "run.checkpoint_every_minutes=0.0001",   # a periodic checkpoint at every logging step
+                "--tracking-uri", uri]
 
-    proc = subprocess.Popen(command(tmp_path / "run"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "[epoch 1 step 10/40]" in line:
-            os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=120)
-    out = "".join(lines)
-    assert out.count("interrupted at step 20/40 (SIGINT received)") == 1, out[-3000:]
+    def start(out, signal_at: str, sig):
+        """The command, sent `sig` (to its whole process group) when a line with `signal_at` appears."""
+        proc = subprocess.Popen(command(out), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if signal_at in line:
+                os.killpg(proc.pid, sig)
+                if sig == signal.SIGKILL:
+                    break
+        proc.wait(timeout=120)
+        return "".join(lines)
+
+    out = start(tmp_path / "run", "[epoch 1 step 5/20]", signal.SIGINT)
+    assert out.count("interrupted at step 10/20 (SIGINT received)") == 1, out[-3000:]
     assert "run the same command to resume" in out
     assert (tmp_path / "run" / "checkpoint" / "latest").read_text().strip() == "interrupted"
     assert not (tmp_path / "run" / "metrics.json").exists()
 
+    out = start(tmp_path / "run", "checkpoint at step 15/20", signal.SIGKILL)   # resumed, then a crash
+    assert out.count("resuming the interrupted run") == 1 and "at epoch 0, step 10/20" in out, out[-3000:]
+    assert (tmp_path / "run" / "checkpoint" / "latest").read_text().strip() == "periodic"
+
     again = subprocess.run(command(tmp_path / "run"), cwd=ROOT, env=env(), capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert again.stdout.count("resuming the interrupted run") == 1 and "step 20/40" in again.stdout
+    assert again.stdout.count("resuming the interrupted run") == 1 and "step 15/20" in again.stdout
+    # finished: nothing left to resume (the same command would train afresh)
+    assert not (tmp_path / "run" / "checkpoint" / "periodic").exists()
+    assert (tmp_path / "run" / "checkpoint" / "latest").read_text().strip() == "final"
+
     whole = subprocess.run(command(tmp_path / "whole"), cwd=ROOT, env=env(), capture_output=True, text=True,
                            timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     uninterrupted = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    assert resumed["steps_this_run"] == 20 and uninterrupted["steps_this_run"] == 40
+    assert resumed["steps_this_run"] == 5 and uninterrupted["steps_this_run"] == 20
     for key in ("acc_multimodal", "acc_language", "msi", "cross_rank_rate", "bytes_per_token"):
         assert resumed[key] == uninterrupted[key], key
-
-    # A crash (SIGKILL: nothing can save or end a run) after a periodic checkpoint: the same command resumes from
-    # the last one and ends with the same figures; the killed run's MLflow run, left RUNNING, is ended by it.
-    periodic = ["--set", "run.checkpoint_every_minutes=0.0001"]   # due at every logging step
-    proc = subprocess.Popen(command(tmp_path / "crash", *periodic), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    for line in proc.stdout:
-        if "checkpoint at step 20/40" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert (tmp_path / "crash" / "checkpoint" / "latest").read_text().strip() == "periodic"
-    again = subprocess.run(command(tmp_path / "crash", *periodic), cwd=ROOT, env=env(), capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "resuming the interrupted run" in again.stdout and "at epoch 0, step 20/40" in again.stdout
-    assert "checkpoint at step 30/40" in again.stdout   # periodic again after the resume
-    crashed = json.loads((tmp_path / "crash" / "metrics.json").read_text())
-    for key in ("acc_multimodal", "acc_language", "msi", "cross_rank_rate", "bytes_per_token"):
-        assert crashed[key] == uninterrupted[key], key
-    # finished: nothing left to resume (the same command would train afresh)
-    assert not (tmp_path / "crash" / "checkpoint" / "periodic").exists()
-    assert (tmp_path / "crash" / "checkpoint" / "latest").read_text().strip() == "final"
 
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ds-smoes").experiment_id])
     states = sorted((r.info.status, r.data.tags.get("end_reason", "")[:22]) for r in runs)
-    assert states == [("FINISHED", ""), ("FINISHED", ""), ("FINISHED", ""), ("KILLED", "interrupted at step 20"),
+    assert states == [("FINISHED", ""), ("FINISHED", ""), ("KILLED", "interrupted at step 10"),
                       ("KILLED", "its processes stopped ")], states
 
 

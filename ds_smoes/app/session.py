@@ -358,9 +358,7 @@ def _check_placement_supported(s, ds_config: dict, total_steps: int, ds_config_p
     buffers, before it trains (`s`: SMoESConfig)."""
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
     low_precision = [k for k in ("bf16", "fp16") if ds_config.get(k, {}).get("enabled", False)]
-    moves = (s.placement == "bins" and s.binning == "adaptive" and s.gate == "smoes" and s.ep_size > 1
-             and s.rebin_freeze_step <= total_steps)
-    if moves and (zero or low_precision):
+    if s.moves_experts(total_steps) and (zero or low_precision):
         what = f"ZeRO stage {zero}" if zero else f"{low_precision[0]} (its fp32 master weights and Adam state)"
         raise ConfigError(f"smoes.placement='bins' moves experts with their Adam state between EP ranks when the bins "
                           f"freeze (step {s.rebin_freeze_step} of {total_steps}); ds-smoes moves a plain torch "

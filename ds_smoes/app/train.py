@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ds_smoes.core.errors import ConfigError, RunInterrupted, SMoESError
+from ds_smoes.parallel.console import log0, report_error  # noqa: F401 (report_error: for the commands that import it here)
 from ds_smoes.parallel.launch import init_distributed
 
 
@@ -48,13 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def log0(*args) -> None:
-    from ds_smoes.parallel import distributed
-
-    if distributed.rank() == 0:
-        print(*args, flush=True)
-
-
 def with_tracking_args(cfg, args: argparse.Namespace):
     """The config with --tracking-uri, --experiment, --run-name and --no-mlflow applied (any config
     with a `tracking` section: TrainConfig, HFTrainConfig)."""
@@ -64,17 +58,6 @@ def with_tracking_args(cfg, args: argparse.Namespace):
     if args.no_mlflow:
         tracking = tracking.model_copy(update={"enabled": False})
     return cfg.model_copy(update={"tracking": tracking})
-
-
-def report_error(err: SMoESError, prefix: str = "error: ") -> int:
-    """Print a user-fixable error once (on rank 0), without a traceback; the exit status is 2.  An error
-    raised before the process group exists (a bad config) reads the rank the launcher gave the process."""
-    from ds_smoes.parallel import distributed
-
-    rank = distributed.rank() if distributed.is_distributed() else int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(f"{prefix}{err}", file=sys.stderr, flush=True)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,8 @@ Rank 0 writes the raw figures as JSON; `ds_smoes.bench.infer` turns them into th
 """
 from __future__ import annotations
 
+from functools import partial
+
 import argparse
 import sys
 import time
@@ -30,14 +32,14 @@ from ds_smoes.bench.infer_variants import INFER_VARIANTS, InferVariant
 from ds_smoes.bench.runs import RECIPES
 from ds_smoes.core.errors import ConfigError, SMoESError
 from ds_smoes.parallel import distributed
+from ds_smoes.parallel import console
+
+log0 = partial(console.log0, tag="infer", elapsed=True)   # progress lines, rank 0 only
 
 
-_START = time.time()
 
 
-def log0(message: str) -> None:
-    if distributed.rank() == 0:
-        print(f"[infer] {time.time() - _START:6.0f}s  {message}", flush=True)
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
         write_raw(args.out, out)
     except SMoESError as err:
-        from ds_smoes.app.train import report_error
+        from ds_smoes.parallel.console import report_error
 
         return report_error(err)
     return 0

@@ -20,6 +20,8 @@ Shapes: S tokens on this rank, B sequences, T positions, D hidden, K routes per 
 """
 from __future__ import annotations
 
+from functools import partial
+
 import argparse
 import json
 import sys
@@ -38,6 +40,9 @@ from ds_smoes.core.errors import SMoESError
 from ds_smoes.moe.dispatchers import build_dispatcher
 from ds_smoes.moe.gate import SMoESGate
 from ds_smoes.parallel import distributed
+from ds_smoes.parallel import console
+
+log0 = partial(console.log0, tag="bench")   # progress lines, rank 0 only
 
 VARIANTS = ("smoes/rank_once", "topk/rank_once", "smoes/stock", "topk/stock",
             "profile/rank_once", "profile/stock", "uniform/rank_once", "uniform/stock")
@@ -46,9 +51,6 @@ SEQUENCE = 256   # tokens per sequence: the MI loss is per sample
 VARIANT_DISPATCH = {"rank_once": "rank_once", "stock": "deepspeed"}
 
 
-def log0(message: str) -> None:
-    if distributed.rank() == 0:
-        print(f"[bench] {message}", flush=True)
 
 
 class GivenRoutesGate(SMoESGate):
@@ -59,6 +61,7 @@ class GivenRoutesGate(SMoESGate):
         if self.given_SK is None or self.given_SK.shape[0] != probs_SE.shape[0]:
             raise RuntimeError("GivenRoutesGate: set given_SK [S, k] before each forward")
         return self.given_SK
+
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -219,7 +222,7 @@ def main(argv=None) -> int:
 
         write_raw(args.out, out)
     except SMoESError as err:
-        from ds_smoes.app.train import report_error
+        from ds_smoes.parallel.console import report_error
 
         return report_error(err)
     return 0

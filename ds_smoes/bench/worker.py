@@ -21,6 +21,8 @@ as JSON; `ds_smoes.bench.report` turns them into the table.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import argparse
 import statistics
 import sys
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ds_smoes.parallel import distributed
+from ds_smoes.parallel import console
 from ds_smoes.bench.routes import (RouteRecorder, bins_by_physical, expected_rank_once_dispatch_bytes,
                                    expected_stock_bytes, expert_rows_sent, expert_work, modality_load, own_bins,
                                    own_route_counts, remote_pairs)
@@ -37,15 +40,15 @@ from ds_smoes.bench.variants import VARIANTS, Variant
 from ds_smoes.core.config import SMoESConfig, validate
 from ds_smoes.core.errors import ConfigError, SMoESError
 
+log0 = partial(console.log0, tag="bench")   # progress lines, rank 0 only
+
 # per MoE layer: dispatch, combine, metadata bytes, tokens, cross-rank tokens, ranks x tokens,
 # expected bytes from the routes, remote (token, rank) pairs
 _TALLY = ("dispatch_bytes", "combine_bytes", "metadata_bytes", "tokens", "cross_rank_tokens", "rank_token_sum",
           "expected_bytes", "remote_pairs")
 
 
-def log0(message: str) -> None:
-    if distributed.rank() == 0:
-        print(f"[bench] {message}", flush=True)
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
         write_raw(args.out, out)
     except SMoESError as err:
-        from ds_smoes.app.train import report_error
+        from ds_smoes.parallel.console import report_error
 
         return report_error(err)
     return 0

@@ -168,6 +168,17 @@ class SMoESConfig(_Strict):
     def bins_per_rank(self) -> int:
         return self.num_bins // self.ep_size
 
+    @property
+    def adaptive_bins(self) -> bool:
+        """Whether the bins follow the experts' modality load during training (only SMoES re-bins)."""
+        return self.gate == "smoes" and self.binning == "adaptive"
+
+    def moves_experts(self, total_steps: int) -> bool:
+        """Whether a run of `total_steps` optimizer steps moves experts between EP ranks: adaptive bins that freeze
+        within it, placed on their ranks (`placement: bins`), with more than one EP rank."""
+        return (self.placement == "bins" and self.adaptive_bins and self.ep_size > 1
+                and self.rebin_freeze_step <= total_steps)
+
 
 def _fields_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
     """The field names of the (nested) pydantic model at `loc` of `model` ([] where there is none)."""

@@ -111,7 +111,7 @@ class _BinBalanceLoss(torch.autograd.Function):
 def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, bin_E: torch.Tensor,
                             sample_id_S: torch.Tensor, valid_S: torch.Tensor | None = None,
                             num_bins: int | None = None) -> torch.Tensor:
-    """`ds_smoes.losses.mutual_information_loss`, one autograd node."""
+    """`ds_smoes.core.losses.mutual_information_loss`, one autograd node."""
     num_bins = resolve_num_bins(bin_E, num_bins)
     # rows of the per-sample table: one per token bounds the samples without reading the largest id back to the
     # host; rows of absent samples stay empty and count for nothing
@@ -128,7 +128,7 @@ def mutual_information_loss(probs_SE: torch.Tensor, modality_SM: torch.Tensor, b
 
 def bin_balance_loss(probs_SE: torch.Tensor, selected_SE: torch.Tensor, bin_E: torch.Tensor,
                      valid_S: torch.Tensor | None = None, num_bins: int | None = None) -> torch.Tensor:
-    """`ds_smoes.losses.bin_balance_loss`, one autograd node."""
+    """`ds_smoes.core.losses.bin_balance_loss`, one autograd node."""
     num_bins = resolve_num_bins(bin_E, num_bins)
     valid_f_S = (torch.ones(probs_SE.shape[0], dtype=probs_SE.dtype, device=probs_SE.device) if valid_S is None
                  else valid_S.to(probs_SE.dtype))

@@ -13,7 +13,7 @@ alpha_bal * L_bal + alpha_MI * L_MI, so a training loop that already adds DeepSp
 to its loss needs no change.  The baselines live in `ds_smoes.moe.baselines`.
 
 The modality side-information is handed over by `set_routing_inputs` right before each
-forward (`ds_smoes.layer.SMoESMoE` does it).
+forward (`ds_smoes.moe.layer.SMoESMoE` does it).
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ class ModalityGate(TopKGate):
                          noisy_gate_policy=None, drop_tokens=config.drop_tokens, use_rts=False, ep_group=ep_group)
         self.config = config
         self.num_routes = num_routes or config.k  # rows of the sparse routes (LTDR: a > k)
-        adaptive = config.gate == "smoes" and config.binning == "adaptive"
-        self.binning = ExpertBinning(config.num_experts, config.num_bins, adaptive=adaptive, beta=config.ema_beta,
+        self.binning = ExpertBinning(config.num_experts, config.num_bins, adaptive=config.adaptive_bins,
+                                     beta=config.ema_beta,
                                      rebin_interval=config.rebin_interval, freeze_step=config.rebin_freeze_step)
         # physical_E[e]: where logical expert e's weights live (its DeepSpeed expert index; rank = physical // local experts).
         # The identity until ds_smoes.core.placement moves experts onto their bins' ranks.
@@ -126,7 +126,7 @@ class ModalityGate(TopKGate):
         if inputs is None:
             raise RuntimeError(
                 f"{type(self).__name__} got no modality information for this batch: call it through "
-                "ds_smoes.layer.SMoESMoE, or call gate.set_routing_inputs(RoutingInputs(...)) before each forward")
+                "ds_smoes.moe.layer.SMoESMoE, or call gate.set_routing_inputs(RoutingInputs(...)) before each forward")
         if inputs.modality_SM.shape != (num_tokens, 2):
             raise ValueError(f"modality scores have shape {tuple(inputs.modality_SM.shape)}, "
                              f"expected ({num_tokens}, 2) for {num_tokens} tokens")
@@ -250,7 +250,7 @@ class SMoESGate(ModalityGate):
     def aux_losses(self, probs_SE, routes, inputs, valid_S):
         cfg = self.config
         bin_E = self.binning.bin_E
-        # the fused forms: same values and gradients as ds_smoes.losses, one autograd node each
+        # the fused forms: same values and gradients as ds_smoes.core.losses, one autograd node each
         l_bal = fused_losses.bin_balance_loss(probs_SE, routes.selected_SE, bin_E, valid_S, num_bins=cfg.num_bins)
         if cfg.bin_objective == "mi":
             l_mi = fused_losses.mutual_information_loss(probs_SE, inputs.modality_SM, bin_E, inputs.sample_id_S,

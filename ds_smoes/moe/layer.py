@@ -33,7 +33,6 @@ import torch
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from ds_smoes.parallel import distributed
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.deferred import Deferred
 from ds_smoes.moe.dispatchers import build_dispatcher
