@@ -15,7 +15,10 @@ def _layer(remote_bytes: int):
     """A stand-in MoE layer (deepspeed dispatch, no counterfactual) whose dispatch says it sent `remote_bytes`."""
     comm = {"cross_rank_rate": torch.tensor(0.5), "ranks_per_token": torch.tensor(1.5),
             "remote_pairs_per_token": torch.tensor(0.5)}
-    return SimpleNamespace(config=SimpleNamespace(dispatch="deepspeed", num_experts=2), last_remote_bytes=remote_bytes,
+    from ds_smoes.moe.dispatchers import StockDispatcher
+
+    return SimpleNamespace(config=SimpleNamespace(num_experts=2), dispatcher=StockDispatcher(),
+                           last_remote_bytes=remote_bytes,
                            last_routing_stats=None, comm=comm)
 
 
