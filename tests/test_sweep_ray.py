@@ -58,14 +58,14 @@ def check_finished_child(store, run, steps=20):
 # -- failure isolation, crash restart, MLflow contents --------------------------------------------------
 @pytest.fixture(scope="module")
 def isolation(small):
-    """Five trials, two at a time, each with a baseline gate (a gate axis plus a trial with its own knobs; the
+    """Four trials, two at a time, each with a baseline gate (a gate axis plus a trial with its own knobs; the
     sweep in test_interrupted_sweep... trains SMAR and the SMoES KL ablation, the job-submit one SMoES itself):
     t00 (top-k) loses a worker after epoch 1 (Ray Train restarts the group from the epoch-1 checkpoint), t01
-    (LTDR), t02 (hard) and t03 (hybrid) train normally, t04 fails when it runs: its batch is larger than its
+    (LTDR) and t02 (hybrid: hard modality routing with shared experts) train normally, t03 fails when it runs: its batch is larger than its
     data, which only the workers find out (a config that does not validate stops the sweep before it starts,
     test_sweep_spec.py)."""
     folder, _, base = small
-    spec = write_sweep(folder, base, "isolation", grid={"smoes.gate": ["topk", "ltdr", "hard"]},
+    spec = write_sweep(folder, base, "isolation", grid={"smoes.gate": ["topk", "ltdr"]},
                        trials=[{"smoes.gate": "hybrid", "smoes.text_experts": 1, "smoes.shared_experts": 2},
                                {"optim.micro_batch_size": 100000}],
                        inject_crash={"trial": 0, "after_epoch": 1, "rank": 1},
@@ -83,17 +83,17 @@ def isolation(small):
 def test_failing_trial_is_recorded_and_the_others_finish(isolation):
     proc, store, parent, runs = isolation
     assert proc.returncode == 1, tail(proc)  # 1: the sweep ran to its end, with a failed trial
-    assert "4 finished, 1 failed" in proc.stdout, tail(proc)
-    assert set(runs) == {"t00", "t01", "t02", "t03", "t04"}
-    assert runs["t04"].status == "FAILED"
-    assert "do not fill one batch of optim.micro_batch_size=100000" in runs["t04"].tags["sweep.error"]
-    assert runs["t04"].tags["mlflow.parentRunId"] == parent.run_id
-    assert all(runs[tid].status == "FINISHED" for tid in ("t00", "t01", "t02", "t03"))
+    assert "3 finished, 1 failed" in proc.stdout, tail(proc)
+    assert set(runs) == {"t00", "t01", "t02", "t03"}
+    assert runs["t03"].status == "FAILED"
+    assert "do not fill one batch of optim.micro_batch_size=100000" in runs["t03"].tags["sweep.error"]
+    assert runs["t03"].tags["mlflow.parentRunId"] == parent.run_id
+    assert all(runs[tid].status == "FINISHED" for tid in ("t00", "t01", "t02"))
 
 
 def test_every_child_run_carries_the_required_metrics(isolation):
     _, store, parent, runs = isolation
-    for tid in ("t00", "t01", "t02", "t03"):
+    for tid in ("t00", "t01", "t02"):
         check_finished_child(store, runs[tid])
         assert runs[tid].tags["mlflow.parentRunId"] == parent.run_id
 
@@ -102,9 +102,9 @@ def test_the_baseline_gates_train_through_the_sweep(isolation):
     """A gate axis and a trial with the gate's own knobs reach the workers; each gate's own figures reach
     MLflow (SMAR's KL band and the SMoES KL ablation: test_interrupted_sweep_resumes...)."""
     _, _, _, runs = isolation
-    assert {tid: run.tags["gate"] for tid, run in runs.items() if tid != "t04"} == \
-        {"t00": "topk", "t01": "ltdr", "t02": "hard", "t03": "hybrid"}
-    assert runs["t03"].params["smoes.shared_experts"] == "2" and runs["t03"].params["smoes.text_experts"] == "1"
+    assert {tid: run.tags["gate"] for tid, run in runs.items() if tid != "t03"} == \
+        {"t00": "topk", "t01": "ltdr", "t02": "hybrid"}
+    assert runs["t02"].params["smoes.shared_experts"] == "2" and runs["t02"].params["smoes.text_experts"] == "1"
     assert "train/gate/tail_share" in runs["t01"].metrics  # LTDR's share of vision tail tokens
 
 
@@ -127,17 +127,17 @@ def test_console_has_one_line_per_trial_event_and_ends_with_the_summary(isolatio
     proc, _, _, _ = isolation
     out = proc.stdout
     lines = out.splitlines()
-    names = {"t00": "t00:gate=topk", "t01": "t01:gate=ltdr", "t02": "t02:gate=hard",
-             "t03": "t03:gate=hybrid,text_experts=1,shared_experts=2", "t04": "t04:micro_batch_size=100000"}
+    names = {"t00": "t00:gate=topk", "t01": "t01:gate=ltdr", "t02": "t02:gate=hybrid,text_experts=1,shared_experts=2",
+             "t03": "t03:micro_batch_size=100000"}
     for i, (tid, name) in enumerate(names.items()):
-        mine = [l for l in lines if l.startswith(f"[trial {i + 1}/5] {name}  ")]
+        mine = [l for l in lines if l.startswith(f"[trial {i + 1}/4] {name}  ")]
         assert sum(" started  (done " in l for l in mine) == 1, mine
         ends = [l for l in mine if "  finished in " in l or "  failed after " in l]
         assert len(ends) == 1, mine
-        assert ("  failed after " in ends[0]) == (tid == "t04"), ends
+        assert ("  failed after " in ends[0]) == (tid == "t03"), ends
         assert all(l.endswith(")") and "(done " in l and ", ETA " in l for l in mine), mine
-    assert "do not fill one batch" in [l for l in lines if l.startswith("[trial 5/5]") and "failed" in l][0]
-    assert any("epoch 1, step 10: loss " in l for l in lines if l.startswith("[trial 2/5]")), out
+    assert "do not fill one batch" in [l for l in lines if l.startswith("[trial 4/4]") and "failed" in l][0]
+    assert any("epoch 1, step 10: loss " in l for l in lines if l.startswith("[trial 2/4]")), out
     assert any(l.startswith("Ray logs: ") for l in lines), out
     for noise in ("TrainingReport(", "RayTrainWorker", "Trial status", "pid="):
         assert noise not in out + proc.stderr, noise
@@ -155,15 +155,15 @@ def test_parent_run_holds_the_comparison(isolation, tmp_path):
             "msi_per_layer.png", "sweep.yaml", "trials.json"} <= artifacts
     csv_text = Path(store.client.download_artifacts(parent.run_id, "comparison.csv", str(tmp_path))).read_text()
     lines = csv_text.strip().splitlines()
-    assert len(lines) == 6 and lines[0].startswith("trial,smoes.gate,smoes.text_experts,smoes.shared_experts,"
+    assert len(lines) == 5 and lines[0].startswith("trial,smoes.gate,smoes.text_experts,smoes.shared_experts,"
                                                    "optim.micro_batch_size,status,acc_multimodal"), lines[0]
     # each trial's row holds its resolved values of the sweep's axes, then its status
     assert lines[1].startswith("t00,topk,") and ",FINISHED," in lines[1], lines[1]
-    assert lines[5].startswith("t04,") and ",100000,FAILED," in lines[5], lines[5]
+    assert lines[4].startswith("t03,") and ",100000,FAILED," in lines[4], lines[4]
     # the report command reads the same table back from MLflow alone
     rep = sweep(["report", parent.tags["sweep.id"], "--tracking-uri", store.tracking_uri], timeout=120)
     assert rep.returncode == 0, tail(rep)
-    for tid in ("t00", "t01", "t02", "t03", "t04"):
+    for tid in ("t00", "t01", "t02", "t03"):
         assert f"| {tid} " in rep.stdout
     assert "mean and spread" in rep.stdout and "do not fill one batch" in rep.stdout
 
