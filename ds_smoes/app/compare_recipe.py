@@ -148,13 +148,11 @@ def write_report(rows: list[dict], out: Path, parent, reference: str = REFERENCE
     fig.suptitle(f"the recipe's settings against {reference}: accuracy and communication")
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_bytes_per_sample.png", dpi=120)
-    if parent is not None:
+    if parent is not None:   # --report-only has no MLflow run
         parent.log_figure(fig, "accuracy_vs_bytes_per_sample.png")
+        parent.log_dict(md, "comparison.md")
+        parent.log_dict(rows, "comparison.json")
     plt.close(fig)
-    if parent is None:
-        return md
-    parent.log_dict(md, "comparison.md")
-    parent.log_dict(rows, "comparison.json")
     return md
 
 

@@ -31,6 +31,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 HEADLINE_VIEW_KEY = "ds-smoes-headline"
+HEADLINE_VIEW_TAG = SHARED_VIEW_TAG_PREFIX + HEADLINE_VIEW_KEY
 # The figures a reader compares first (a training run's final metrics), then what tells runs apart.
 HEADLINE_METRICS = ("acc_multimodal", "acc_language", "msi", "bytes_per_token", "stock_bytes_per_token",
                     "tokens_per_s", "cross_rank_rate")
@@ -67,8 +68,7 @@ def experiment_id(client, name: str, create: bool = True) -> str | None:
             return None
         try:
             return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND,
-                                                        SHARED_VIEW_TAG_PREFIX + HEADLINE_VIEW_KEY:
-                                                            json.dumps(headline_view())})
+                                                        HEADLINE_VIEW_TAG: json.dumps(headline_view())})
         except MlflowException:  # another process created it in between
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -76,8 +76,8 @@ def experiment_id(client, name: str, create: bool = True) -> str | None:
     if EXPERIMENT_KIND_TAG not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     view = json.dumps(headline_view())
-    if exp.tags.get(SHARED_VIEW_TAG_PREFIX + HEADLINE_VIEW_KEY) != view:
-        client.set_experiment_tag(exp.experiment_id, SHARED_VIEW_TAG_PREFIX + HEADLINE_VIEW_KEY, view)
+    if exp.tags.get(HEADLINE_VIEW_TAG) != view:
+        client.set_experiment_tag(exp.experiment_id, HEADLINE_VIEW_TAG, view)
     return exp.experiment_id
 
 

@@ -46,7 +46,8 @@ class StockDispatcher:
     def keeps_stacked(self, experts) -> bool:
         return False
 
-    def slotless(self, drop_tokens: bool) -> bool:
+    @staticmethod
+    def slotless(drop_tokens: bool) -> bool:
         return False
 
     def forward(self, layer, hidden_states: torch.Tensor, x_SD: torch.Tensor, valid_S: torch.Tensor):
@@ -89,7 +90,8 @@ class RankOnceDispatcher:
         """Whether `experts` are laid out stacked now (so a move or cast must lay them out again)."""
         return is_view_stacked(experts)
 
-    def slotless(self, drop_tokens: bool) -> bool:
+    @staticmethod
+    def slotless(drop_tokens: bool) -> bool:
         """Without dropping there is no padded buffer: no slots, no common capacity."""
         return not drop_tokens
 

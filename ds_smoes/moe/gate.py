@@ -137,9 +137,9 @@ class ModalityGate(TopKGate):
     def slotless(self) -> bool:
         """The layer's dispatcher keeps no capacity-padded buffer (rank_once without dropping): routes need no
         slots and the EP ranks need no common capacity (no all-reduce of it)."""
-        from ds_smoes.moe.dispatchers import build_dispatcher
+        from ds_smoes.moe.dispatchers import DISPATCHERS
 
-        return build_dispatcher(self.config.dispatch).slotless(self.drop_tokens)
+        return DISPATCHERS[self.config.dispatch].slotless(self.drop_tokens)   # the class's rule: nothing built per call
 
     # -- placement -------------------------------------------------------------------------------
     def ep_world(self) -> tuple[int, int]:
