@@ -13,6 +13,7 @@ import hf_tiny
 from ds_smoes.core.attention_score import head_mean_attention_mix
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.hf.attention import head_mean_attention_probs
+from ds_smoes.moe.collector import RoutingCollector
 
 B, A, T, d = 2, 4, 12, 8
 
@@ -165,7 +166,8 @@ def _run_vlm(model, batch):
     hooks = [layer.register_forward_pre_hook(lambda m, a, kw: scores.append(kw["modality_scores"]), with_kwargs=True)
              for layer in model.moe_layers()]
     hooks += [blk.attn.register_forward_pre_hook(lambda m, a: masks.append(a[1])) for blk in model.blocks]
-    with torch.no_grad():
+    # in eval the score is carried only for a caller that asks for the losses it feeds
+    with torch.no_grad(), RoutingCollector(model.moe_layers(), stats=False, losses=True):
         logits = model(*batch).logits_BTV
     for h in hooks:
         h.remove()
@@ -192,6 +194,23 @@ def test_builtin_model_sdpa_gives_the_eager_logits_and_scores(padding):
     assert scores_s[:, valid_BT].amin() >= 0 and (scores_s[:, batch[2].bool()][..., 1] > 0.5).all()
 
 
+def test_inference_carries_no_attention_score_unless_losses_are_asked_for():
+    # the score feeds the gates' losses, not their routing: an eval forward skips it, with the same logits
+    model, batch = _vlm_pair()["sdpa"], _vlm_batch("left")
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["modality_scores"]), with_kwargs=True)
+             for layer in model.moe_layers()]
+    with torch.no_grad():
+        plain = model(*batch).logits_BTV
+        with RoutingCollector(model.moe_layers(), stats=False, losses=True):
+            asked = model(*batch).logits_BTV
+    for h in hooks:
+        h.remove()
+    n = len(model.moe_layers())
+    assert all(s is None for s in seen[:n]) and all(s is not None for s in seen[n:])
+    assert torch.equal(plain, asked)
+
+
 def test_builtin_model_generates_the_same_with_sdpa_and_eager():
     models, batch = _vlm_pair(), _vlm_batch("left")
     out = {impl: m.generate(*batch, max_new_tokens=4, eos_id=2) for impl, m in models.items()}
@@ -210,7 +229,7 @@ def _hf_scores(impl, batch, arch="olmoe", monkeypatch=None, generate=0):
         def refuse(*args, **kwargs):
             raise AssertionError("the materialised probabilities were computed")
         monkeypatch.setattr("ds_smoes.hf.attention.head_mean_attention_probs", refuse)
-    with torch.no_grad():
+    with torch.no_grad(), RoutingCollector(model.moe_layers(), stats=False, losses=True):
         if generate:
             model.generate(**batch, max_new_tokens=generate, do_sample=False)
             return model.context.batch.scores_BTM.clone(), {i: s.clone() for i, s in model.context.key_scores.items()}

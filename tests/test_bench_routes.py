@@ -83,13 +83,14 @@ def test_recorder_sees_what_the_layer_routed(dispatch):
     recorder = RouteRecorder([layer])
     labels = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
-    layer(torch.randn(2, 5, 8), mask, modality_labels=labels)
+    with recorder:
+        _, _, exp_counts = layer(torch.randn(2, 5, 8), mask, modality_labels=labels)
     (call,) = recorder.calls[0]
+    (reported,) = recorder.moe_calls[0]
     assert torch.equal(call.labels_S, labels.reshape(-1)) and torch.equal(call.valid_S, mask.reshape(-1))
-    assert call.capacity == layer.last_routing_stats.capacity
+    assert call.capacity == reported.stats.capacity
     counts_E = torch.bincount(call.indices_KS[call.indices_KS >= 0], minlength=4)
-    assert torch.equal(counts_E, layer.deepspeed_moe.exp_counts.long())
-    assert torch.equal(modality_load([call], 4).float(), layer.last_routing_stats.load_ME.float())
-    recorder.remove()
-    layer(torch.randn(2, 5, 8), mask, modality_labels=labels)
+    assert torch.equal(counts_E, exp_counts.long())
+    assert torch.equal(modality_load([call], 4).float(), reported.stats.load_ME.float())
+    layer(torch.randn(2, 5, 8), mask, modality_labels=labels)   # outside the recorder's block: not recorded
     assert len(recorder.calls[0]) == 1

@@ -86,6 +86,12 @@ def test_paired_ratio_and_bars_by_hand():
     assert fig["bars"]["dispatch_ratio_rank_once_vs_stock"]["value"] == pytest.approx(0.7)
     assert fig["bars"]["dispatch_ratio_rank_once_vs_stock"]["met"]
     assert fig["bytes_ratio_rank_once_vs_stock"]["uniform"] == pytest.approx(1.0)
+    assert fig["kernel_ratio_chosen_vs_modules"] is None          # a raw result from before that variant
+    seconds["profile/rank_once:modules"] = [1.4] * 3
+    raw["expert_kernels"] = [{"key": ["cpu"], "kernel": "segments", "seconds": {}}]
+    fig = shape_figures(raw)
+    assert fig["kernel_ratio_chosen_vs_modules"]["median"] == pytest.approx(0.5)
+    assert fig["expert_kernels"] == ["segments"]
     bars = attention_bars([{"T": 4096, "time_ratio": 1.6, "peak_mem_ratio": 1.0},
                            {"T": 8192, "time_ratio": 1.1, "peak_mem_ratio": 1.1}])
     assert bars["attn_score_time_ratio_T4096"]["met"] is False and bars["attn_score_peak_mem_ratio_T8192"]["met"]

@@ -10,33 +10,33 @@ from torch import nn
 
 from launch import ROOT
 
+from ds_smoes.moe.collector import MoECall
 
-def _layer(remote_bytes: int):
-    """A stand-in MoE layer (deepspeed dispatch, no counterfactual) whose dispatch says it sent `remote_bytes`."""
+
+def _layer():
+    """A stand-in MoE layer (deepspeed dispatch, no counterfactual)."""
     comm = {"cross_rank_rate": torch.tensor(0.5), "ranks_per_token": torch.tensor(1.5),
             "remote_pairs_per_token": torch.tensor(0.5)}
     from ds_smoes.moe.dispatchers import StockDispatcher
 
-    return SimpleNamespace(config=SimpleNamespace(num_experts=2), dispatcher=StockDispatcher(),
-                           last_remote_bytes=remote_bytes,
-                           last_routing_stats=None, comm=comm)
+    return SimpleNamespace(config=SimpleNamespace(num_experts=2), dispatcher=StockDispatcher(), comm=comm)
 
 
-def _stats(layer, tokens: int):
-    return SimpleNamespace(load_ME=torch.ones(2, 2), num_tokens=torch.tensor(tokens), comm_binned=layer.comm,
-                           comm_physical=layer.comm)
+def _call(layer, tokens: int, remote_bytes: int) -> MoECall:
+    """A call of `layer` over `tokens` tokens whose dispatch says it sent `remote_bytes`."""
+    stats = SimpleNamespace(load_ME=torch.ones(2, 2), num_tokens=torch.tensor(tokens), comm_binned=layer.comm,
+                            comm_physical=layer.comm)
+    return MoECall(stats, remote_bytes, lambda _: None)
 
 
 def test_bytes_and_moe_tokens_per_sample_by_hand():
     from ds_smoes.app.evaluation import RoutingAccumulator
 
     # two MoE layers over two forwards: the second layer sits after in-LLM pruning and routes fewer tokens
-    early, late = _layer(0), _layer(0)
+    early, late = _layer(), _layer()
     acc = RoutingAccumulator([early, late])
     for (n_early, b_early), (n_late, b_late) in (((10, 400), (6, 180)), ((8, 320), (4, 100))):
-        early.last_routing_stats, early.last_remote_bytes = _stats(early, n_early), b_early
-        late.last_routing_stats, late.last_remote_bytes = _stats(late, n_late), b_late
-        acc.add()
+        acc.add([[_call(early, n_early, b_early)], [_call(late, n_late, b_late)]])
     r = acc.result(num_samples=4)
     assert r.tokens_per_layer == [18, 10] and r.remote_bytes_per_layer == [720, 280]
     # per sample: every layer's bytes summed, over the 4 conversations: (720 + 280) / 4

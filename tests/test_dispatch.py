@@ -1,11 +1,14 @@
 """Token-once-per-rank dispatch: the plan and its bytes by hand, parity with DeepSpeed's MOELayer
 on one process, and forward + backward on 2 real gloo ranks against a 1-process reference; bf16 rows
 packed with their float32 routes in one exchange, and the dispatch's host-sync budget."""
+import contextlib
 import copy
 from pathlib import Path
 
 import pytest
 import torch
+from deepspeed.moe.sharded_moe import MOELayer
+from moelayer import GateWithInputs
 from torch import nn
 
 from ds_smoes.core.config import SMoESConfig
@@ -14,6 +17,8 @@ from ds_smoes.parallel.dispatch import (INDEX_BYTES, WEIGHT_BYTES, CommVolume, e
                                         local_routes, pack_rows, plan_rank_once, rank_hits, rank_once_dispatch,
                                         rank_once_moe, rank_once_volume, route_ranks, row_routes, send_order, send_plan,
                                         stock_alltoall_bytes, stock_volume, token_rank_stats, unpack_rows)
+from ds_smoes.core.scores import hard_scores
+from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.moe.gate import RoutingInputs, SMoESGate
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.core.metrics import routing_comm_stats
@@ -124,16 +129,44 @@ def _layer(dispatch: str, use_residual: bool = False, **fields) -> SMoESMoE:
     return layer
 
 
-def _run(layer: SMoESMoE):
+def _run(layer: SMoESMoE, collector: RoutingCollector | None = None):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 6, D, generator=g, requires_grad=True)
     labels = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, -1] = False
-    out, l_aux, counts = layer(x, mask, modality_labels=labels)
+    with collector or contextlib.nullcontext():
+        out, l_aux, counts = layer(x, mask, modality_labels=labels)
     ((out * torch.randn(out.shape, generator=g)).sum() + l_aux).backward()
     expert_grads = [p.grad for p in layer.deepspeed_moe.experts.parameters()]
     return out, l_aux, counts, x.grad, layer.gate.wg.weight.grad, expert_grads
+
+
+@pytest.mark.parametrize("fields", [{"k": 1}, {"k": 2}, {"k": 2, "drop_tokens": True, "capacity_factor": 0.5,
+                                                           "min_capacity": 1}], ids=["k1", "k2", "k2_capacity_drops"])
+def test_stock_dispatcher_is_deepspeeds_moelayer_forward(fields):
+    # the stock dispatcher runs DeepSpeed's own encode / all-to-all / decode in MOELayer.forward's order (the layer
+    # calls the gate with its modality inputs first); DeepSpeed's MOELayer.forward on the same gate and experts
+    layer = _layer("deepspeed", **fields)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, D, generator=g)
+    labels = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, -1] = False
+    probe = torch.randn(2, 6, D, generator=g)
+    moe = layer.deepspeed_moe
+    reference = MOELayer(GateWithInputs(moe.gate), moe.experts, "ep_size_1", 1, moe.num_local_experts)
+    reference.gate.inputs = RoutingInputs(hard_scores(labels.reshape(-1)), labels.reshape(-1),
+                                          torch.arange(2).repeat_interleave(6), mask.reshape(-1))
+    results = []
+    for run in (lambda x: layer(x, mask, modality_labels=labels)[0], lambda x: reference(x, None)):
+        x_in = x.clone().requires_grad_(True)
+        out = run(x_in)
+        grads = torch.autograd.grad((out * probe).sum(), [x_in, *moe.experts.parameters()])
+        results.append((out, grads))
+    (out, grads), (ref_out, ref_grads) = results
+    assert torch.equal(out, ref_out) and out.abs().sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
 
 
 @pytest.mark.parametrize("fields", [{"k": 1}, {"k": 2}, {"gate": "ltdr", "k": 1, "ltdr_top_a": 3},
@@ -152,38 +185,57 @@ def test_rank_once_equals_deepspeed_moelayer_on_one_rank(fields):
 
 def test_variable_k_gate_really_sends_extra_routes():
     layer = _layer("rank_once", gate="ltdr", k=1, ltdr_top_a=3)
-    _run(layer)
-    assert layer.last_comm.ranks_per_token == 1.0  # one rank holds every expert
-    assert int(layer.deepspeed_moe.exp_counts.sum()) > 11  # some tail token used more than k = 1 expert
+    collector = RoutingCollector([layer])
+    counts = _run(layer, collector)[2]
+    [[call]] = collector.take()
+    assert call.comm().ranks_per_token == 1.0  # one rank holds every expert
+    assert int(counts.sum()) > 11  # some tail token used more than k = 1 expert
 
 
-def test_both_dispatches_record_their_volume():
+def test_both_dispatches_report_their_volume_to_a_collector_only():
     for dispatch in ("deepspeed", "rank_once"):
         layer = _layer(dispatch, k=2)
-        assert layer.last_comm is None
-        _run(layer)
-        comm = layer.last_comm
+        _run(layer)   # no collector: nothing is kept
+        assert not any(name.startswith("last_") for name in vars(layer)) and layer.routing_collector is None
+        collector = RoutingCollector([layer])
+        _run(layer, collector)
+        assert layer.routing_collector is None   # detached when the block ends
+        [[call]] = collector.take()
+        comm = call.comm()
         assert comm.dispatch == dispatch and comm.num_tokens == 11 and comm.total_bytes == 0  # one rank: nothing leaves
-        stats = layer.last_routing_stats.comm_physical
+        assert call.remote_bytes == 0
+        stats = call.stats.comm_physical
         assert comm.cross_rank_rate == float(stats["cross_rank_rate"]) == 0.0
         assert comm.ranks_per_token == float(stats["ranks_per_token"]) == 1.0
 
 
 def test_statistics_are_those_of_their_forward_even_when_read_later():
-    # last_comm and last_stats are computed on first read; a placement made in between must not change them
+    # a call's statistics are computed in its forward: a placement made before they are read cannot change them
     for dispatch in ("deepspeed", "rank_once"):
         read_at_once, read_later = _layer(dispatch, k=2), _layer(dispatch, k=2)
-        _run(read_at_once)
-        _run(read_later)
-        assert read_later.gate.on_routes is None  # the rank_once hook is only set during the gate call
-        expected = read_at_once.last_routing_stats
+        first, later = RoutingCollector([read_at_once]), RoutingCollector([read_later])
+        _run(read_at_once, first)
+        _run(read_later, later)
+        [[expected]] = first.take()
         read_later.gate.physical_E.copy_(torch.tensor([3, 2, 1, 0]))
         read_later.gate.binning.bin_E.copy_(torch.tensor([1, 1, 0, 0]))
-        stats = read_later.last_routing_stats
-        assert stats.bin_E.tolist() == [0, 0, 1, 1]  # the bins of the forward (fixed bins), not the new ones
-        assert torch.equal(stats.load_ME, expected.load_ME) and stats.comm_physical == expected.comm_physical
-        assert read_later.last_comm == read_at_once.last_comm and read_later.last_comm.num_tokens == 11
-        assert read_later.last_routing_stats is stats  # computed once
+        [[call]] = later.take()
+        assert call.stats.bin_E.tolist() == [0, 0, 1, 1]  # the bins of the forward (fixed bins), not the new ones
+        assert torch.equal(call.stats.load_ME, expected.stats.load_ME)
+        assert call.stats.comm_physical == expected.stats.comm_physical
+        assert call.comm() == expected.comm() and call.comm().num_tokens == 11
+
+
+def test_evaluation_computes_no_losses_unless_asked():
+    layer = _layer("rank_once", k=2).eval()
+    l_aux = _run(layer)[1]
+    assert float(l_aux) == 0.0
+    collector = RoutingCollector([layer], losses=True)
+    l_aux = _run(layer, collector)[1]
+    [[call]] = collector.take()
+    assert float(l_aux) > 0 and set(call.stats.losses) == {"bin_balance", "mi"}
+    layer.train()
+    assert float(_run(layer)[1]) == float(l_aux)   # training always computes them (same routes and losses)
 
 
 def test_rank_once_without_ep_group_says_how_to_fix():
@@ -197,9 +249,9 @@ def test_bin_limited_gate_keeps_each_token_in_one_bin():
     gate = SMoESGate(D, cfg)
     s = 16
     labels = torch.arange(s) % 2
-    gate.set_routing_inputs(RoutingInputs(torch.nn.functional.one_hot(labels, 2).float(), labels,
-                                          torch.zeros(s, dtype=torch.long), torch.ones(s, dtype=torch.bool)))
-    idx_KS = gate(torch.randn(s, D), None, True, False)[3]
+    inputs = RoutingInputs(torch.nn.functional.one_hot(labels, 2).float(), labels, torch.zeros(s, dtype=torch.long),
+                           torch.ones(s, dtype=torch.bool))
+    idx_KS = gate(torch.randn(s, D), None, True, False, inputs=inputs)[3]
     bin_KS = gate.binning.bin_E[idx_KS.long()]
     assert (idx_KS >= 0).all() and (bin_KS[0] == bin_KS[1]).all()
 
@@ -424,14 +476,22 @@ def test_the_dispatch_is_a_component_chosen_once_and_named_nowhere_else():
 
 
 def test_rank_once_refuses_a_tensor_parallel_group_with_a_message(monkeypatch):
-    """rank_once bypasses MOELayer.forward and so DeepSpeed's dropping of the tokens each TP rank duplicates."""
+    """rank_once does not run DeepSpeed's dropping of the tokens each TP rank duplicates: refused at set-up, when
+    DeepSpeed makes the layer's process groups (DeepSpeed's own group making is left out here: no process group)."""
     from types import SimpleNamespace
 
+    from deepspeed.moe.layer import MoE
     from deepspeed.utils import groups
 
     from ds_smoes.core.errors import ConfigError
 
+    made = []
+    monkeypatch.setattr(MoE, "set_deepspeed_parallelism", lambda self, *a: made.append(self))
+    for dispatch in ("deepspeed", "rank_once"):
+        _layer(dispatch, k=2).set_deepspeed_parallelism()   # no TP: both accept
     mpu = SimpleNamespace(get_tensor_model_parallel_world_size=lambda: 2, get_model_parallel_world_size=lambda: 2)
     monkeypatch.setattr(groups, "mpu", mpu)
+    _layer("deepspeed", k=2).set_deepspeed_parallelism()    # DeepSpeed's dispatch splits the tokens over TP ranks
     with pytest.raises(ConfigError, match="tensor-parallel ranks .* smoes.dispatch='deepspeed'"):
-        _run(_layer("rank_once", k=2))
+        _layer("rank_once", k=2).set_deepspeed_parallelism()
+    assert len(made) == 4

@@ -8,9 +8,11 @@ from torch import nn
 
 from ds_smoes.moe.updates import apply_step_updates
 from ds_smoes.core.config import SMoESConfig
+from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.moe.gate import RoutingInputs, SMoESGate
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.core.losses import bin_balance_loss, mutual_information_loss
+from moelayer import GateWithInputs
 
 D, E, S = 8, 8, 12
 
@@ -37,7 +39,7 @@ def _layer(k, drop_tokens=False):
     for i, ex in enumerate(experts.deepspeed_experts):  # distinct experts
         for p in ex.parameters():
             p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(100 + i))
-    return MOELayer(gate, experts, "ep_size_1", 1, E), gate, experts
+    return MOELayer(GateWithInputs(gate), experts, "ep_size_1", 1, E), gate, experts
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -47,12 +49,12 @@ def test_moelayer_output_matches_reference_and_contract(k):
     labels = torch.tensor([0, 1] * (S // 2))
     valid = torch.ones(S, dtype=torch.bool)
     valid[-2:] = False  # padding
-    gate.set_routing_inputs(_inputs(labels, valid))
+    layer.gate.inputs = _inputs(labels, valid)
     out = layer(x, None)
 
     # contract, called the way MOELayer calls it
-    gate.set_routing_inputs(_inputs(labels, valid))
-    l_aux, capacity, num_experts, idx, loc, gates, counts = gate(x, None, True, False)
+    l_aux, capacity, num_experts, idx, loc, gates, counts = gate(x, None, True, False,
+                                                                 inputs=_inputs(labels, valid))
     assert num_experts == E and int(capacity) >= 1
     assert idx.shape == loc.shape == gates.shape == (k, S)
     assert idx.dtype == torch.int32 and loc.dtype == torch.int32 and gates.dtype == torch.float32
@@ -89,8 +91,8 @@ def test_capacity_limited_routing_drops_instead_of_overflowing():
     gate.capacity_factor = 0.25
     gate.config = gate.config.model_copy(update={"capacity_factor": 0.25, "min_capacity": 1})
     x = torch.randn(S, D)
-    gate.set_routing_inputs(_inputs(torch.zeros(S, dtype=torch.long)))
-    _, capacity, _, idx, loc, _, counts = gate(x, None, True, False)
+    _, capacity, _, idx, loc, _, counts = gate(x, None, True, False,
+                                               inputs=_inputs(torch.zeros(S, dtype=torch.long)))
     kept = idx >= 0
     assert int(capacity) == 1
     assert int(kept.sum()) < int(counts.sum())
@@ -99,15 +101,14 @@ def test_capacity_limited_routing_drops_instead_of_overflowing():
 
 def test_gate_without_modality_information_says_how_to_fix():
     _, gate, _ = _layer(1)
-    with pytest.raises(RuntimeError, match="set_routing_inputs"):
+    with pytest.raises(RuntimeError, match="inputs=RoutingInputs"):
         gate(torch.randn(S, D), None, True, False)
 
 
 def test_dense_contract_is_refused_with_a_clear_message():
     _, gate, _ = _layer(1)
-    gate.set_routing_inputs(_inputs(torch.zeros(S, dtype=torch.long)))
     with pytest.raises(RuntimeError, match="sparse-route"):
-        gate(torch.randn(S, D), None, False, False)
+        gate(torch.randn(S, D), None, False, False, inputs=_inputs(torch.zeros(S, dtype=torch.long)))
 
 
 @pytest.mark.parametrize("score_type", ["attention", "gaussian", "hard"])
@@ -117,7 +118,8 @@ def test_layer_state_dict_carries_smoes_buffers(score_type):
     x = torch.randn(2, 6, D)
     labels = torch.tensor([[1, 1, 1, 0, 0, 0]] * 2)
     scores = torch.nn.functional.one_hot(labels, 2).float() if score_type == "attention" else None
-    out, l_aux, _ = moe(x, modality_labels=labels, modality_scores=scores)
+    with RoutingCollector([moe]) as collector:
+        out, l_aux, _ = moe(x, modality_labels=labels, modality_scores=scores)
     assert out.shape == x.shape and torch.isfinite(l_aux)
     keys = set(moe.state_dict())
     assert {"deepspeed_moe.gate.binning.bin_E", "deepspeed_moe.gate.binning.load_ema_ME"} <= keys
@@ -127,8 +129,8 @@ def test_layer_state_dict_carries_smoes_buffers(score_type):
         assert moe.scorer.count_M.tolist() == [0.0, 0.0]   # recorded, applied at the optimizer step
         apply_step_updates(moe)
         assert moe.scorer.count_M.tolist() == [6.0, 6.0]
-    st = moe.last_routing_stats
-    assert st.num_tokens == 12 and st.load_ME.sum() == 24
+    [[call]] = collector.take()
+    assert call.stats.num_tokens == 12 and call.stats.load_ME.sum() == 24
 
 
 def test_attention_score_type_requires_scores():
@@ -177,11 +179,12 @@ def test_samples_without_image_or_text_keep_losses_finite(score_type):
     labels = torch.tensor([[0] * 5, [1] * 5, [0] * 5])        # text only, vision only, padding only
     mask = torch.tensor([[True] * 5, [True] * 5, [False] * 5])
     scores = torch.nn.functional.one_hot(labels, 2).float() if score_type == "attention" else None
-    out, l_aux, _ = moe(x, mask, modality_labels=labels, modality_scores=scores)
+    with RoutingCollector([moe]) as collector:
+        out, l_aux, _ = moe(x, mask, modality_labels=labels, modality_scores=scores)
     (out.sum() + l_aux).backward()
     assert torch.isfinite(l_aux) and torch.isfinite(x.grad).all()
     assert torch.isfinite(moe.gate.wg.weight.grad).all()
-    assert moe.last_routing_stats.num_tokens == 10
+    assert collector.last()[0].stats.num_tokens == 10
 
 
 def test_adaptive_bins_stop_observing_once_frozen():
@@ -195,14 +198,12 @@ def test_adaptive_bins_stop_observing_once_frozen():
     reduce_fn = lambda t: reduced.append(t.clone()) or t   # noqa: E731  (the world sum of one rank: the identity)
     labels = torch.tensor([0, 1] * (S // 2))
     for _ in range(7):
-        gate.set_routing_inputs(_inputs(labels))
-        gate(torch.randn(S, D), None, True, False)
+        gate(torch.randn(S, D), None, True, False, inputs=_inputs(labels))
         apply_step_updates(gate, reduce_fn)
     assert len(reduced) == 4 and int(gate.binning.step) == 4 and gate.binning.frozen
     assert all(int(r.sum()) == 2 * S for r in reduced)  # load_ME: k routes of every token, by modality
     frozen_bins = gate.binning.bin_E.clone()
-    gate.set_routing_inputs(_inputs(labels))
-    gate(torch.randn(S, D), None, True, False)
+    gate(torch.randn(S, D), None, True, False, inputs=_inputs(labels))
     assert int(gate.binning.pending_load_ME.sum()) == 0   # frozen: nothing recorded
     apply_step_updates(gate, reduce_fn)
     assert torch.equal(gate.binning.bin_E, frozen_bins) and len(reduced) == 4

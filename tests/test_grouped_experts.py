@@ -55,15 +55,16 @@ def routes(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return local_ZK, torch.rand(Z, K, generator=g) * (local_ZK >= 0)
 
 
-def run(experts, dtype, sizes, seed=2):
-    """(out, x.grad, weight.grad, [every parameter's grad]) of a forward + backward of a random probe."""
+def run(experts, dtype, sizes, seed=2, kernel="grouped"):
+    """(out, x.grad, weight.grad, [every parameter's grad]) of a forward + backward of a random probe; the grouped
+    kernel unless another is named (ds_smoes.parallel.expert_kernels: it falls back where it does not apply)."""
     g = torch.Generator().manual_seed(seed)
     local_ZK, weight_ZK = routes()
     x = torch.randn(Z, D, generator=g).to(dtype).requires_grad_(True)
     weight_ZK = weight_ZK.clone().requires_grad_(True)
     for p in (p for e in experts for p in e.parameters()):
         p.grad = None
-    out = run_local_experts(x, local_ZK, weight_ZK, experts, sizes)
+    out = run_local_experts(x, local_ZK, weight_ZK, experts, sizes, kernel)
     out.backward(torch.randn(out.shape, generator=g))  # a contiguous gradient (not an expanded one)
     return out.detach(), x.grad, weight_ZK.grad, [p.grad for e in experts for p in e.parameters()]
 

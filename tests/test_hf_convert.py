@@ -11,6 +11,7 @@ from ds_smoes.core.losses import mutual_information_loss
 from ds_smoes.core.scores import hard_scores
 from ds_smoes.hf import convert_to_smoes
 from ds_smoes.hf.block import SMoESBlock
+from ds_smoes.moe.collector import RoutingCollector
 
 ARCHS = {"qwen3_vl_moe": hf_tiny.qwen3_vl_moe_config, "llava-olmoe": lambda: hf_tiny.llava_config("olmoe"),
          "llava-qwen3_moe": lambda: hf_tiny.llava_config("qwen3_moe"),
@@ -31,16 +32,16 @@ def test_converted_model_gives_the_original_logits(arch, score_type):
     ref = _logits(hf, batch)
     original = copy.deepcopy(hf)
     model = convert_to_smoes(hf, SMoESConfig(**LOSSES_OFF, score_type=score_type)).eval()
-    out = model(**batch, labels=batch["input_ids"])
+    with RoutingCollector(model.moe_layers()) as collector:
+        out = model(**batch, labels=batch["input_ids"])
     valid = batch["attention_mask"].bool()
     diff = (out.logits - ref)[valid].abs().max().item()
     print(f"{arch} {score_type}: max |logit diff| = {diff:.3g}")
     assert diff < 1e-5
     layers = model.adapter.decoder_layers(model.hf_model)
     assert all(isinstance(layer.mlp, SMoESBlock) for layer in layers)
-    for layer in model.moe_layers():
-        stats = layer.last_routing_stats
-        assert stats.num_dropped == 0 and stats.num_tokens == int(valid.sum())
+    for call in collector.last():
+        assert call.stats.num_dropped == 0 and call.stats.num_tokens == int(valid.sum())
     assert out.aux_loss.item() == 0.0 and torch.allclose(out.loss, out.lm_loss)
     # the router and every expert are copies of the original weights
     orig_layers = original.model.language_model.layers
@@ -71,7 +72,8 @@ def test_smoes_losses_on_change_the_loss_not_the_logits():
     for i, layer in enumerate(layers):
         layer.register_forward_pre_hook(
             lambda mod, args, kwargs, i=i: seen.__setitem__(i, (args[0].detach(), args[1], kwargs)), with_kwargs=True)
-    out = model(**batch, labels=batch["input_ids"])
+    with RoutingCollector(layers, losses=True) as collector:   # in eval, the losses only when asked
+        out = model(**batch, labels=batch["input_ids"])
     assert out.aux_loss.item() > 0 and torch.allclose(out.loss, out.lm_loss + out.aux_loss)
     assert (out.logits - ref)[batch["attention_mask"].bool()].abs().max() < 1e-5
     # the MI diagnostic is the reference MI (ds_smoes.core.losses, float64) of the layer's router probabilities
@@ -88,7 +90,7 @@ def test_smoes_losses_on_change_the_loss_not_the_logits():
         routing = (layer.gate.binning.bin_E, torch.arange(b).repeat_interleave(t), valid_S)
         soft_mi = -float(mutual_information_loss(probs_SE, scores_SM, *routing, num_bins=2))
         hard_mi = -float(mutual_information_loss(probs_SE, hard_SM, *routing, num_bins=2))
-        mi = float(layer.last_routing_stats.mi)
+        mi = float(collector.last()[i].stats.mi)
         assert mi == pytest.approx(soft_mi, rel=1e-4) and mi > 1e-4
         assert abs(soft_mi - hard_mi) > 0.2 * soft_mi, (i, soft_mi, hard_mi)
 

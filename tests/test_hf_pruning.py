@@ -15,6 +15,7 @@ from ds_smoes.hf import convert_to_smoes
 from ds_smoes.hf.attention import _SINK
 from ds_smoes.hf.pruning import install_pruning
 from ds_smoes.model.compress.config import CompressConfig
+from ds_smoes.moe.collector import RoutingCollector
 
 LOSSES_OFF = dict(num_bins=2, alpha_mi=0.0, alpha_bal=0.0)
 N_IMAGE = 16            # placeholders per image of the tiny LLaVA (16 patches)
@@ -62,7 +63,9 @@ def test_layers_from_L_see_exactly_the_removed_count_fewer_tokens(models, method
     valid = batch["attention_mask"].bool()
     budget = 4                                                          # round(0.25 * 16)
     seen, handles = _record_layers(model)
-    with torch.no_grad(), install_pruning(model, CompressConfig(method=method, keep_ratio=0.25), layer=1) as pruner:
+    moes = model.moe_layers()
+    with (torch.no_grad(), install_pruning(model, CompressConfig(method=method, keep_ratio=0.25), layer=1) as pruner,
+          RoutingCollector(moes) as collector):
         out = model(**batch)
     for h in handles:
         h.remove()
@@ -72,10 +75,9 @@ def test_layers_from_L_see_exactly_the_removed_count_fewer_tokens(models, method
     # row 0: 28 - 12 = 16 tokens; row 1: 23 valid (right padding, so the rows are packed right)
     assert record.source_BT.shape == (2, 23) and out.logits.shape[:2] == (2, 23)
     assert seen[0][0] == 28 and seen[1][0] == seen[2][0] == 23
-    moes = model.moe_layers()
-    assert int(moes[0].last_routing_stats.num_tokens) == int(valid.sum())
-    assert int(moes[1].last_routing_stats.num_tokens) == int(moes[2].last_routing_stats.num_tokens) \
-        == int(valid.sum()) - removed
+    stats = [call.stats for call in collector.last()]
+    assert int(stats[0].num_tokens) == int(valid.sum())
+    assert int(stats[1].num_tokens) == int(stats[2].num_tokens) == int(valid.sum()) - removed
     # the SMoES modality labels follow: row 0 keeps `budget` vision tokens after L
     assert int(seen[("labels", 0)][0].sum()) == N_IMAGE and int(seen[("labels", 1)][0].sum()) == budget
     # kept tokens keep their original positions (the model's positions are 0..T-1); the image span is pruned,

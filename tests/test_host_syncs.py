@@ -9,6 +9,8 @@ built-in or Hugging Face experts, which run grouped, 1 with several EP ranks: do
 Before this budget (same counter, 16 experts, top-2): DeepSpeed top-k MoE 5; SMoES stock dispatch 16 (hard),
 20 (gaussian), 14 (attention); SMoES rank_once 19, 23, 17.
 """
+import contextlib
+
 import pytest
 import torch
 from deepspeed.moe.layer import MoE
@@ -16,6 +18,7 @@ from torch import nn
 
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.host_syncs import count_host_syncs
+from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.moe.updates import apply_step_updates
 
@@ -31,8 +34,9 @@ def _labels():
     return (torch.arange(B * T).view(B, T) % 3 == 0).long()
 
 
-def _count(layer, smoes=True, steps=3):
-    """Syncs of the last of `steps` training steps (the first ones may read a buffer once, as after a load)."""
+def _count(layer, smoes=True, steps=3, collector=None):
+    """Syncs of the last of `steps` training steps (the first ones may read a buffer once, as after a load);
+    `collector`: a RoutingCollector open over the forwards (a training loop's: statistics on the device)."""
     torch.manual_seed(0)
     layer.train()
     for _ in range(steps):
@@ -40,7 +44,8 @@ def _count(layer, smoes=True, steps=3):
         scores_BTM = torch.softmax(torch.randn(B, T, 2), -1)
         with count_host_syncs() as syncs:
             if smoes:
-                out, l_aux, _ = layer(x_BTD, modality_labels=_labels(), modality_scores=scores_BTM)
+                with collector or contextlib.nullcontext():
+                    out, l_aux, _ = layer(x_BTD, modality_labels=_labels(), modality_scores=scores_BTM)
             else:
                 out, l_aux, _ = layer(x_BTD)
             (out.pow(2).mean() + l_aux).backward()
@@ -69,19 +74,24 @@ def test_stock_dispatch_syncs_no_more_than_deepspeeds_topk(score_type, drop_toke
 def test_rank_once_syncs_within_its_budget(score_type):
     cfg = SMoESConfig(num_experts=E, k=K, ep_size=1, num_bins=4, score_type=score_type, binning="adaptive",
                       rebin_interval=1, dispatch="rank_once")
-    syncs = _count(SMoESMoE(D, _expert(), cfg))
+    layer = SMoESMoE(D, _expert(), cfg)
+    syncs = _count(layer)
     assert syncs.total <= RANK_ONCE_BUDGET, syncs.report()
     assert all("dispatch.py" in where for (_, where) in syncs.where), syncs.report()  # the split sizes only
+    # collecting the statistics (on the device) adds no read
+    assert _count(layer, collector=RoutingCollector([layer])).total == syncs.total
 
 
 def test_reading_statistics_is_where_logging_pays():
-    # last_routing_stats / last_comm are computed on first read (a logging step), with the reads that needs
+    # a collected call's statistics are device tensors; its CommVolume is worked out when asked (a logging step)
     cfg = SMoESConfig(num_experts=E, k=K, ep_size=1, num_bins=4, score_type="hard", dispatch="rank_once")
     layer = SMoESMoE(D, _expert(), cfg)
-    _count(layer, steps=1)
+    collector = RoutingCollector([layer])
+    _count(layer, steps=1, collector=collector)
+    [[call]] = collector.take()
     with count_host_syncs() as syncs:
-        stats, comm = layer.last_routing_stats, layer.last_comm
-    assert stats.num_tokens == B * T and comm.num_tokens == B * T
+        comm = call.comm()
+    assert comm.num_tokens == B * T and int(call.stats.num_tokens) == B * T
     assert syncs.total > 0
 
 
@@ -112,7 +122,8 @@ def test_the_logging_window_reads_nothing_on_the_steps_that_do_not_log(dispatch)
     layer = SMoESMoE(D, _expert(), cfg)
     window = TrainWindow([layer], log_every=2)
     for step in range(2):
-        out_BTD, l_aux, _ = layer(torch.randn(B, T, D, requires_grad=True), modality_labels=_labels())
+        with window.collecting():
+            out_BTD, l_aux, _ = layer(torch.randn(B, T, D, requires_grad=True), modality_labels=_labels())
         loss = out_BTD.pow(2).mean() + l_aux
         loss.backward()
         with count_host_syncs() as syncs:

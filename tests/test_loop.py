@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.moe.layer import SMoESMoE
+from ds_smoes.moe.collector import MoECall
 from ds_smoes.app.loop import TrainWindow, resumable_epochs
 
 
@@ -62,9 +63,13 @@ def test_train_window_metrics_by_hand():
     step1 = torch.tensor([[2., 1, 0, 0], [2, 1, 0, 0], [2, 0, 1, 0], [0, 0, 2, 1], [0, 0, 1, 2], [0, 1, 0, 2]])
     # step 2: every text token -> e0 e1, every vision token -> e2 e3
     step2 = torch.tensor([[2., 1, 0, 0]] * 3 + [[0., 0, 1, 2]] * 3)
-    layer(F.pad(step1, (0, d - 4)).unsqueeze(0), modality_labels=labels_S.unsqueeze(0))
+    with window.collecting():
+        layer(F.pad(step1, (0, d - 4)).unsqueeze(0), modality_labels=labels_S.unsqueeze(0))
     window.add(_out(2.0, 1.5, 0.5), tokens=6, seconds=0.5)
-    layer(F.pad(step2, (0, d - 4)).unsqueeze(0), modality_labels=labels_S.unsqueeze(0))
+    with window.collecting():
+        layer(F.pad(step2, (0, d - 4)).unsqueeze(0), modality_labels=labels_S.unsqueeze(0))
+    layer(F.pad(step1, (0, d - 4)).unsqueeze(0), modality_labels=labels_S.unsqueeze(0))   # outside: not counted
+    stats = window.collector.last()[0].stats
     window.add(_out(1.0, 0.5, 0.25), tokens=4, seconds=1.5)
     assert not window.due(1, 10) and window.due(2, 10) and window.due(7, 7)
     m = window.flush(lr=0.01)
@@ -77,7 +82,6 @@ def test_train_window_metrics_by_hand():
     # Ct = [1, 5/6, 1/6, 0] and MSI = mean 2 |Ct - 1/2| = (1 + 2/3 + 2/3 + 1) / 4 = 5/6
     # (step 1 alone would give 2/3, step 2 alone 1)
     assert m["train/dropped_routes"] == 0 and m["train/msi"] == pytest.approx(5 / 6)
-    stats = layer.last_routing_stats
     assert m["train/mi"] == pytest.approx(float(stats.mi))
     assert m["train/gate/bin_balance"] == pytest.approx(float(stats.losses["bin_balance"]))
     # the window starts afresh; the run's totals keep counting
@@ -89,7 +93,7 @@ def test_train_window_metrics_by_hand():
 
 
 def _fake_layer(loads: list, tokens: list, ep_size: int, hidden: int):
-    """A stand-in MoE layer whose `last_routing_stats` steps through the given per-forward loads (load_ME)."""
+    """A stand-in MoE layer, and its calls' statistics with the given per-forward loads (load_ME)."""
     comm = {"cross_rank_rate": torch.tensor(0.5), "ranks_per_token": torch.tensor(1.5),
             "remote_pairs_per_token": torch.tensor(0.5)}
     stats = [SimpleNamespace(load_ME=torch.tensor(l, dtype=torch.float32), num_tokens=torch.tensor(n),
@@ -99,9 +103,8 @@ def _fake_layer(loads: list, tokens: list, ep_size: int, hidden: int):
     layer = SimpleNamespace(config=SimpleNamespace(num_experts=len(loads[0][0])), dispatcher=RankOnceDispatcher(),
                             deepspeed_moe=SimpleNamespace(ep_size=ep_size, ep_group=None,
                                                           experts=nn.Linear(hidden, hidden)),
-                            gate=SimpleNamespace(wg=nn.Linear(hidden, len(loads[0][0]), bias=False)),
-                            last_remote_bytes=100, last_routing_stats=None)
-    return layer, stats
+                            gate=SimpleNamespace(wg=nn.Linear(hidden, len(loads[0][0]), bias=False)))
+    return layer, [MoECall(st, 100, lambda _: None) for st in stats]
 
 
 def test_rank_once_runs_report_what_the_stock_dispatch_would_have_sent_by_hand():
@@ -111,9 +114,8 @@ def test_rank_once_runs_report_what_the_stock_dispatch_would_have_sent_by_hand()
     layer, stats = _fake_layer([[[3, 1, 0, 0], [0, 1, 2, 2]], [[1, 1, 0, 0], [0, 0, 1, 1]]], [4, 2], ep_size=2,
                                hidden=8)
     acc = RoutingAccumulator([layer])
-    for st in stats:
-        layer.last_routing_stats = st
-        acc.add()
+    for call in stats:
+        acc.add([[call]])
     comm = acc.result().comm
     # stock: the padded [E, C, D] buffer there and back, less the own rank's half: 2 * (4 - 2) * C * 8 * 4 bytes with
     # the dropless capacity C = 3, then 1: per unit of C 2 * 2 * 8 * 4 = 128 bytes, so 128 * (3 + 1) over 6 tokens
@@ -129,6 +131,5 @@ def test_stock_dispatch_runs_report_no_counterfactual():
 
     layer.dispatcher = StockDispatcher()
     acc = RoutingAccumulator([layer])
-    layer.last_routing_stats = stats[0]
-    acc.add()
+    acc.add([[stats[0]]])
     assert "stock_remote_bytes_per_token" not in acc.result().comm

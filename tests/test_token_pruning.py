@@ -15,6 +15,7 @@ from ds_smoes.model.config import ModelConfig
 from ds_smoes.model.kv_cache import KVCache
 from ds_smoes.model.token_pruning import pack
 from ds_smoes.core.scores import hard_scores
+from ds_smoes.moe.collector import RoutingCollector
 
 VOCAB, IMAGE_ID, BOS, SEP, EOS = 16, 15, 1, 3, 2
 PATCHES = 4                                  # 8x8 images, patch 4
@@ -152,7 +153,7 @@ def test_moe_layers_after_the_pruning_point_route_fewer_tokens():
     routed = []
     hooks = [layer.register_forward_pre_hook(lambda m, args: routed.append((args[0].shape[1], int(args[1].sum()))))
              for layer in model.moe_layers()]
-    with torch.no_grad():
+    with torch.no_grad(), RoutingCollector(model.moe_layers()) as collector:
         model(*inputs, labels_BT=labels)
     for h in hooks:
         h.remove()
@@ -161,7 +162,7 @@ def test_moe_layers_after_the_pruning_point_route_fewer_tokens():
     assert n_before == int(inputs[1].sum()) and n_after == n_before - removed == 6 + n_before - 12
     assert t_after < t_before
     # the dispatch's own count of the tokens it routed (its rate statistics count the valid tokens)
-    assert [layer.last_comm.num_tokens for layer in model.moe_layers()] == [n_before, n_after]
+    assert [call.comm().num_tokens for call in collector.last()] == [n_before, n_after]
 
 
 @pytest.mark.parametrize("method,attn_impl", [("learnpruner", "eager"), ("fastv", "sdpa"), ("learnpruner", "sdpa")])

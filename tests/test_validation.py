@@ -22,6 +22,7 @@ from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.errors import DatasetError
 from ds_smoes.data import collate_prompts, collate_train
 from ds_smoes.moe.layer import SMoESMoE
+from ds_smoes.moe.collector import RoutingCollector
 
 D = 8
 LABELS_BT = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
@@ -179,11 +180,13 @@ def test_validate_inputs_is_off_by_default_and_documented():
 def test_zero_tokens_give_an_empty_output_and_zero_loss(shape, fields):
     layer = _layer(**fields)
     x = torch.randn(*shape, requires_grad=True)
-    out, l_aux, counts = layer(x, modality_labels=torch.zeros(shape[:-1], dtype=torch.long))
+    with RoutingCollector([layer]) as collector:
+        out, l_aux, counts = layer(x, modality_labels=torch.zeros(shape[:-1], dtype=torch.long))
     assert out.shape == shape and float(l_aux.detach()) == 0.0 and counts.tolist() == [0, 0, 0, 0]
     (out.sum() + l_aux).backward()
     assert x.grad.shape == shape
-    assert layer.last_routing_stats.num_tokens == 0 and layer.last_comm.num_tokens == 0
+    [[call]] = collector.take()
+    assert call.stats.num_tokens == 0 and call.comm().num_tokens == 0
 
 
 def test_zero_tokens_are_an_error_under_validate_inputs():

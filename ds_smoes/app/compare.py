@@ -35,7 +35,7 @@ from ds_smoes.core.errors import ConfigError, SMoESError
 REFERENCE = "topk"
 FIGURES = ("acc_multimodal", "acc_language", "acc_overall", "msi", "cross_rank_rate", "ranks_per_token",
            "remote_pairs_per_token", "tokens_per_s")
-# measured by the dispatch (layer.last_comm); absent from runs made before it was logged
+# measured by the dispatch (what each MoE call sent, collected by ds_smoes.moe.collector); absent from runs made before it was logged
 OPTIONAL_FIGURES = ("bytes_per_token",)
 
 

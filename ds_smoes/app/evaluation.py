@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from ds_smoes.data import LlavaDataset, collate_prompts, collate_train
 from ds_smoes.core.metrics import modality_specialization_index
 from ds_smoes.parallel.dispatch import stock_alltoall_bytes
 from ds_smoes.model import model_inputs
+from ds_smoes.moe.collector import MoECall, RoutingCollector
 
 
 def lockstep_batches(num_items: int, rank: int, world: int, batch_size: int) -> list[tuple[list[int], list[bool]]]:
@@ -178,21 +180,23 @@ _COMM_KEYS = ("cross_rank_rate", "ranks_per_token", "remote_pairs_per_token")
 
 
 class RoutingAccumulator:
-    """Sums the layers' `RoutingStats` over many forwards (token-weighted) on this rank, on the model's device:
-    `add` reads nothing back to the host (a training step calls it), `result` reads once."""
+    """Sums the layers' `RoutingStats` over many forwards (token-weighted) on this rank, on the model's device, from
+    the calls a `ds_smoes.moe.collector.RoutingCollector` took: `add` reads nothing back to the host (a training
+    step calls it), `result` reads once."""
 
     def __init__(self, moe_layers) -> None:
         self.layers = moe_layers
         self.num_experts = moe_layers[0].config.num_experts if moe_layers else 0
         self.load_LME: torch.Tensor | None = None   # [layers, 2, experts], made on the first add's device
         # per layer: [tokens, sum of each comm figure for binned placement, then physical, then the
-        # bytes the layer's dispatch really sent to other EP ranks (layer.last_remote_bytes)]
+        # bytes the layer's dispatch really sent to other EP ranks (MoECall.remote_bytes)]
         self.comm_LX: torch.Tensor | None = None
         # layers whose dispatcher is not the stock one (rank_once): per forward, each layer's largest expert load on this rank (valid routes), from which
         # `result` computes what DeepSpeed's stock dispatch would have sent for the same routing (its dropless
         # capacity is the EP group's largest expert load)
         self._max_load_L: list[torch.Tensor] = []
         self._counterfactual = bool(moe_layers) and all(l.dispatcher.has_stock_counterfactual for l in moe_layers)
+        self.last_stats_L: list = [None] * len(moe_layers)   # each layer's statistics of its last call added
 
     def _buffers(self, device) -> None:
         if self.load_LME is None:
@@ -200,22 +204,30 @@ class RoutingAccumulator:
             self.load_LME = torch.zeros(len(self.layers), 2, self.num_experts, dtype=dtype, device=device)
             self.comm_LX = torch.zeros(len(self.layers), 2 + 2 * len(_COMM_KEYS), dtype=dtype, device=device)
 
-    def add(self) -> None:
-        for l, layer in enumerate(self.layers):
-            st = layer.last_routing_stats
-            if st is None:
-                continue
-            self._buffers(st.load_ME.device)
-            self.load_LME[l] += st.load_ME.to(self.load_LME.dtype)
-            n = st.num_tokens.to(self.comm_LX.dtype)
-            figures = [st.comm_binned[key] for key in _COMM_KEYS] + [st.comm_physical[key] for key in _COMM_KEYS]
-            self.comm_LX[l, 0] += n
-            self.comm_LX[l, 1:-1] += torch.stack(figures).to(self.comm_LX) * n
-            self.comm_LX[l, -1] += getattr(layer, "last_remote_bytes", 0)
+    def add(self, calls_L: Sequence[Sequence[MoECall]]) -> None:
+        """The calls a `RoutingCollector` took over `layers` (per layer, in order): sums their statistics on the
+        device.  Calls collected without statistics are left out."""
+        for l, calls in enumerate(calls_L):
+            for call in calls:
+                st = call.stats
+                if st is None:
+                    continue
+                self._buffers(st.load_ME.device)
+                self.load_LME[l] += st.load_ME.to(self.load_LME.dtype)
+                n = st.num_tokens.to(self.comm_LX.dtype)
+                figures = ([st.comm_binned[key] for key in _COMM_KEYS]
+                           + [st.comm_physical[key] for key in _COMM_KEYS])
+                self.comm_LX[l, 0] += n
+                self.comm_LX[l, 1:-1] += torch.stack(figures).to(self.comm_LX) * n
+                self.comm_LX[l, -1] += call.remote_bytes
+            if calls:
+                self.last_stats_L[l] = calls[-1].stats
         if self._counterfactual:
-            stats = [layer.last_routing_stats for layer in self.layers]
-            if all(st is not None for st in stats):
-                self._max_load_L.append(torch.stack([st.load_ME.sum(0).max() for st in stats]).to(self.comm_LX))
+            # one figure per forward: the q-th call of every layer
+            for forward in zip(*calls_L):
+                if all(call.stats is not None for call in forward):
+                    self._max_load_L.append(torch.stack([call.stats.load_ME.sum(0).max() for call in forward]
+                                                        ).to(self.comm_LX))
 
     def result(self, loss: float = float("nan"), num_samples: int = 0) -> RoutingMeasurement:
         """The world-summed figures; `num_samples`: the conversations the forwards covered, for per-sample
@@ -261,7 +273,8 @@ def measure_routing(engine, dataset: LlavaDataset, batch_size: int, device: torc
     module = engine.module if hasattr(engine, "module") else engine
     was_training = module.training
     module.eval()
-    acc = RoutingAccumulator(module.moe_layers())
+    layers = module.moe_layers()
+    acc = RoutingAccumulator(layers)
     loss_sum = torch.zeros(2, dtype=torch.float64)
     for idx, counted in lockstep_batches(len(dataset), distributed.rank(), distributed.world_size(), batch_size):
         batch = collate_train([dataset[i] for i in idx])
@@ -270,10 +283,11 @@ def measure_routing(engine, dataset: LlavaDataset, batch_size: int, device: torc
         batch.attention_mask_BT &= keep_B.unsqueeze(1)
         batch.labels_BT[~keep_B] = -100
         batch = batch.to(device)
-        out = module(*model_inputs(batch), labels_BT=batch.labels_BT)
+        with RoutingCollector(layers, stats=True) as collector:
+            out = module(*model_inputs(batch), labels_BT=batch.labels_BT)
         n = int((batch.labels_BT[:, 1:] != -100).sum())
         loss_sum += torch.tensor([float(out.lm_loss) * n if n else 0.0, n], dtype=torch.float64)
-        acc.add()
+        acc.add(collector.take())
     distributed.world_sum_(loss_sum)
     module.train(was_training)
     return acc.result(float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else float("nan"), num_samples=len(dataset))

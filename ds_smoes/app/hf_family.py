@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ds_smoes.app.evaluation import RoutingAccumulator, lockstep_batches, median_ms_per_sample
+from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.app.family import ModelFamily, check_images, ensure_digits
 from ds_smoes.app.hf_config import HFTrainConfig
 from ds_smoes.core.errors import ConfigError
@@ -80,7 +81,8 @@ def evaluate(model: SMoESHFModel, dataset: HFConversationDataset, batch_size: in
     from one pass."""
     was = model.training
     model.eval()
-    acc = RoutingAccumulator(model.moe_layers())
+    layers = model.moe_layers()
+    acc = RoutingAccumulator(layers)
     counts = torch.zeros(6, dtype=torch.float64)   # loss sum, batches, correct mm, mm, correct lang, lang
     prefill, rows = [], []                          # with_routing (the final evaluation): the prefill times
     for idx, counted in lockstep_batches(len(dataset), distributed.rank(), distributed.world_size(), batch_size):
@@ -90,8 +92,9 @@ def evaluate(model: SMoESHFModel, dataset: HFConversationDataset, batch_size: in
             batch["attention_mask"] = batch["attention_mask"] * keep_B[:, None]
             batch["labels"][~keep_B] = -100
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**model_inputs(model, batch))
-            acc.add()
+            with RoutingCollector(layers) as collector:
+                out = model(**model_inputs(model, batch))
+            acc.add(collector.take())
             counts[0] += float(out.lm_loss) * float(keep_B.any())
             counts[1] += float(keep_B.any())
         rows.append(len(idx))

@@ -19,6 +19,7 @@ import torch
 from ds_smoes.parallel import distributed
 from ds_smoes.core.errors import ConfigError, TrainingDiverged
 from ds_smoes.app.evaluation import RoutingAccumulator
+from ds_smoes.moe.collector import RoutingCollector
 
 
 def train_loader(dataset, cfg, world: int, rank: int, collate_fn) -> tuple:
@@ -78,6 +79,7 @@ class TrainWindow:
         self.last_finite = (float("nan"), 0)   # (loss, step) of the last window whose mean loss was finite
         self.stop_agreed = False
         self.checkpoint_agreed = False
+        self.collector = RoutingCollector(self.moe_layers, stats=True)
         self._reset()
 
     def _reset(self) -> None:
@@ -85,6 +87,10 @@ class TrainWindow:
         self._counts = [0, 0]                       # steps, tokens (host-side numbers already)
         self._seconds = 0.0
         self._routing = RoutingAccumulator(self.moe_layers)
+
+    def collecting(self) -> RoutingCollector:
+        """Open over a training step's forward: the MoE layers' calls go to this window (`add` takes them)."""
+        return self.collector
 
     def add(self, out, tokens: int, seconds: float) -> None:
         """One optimizer step: `out` has .loss, .lm_loss, .aux_loss; `tokens` non-padding tokens here.  Sums on the
@@ -97,7 +103,7 @@ class TrainWindow:
         self._seconds += seconds
         self.train_seconds += seconds
         self.tokens += tokens
-        self._routing.add()
+        self._routing.add(self.collector.take())
 
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.log_every == 0 or step == total_steps
@@ -111,7 +117,7 @@ class TrainWindow:
         step), tokens_per_s (all ranks' tokens over this rank's seconds), msi (from the summed routing
         loads) and the communication figures (token-weighted; cross_rank_rate and ranks_per_token with
         experts placed by their bins, bytes_per_token what the dispatch really sent).  This rank's last
-        step only, from the layers' `last_routing_stats`: mi and train/gate/... (means over layers) and
+        step only, from the layers' statistics of their last call: mi and train/gate/... (means over layers) and
         dropped_routes (summed over layers).  rebins counts every layer's re-binnings of the run so far.
         """
         device = self._losses.device if self._losses is not None else distributed.collective_device()
@@ -124,7 +130,7 @@ class TrainWindow:
         routing = self._routing.result()
         loss, lm, aux = (sums[:3] / sums[3].clamp_min(1)).tolist()
         self.last_loss = loss
-        stats = [layer.last_routing_stats for layer in self.moe_layers if layer.last_routing_stats is not None]
+        stats = [st for st in self._routing.last_stats_L if st is not None]
         mi = [float(s.mi) for s in stats]
         metrics = {"train/loss": loss, "train/lm_loss": lm, "train/aux_loss": aux,
                    "train/tokens_per_s": float(sums[4]) / max(self._seconds, 1e-9), "train/msi": routing.msi,

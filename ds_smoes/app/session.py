@@ -250,7 +250,7 @@ def _final_figures(acc: dict, routing, figures: dict, s, seed: int, world: int, 
         "cross_rank_rate": routing.mean("cross_rank_rate"),
         "ranks_per_token": routing.mean("ranks_per_token"),
         "remote_pairs_per_token": routing.mean("remote_pairs_per_token"),
-        # measured from the dispatch's own split sizes (layer.last_comm), per MoE layer
+        # measured from the dispatch's own split sizes (MoECall.remote_bytes), per MoE layer
         "bytes_per_token": routing.mean("remote_bytes_per_token"),
         # the same bytes summed over every MoE layer (and rank), per test conversation; and the MoE token visits
         "bytes_per_sample": routing.bytes_per_sample,
@@ -553,7 +553,8 @@ def _train_loop(family: ModelFamily, engine, loader, sampler, step: int, epoch: 
                 pending_rng = None
             t0 = time.time()
             family.begin_step(step)
-            out = family.forward(engine, batch, engine.device)
+            with window.collecting():
+                out = family.forward(engine, batch, engine.device)
             engine.backward(family.train_loss(out))
             engine.step()
             window.add(out, family.num_tokens(batch), time.time() - t0)

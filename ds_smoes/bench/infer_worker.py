@@ -7,7 +7,7 @@ this ep_size with the variant's dispatch and loads the trained checkpoint's modu
 ep_size 1 as it is; the gate's `physical_E` travels with the weights), then, in eval mode:
 
 1. a traffic pass: greedy generation with the KV cache (`TinyMoEVLM.generate`, the serving path) on
-   fixed prompt batches, summing every MoE call's remote bytes (`layer.last_remote_bytes`: what the
+   fixed prompt batches, summing every MoE call's remote bytes (`MoECall.remote_bytes`, collected: what the
    rank sent to other EP ranks, dispatch + combine) separately for the prefill and the decode steps;
 2. timing: `warmup + repeats` rounds; in each round every variant generates on the round's batch
    (round robin, the order rotating, a barrier before each), and a forward hook on the model marks
@@ -33,6 +33,7 @@ from ds_smoes.bench.runs import RECIPES
 from ds_smoes.core.errors import ConfigError, SMoESError
 from ds_smoes.parallel import distributed
 from ds_smoes.parallel import console
+from ds_smoes.moe.collector import RoutingCollector
 
 log0 = partial(console.log0, tag="infer", elapsed=True)   # progress lines, rank 0 only
 
@@ -128,7 +129,10 @@ class TrafficMeter:
         self.calls = {"prefill": 0, "decode": 0}     # MoE layer calls per phase
         self._phase = "prefill"
         self._handles = [model.lm_head.register_forward_hook(lambda *_: self._set("decode"))]
-        self._handles += [layer.register_forward_hook(self._count) for layer in model.moe_layers()]
+        layers = model.moe_layers()
+        self._handles += [layer.register_forward_hook(self._count) for layer in layers]
+        # what each call sent, without statistics (an inference forward computes none)
+        self._collector = RoutingCollector(layers, stats=False).__enter__()
 
     def arm(self) -> None:
         self._phase = "prefill"
@@ -137,12 +141,15 @@ class TrafficMeter:
         self._phase = phase
 
     def _count(self, layer, *_) -> None:
-        self.bytes[self._phase] += int(layer.last_remote_bytes)   # host ints from the dispatch's own split sizes
+        for calls in self._collector.take():
+            # host ints from the dispatch's own split sizes
+            self.bytes[self._phase] += sum(call.remote_bytes for call in calls)
         self.calls[self._phase] += 1
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._collector.__exit__(None, None, None)
 
 
 def generate(model, batch, new_tokens: int, eos_id: int) -> list:

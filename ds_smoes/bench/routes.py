@@ -1,20 +1,21 @@
 """What a router did, recorded on the side: per MoE-layer call, each token's modality, validity
-and selected experts, captured by forward hooks (the layer's and the gate's public interfaces).
+and selected experts, as the layer hands them to a `ds_smoes.moe.collector.RoutingCollector` that keeps routes.
 
 From the recorded routes, pure functions compute the router statistics the simulator needs
 (`own_route_counts`) and, independently of `ds_smoes.parallel.dispatch`, the bytes each dispatch must
 send (`expected_rank_once_dispatch_bytes`, `expected_stock_bytes`), which the benchmark checks against
-`layer.last_comm`.
+what the layer reported (`MoECall.comm()`).
 
 Shapes: S tokens, K routes per token, E experts, P physical expert slots, G bins, M = 2 modalities (0 text, 1 vision),
 J = K + 1 own-route counts, R EP ranks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 
 import torch
+
+from ds_smoes.moe.collector import RoutingCollector
 
 
 @dataclass
@@ -25,39 +26,34 @@ class LayerCall:
     capacity: int               # the gate's (dropless: largest load, agreed over the EP group)
 
 
-@dataclass
 class RouteRecorder:
-    """Hooks on every MoE layer of a model: `calls[l]` lists the layer's calls since `clear()`."""
-    layers: list
-    calls: list[list[LayerCall]] = field(default_factory=list)
+    """Records the routes of every MoE layer call made inside `with recorder:` (a RoutingCollector that keeps
+    each call's routes): `calls[l]` lists layer l's calls since `clear()` as LayerCall (on the host), `moe_calls[l]`
+    what the layer reported for them (`ds_smoes.moe.collector.MoECall`: statistics, bytes, CommVolume)."""
 
-    def __post_init__(self) -> None:
-        self.calls = [[] for _ in self.layers]
-        self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
-        self._handles = []
-        for l, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(partial(self._on_layer, l), with_kwargs=True))
-            self._handles.append(layer.gate.register_forward_hook(partial(self._on_gate, l)))
+    def __init__(self, layers) -> None:
+        self.layers = list(layers)
+        self._collector = RoutingCollector(self.layers, stats=True, routes=True)
+        self.clear()
 
-    def _on_layer(self, l: int, module, args, kwargs) -> None:
-        hidden = args[0]
-        used = args[1] if len(args) > 1 else kwargs.get("used_token")
-        num_tokens = hidden.reshape(-1, hidden.shape[-1]).shape[0]
-        valid_S = (used.reshape(-1).bool() if used is not None
-                   else torch.ones(num_tokens, dtype=torch.bool))
-        self._pending[l] = (kwargs["modality_labels"].reshape(-1).long().detach().cpu(), valid_S.detach().cpu())
+    def __enter__(self) -> RouteRecorder:
+        self._collector.__enter__()
+        return self
 
-    def _on_gate(self, l: int, module, args, output) -> None:
-        labels_S, valid_S = self._pending[l]
-        self._pending[l] = None
-        self.calls[l].append(LayerCall(labels_S, valid_S, output[3].detach().cpu().long(), int(output[1])))
+    def __exit__(self, *exc) -> None:
+        self._collector.__exit__(*exc)
+        for l, calls in enumerate(self._collector.take()):
+            for call in calls:
+                routed = call.routed
+                self.calls[l].append(LayerCall(routed.inputs.labels_S.detach().cpu().long(),
+                                               routed.valid_S.detach().cpu(),
+                                               routed.indices_KS.detach().cpu().long(), int(routed.capacity)))
+                call.routed = None   # what is needed is on the host now
+                self.moe_calls[l].append(call)
 
     def clear(self) -> None:
-        self.calls = [[] for _ in self.layers]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+        self.calls: list[list[LayerCall]] = [[] for _ in self.layers]
+        self.moe_calls: list[list] = [[] for _ in self.layers]
 
 
 # -- router statistics (pure) ----------------------------------------------------------------------

@@ -133,7 +133,11 @@ def shape_figures(raw: dict) -> dict:
            "dispatch_ratio_rank_once_vs_stock": {r: paired_ratio(t[f"{r}/rank_once"], t[f"{r}/stock"])
                                                  for r in ("profile", "uniform", "smoes", "topk")},
            "bytes_ratio_rank_once_vs_stock": {r: b[f"{r}/rank_once"] / b[f"{r}/stock"] if b[f"{r}/stock"] else None
-                                              for r in ("profile", "uniform", "smoes", "topk")}}
+                                              for r in ("profile", "uniform", "smoes", "topk")},
+           # the expert kernel "auto" chose against the module loop, same routes (SMoES-profile), same rounds
+           "kernel_ratio_chosen_vs_modules": (paired_ratio(t["profile/rank_once"], t["profile/rank_once:modules"])
+                                              if "profile/rank_once:modules" in t else None),
+           "expert_kernels": sorted({k["kernel"] for k in raw.get("expert_kernels", [])})}
     layer = out["layer_ratio_smoes_vs_topk"]["rank_once"]["median"]
     disp = out["dispatch_ratio_rank_once_vs_stock"]["profile"]["median"]
     out["bars"] = {"layer_ratio_smoes_vs_topk": {"value": layer, "bar": BARS["layer_ratio_smoes_vs_topk"],
@@ -173,8 +177,8 @@ def report_markdown(result: dict) -> str:
              "## MoE layer fwd+bwd (median of per-round ratios, 95 % interval)", "",
              "| shape | dtype | SMoES / top-k gate, rank_once | SMoES / top-k gate, stock | rank_once / stock, "
              "SMoES-profile routes | rank_once / stock, uniform routes | bytes/token rank_once vs stock (profile) "
-             "| bytes/token (uniform) | ms: smoes/rank_once, topk/stock |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| bytes/token (uniform) | ms: smoes/rank_once, topk/stock | expert kernel (auto) / module loop |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["shapes"]:
         b = r["remote_bytes_per_token"]
         lines.append(
@@ -184,7 +188,9 @@ def report_markdown(result: dict) -> str:
             f"| {_ci(r['dispatch_ratio_rank_once_vs_stock']['uniform'])} "
             f"| {b['profile/rank_once']:.0f} vs {b['profile/stock']:.0f} "
             f"| {b['uniform/rank_once']:.0f} vs {b['uniform/stock']:.0f} "
-            f"| {r['ms']['smoes/rank_once']:.0f}, {r['ms']['topk/stock']:.0f} |")
+            f"| {r['ms']['smoes/rank_once']:.0f}, {r['ms']['topk/stock']:.0f} "
+            f"| {', '.join(r.get('expert_kernels') or []) or 'n/a'}: "
+            f"{_ci(r['kernel_ratio_chosen_vs_modules']) if r.get('kernel_ratio_chosen_vs_modules') else 'n/a'} |")
     if result.get("bf16_skipped"):
         lines += ["", f"bf16: not measured ({result['bf16_skipped']}); `--dtypes fp32 bf16` measures it anyway."]
     att = result.get("attention")

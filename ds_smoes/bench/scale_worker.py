@@ -14,7 +14,7 @@ its expert weights; a variant is (router, dispatch):
 
 Each round runs every variant once on the round's batch (variant order rotated round by round, a
 barrier before each); a time is the slowest rank's.  Remote bytes are what each dispatch reported
-(`layer.last_remote_bytes`), summed over the ranks.  Rank 0 writes the raw figures as JSON.
+(`MoECall.remote_bytes`, collected), summed over the ranks.  Rank 0 writes the raw figures as JSON.
 
 Shapes: S tokens on this rank, B sequences, T positions, D hidden, K routes per token, E experts.
 """
@@ -37,15 +37,17 @@ from ds_smoes.bench.synthetic_routes import (OwnRouteModel, draw_modality_labels
                                              draw_uniform_routes)
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.errors import SMoESError
+from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.moe.dispatchers import build_dispatcher
 from ds_smoes.moe.gate import SMoESGate
 from ds_smoes.parallel import distributed
-from ds_smoes.parallel import console
+from ds_smoes.parallel import console, expert_kernels
 
 log0 = partial(console.log0, tag="bench")   # progress lines, rank 0 only
 
 VARIANTS = ("smoes/rank_once", "topk/rank_once", "smoes/stock", "topk/stock",
-            "profile/rank_once", "profile/stock", "uniform/rank_once", "uniform/stock")
+            "profile/rank_once", "profile/stock", "uniform/rank_once", "uniform/stock",
+            "profile/rank_once:modules")   # rank_once running its experts by the module loop, whatever auto chose
 SEQUENCE = 256   # tokens per sequence: the MI loss is per sample
 # a variant's dispatch part -> the config's dispatch name (`ds_smoes.moe.dispatchers`)
 VARIANT_DISPATCH = {"rank_once": "rank_once", "stock": "deepspeed"}
@@ -118,12 +120,16 @@ def build(shape: MoEShape, ep_size: int, dtype: torch.dtype, seed: int):
 
 
 def use_variant(layer, gates: dict, variant: str, given: dict, batch_index: int) -> None:
-    """Install the variant's router and dispatch on the layer (configs are frozen: copies with the dispatch)."""
-    router, dispatch = variant.split("/")
+    """Install the variant's router, dispatch and expert kernel (`router/dispatch[:kernel]`; default auto) on the
+    layer (configs are frozen: copies with the dispatch)."""
+    router, rest = variant.split("/")
+    dispatch, _, kernel = rest.partition(":")
     gate = gates[router] if router in ("smoes", "topk") else gates["given"]
-    gate.config = gate.config.model_copy(update={"dispatch": VARIANT_DISPATCH[dispatch]})
+    gate.config = gate.config.model_copy(update={"dispatch": VARIANT_DISPATCH[dispatch],
+                                                 "expert_kernel": kernel or "auto"})
     layer.config = gate.config
     layer.dispatcher = build_dispatcher(gate.config.dispatch)   # the component, not only the config's name
+    gate.slotless = layer.dispatcher.slotless(gate.drop_tokens)
     layer.deepspeed_moe.gate = gate
     if router in ("profile", "uniform"):
         gate.given_SK = given[router][batch_index]
@@ -154,11 +160,13 @@ def make_batches(shape: MoEShape, tokens: int, dtype: torch.dtype, model: OwnRou
 def fwd_bwd(layer, shared, batch: dict) -> int:
     """One fwd+bwd; returns the remote bytes the dispatch reported."""
     x_BTD = batch["x_BTD"].detach().requires_grad_(True)
-    out_BTD, l_aux, _ = layer(x_BTD, modality_labels=batch["labels_BT"], modality_scores=batch["scores_BTM"])
+    with RoutingCollector([layer], stats=False) as collector:
+        out_BTD, l_aux, _ = layer(x_BTD, modality_labels=batch["labels_BT"], modality_scores=batch["scores_BTM"])
     if shared is not None:
         out_BTD = out_BTD + shared(x_BTD)
     ((out_BTD.float() * batch["probe_BTD"].float()).sum() + l_aux).backward()
-    return int(layer.last_remote_bytes)
+    [[call]] = collector.take()
+    return call.remote_bytes
 
 
 def measure(shape: MoEShape, dtype_name: str, args, model: OwnRouteModel) -> dict:
@@ -194,6 +202,9 @@ def measure(shape: MoEShape, dtype_name: str, args, model: OwnRouteModel) -> dic
     return {"shape": shape.key, "dtype": dtype_name, "tokens_per_rank": args.tokens,
             "seconds": {key: times_QX[:, v].tolist() for v, key in enumerate(VARIANTS)},
             "remote_bytes_per_token": {key: float(bytes_X[v]) / tokens_all for v, key in enumerate(VARIANTS)},
+            # what "auto" chose for the layer's experts on rank 0 (key -> kernel), with the probe's times
+            "expert_kernels": [{"key": [str(part) for part in key], "kernel": kernel, "seconds": seconds}
+                               for key, (kernel, seconds) in expert_kernels.chosen().items()],
             "wall_seconds": time.time() - t0}
 
 

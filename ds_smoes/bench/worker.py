@@ -6,7 +6,7 @@ same seed) it builds one model per variant, each with its own SMoESConfig (gate,
 max_bins_per_token; none of them changes a parameter, so one checkpoint loads into all of a
 gate's variants), then, on the same fixed test batches for every variant:
 
-1. a routing pass: one fwd+bwd per batch and variant, tallying `layer.last_comm` of every MoE
+1. a routing pass: one fwd+bwd per batch and variant, tallying the CommVolume of every MoE
    layer and recording the routes (`ds_smoes.bench.routes`), from which the expert rows each rank
    runs in each call follow (`expert_rows_sent`);
 2. timing: `warmup + repeats` rounds; in each round every variant runs one fwd+bwd on the round's
@@ -144,11 +144,12 @@ def routing_pass(model, batches: list, smoes: SMoESConfig) -> dict:
     d = model.cfg.d_model
     elt = None
     for batch in batches:
-        fwd_bwd(model, batch)
+        with recorder:
+            fwd_bwd(model, batch)
         model.zero_grad(set_to_none=True)
         elt = next(model.parameters()).element_size()
         for l, layer in enumerate(layers):
-            comm = layer.last_comm
+            comm = recorder.moe_calls[l][-1].comm()
             call = recorder.calls[l][-1]
             # summed over the ranks, what rank_once combines back equals what it dispatched
             expected = (2 * expected_rank_once_dispatch_bytes([call], home, per_rank, d, elt)
@@ -181,7 +182,6 @@ def routing_pass(model, batches: list, smoes: SMoESConfig) -> dict:
                            "load_MP": load_MP.tolist(), "own_bins_MG": own_MG.tolist(),
                            "own_route_counts_MJ": counts_MJ.tolist(),
                            "expert_rows_busiest": busiest, "expert_rows_mean": mean})
-    recorder.remove()
     return {"layers": layers_out, "element_size": elt, "hidden": d}
 
 

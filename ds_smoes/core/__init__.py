@@ -9,7 +9,6 @@
     placement.py     placement *planning*: which physical id each expert takes
     config.py        SMoESConfig, the method's settings (pydantic)
     errors.py        the errors a user can fix
-    deferred.py      lazily computed per-step figures
 
 Imports torch, pydantic and this package only: never deepspeed, ray, mlflow or a layer above
 (tests/test_layers.py keeps it so).

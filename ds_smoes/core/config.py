@@ -68,6 +68,11 @@ class SMoESConfig(_Strict):
                                                             "capacity-padded all-to-all) or rank_once (dropless, "
                                                             "each token sent once per EP rank); see "
                                                             "ds_smoes/parallel/dispatch.py")
+    expert_kernel: Literal["auto", "grouped", "segments", "modules"] = Field(
+        "auto", description="rank_once: how a rank runs its local experts: grouped (one grouped matmul per "
+                            "projection), segments (a matmul per expert on the stacked weights), modules (the expert "
+                            "modules in a loop), or auto: the fastest, measured once per device, dtype and shape "
+                            "(ds_smoes/parallel/expert_kernels.py)")
     placement: PlacementType = Field("bins", description="bins: when adaptive bins freeze, move each bin's experts "
                                                          "(weights and optimizer state) onto the bin's EP rank, "
                                                          "once; none: keep DeepSpeed's layout "

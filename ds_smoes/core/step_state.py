@@ -21,7 +21,11 @@ from torch import nn
 
 def in_backward() -> bool:
     """True while autograd's engine runs a backward pass on this thread, i.e. in a checkpoint's recomputed
-    forward (a plain forward never runs there)."""
+    forward (a plain forward never runs there).  False inside code `torch.compile` traces: a compiled forward is
+    not re-run by Python in the backward (its recomputation, if any, is part of the compiled backward graph), and
+    asking autograd's engine would break the graph."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

@@ -36,15 +36,19 @@ class ModalityContext:
     pending_probs_BTU: torch.Tensor | None = None    # head-averaged attention probs recorded for this layer
     key_scores: dict = field(default_factory=dict)   # layer -> [B, U, M] scores of all tokens seen (cached decoding)
 
-    def begin(self, input_ids_BT: torch.Tensor, attention_mask_BU: torch.Tensor | None, cached: bool) -> None:
-        """Start a forward: hard labels from the placeholder token ids, validity from the attention mask."""
+    def begin(self, input_ids_BT: torch.Tensor, attention_mask_BU: torch.Tensor | None, cached: bool,
+              track: bool | None = None) -> None:
+        """Start a forward: hard labels from the placeholder token ids, validity from the attention mask.  `track`:
+        carry the attention score in this forward (default `track_scores`; the model passes False where nothing
+        computes the losses it feeds)."""
         ids = torch.tensor(self.image_token_ids, device=input_ids_BT.device, dtype=input_ids_BT.dtype)
         labels_BT = torch.isin(input_ids_BT, ids).long()
         t = input_ids_BT.shape[1]
         valid_BT = (attention_mask_BU[:, -t:].bool() if attention_mask_BU is not None and attention_mask_BU.dim() == 2
                     else torch.ones_like(labels_BT, dtype=torch.bool))
         labels_BT = labels_BT * valid_BT
-        scores = hard_scores(labels_BT.reshape(-1)).reshape(*labels_BT.shape, 2) if self.track_scores else None
+        track = self.track_scores if track is None else track and self.track_scores
+        scores = hard_scores(labels_BT.reshape(-1)).reshape(*labels_BT.shape, 2) if track else None
         self.batch = ModalityBatch(labels_BT, valid_BT, scores)
         self.aux_losses = []
         if not cached:

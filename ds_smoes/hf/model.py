@@ -54,7 +54,9 @@ class SMoESHFModel(nn.Module):
                              "labels); inputs_embeds alone is not supported")
         cached = any(hasattr(past, "get_seq_length") and int(past.get_seq_length()) > 0
                      for past in (kwargs.get(name) for name in _CACHE_KWARGS))
-        self.context.begin(input_ids, kwargs.get("attention_mask"), cached)
+        # the attention score feeds the gates' losses only: an inference forward does not carry it
+        track = self.context.track_scores and any(layer.computes_losses() for layer in self.moe_layers())
+        self.context.begin(input_ids, kwargs.get("attention_mask"), cached, track)
 
     def forward(self, **inputs) -> SMoESOutput:
         out = self.hf_model(**inputs)

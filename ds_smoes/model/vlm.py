@@ -177,8 +177,11 @@ class TinyMoEVLM(nn.Module):
         return (weights_BT.unsqueeze(-1) * x_BTD).sum(1) / weights_BT.sum(1, keepdim=True).clamp_min(1)
 
     def tracks_attention_score(self) -> bool:
-        """Whether the forward carries the attention score through the depth (score_type attention, MoE blocks)."""
-        return self.smoes is not None and self.smoes.effective_score_type == "attention" and bool(self.moe_layers())
+        """Whether the forward carries the attention score through the depth: score_type attention, MoE blocks, and
+        losses to compute (the score feeds the gate's losses, not its routing: an inference forward skips it)."""
+        if self.smoes is None or self.smoes.effective_score_type != "attention":
+            return False
+        return any(layer.computes_losses() for layer in self.moe_layers())
 
     def forward(self, input_ids_BT, attention_mask_BT, modality_BT, image_BCHW, has_image_B,
                 labels_BT: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -1,8 +1,10 @@
 """The DeepSpeed integration: the gates and the MoE layer.
 
-    gate.py       ModalityGate (a DeepSpeed TopKGate with modality side-information) and SMoESGate
+    gate.py       ModalityGate (a DeepSpeed TopKGate with modality side-information) and SMoESGate: the router,
+                  whose calls return what they computed (Routed, the losses, RoutingStats)
     layer.py      SMoESMoE: DeepSpeed's MoE with the gate, the scores, its dispatcher and placement
     dispatchers.py  the stock and rank_once dispatchers (config.dispatch -> one component per layer)
+    collector.py  RoutingCollector: a caller's scope that receives each MoE call's statistics and bytes
     registry.py   smoes.gate -> gate class
     baselines/    DeepSpeed top-k, hard modality routing, LTDR, the KL band (docs/gates.md)
 

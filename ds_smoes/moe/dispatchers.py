@@ -2,18 +2,23 @@
 combines what comes back.  One is chosen when the layer is built (`build_dispatcher`, from `config.dispatch`);
 nothing else reads the dispatch's name.
 
-    StockDispatcher     DeepSpeed's own `MOELayer.forward`: the capacity-padded [E, C, D] all-to-all, twice
+    StockDispatcher     DeepSpeed's stock MOELayer dispatch, from DeepSpeed's own parts: the capacity-padded
+                        [E, C, D] buffer through an all-to-all twice, its tensor-parallel token handling included
     RankOnceDispatcher  `ds_smoes.parallel.dispatch`: a token goes once to every rank holding one of its experts,
                         dropless, its local experts run as one grouped matmul per projection
 
-A dispatcher answers what the rest of the layer asks of it:
+The layer calls a dispatcher twice per forward, around the gate's losses:
+
+    plan = dispatcher.plan(layer, routed)            # rank_once: starts the count exchange (overlaps the losses)
+    l_aux, named = gate.losses(routed)
+    sent = dispatcher.forward(layer, x_SD, routed, plan)   # -> Dispatched(out_SD, remote_bytes, comm)
+
+and asks, once, at set-up:
 
 - `prepare(layer)` at construction (rank_once lays recognised experts out stacked) and `keeps_stacked(...)`
-  when the layer is moved or cast;
+  when the layer is moved or cast; `check_parallelism()` once DeepSpeed has made the process groups;
 - `slotless(drop_tokens)`: whether routes need slots in a padded buffer and the EP ranks a common capacity
   (the gate skips both, and their all-reduce, when not);
-- `forward(layer, hidden_states, x_SD, valid_S)`: the layer's output, l_aux and expert counts, with what the
-  call sent to other ranks left on the layer (`last_comm`, `last_remote_bytes`);
 - `capacity_padded`: whether experts run on a capacity-padded buffer (the benchmarks' expert-work count);
 - `has_stock_counterfactual`: whether the evaluation should also count what the stock dispatch would have sent
   for the same routes (it is the stock dispatch's own figure otherwise).
@@ -22,19 +27,41 @@ A DeepEP dispatcher (NVIDIA's expert-parallel kernels) would be a third class he
 """
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from deepspeed.moe.layer import MoE
+from deepspeed.moe.mappings import drop_tokens, gather_tokens
+from deepspeed.moe.sharded_moe import _AllToAll, _route_slots, _sparse_decode, _sparse_encode
+from deepspeed.utils import groups
+from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
 from ds_smoes.core.errors import ConfigError
-from ds_smoes.parallel.dispatch import (CommVolume, RankOncePlan, plan_rank_once, rank_once_dispatch, rank_once_volume,
+from ds_smoes.parallel.dispatch import (CommVolume, plan_rank_once, rank_once_dispatch, rank_once_volume,
                                         stock_alltoall_bytes, stock_volume)
 from ds_smoes.parallel.grouped_experts import grouped_kind, is_view_stacked, stack_expert_params_
 
 
+@dataclass
+class Dispatched:
+    """What one dispatch returned: the combined output, what it sent to other EP ranks (bytes, known on the host
+    without a read), and how to work out its CommVolume when someone asks (`comm(stats)`: the stock dispatch's
+    volume is computed from the gate's statistics of the same call, rank_once's from its own split sizes)."""
+    out_SD: torch.Tensor
+    remote_bytes: int
+    comm: Callable[[Any], CommVolume | None]
+
+
+def tensor_parallel_size() -> int:
+    """The tensor-parallel group's size DeepSpeed was given (1 without an mpu)."""
+    return 1 if groups.mpu is None else bwc_tensor_model_parallel_world_size(mpu=groups.mpu)
+
+
 class StockDispatcher:
-    """DeepSpeed's MOELayer.forward, capacity-padded; its tensor-parallel token handling included."""
+    """DeepSpeed's MOELayer dispatch, capacity-padded, with its tensor-parallel token handling: DeepSpeed 0.19.8's
+    own encode, all-to-all and decode functions in the order its `MOELayer.forward` calls them (the gate is called
+    with its modality inputs first, which `MOELayer.forward` has no argument for).  A test pins the two equal."""
 
     name = "deepspeed"
     has_stock_counterfactual = False
@@ -46,28 +73,49 @@ class StockDispatcher:
     def keeps_stacked(self, experts) -> bool:
         return False
 
+    def check_parallelism(self) -> None:
+        pass
+
     @staticmethod
     def slotless(drop_tokens: bool) -> bool:
         return False
 
-    def forward(self, layer, hidden_states: torch.Tensor, x_SD: torch.Tensor, valid_S: torch.Tensor):
-        out = MoE.forward(layer, hidden_states, None)
-        layer.last_comm = partial(_stock_comm, layer, x_SD.shape[1], x_SD.element_size())
-        layer.last_remote_bytes = stock_alltoall_bytes(layer.config.num_experts, int(layer.gate.last_capacity),
-                                                       x_SD.shape[1], layer.deepspeed_moe.ep_size, x_SD.element_size())
-        return out
-
-
-def _stock_comm(layer, hidden: int, element_size: int) -> CommVolume | None:
-    """The stock dispatch's CommVolume from the gate's statistics of the same call (both are read lazily and
-    replaced together by the next forward)."""
-    stats = layer.gate.last_stats
-    if stats is None:
+    def plan(self, layer, routed) -> None:
         return None
-    routing = stats.comm_physical
-    return stock_volume(layer.config.num_experts, int(stats.capacity), hidden, layer.deepspeed_moe.ep_size,
-                        element_size, float(routing["cross_rank_rate"]), float(routing["ranks_per_token"]),
-                        int(routing["num_tokens"]))
+
+    def forward(self, layer, x_SD: torch.Tensor, routed, plan=None) -> Dispatched:
+        moe = layer.deepspeed_moe
+        num_tokens, hidden = x_SD.shape
+        num_experts, capacity = routed.num_experts, int(routed.capacity)
+        slots_KS = _route_slots(routed.indices_KS, routed.locations_KS, num_experts, capacity)
+        buffer_ECD = _sparse_encode(x_SD, slots_KS, num_experts, capacity)
+        tp = tensor_parallel_size()
+        expert_tp = tp > 1 and groups._get_expert_model_parallel_world_size() > 1
+        if tp > 1:   # every TP rank holds the same tokens: each sends its share only
+            buffer_ECD = drop_tokens(buffer_ECD, dim=1)
+        buffer_ECD = _AllToAll.apply(moe.ep_group, buffer_ECD) if moe.ep_size > 1 else buffer_ECD.contiguous()
+        if expert_tp:
+            buffer_ECD = gather_tokens(buffer_ECD, dim=1)
+        out_ECD = moe.experts(buffer_ECD.reshape(moe.ep_size, moe.num_local_experts, -1, hidden))
+        out_ECD = out_ECD.reshape(moe.ep_size * moe.num_local_experts, -1, hidden)
+        if expert_tp:
+            out_ECD = drop_tokens(out_ECD, dim=1)
+        out_ECD = _AllToAll.apply(moe.ep_group, out_ECD) if moe.ep_size > 1 else out_ECD.contiguous()
+        if tp > 1:
+            out_ECD = gather_tokens(out_ECD, dim=1)
+        out_SD = _sparse_decode(out_ECD.view(num_experts * capacity, hidden), slots_KS, routed.gates_KS, num_tokens)
+        element_size = x_SD.element_size()
+        remote = stock_alltoall_bytes(num_experts, capacity, hidden, moe.ep_size, element_size)
+
+        def comm(stats) -> CommVolume | None:
+            if stats is None:
+                return None
+            routing = stats.comm_physical
+            return stock_volume(num_experts, capacity, hidden, moe.ep_size, element_size,
+                                float(routing["cross_rank_rate"]), float(routing["ranks_per_token"]),
+                                int(routing["num_tokens"]))
+
+        return Dispatched(out_SD, remote, comm)
 
 
 class RankOnceDispatcher:
@@ -90,55 +138,45 @@ class RankOnceDispatcher:
         """Whether `experts` are laid out stacked now (so a move or cast must lay them out again)."""
         return is_view_stacked(experts)
 
+    def check_parallelism(self) -> None:
+        """rank_once does not go through MOELayer.forward, and so not through DeepSpeed's tensor-parallel token
+        handling (each TP rank drops its duplicate share of the tokens before the all-to-all and gathers them
+        after): with a TP group of more than one rank, every TP rank would send every token.  Refused rather
+        than silently multiplied; asked once, when DeepSpeed has made the layer's process groups."""
+        tp = tensor_parallel_size()
+        if tp > 1:
+            raise ConfigError(f"smoes.dispatch='rank_once' does not split tokens over tensor-parallel ranks (this "
+                              f"run has {tp}): set smoes.dispatch='deepspeed', whose dispatch does, or train "
+                              "without tensor parallelism")
+
     @staticmethod
     def slotless(drop_tokens: bool) -> bool:
         """Without dropping there is no padded buffer: no slots, no common capacity."""
         return not drop_tokens
 
-    def forward(self, layer, hidden_states: torch.Tensor, x_SD: torch.Tensor, valid_S: torch.Tensor):
-        """The gate as MOELayer calls it, then the exchange on the layer's local experts."""
-        moe = layer.deepspeed_moe
+    @staticmethod
+    def _group(moe):
         if moe.ep_size > 1 and moe.ep_group is None:
             raise RuntimeError(f"ep_size={moe.ep_size} but the layer has no expert-parallel group yet: build the "
                                "engine with deepspeed.initialize (or call layer.set_deepspeed_parallelism()) first")
-        _refuse_tensor_parallel()
-        group = moe.ep_group if moe.ep_size > 1 else None
-        plans: list[RankOncePlan] = []
-        layer.gate.on_routes = lambda indices_KS: plans.append(plan_rank_once(indices_KS, moe.num_local_experts,
-                                                                              group))
-        try:
-            moe.l_aux, _, num_experts, indices_KS, _, gates_KS, moe.exp_counts = moe.gate(x_SD, None, True, False)
-        finally:
-            layer.gate.on_routes = None
-        plan = plans[0] if plans else plan_rank_once(indices_KS, moe.num_local_experts, group)
-        out_SD, layer.last_comm = rank_once_dispatch(x_SD, indices_KS, gates_KS, moe.experts.deepspeed_experts,
-                                                     num_experts, group, valid_S, plan)
+        return moe.ep_group if moe.ep_size > 1 else None
+
+    def plan(self, layer, routed):
+        """Where the rows go; starts the count exchange, which overlaps with what the layer computes next."""
+        moe = layer.deepspeed_moe
+        return plan_rank_once(routed.indices_KS, moe.num_local_experts, self._group(moe))
+
+    def forward(self, layer, x_SD: torch.Tensor, routed, plan) -> Dispatched:
+        moe = layer.deepspeed_moe
+        group = self._group(moe)
+        out_SD, volume = rank_once_dispatch(x_SD, routed.indices_KS, routed.gates_KS, moe.experts.deepspeed_experts,
+                                            routed.num_experts, group, routed.valid_S, plan,
+                                            layer.config.expert_kernel)
         send, recv = plan.counts()   # read by the dispatch already: no new host read
         home = torch.distributed.get_rank(group) if group is not None else 0
         dispatch_b, combine_b, _ = rank_once_volume(send, recv, home, x_SD.shape[1], x_SD.element_size(),
-                                                    indices_KS.shape[0])
-        layer.last_remote_bytes = dispatch_b + combine_b
-        output = out_SD.reshape(hidden_states.shape)
-        if layer.use_residual:  # Residual MoE: a learned per-token mix of the MoE output and a dense MLP
-            mlp_out = layer.mlp(hidden_states)
-            mlp_out = mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out
-            coef = torch.softmax(layer.coefficient(hidden_states), dim=-1)
-            output = output * coef[..., 0:1] + mlp_out * coef[..., 1:]
-        return output, moe.l_aux, moe.exp_counts
-
-
-def _refuse_tensor_parallel() -> None:
-    """rank_once bypasses MOELayer.forward, and with it DeepSpeed's tensor-parallel token handling (each TP rank
-    drops its duplicate share of the tokens before the all-to-all and gathers them after): with a TP group of
-    more than one rank, every TP rank would send every token.  Refused rather than silently multiplied."""
-    from deepspeed.utils import groups
-    from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
-
-    tp = 1 if groups.mpu is None else bwc_tensor_model_parallel_world_size(mpu=groups.mpu)
-    if tp > 1:
-        raise ConfigError(f"smoes.dispatch='rank_once' does not split tokens over tensor-parallel ranks (this run "
-                          f"has {tp}): set smoes.dispatch='deepspeed', whose MOELayer does, or train without "
-                          "tensor parallelism")
+                                                    routed.indices_KS.shape[0])
+        return Dispatched(out_SD, dispatch_b + combine_b, lambda _stats: volume())
 
 
 DISPATCHERS = {StockDispatcher.name: StockDispatcher, RankOnceDispatcher.name: RankOnceDispatcher}

@@ -22,10 +22,13 @@ are refused in any case, by the per-sample losses, which read the largest id any
 with no tokens still joins its group's collectives) and returns an empty output with l_aux 0.
 
 The expert-parallel dispatch is a component chosen at construction from `config.dispatch`
-(`ds_smoes.moe.dispatchers`): DeepSpeed's stock `MOELayer.forward` (capacity-padded all-to-all), or the
-dropless token-once-per-rank dispatch, whose recognised experts run as one grouped matmul per projection on
-weights laid out stacked at construction.  Either way `layer.last_comm` holds what the last call sent to other
-EP ranks (`ds_smoes.parallel.dispatch.CommVolume`).
+(`ds_smoes.moe.dispatchers`): DeepSpeed's stock capacity-padded all-to-all, or the dropless
+token-once-per-rank dispatch, whose recognised experts run as one grouped matmul per projection on weights laid
+out stacked at construction.
+
+A forward keeps nothing on the layer.  The routing statistics of a call (`RoutingStats`) and what its dispatch
+sent to other EP ranks go to the `RoutingCollector` the caller opened over the layer (`ds_smoes.moe.collector`),
+if any; without one, no statistics are computed, and in evaluation no auxiliary loss either (l_aux is 0).
 """
 from __future__ import annotations
 
@@ -34,9 +37,9 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from ds_smoes.core.config import SMoESConfig
-from ds_smoes.core.deferred import Deferred
+from ds_smoes.moe.collector import MoECall
 from ds_smoes.moe.dispatchers import build_dispatcher
-from ds_smoes.moe.gate import ModalityGate, RoutingInputs, RoutingStats
+from ds_smoes.moe.gate import ModalityGate, RoutingInputs
 from ds_smoes.core.placement import is_placed, plan_physical
 from ds_smoes.parallel.migration import MigrationCost, migrate_experts
 from ds_smoes.moe.registry import build_gate
@@ -47,9 +50,6 @@ from ds_smoes.core.validation import check_input_shapes, check_input_values
 
 class SMoESMoE(MoE):
     """A `deepspeed.moe.layer.MoE` whose gate is chosen by `config.gate` (default `SMoESGate`)."""
-
-    # CommVolume of the most recent forward (None before it), computed on first read (ds_smoes.core.deferred)
-    last_comm = Deferred()
 
     def __init__(self, hidden_size: int, expert: nn.Module, config: SMoESConfig, use_residual: bool = False) -> None:
         super().__init__(hidden_size, expert, num_experts=config.num_experts, ep_size=config.ep_size, k=config.k,
@@ -64,10 +64,8 @@ class SMoESMoE(MoE):
         self.scorer = (GaussianModalityStats(hidden_size, beta=config.ema_beta, tau=config.gaussian_tau,
                                              var_floor=config.gaussian_var_floor)
                        if config.score_type == "gaussian" else None)
-        self.last_comm = None
-        # what the last forward's dispatch sent to other EP ranks (token vectors, bytes): known on the host without
-        # a read (split sizes, capacity), so the training loop can sum it every step
-        self.last_remote_bytes = 0
+        # the RoutingCollector open over this layer (ds_smoes.moe.collector), set and cleared by the caller's `with`
+        self.routing_collector = None
         self._placed: bool | None = None  # experts on their bins' ranks, once the bins are frozen (host-side)
 
     def _apply(self, fn, recurse=True):
@@ -86,10 +84,17 @@ class SMoESMoE(MoE):
     def gate(self) -> ModalityGate:
         return self.deepspeed_moe.gate
 
-    @property
-    def last_routing_stats(self) -> RoutingStats | None:
-        """Statistics of the most recent forward (detached), or None before the first."""
-        return self.gate.last_stats
+    def computes_losses(self) -> bool:
+        """Whether a forward now computes the gate's auxiliary losses (and so needs the soft modality scores): in
+        training, or for a RoutingCollector that asks (`losses=True`).  An inference forward does not."""
+        collector = self.routing_collector
+        return self.training or (collector is not None and collector.losses)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's process groups for this layer (deepspeed.initialize calls it), then the dispatcher's check
+        that it can serve them (rank_once refuses a tensor-parallel group)."""
+        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+        self.dispatcher.check_parallelism()
 
     # -- placement (ds_smoes/core/placement.py) ---------------------------------------------------
     def placement_due(self) -> bool:
@@ -162,6 +167,25 @@ class SMoESMoE(MoE):
         if self.config.validate_inputs:  # one device-to-host sync: debug runs only
             check_input_values(x_SD, labels_S, valid_S, sample_id_S if sample_ids is not None else None,
                                modality_scores.reshape(-1, 2) if modality_scores is not None else None)
-        scores_SM = self.modality_scores(x_SD, labels_S, valid_S, modality_scores)
-        self.gate.set_routing_inputs(RoutingInputs(scores_SM, labels_S, sample_id_S, valid_S))
-        return self.dispatcher.forward(self, hidden_states, x_SD, valid_S)
+        collector = self.routing_collector if not in_backward() else None   # a recomputation is collected once
+        want_losses = self.computes_losses()
+        # the modality scores feed the losses only (routing reads the labels and the bins): without losses, the
+        # hard ones stand in, so an inference forward computes no Gaussian score
+        scores_SM = (self.modality_scores(x_SD, labels_S, valid_S, modality_scores) if want_losses
+                     else hard_scores(labels_S))
+        gate = self.gate
+        routed = gate.route(x_SD, RoutingInputs(scores_SM, labels_S, sample_id_S, valid_S))
+        plan = self.dispatcher.plan(self, routed)     # rank_once: its count exchange overlaps the losses
+        l_aux, named = gate.losses(routed) if want_losses else (gate.no_losses(routed), {})
+        sent = self.dispatcher.forward(self, x_SD, routed, plan)
+        if collector is not None:
+            stats = gate.stats(routed, named) if collector.stats else None
+            collector.add(self, MoECall(stats, sent.remote_bytes, sent.comm,
+                                        routed if collector.routes else None))
+        output = sent.out_SD.reshape(hidden_states.shape)
+        if self.use_residual:  # Residual MoE: a learned per-token mix of the MoE output and a dense MLP
+            mlp_out = self.mlp(hidden_states)
+            mlp_out = mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out
+            coef = torch.softmax(self.coefficient(hidden_states), dim=-1)
+            output = output * coef[..., 0:1] + mlp_out * coef[..., 1:]
+        return output, l_aux, routed.counts_E

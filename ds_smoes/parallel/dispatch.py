@@ -15,8 +15,8 @@ it, sums their gate-weighted outputs and sends back ONE vector per (token, rank)
 sums what comes back.  Three `all_to_all_single` calls with split sizes in the forward:
 
 1. send counts per destination rank (a small int64 tensor; tells every rank what to expect).
-   It is started asynchronously (`plan_rank_once`; the layer starts it from inside the gate, so it
-   overlaps with the gate's losses);
+   It is started asynchronously (`plan_rank_once`; the layer starts it between the router's routes and
+   its losses, so it overlaps with the losses);
 2. the rows: each token vector [Y, D] packed with the token's routes, its K physical expert ids
    (-1 unused) and K combine weights (these carry the router's gradient), in ONE tensor of the
    vectors' dtype.  The routes are float32 (ids are small integers, exact in float32) and travel as
@@ -63,6 +63,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ds_smoes.core.metrics import rank_hit_stats, routes_per_column
+from ds_smoes.parallel import expert_kernels
 from ds_smoes.parallel.grouped_experts import GroupedExperts
 
 INDEX_BYTES = 4   # expert ids travel as float32 bits (exact for small integers), whatever the vectors' dtype
@@ -276,7 +277,8 @@ def expert_pair_counts(local_ZK: torch.Tensor, num_local_experts: int) -> torch.
 
 
 def run_local_experts(x_ZD: torch.Tensor, local_ZK: torch.Tensor, weight_ZK: torch.Tensor,
-                      experts: Sequence[nn.Module], sizes: Sequence[int] | None = None) -> torch.Tensor:
+                      experts: Sequence[nn.Module], sizes: Sequence[int] | None = None,
+                      kernel: str = "auto") -> torch.Tensor:
     """combined_ZD (float32): per received row, the gate-weighted sum of its local experts' outputs.
 
     The (row, route) pairs are sorted by local expert, so one gather builds every expert's
@@ -284,43 +286,52 @@ def run_local_experts(x_ZD: torch.Tensor, local_ZK: torch.Tensor, weight_ZK: tor
     buffer does, without padding).  Every expert runs, on zero rows if nothing reached it, so its
     parameters always get a gradient (zeros rather than None, as with DeepSpeed's padded buffer).
 
-    Experts of a recognised kind (`grouped_experts.grouped_kind`: the built-in mlp, Hugging Face's GatedExpert)
-    run as stacked weights, one grouped matmul per projection (`GroupedExperts`), with no host read of their
-    own: the offsets are the cumsum of the on-device counts.  Other expert modules run in a loop, which needs
-    the experts' sizes on the host.
+    kernel: how the experts run (`ds_smoes.parallel.expert_kernels`: grouped, segments, modules, or "auto", the
+    fastest measured for this device, dtype and shape).  The grouped kernel needs no host read of its own (the
+    offsets are the cumsum of the on-device counts); segments and modules need the experts' sizes on the host.
     sizes: the pairs each local expert gets (`expert_pair_counts(local_ZK, n)[:n]`) when the caller has read
-    them already (then only the used pairs are gathered); else the loop reads them here (the one host sync of
-    this function) and the grouped experts run on every pair, the unused ones masked.
+    them already (then only the used pairs are gathered); else the kernels that need them read them here (the
+    one host sync of this function) and the grouped kernel runs on every pair, the unused ones masked.
     """
     num_local, k = len(experts), local_ZK.shape[1]
     key_Q = torch.where(local_ZK >= 0, local_ZK.long(), num_local).reshape(-1)  # Q = Z * K (row, route) pairs; unused routes last
     order_Q = torch.argsort(key_Q, stable=True)
     grouped = GroupedExperts.of(experts)
-    if grouped is not None:
-        counts_E = expert_pair_counts(local_ZK, num_local)[:num_local]
-        valid_Q1 = None
-        if sizes is not None:
-            order_Q = order_Q[:sum(sizes[:num_local])]   # the used pairs, grouped by expert
-        else:  # every pair, the used ones first; rows past them are masked (no host read of their count)
-            valid_Q1 = (key_Q.index_select(0, order_Q) < num_local).unsqueeze(1)
-        expert_Q = key_Q.index_select(0, order_Q).clamp(max=num_local - 1)
-        row_Q = torch.div(order_Q, k, rounding_mode="floor")
-        out_QD = grouped(x_ZD.index_select(0, row_Q), counts_E, expert_Q, valid_Q1,
-                         None if sizes is None else list(sizes[:num_local]))
-        pair_Q = order_Q
-    else:
-        if sizes is None:
-            sizes = expert_pair_counts(local_ZK, num_local)[:num_local].tolist()  # host sync: the loop's sizes
+    counts_E = expert_pair_counts(local_ZK, num_local)[:num_local]
+    options = expert_kernels.applicable(None if grouped is None else grouped.kind,
+                                        grouped is not None and grouped.native(x_ZD))
+    key = expert_kernels.probe_key(x_ZD, None if grouped is None else grouped.kind, experts)
+    choice = expert_kernels.known(kernel, key, options)
+    if sizes is None and choice != "grouped":
+        sizes = counts_E.tolist()  # host sync: the experts' sizes (segments, modules, or the probe of all three)
+    if sizes is not None:
         sizes = list(sizes[:num_local])
-        pair_Q = order_Q[:sum(sizes)]           # the used (row, route) pairs, grouped by expert
-        row_Q = torch.div(pair_Q, k, rounding_mode="floor")
-        outs = []
-        for expert, chunk_QD in zip(experts, x_ZD.index_select(0, row_Q).split(sizes)):
-            out_QD = expert(chunk_QD)
-            outs.append(out_QD[0] if isinstance(out_QD, tuple) else out_QD)
-        out_QD = torch.cat(outs)
-    weighted_QD = out_QD.float() * weight_ZK.reshape(-1).index_select(0, pair_Q).unsqueeze(1)
+        order_Q = order_Q[:sum(sizes)]             # the used (row, route) pairs, grouped by expert
+    expert_Q = key_Q.index_select(0, order_Q).clamp(max=num_local - 1)
+    row_Q = torch.div(order_Q, k, rounding_mode="floor")
+    runners = {
+        # every pair when the sizes are unknown: the used ones first, rows past them masked
+        "grouped": lambda x_QD: grouped(x_QD, counts_E, expert_Q,
+                                        None if sizes is not None else (key_Q.index_select(0, order_Q)
+                                                                        < num_local).unsqueeze(1)),
+        "segments": lambda x_QD: grouped(x_QD, counts_E, expert_Q, host_counts=sizes),
+        "modules": lambda x_QD: _module_loop(experts, x_QD, sizes),
+    }
+    x_QD = x_ZD.index_select(0, row_Q)
+    if choice is None:
+        choice = expert_kernels.probe(key, x_QD, experts, {name: runners[name] for name in options})
+    out_QD = runners[choice](x_QD)
+    weighted_QD = out_QD.float() * weight_ZK.reshape(-1).index_select(0, order_Q).unsqueeze(1)
     return x_ZD.new_zeros(x_ZD.shape, dtype=torch.float32).index_add_(0, row_Q, weighted_QD)
+
+
+def _module_loop(experts: Sequence[nn.Module], x_QD: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Each expert module on its rows (`sizes` of them, in order)."""
+    outs = []
+    for expert, chunk_QD in zip(experts, x_QD.split(list(sizes))):
+        out_QD = expert(chunk_QD)
+        outs.append(out_QD[0] if isinstance(out_QD, tuple) else out_QD)
+    return torch.cat(outs)
 
 
 # -- the dispatch -----------------------------------------------------------------------------------
@@ -398,13 +409,14 @@ def plan_rank_once(indices_KS: torch.Tensor, num_local_experts: int, group=None)
 
 def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.Tensor,
                        local_experts: Sequence[nn.Module], num_experts: int, group=None,
-                       valid_S: torch.Tensor | None = None, plan: RankOncePlan | None = None
-                       ) -> tuple[torch.Tensor, Callable[[], CommVolume]]:
+                       valid_S: torch.Tensor | None = None, plan: RankOncePlan | None = None,
+                       kernel: str = "auto") -> tuple[torch.Tensor, Callable[[], CommVolume]]:
     """`rank_once_moe` with its CommVolume deferred: returns a function that computes it when called
     (the byte counts are known already; the routing rates cost a few ops and host syncs).
 
-    plan: `plan_rank_once(indices_KS, ...)` started earlier (the layer starts it from inside the gate, so
-    the count exchange overlaps with the gate's losses); made here when None."""
+    plan: `plan_rank_once(indices_KS, ...)` started earlier (the layer starts it between the router's routes and
+    its losses, so the count exchange overlaps with the losses); made here when None.
+    kernel: how the local experts run (`run_local_experts`)."""
     ep_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
     home = dist.get_rank(group) if ep_size > 1 else 0
     num_local = len(local_experts)
@@ -419,11 +431,12 @@ def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: t
     if ep_size > 1:
         recv_x_ZD, recv_routes_ZX = exchange_rows(send_x_YD, routes_YX, send, recv, group)
         # host sync 2: the sizes of the received rows' experts, known only once they have arrived
-        combined_ZD = run_local_experts(recv_x_ZD, *local_routes(recv_routes_ZX, home, num_local), local_experts)
+        combined_ZD = run_local_experts(recv_x_ZD, *local_routes(recv_routes_ZX, home, num_local), local_experts,
+                                        kernel=kernel)
         back_YD = all_to_all_rows(combined_ZD.to(x_SD.dtype), recv, send, group)
     else:
         back_YD = run_local_experts(send_x_YD, *local_routes(routes_YX, 0, num_local), local_experts,
-                                    plan.expert_sizes())
+                                    plan.expert_sizes(), kernel)
 
     out_SD = x_SD.new_zeros(x_SD.shape, dtype=torch.float32).index_add_(0, token_Y, back_YD.float())
     volume = partial(_rank_once_comm, send, recv, home, x_SD.shape[1], x_SD.element_size(), indices_KS.shape[0],

@@ -7,6 +7,7 @@ from rank_report import parse_args, write_report
 
 from ds_smoes.parallel import distributed
 from ds_smoes.parallel.launch import init_distributed
+from ds_smoes.moe.collector import RoutingCollector
 
 GATES = {
     "smoes": {}, "smoes-kl": {"gate": "smoes", "bin_objective": "kl"}, "topk": {"gate": "topk"},
@@ -24,15 +25,17 @@ def main() -> None:
     for name, fields in GATES.items():
         engine = build(0, "hard", **fields)
         losses = []
+        collector = RoutingCollector(engine.module.moe_layers())
         for step in range(args.steps):
             b = synthetic_batch(1000 * rank + step)
-            out = engine(b.input_ids_BT, b.attention_mask_BT, b.modality_BT, b.image_BCHW, b.has_image_B,
-                         b.labels_BT)
+            with collector:
+                out = engine(b.input_ids_BT, b.attention_mask_BT, b.modality_BT, b.image_BCHW, b.has_image_B,
+                             b.labels_BT)
             engine.backward(out.loss)
             engine.step()
             losses.append(out.loss.item())
-        stats = engine.module.moe_layers()[0].last_routing_stats
-        comm = engine.module.moe_layers()[0].last_comm
+        last = collector.last()[0]
+        stats, comm = last.stats, last.comm()
         report[name] = {"losses": losses, "finite": all(math.isfinite(l) for l in losses),
                         "gate_class": type(engine.module.moe_layers()[0].gate).__name__,
                         "num_tokens": int(stats.num_tokens), "routed": int(stats.load_ME.sum()),

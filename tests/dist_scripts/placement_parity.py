@@ -11,6 +11,7 @@ from ds_smoes.parallel import distributed
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.parallel.launch import init_distributed
+from ds_smoes.moe.collector import RoutingCollector
 
 D, E, EP = 8, 4, 2
 
@@ -67,8 +68,9 @@ def check(dispatch: str, rank: int) -> dict:
     for step in range(3, 6):
         train_step(a, opt_a, rank, step)
         train_step(b, opt_b, rank, step)
-    after_training = float((evaluate(a, rank) - evaluate(b, rank)).abs().max())
-    stats = b.last_routing_stats
+    with RoutingCollector([b]) as collector:
+        after_training = float((evaluate(a, rank) - evaluate(b, rank)).abs().max())
+    stats = collector.last()[0].stats
     return {"physical_of_expert": b.gate.physical_E.tolist(), "experts_moved": cost.experts_moved,
             "bytes_sent": cost.bytes_sent, "max_diff_after_move": after_move,
             "max_diff_after_training": after_training, "loss_scale": scale,

@@ -69,7 +69,7 @@ def dispatch_case(rank: int, dtype: torch.dtype) -> dict:
     calls, restore = counting_all_to_all()
     try:
         with count_host_syncs() as syncs:
-            out_SD, volume = rank_once_dispatch(x, indices_KS, gates, mine, E, dist.group.WORLD)
+            out_SD, volume = rank_once_dispatch(x, indices_KS, gates, mine, E, dist.group.WORLD, kernel="grouped")
             forward_calls = list(calls)
             (out_SD.float() * probe_SD).sum().backward()
     finally:

@@ -13,6 +13,7 @@ from torch import nn
 from ds_smoes.parallel import distributed
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.moe.gate import RoutingInputs
+from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.core.scores import hard_scores
 from ds_smoes.parallel.grouped_experts import grouped_kind, is_view_stacked
@@ -81,10 +82,10 @@ def run(layer: SMoESMoE, x, labels, mask, probe):
 def routes(layer: SMoESMoE, x, labels, mask) -> torch.Tensor:
     """indices_KS of the reference gate on this batch (as the layer would call it)."""
     b, t = labels.shape
-    layer.gate.set_routing_inputs(RoutingInputs(hard_scores(labels.reshape(-1)), labels.reshape(-1),
-                                                torch.arange(b).repeat_interleave(t), mask.reshape(-1)))
+    inputs = RoutingInputs(hard_scores(labels.reshape(-1)), labels.reshape(-1), torch.arange(b).repeat_interleave(t),
+                           mask.reshape(-1))
     with torch.no_grad():
-        return layer.gate(x.reshape(-1, D), None, True, False)[3]
+        return layer.gate(x.reshape(-1, D), None, True, False, inputs=inputs)[3]
 
 
 @contextlib.contextmanager
@@ -114,10 +115,11 @@ def check(case: str, fields: dict, rank: int) -> dict:
     grouped, stacked = grouped_kind(local_experts) is not None, is_view_stacked(local_experts)
     layer.set_deepspeed_parallelism()
     x, labels, mask, probe = batch(rank, case)
-    with counting_all_reduces() as all_reduces:  # rank_once needs no common capacity: no all-reduce
-        out, x_grad = run(layer, x, labels, mask, probe)
-    comm = layer.last_comm
-    physical = layer.last_routing_stats.comm_physical
+    with counting_all_reduces() as all_reduces, RoutingCollector([layer]) as collector:
+        out, x_grad = run(layer, x, labels, mask, probe)   # rank_once needs no common capacity: no all-reduce
+    [[call]] = collector.take()
+    comm = call.comm()
+    physical = call.stats.comm_physical
 
     ref = build(fields, 1, "deepspeed", 0, opaque)
     ref_expert_params = [list(e.parameters()) for e in ref.deepspeed_moe.experts.deepspeed_experts]

@@ -10,6 +10,7 @@ from rank_report import parse_args, write_report
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.model import ModelConfig, TinyMoEVLM
 from ds_smoes.model.compress import CompressConfig
+from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.parallel import distributed
 from ds_smoes.parallel.launch import init_distributed
 
@@ -61,15 +62,15 @@ def main() -> None:
     model, batch = build(rank), prompts(rank)
     routed = []
     hooks = [layer.register_forward_pre_hook(lambda m, a: routed.append(int(a[1].sum()))) for layer in model.moe_layers()]
-    with torch.no_grad():
+    with torch.no_grad(), RoutingCollector(model.moe_layers()) as collector:
         out = model(*batch)
     for h in hooks:
         h.remove()
     removed = sum(PATCHES - model.cfg.compress.budget(PATCHES) for has_image in PROMPTS[rank][1] if has_image)
     report = {"rank": rank, "valid_tokens": int(batch[1].sum()), "removed": removed, "routed": routed,
               "packed_length": out.logits_BTV.shape[1], "input_length": batch[0].shape[1],
-              "comm_tokens": [layer.last_comm.num_tokens for layer in model.moe_layers()],
-              "remote_bytes": [layer.last_remote_bytes for layer in model.moe_layers()]}
+              "comm_tokens": [call.comm().num_tokens for call in collector.last()],
+              "remote_bytes": [call.remote_bytes for call in collector.last()]}
     report["cached"] = model.generate(*batch, max_new_tokens=NEW, eos_id=-1, use_cache=True)
     report["free"] = model.generate(*batch, max_new_tokens=NEW, eos_id=-1, use_cache=False)
     write_report(args.out, report)

@@ -13,7 +13,7 @@ import torch
 from deepspeed.moe.sharded_moe import TopKGate
 
 from ds_smoes.core.config import SMoESConfig
-from ds_smoes.moe.gate import ModalityGate
+from ds_smoes.moe.gate import ModalityGate, Routed, RoutingInputs
 from ds_smoes.core.metrics import routes_per_column
 from ds_smoes.core.routing import SparseRoutes
 
@@ -23,10 +23,8 @@ class DeepSpeedTopKGate(ModalityGate):
         super().__init__(model_dim, config, ep_group)
         self.use_rts = True  # DeepSpeed's default for its top-1 gate
 
-    def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
-                use_tutel: bool = False):  # noqa: A002
-        x_SD = input.reshape(-1, input.shape[-1])
-        inputs = self._take_inputs(x_SD.shape[0], x_SD.device)
+    def route(self, x_SD: torch.Tensor, inputs: RoutingInputs, used_token: torch.Tensor | None = None) -> Routed:
+        inputs = inputs.on(x_SD.shape[0], x_SD.device)
         valid_S = inputs.valid_S.bool()
         if used_token is not None:
             valid_S = valid_S & used_token.reshape(-1).bool()
@@ -37,20 +35,18 @@ class DeepSpeedTopKGate(ModalityGate):
         self.top2_2nd_expert_sampling = configured and self.training
         if self.slotless:
             # each rank's own capacity will do, so DeepSpeed's dropless all-reduce of it across the EP
-            # group (one blocking collective per layer) is left out, as in ModalityGate.forward
+            # group (one blocking collective per layer) is left out, as in ModalityGate.route
             self.ep_group = None
         try:
-            out = TopKGate.forward(self, input, valid_S.long(), sparse_routes, use_tutel)
+            out = TopKGate.forward(self, x_SD, valid_S.long(), True, False)
         finally:
             self.top2_2nd_expert_sampling, self.ep_group = configured, group
-        if not sparse_routes:
-            return out
         l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E = out
         if x_SD.shape[0] == 0:  # DeepSpeed's loss is a mean over no token (NaN); no token, no loss, as in SMoES
             l_aux = self.wg.weight.sum() * 0.0
         selected_SE = routes_per_column(idx_KS, valid_S, num_experts) > 0  # valid tokens' dispatched routes
         routes = SparseRoutes(idx_KS, loc_KS, gates_KS, counts_E.to(torch.int64), selected_SE)
-        self.defer_stats(routes, inputs, valid_S, {"gshard_balance": l_aux}, capacity)
-        self.last_capacity = capacity
-        idx_KS, counts_E = self.routes_for_dispatch(idx_KS, counts_E)
-        return (self.config.alpha_bal * l_aux, capacity, num_experts, idx_KS, loc_KS, gates_KS, counts_E)
+        phys_KS, phys_counts_E = self.routes_for_dispatch(idx_KS, counts_E)
+        # DeepSpeed computes its loss with the routes: handed to `losses` as computed
+        return Routed(routes, phys_KS, phys_counts_E, capacity, num_experts, probs_SE=None, inputs=inputs,
+                      valid_S=valid_S, computed_losses=(self.config.alpha_bal * l_aux, {"gshard_balance": l_aux}))
