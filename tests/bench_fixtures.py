@@ -1,4 +1,4 @@
-"""A hand-made raw benchmark measurement (what ds_smoes.bench.worker writes), small enough to check by hand."""
+"""A hand-made raw benchmark measurement (what ds_smoes.bench.comm.worker writes), small enough to check by hand."""
 
 
 def layer(dispatch: int, combine: int, tokens: int = 100, cross: float = 0.5, ranks: float = 1.5,

@@ -123,7 +123,7 @@ def test_queries_after_their_keys_are_refused():
 def test_the_fused_mix_makes_no_query_by_key_tensor():
     """Peak memory of the mix measured (torch's profiler, every CPU allocation): far below one [B, A, T, T]
     float32 tensor, which the materialised form needs several of."""
-    from ds_smoes.bench.attention import peak_allocated_bytes
+    from ds_smoes.bench.scale.attention import peak_allocated_bytes
 
     b, a, t, dh = 1, 4, 2048, 32
     q, k = torch.randn(b, a, t, dh), torch.randn(b, a, t, dh)

@@ -10,8 +10,8 @@ import pytest
 from bench_fixtures import raw_result
 from ds_smoes.bench import runs
 from ds_smoes.bench.cli import main
-from ds_smoes.bench.comm import worker_args
-from ds_smoes.bench.report import assemble, strict_json
+from ds_smoes.bench.comm.command import worker_args
+from ds_smoes.bench.comm.report import assemble, strict_json
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.model.config import ModelConfig
@@ -120,7 +120,7 @@ def test_simulate_errors(tmp_path, capsys):
 def test_figures_reach_mlflow(tmp_path):
     """Every variant's figures, the expert-work ones included, land in the bench's MLflow run; a
     figure an older measurement lacks (NaN) is left out rather than logged."""
-    from ds_smoes.bench.comm import _log
+    from ds_smoes.bench.comm.command import _log
     from ds_smoes.sweep.store import SweepStore, prepare_tracking_uri
     from ds_smoes.app.tracking import Tracker
 

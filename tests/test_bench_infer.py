@@ -9,9 +9,9 @@ import torch
 from ds_smoes.app.evaluation import PrefillClock
 from ds_smoes.bench import runs
 from ds_smoes.bench.cli import main
-from ds_smoes.bench.infer import assemble, given_runs, markdown_table, variant_figures, worker_args
-from ds_smoes.bench.infer_variants import INFER_VARIANTS, REFERENCE
-from ds_smoes.bench.infer_worker import TrafficMeter, active_parameters, variant_train_config
+from ds_smoes.bench.infer.command import assemble, given_runs, markdown_table, variant_figures, worker_args
+from ds_smoes.bench.infer.variants import INFER_VARIANTS, REFERENCE
+from ds_smoes.bench.infer.worker import TrafficMeter, active_parameters, variant_train_config
 from ds_smoes.core.errors import ConfigError
 from launch import ROOT, python_run
 from test_generation_cache import EOS, build, prompts

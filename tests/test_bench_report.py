@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bench_fixtures import raw_result
-from ds_smoes.bench.report import (assemble, paired_speed, report_markdown, simulation_inputs, strict_json,
+from ds_smoes.bench.comm.report import (assemble, paired_speed, report_markdown, simulation_inputs, strict_json,
                                    variant_figures)
 from ds_smoes.core.errors import ConfigError
 
@@ -42,7 +42,7 @@ def test_done_criteria():
 
 
 def test_sign_test_and_median_interval_by_hand():
-    from ds_smoes.bench.report import median_interval, sign_test_p
+    from ds_smoes.bench.comm.report import median_interval, sign_test_p
 
     # 5 wins of 5: 1/32; 4 of 5: (5 + 1)/32; 3 of 5: (10 + 5 + 1)/32; 0 rounds: no evidence
     assert sign_test_p(5, 0) == pytest.approx(1 / 32)

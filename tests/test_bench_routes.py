@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ds_smoes.bench.routes import (LayerCall, RouteRecorder, bins_by_physical, expected_rank_once_dispatch_bytes,
+from ds_smoes.bench.comm.routes import (LayerCall, RouteRecorder, bins_by_physical, expected_rank_once_dispatch_bytes,
                                    expected_stock_bytes, expert_rows_sent, expert_work, modality_load, own_bins,
                                    own_route_counts, remote_pairs)
 from ds_smoes.core.config import SMoESConfig

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from ds_smoes.bench.report import paired_ratio
-from ds_smoes.bench.scale import attention_bars, shape_figures
-from ds_smoes.bench.simulate import RouterProfile
-from ds_smoes.bench.synthetic_routes import (OwnRouteModel, draw_modality_labels, draw_profile_routes,
+from ds_smoes.bench.comm.report import paired_ratio
+from ds_smoes.bench.scale.command import attention_bars, shape_figures
+from ds_smoes.bench.simulate.model import RouterProfile
+from ds_smoes.bench.scale.synthetic_routes import (OwnRouteModel, draw_modality_labels, draw_profile_routes,
                                              draw_uniform_routes)
 from launch import python_run
 
@@ -98,7 +98,7 @@ def test_paired_ratio_and_bars_by_hand():
 
 
 def test_the_dtypes_follow_the_machine():
-    from ds_smoes.bench.scale import measured_dtypes
+    from ds_smoes.bench.scale.command import measured_dtypes
 
     native = lambda: (True, "CPU capability AVX512, amx_bf16")  # noqa: E731
     emulated = lambda: (False, "CPU capability AVX2, no avx512_bf16 or amx_bf16 in /proc/cpuinfo")  # noqa: E731

@@ -1,10 +1,10 @@
-"""The EP traffic model beyond 2 ranks (ds_smoes.bench.simulate), pinned on cases computed by hand."""
+"""The EP traffic model beyond 2 ranks (ds_smoes.bench.simulate.model), pinned on cases computed by hand."""
 import math
 from dataclasses import astuple
 
 import pytest
 
-from ds_smoes.bench.simulate import (RouterProfile, SimulationInputs, bin_limited_figures, capacity_ratio_from_bytes,
+from ds_smoes.bench.simulate.model import (RouterProfile, SimulationInputs, bin_limited_figures, capacity_ratio_from_bytes,
                                      expected_ranks_hit, modality_groups, monte_carlo_figures, prob_one_rank,
                                      rank_once_bytes_per_token, rank_once_figures, simulate_grid, split_draws,
                                      stock_bytes_per_token)

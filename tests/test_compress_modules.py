@@ -10,11 +10,11 @@ from ds_smoes.core.config import SMoESConfig
 from ds_smoes.data import LlavaDataset, WordTokenizer, collate_train
 from ds_smoes.data.llava import Sample
 from ds_smoes.model import TinyMoEVLM
-from ds_smoes.model.compress import CompressConfig
-from ds_smoes.model.compress.baselines import PoolCompressor, RandomPruner
-from ds_smoes.model.compress.build import build_compressor
-from ds_smoes.model.compress.learnpruner import LearnedPruner
-from ds_smoes.model.compress.qmop import QMoP, branch_balance_loss
+from ds_smoes.compress import CompressConfig
+from ds_smoes.compress.baselines import PoolCompressor, RandomPruner
+from ds_smoes.compress.build import build_compressor
+from ds_smoes.compress.learnpruner import LearnedPruner
+from ds_smoes.compress.qmop import QMoP, branch_balance_loss
 from ds_smoes.model.config import ModelConfig
 
 SIDE, DIM, QDIM = 4, 8, 6          # a 4 x 4 patch grid (T = 16), vision width 8, text query width 6

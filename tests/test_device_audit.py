@@ -103,13 +103,12 @@ def test_the_audit_catches_a_tensor_made_without_a_device():
 
 # -- the source: no backend literal, no .cpu() on the training path ---------------------------------
 TRAINING_PATH = sorted({*ROOT.glob("moe/**/*.py"), *ROOT.glob("model/*.py"), *ROOT.glob("core/*.py"),
-                        *ROOT.glob("parallel/*.py"), *ROOT.glob("hf/*.py"),
+                        *ROOT.glob("parallel/*.py"), *ROOT.glob("hf/*.py"), *ROOT.glob("compress/*.py"),
                         *(ROOT / "app" / f for f in ("session.py", "loop.py", "train.py", "builtin.py",
                                                      "hf_family.py", "family.py", "evaluation.py")),
                         ROOT / "sweep" / "trial.py"})
-# placement plans and expert migration are host-side bookkeeping done once per run (when the bins freeze); serving
-# placements are planned once, at export time; the sync counter names .cpu() in its docs
-HOST_SIDE = {"core/placement.py", "parallel/migration.py", "core/host_syncs.py", "core/serving_placement.py"}
+# placement plans and expert migration are host-side bookkeeping done once per run (when the bins freeze)
+HOST_SIDE = {"core/placement.py", "parallel/migration.py"}
 
 
 def _violations(path: Path) -> list[str]:

@@ -12,7 +12,7 @@ from moelayer import GateWithInputs
 from torch import nn
 
 from ds_smoes.core.config import SMoESConfig
-from ds_smoes.core.host_syncs import count_host_syncs
+from ds_smoes.testing.host_syncs import count_host_syncs
 from ds_smoes.parallel.dispatch import (INDEX_BYTES, WEIGHT_BYTES, CommVolume, exchange_rows, expert_pair_counts,
                                         local_routes, pack_rows, plan_rank_once, rank_hits, rank_once_dispatch,
                                         rank_once_moe, rank_once_volume, route_ranks, row_routes, send_order, send_plan,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_smoes.core.host_syncs import count_host_syncs
+from ds_smoes.testing.host_syncs import count_host_syncs
 from ds_smoes.hf.experts import GatedExpert
 from ds_smoes.parallel import expert_kernels
 from ds_smoes.parallel.dispatch import run_local_experts
@@ -101,7 +101,7 @@ def test_auto_keeps_the_fastest_measured_and_probes_a_key_once(capsys):
             return x * 2.0
         return run
 
-    key = ("cpu", torch.float32, "test", ((1,),), 1, 99)
+    key = ("cpu", torch.float32, "test", ((1,),), 1, 99, True)
     x = torch.ones(3, 2)
     chosen = expert_kernels.probe(key, x, [nn.Linear(2, 2)], {"slow": runner("slow", 0.02), "fast": runner("fast", 0)})
     assert chosen == "fast" and calls == {"slow": 1 + expert_kernels.PROBE_REPEATS, "fast": 1 + expert_kernels.PROBE_REPEATS}
@@ -119,3 +119,5 @@ def test_auto_in_a_dispatch_runs_the_kernel_it_measured():
     kernel, seconds = expert_kernels.chosen()[key]
     assert set(seconds) == {"grouped", "segments", "modules"} and kernel == min(seconds, key=seconds.get)
     assert torch.allclose(out, _run(experts, kernel)[0], atol=1e-6)
+    with torch.no_grad():   # inference: its own key (the forward alone is timed)
+        assert expert_kernels.probe_key(x_ZD, "gated", list(experts)) != key

@@ -13,6 +13,7 @@ from ds_smoes.model import TinyMoEVLM
 from ds_smoes.model.attention import attention_mask
 from ds_smoes.model.config import ModelConfig
 from ds_smoes.model.kv_cache import KVCache, LayerCache
+from ds_smoes.moe.collector import RoutingCollector
 
 
 VOCAB, IMAGE_ID, EOS = 16, 15, 2
@@ -71,7 +72,9 @@ class Recorder:
 
 
 def run(model, batch, use_cache, max_new_tokens=7, eos_id=-1):
-    with Recorder(model) as rec:
+    # the attention score is carried at inference only for a caller that asks for the losses it feeds: asked
+    # here, so that the cache's keys' scores are checked too
+    with Recorder(model) as rec, RoutingCollector(model.moe_layers(), stats=False, losses=True):
         tokens = model.generate(*batch, max_new_tokens=max_new_tokens, eos_id=eos_id, use_cache=use_cache)
     return tokens, rec
 
@@ -143,7 +146,7 @@ def test_position_limit_and_no_new_tokens():
 
 
 def test_decode_step_makes_no_host_read_outside_the_moe_layers():
-    from ds_smoes.core.host_syncs import count_host_syncs
+    from ds_smoes.testing.host_syncs import count_host_syncs
 
     model, batch = build("sdpa", "rank_once"), prompts()
     cache = KVCache.empty(len(model.blocks), batch[0].shape[1] + 2)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from ds_smoes.core.host_syncs import count_host_syncs
+from ds_smoes.testing.host_syncs import count_host_syncs
 from ds_smoes.hf.experts import GatedExpert
 from ds_smoes.parallel import grouped_experts
 from ds_smoes.parallel.dispatch import expert_pair_counts, run_local_experts

@@ -101,7 +101,7 @@ def test_attention_scores_recomputed_for_sdpa_equal_eager_probabilities():
         hf = hf_tiny.build(hf_tiny.llava_config("olmoe"))
         hf.set_attn_implementation(impl)
         model = convert_to_smoes(hf, SMoESConfig(**LOSSES_OFF, score_type="attention")).eval()
-        with torch.no_grad():
+        with torch.no_grad(), RoutingCollector(model.moe_layers(), stats=False, losses=True):  # scores asked for
             model(**hf_tiny.batch_for("llava"))
         scores[impl] = model.context.batch.scores_BTM.clone()
     assert hf.config.text_config._attn_implementation == "smoes_sdpa"
@@ -121,7 +121,10 @@ def test_generation_with_kv_cache_matches_the_original():
     one = {k: (v[:1] if k != "pixel_values" and k != "image_grid_thw" else v) for k, v in batch.items()}
     ref = hf.generate(**one, max_new_tokens=4, do_sample=False)
     model = convert_to_smoes(hf, SMoESConfig(**LOSSES_OFF, score_type="attention")).eval()
-    out = model.generate(**one, max_new_tokens=4, do_sample=False)
+    out = model.generate(**one, max_new_tokens=4, do_sample=False)     # inference: no attention score carried
+    assert torch.equal(out, ref) and model.context.key_scores == {}
+    with RoutingCollector(model.moe_layers(), stats=False, losses=True):   # asked for: carried through the cache
+        out = model.generate(**one, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, ref)
     assert model.context.key_scores[0].shape[1] == one["input_ids"].shape[1] + 3   # scores of cached tokens kept
 

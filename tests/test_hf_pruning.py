@@ -1,4 +1,4 @@
-"""In-LLM vision-token pruning on a converted LLaVA-style Hugging Face model (issue 19 item 6, ds_smoes.hf.pruning):
+"""In-LLM vision-token pruning on a converted LLaVA-style Hugging Face model (issue 19 item 6, ds_smoes.compress.hf):
 layers >= L see exactly the removed count fewer tokens (hidden states, MoE routing, modality labels, positions);
 the scores equal the query rows of the eager attention probabilities at layer L-1; keep_ratio 1.0 gives the
 unhooked model's outputs; removing the hooks restores the model; a pruned batch equals its rows one by one;
@@ -13,8 +13,8 @@ from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.hf import convert_to_smoes
 from ds_smoes.hf.attention import _SINK
-from ds_smoes.hf.pruning import install_pruning
-from ds_smoes.model.compress.config import CompressConfig
+from ds_smoes.compress.hf import install_pruning
+from ds_smoes.compress.config import CompressConfig
 from ds_smoes.moe.collector import RoutingCollector
 
 LOSSES_OFF = dict(num_bins=2, alpha_mi=0.0, alpha_bal=0.0)

@@ -1,7 +1,7 @@
 """The host-sync budget of one MoE layer (forward + backward, training mode, one process).
 
 Every device-to-host read stalls a GPU stream; at 48 MoE layers they add up per step.  Counted with
-`ds_smoes.core.host_syncs` (value reads, data-dependent shapes, .tolist()/.cpu()), which sees on the
+`ds_smoes.testing.host_syncs` (value reads, data-dependent shapes, .tolist()/.cpu()), which sees on the
 CPU what a GPU run would pay.  Budgets (issue 17): with DeepSpeed's stock dispatch no more than
 DeepSpeed's own top-k MoE measured in the same run; with rank_once at most 2 (its split sizes; with the
 built-in or Hugging Face experts, which run grouped, 1 with several EP ranks: docs/dispatch.md).
@@ -17,7 +17,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from ds_smoes.core.config import SMoESConfig
-from ds_smoes.core.host_syncs import count_host_syncs
+from ds_smoes.testing.host_syncs import count_host_syncs
 from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.moe.updates import apply_step_updates

@@ -12,16 +12,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ds_smoes"
 
 # bottom to top; a module may import modules of its own layer or of a layer below
 LAYERS = [
+    # test instruments (host-sync counting): any test may import them, no module of the package does
+    ("testing", ["ds_smoes.testing"]),
     ("core", ["ds_smoes.core"]),
     ("parallel", ["ds_smoes.parallel"]),
     ("moe", ["ds_smoes.moe"]),
-    ("models and data", ["ds_smoes.model", "ds_smoes.hf", "ds_smoes.data"]),
+    ("models and data", ["ds_smoes.model", "ds_smoes.hf", "ds_smoes.data", "ds_smoes.compress"]),
     ("app", ["ds_smoes.app"]),
     ("sweeps and benchmarks", ["ds_smoes.sweep", "ds_smoes.bench"]),
     # the package root: `python -m` entry points and the 0.1 module names (aliases); nothing imports them
     ("entry points and aliases", ["ds_smoes"]),
 ]
 FRAMEWORKS_BANNED = {
+    "testing": {"deepspeed", "ray", "mlflow", "transformers"},
     "core": {"deepspeed", "ray", "mlflow", "transformers"},
     "parallel": {"ray", "mlflow", "transformers"},
     "moe": {"ray", "mlflow", "transformers"},

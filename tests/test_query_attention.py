@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from ds_smoes.core.query_attention import keep_top_budget, query_attention_scores
+from ds_smoes.compress.query_attention import keep_top_budget, query_attention_scores
 from ds_smoes.model.attention import SelfAttention, attention_mask
-from ds_smoes.model.token_pruning import block_vision_scores, query_rows
+from ds_smoes.compress.in_llm import block_vision_scores, query_rows
 
 
 def test_scores_by_hand():

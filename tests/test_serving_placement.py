@@ -1,4 +1,4 @@
-"""Placements for serving engines (core/serving_placement.py, app/serving.py): the base placements and the replica
+"""Placements for serving engines (app/serving_placement.py, app/serving.py): the base placements and the replica
 rule by hand, the maps and their validation, the files written and parsed back, and the serving-load model on
 cases small enough to compute by hand."""
 import json
@@ -8,7 +8,7 @@ import torch
 
 from ds_smoes.app.serving import (EPLB_FILE, LOAD_FILE, SGLANG_FILE, SIM_JSON, SIM_MD, read_eplb, read_load,
                                   read_sglang, write_serving_files)
-from ds_smoes.core.serving_placement import (PlacementError, ServingMaps, add_replicas, base_physical,
+from ds_smoes.app.serving_placement import (PlacementError, ServingMaps, add_replicas, base_physical,
                                              maps_from_eplb, maps_from_phy2log, phy2log_of, plan_serving,
                                              simulate_serving, validate_maps)
 

@@ -10,10 +10,10 @@ import torch
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.model import TinyMoEVLM
 from ds_smoes.model.attention import attention_mask
-from ds_smoes.model.compress import CompressConfig
+from ds_smoes.compress import CompressConfig
 from ds_smoes.model.config import ModelConfig
 from ds_smoes.model.kv_cache import KVCache
-from ds_smoes.model.token_pruning import pack
+from ds_smoes.compress.in_llm import pack
 from ds_smoes.core.scores import hard_scores
 from ds_smoes.moe.collector import RoutingCollector
 

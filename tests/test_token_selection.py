@@ -1,9 +1,9 @@
-"""ds_smoes.core.token_selection: which tokens to keep, pinned by hand-computed cases."""
+"""ds_smoes.compress.selection: which tokens to keep, pinned by hand-computed cases."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ds_smoes.core.token_selection import (gather_tokens, gumbel_noise, gumbel_topk, hard_mask, pool_matrix,
+from ds_smoes.compress.selection import (gather_tokens, gumbel_noise, gumbel_topk, hard_mask, pool_matrix,
                                            pool_rows, random_indices, straight_through, straight_through_topk,
                                            topk_indices)
 

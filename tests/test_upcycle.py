@@ -151,7 +151,7 @@ def test_upcycled_run_on_two_ep_ranks_starts_as_the_dense_run_ended(two_rank_sce
 
 def test_a_compressor_the_dense_run_did_not_have_starts_fresh():
     """The recipe's compression settings add their module at stage I, after a language stage without one."""
-    from ds_smoes.model.compress.config import CompressConfig
+    from ds_smoes.compress.config import CompressConfig
 
     source = _dense()
     torch.manual_seed(4)

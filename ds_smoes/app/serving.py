@@ -11,7 +11,7 @@ writes next to the export:
   (vLLM's EplbState: physical_to_logical_map, logical_to_physical_map, logical_replica_count);
 - `expert_load.json`: per MoE layer and modality, the routes each expert received (where they were measured);
 - `serving_sim.json` / `serving_sim.md`: bins vs linear vs round-robin placement on image-heavy, mixed and
-  text-heavy traces (core/serving_placement.py states the model).
+  text-heavy traces (app/serving_placement.py states the model).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ds_smoes.core.serving_placement import (PLACEMENTS, TRACES, PlacementError, ServingMaps, maps_from_eplb,
+from ds_smoes.app.serving_placement import (PLACEMENTS, TRACES, PlacementError, ServingMaps, maps_from_eplb,
                                              maps_from_phy2log, plan_serving, simulate_serving, trace_routes)
 
 SGLANG_FILE, EPLB_FILE, LOAD_FILE = "sglang_expert_location.json", "eplb_maps.json", "expert_load.json"

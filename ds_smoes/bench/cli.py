@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from ds_smoes.bench.infer_variants import INFER_VARIANTS
+from ds_smoes.bench.infer.variants import INFER_VARIANTS
 from ds_smoes.bench.runs import RECIPES
-from ds_smoes.bench.shapes import PUBLISHED, SHAPES
-from ds_smoes.bench.simulate import EP_GRID, EXPERTS_GRID
-from ds_smoes.bench.variants import VARIANTS
+from ds_smoes.bench.scale.shapes import PUBLISHED, SHAPES
+from ds_smoes.bench.simulate.model import EP_GRID, EXPERTS_GRID
+from ds_smoes.bench.comm.variants import VARIANTS
 from ds_smoes.core.errors import ConfigError, SMoESError
 
 
@@ -129,7 +129,7 @@ def _tracking(p: argparse.ArgumentParser) -> None:
 
 
 def simulate_command(args) -> int:
-    from ds_smoes.bench.simulation import FILES, run_simulation
+    from ds_smoes.bench.simulate.command import FILES, run_simulation
     from ds_smoes.app.tracking import Tracker, default_tracking_uri
 
     if not args.source_json.is_file():
@@ -166,16 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "comm":
-            from ds_smoes.bench.comm import run
+            from ds_smoes.bench.comm.command import run
 
             return run(args)
         if args.command == "infer":
-            from ds_smoes.bench.infer import run
+            from ds_smoes.bench.infer.command import run
 
             args.command_line = " ".join(["python -m ds_smoes.bench", *(argv if argv is not None else sys.argv[1:])])
             return run(args)
         if args.command == "scale":
-            from ds_smoes.bench.scale import run
+            from ds_smoes.bench.scale.command import run
 
             args.command_line = " ".join(["python -m ds_smoes.bench", *(argv if argv is not None else sys.argv[1:])])
             return run(args)

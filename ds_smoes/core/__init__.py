@@ -7,6 +7,9 @@
     routing.py       top-k, bin-limited top-k, slots and capacity: the sparse-route contract
     metrics.py       MSI, expert-modality load, cross-rank figures of routes
     placement.py     placement *planning*: which physical id each expert takes
+    attention_score.py  the attention score by a second fused attention call
+    step_state.py    what forwards record and optimizer steps apply
+    validation.py    checks of the layer's inputs
     config.py        SMoESConfig, the method's settings (pydantic)
     errors.py        the errors a user can fix
 

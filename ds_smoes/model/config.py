@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ds_smoes.model.compress.config import CompressConfig
+from ds_smoes.compress.config import CompressConfig
 
 
 class ModelConfig(BaseModel):

@@ -12,7 +12,7 @@ token in place at a host-known offset (no device read).  Concatenating would cop
 step, O(U) per token and O(U^2) per sequence; the views handed to attention (`[..., :U, :]`) keep the
 head dimension contiguous, which the fused kernels need.
 
-Visual token pruning (issue 19, `ds_smoes.model.token_pruning`): the prefill removes vision tokens before
+Visual token pruning (issue 19, `ds_smoes.compress.in_llm`): the prefill removes vision tokens before
 block L, once.  Blocks before L cache every prompt position, blocks from L on only the kept ones, packed: two
 sets of key positions, of different lengths and padding.  `KVCache.valid_BU` describes the first set (every
 block's when nothing is pruned), `KVCache.pruned` the second; a decode step appends its token to both and

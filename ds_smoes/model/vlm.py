@@ -19,10 +19,10 @@ from torch import nn
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.moe.layer import SMoESMoE
 from ds_smoes.model.attention import SelfAttention, attention_mask, padding_before_tokens
-from ds_smoes.model.compress.build import build_compressor
+from ds_smoes.compress.build import build_compressor
 from ds_smoes.model.config import ModelConfig
 from ds_smoes.model.kv_cache import KVCache, LayerCache
-from ds_smoes.model.token_pruning import Packing, prune, query_rows
+from ds_smoes.compress.in_llm import Packing, prune, query_rows
 from ds_smoes.model.vision import PatchVisionEncoder, mlp
 from ds_smoes.model.vision_checkpoint import load_encoder
 from ds_smoes.core.scores import attention_score_mix_update, hard_scores
@@ -189,7 +189,7 @@ class TinyMoEVLM(nn.Module):
         """The whole sequence.  With an empty `cache` (generation's prefill) every block also writes its keys,
         values and keys' scores there, and the cache takes each row's next position id; `decode_step` goes on.
 
-        In-LLM pruning (`cfg.compress.in_llm_layer`, `ds_smoes.model.token_pruning`): before that block the
+        In-LLM pruning (`cfg.compress.in_llm_layer`, `ds_smoes.compress.in_llm`): before that block the
         unkept vision tokens leave the sequence; the logits then cover the packed kept tokens (`packing`), the
         loss pairs each kept position with its own next token's label, and the cache of the later blocks holds
         the kept positions only.  `prompt_BT`: the positions that belong to the prompt, whose text tokens are the

@@ -34,7 +34,7 @@ all-to-alls); the gate skips that all-reduce for rank_once, which needs no commo
 The backward runs the same exchanges in reverse (splits swapped) for the packed rows and the
 combined vectors.  With one EP rank nothing is exchanged.
 
-Host syncs (each stalls a GPU stream; `ds_smoes.core.host_syncs` counts them): only sizes are read on
+Host syncs (each stalls a GPU stream; `ds_smoes.testing.host_syncs` counts them): only sizes are read on
 the host, the split sizes of the exchanges and, for expert modules of no recognised kind, how many (row, route)
 pairs each local expert runs (those run in a loop over host-sized chunks).  Recognised experts (the built-in mlp,
 Hugging Face's GatedExpert) run as one grouped matmul per projection whose offsets stay on the device

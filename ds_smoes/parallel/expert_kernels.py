@@ -14,8 +14,9 @@ shape: on a GPU with bf16 the grouped kernel replaces 2n launches by 2; on a CPU
 loop of `mm` whose bf16 path was measured slower than the module loop on an AMX Xeon (issue 32), and a decode
 step's handful of rows favours whatever launches least.  So `smoes.expert_kernel` is "auto" by default: the
 first call with a given key (device, dtype, expert kind and weight shapes, local experts, and the pair count
-rounded up to a power of two) times every kernel that applies, forward and backward on that call's own rows (one
-warm-up, then the best of `PROBE_REPEATS`), keeps the fastest for the rest of the process and says so once (rank 0's
+rounded up to a power of two, and whether a backward follows) times every kernel that applies on that call's own
+rows, forward and backward in training, forward alone in inference (one warm-up, then the best of
+`PROBE_REPEATS`), keeps the fastest for the rest of the process and says so once (rank 0's
 console).  Naming a kernel skips the probe; one that does not apply falls back to the next in
 grouped > segments > modules order that does.
 
@@ -47,8 +48,11 @@ def applicable(kind: str | None, native: bool) -> list[str]:
 
 
 def probe_key(x_QD: torch.Tensor, kind: str | None, experts: Sequence[nn.Module]) -> tuple:
+    """What a choice is kept for: device, dtype, expert kind and shapes, local experts, the pair count rounded up to
+    a power of two, and whether a backward follows (training) or not (inference: the forward alone is timed)."""
     shapes = tuple(tuple(p.shape) for p in experts[0].parameters())
-    return (x_QD.device.type, x_QD.dtype, kind, shapes, len(experts), max(1, x_QD.shape[0]).bit_length())
+    return (x_QD.device.type, x_QD.dtype, kind, shapes, len(experts), max(1, x_QD.shape[0]).bit_length(),
+            torch.is_grad_enabled())
 
 
 def chosen() -> dict[tuple, tuple[str, dict[str, float]]]:
@@ -56,18 +60,23 @@ def chosen() -> dict[tuple, tuple[str, dict[str, float]]]:
     return dict(_CHOSEN)
 
 
-def _time(run: Callable[[], torch.Tensor], params: list[torch.Tensor], x_QD: torch.Tensor) -> float:
-    """Best of PROBE_REPEATS forward + backward passes of `run`, after one warm-up; gradients are not kept."""
+def _time(run: Callable[[], torch.Tensor], params: list[torch.Tensor], x_QD: torch.Tensor, backward: bool) -> float:
+    """Best of PROBE_REPEATS passes of `run` (forward, and the backward when `backward`), after one warm-up;
+    gradients are not kept."""
     sync = torch.cuda.synchronize if x_QD.device.type == "cuda" else (lambda: None)
     best = float("inf")
     for attempt in range(PROBE_REPEATS + 1):
         sync()
         start = time.perf_counter()
-        with torch.enable_grad():
-            x = x_QD.detach().requires_grad_(True)
-            out = run(x)
-            # a dense output gradient, as the dispatch's weighting gives it (`sum()`'s expanded one has stride 0)
-            torch.autograd.grad(out, [x, *params], torch.ones_like(out), allow_unused=True)
+        if not backward:
+            with torch.no_grad():
+                run(x_QD.detach())
+        else:
+            with torch.enable_grad():
+                x = x_QD.detach().requires_grad_(True)
+                out = run(x)
+                # a dense output gradient, as the dispatch's weighting gives it (`sum()`'s expanded one has stride 0)
+                torch.autograd.grad(out, [x, *params], torch.ones_like(out), allow_unused=True)
         sync()
         if attempt:
             best = min(best, time.perf_counter() - start)
@@ -81,7 +90,10 @@ def known(requested: str, key: tuple, options: list[str]) -> str | None:
         return requested if requested in options else options[0]
     if len(options) == 1:
         return options[0]
-    return _CHOSEN[key][0] if key in _CHOSEN else None
+    if key in _CHOSEN:
+        return _CHOSEN[key][0]
+    # inside torch.compile nothing is timed (a clock read would break the graph): the first kernel that applies
+    return options[0] if torch.compiler.is_compiling() else None
 
 
 def probe(key: tuple, x_QD: torch.Tensor, experts: Sequence[nn.Module],
@@ -89,11 +101,12 @@ def probe(key: tuple, x_QD: torch.Tensor, experts: Sequence[nn.Module],
     """Time every runner (`runners[name](x_QD)`: forward; the probe adds the backward) on `x_QD`, keep and return
     the fastest for `key`."""
     params = [p for e in experts for p in e.parameters() if p.requires_grad]
-    seconds = {name: _time(run, params, x_QD) for name, run in runners.items()}
+    device, dtype, kind, _, n, bucket, backward = key
+    seconds = {name: _time(run, params, x_QD, backward) for name, run in runners.items()}
     best = min(seconds, key=seconds.get)
     _CHOSEN[key] = best, seconds
-    device, dtype, kind, _, n, bucket = key
     times = ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in seconds.items())
-    console.log0(f"{n} local {kind} experts, {dtype} on {device}, up to {1 << bucket} rows: {best} (measured "
-                 f"fwd+bwd: {times}; smoes.expert_kernel names one to skip this)", tag="expert kernel")
+    console.log0(f"{n} local {kind} experts, {dtype} on {device}, up to {1 << bucket} rows, "
+                 f"{'training' if backward else 'inference'}: {best} (measured {'fwd+bwd' if backward else 'fwd'}: "
+                 f"{times}; smoes.expert_kernel names one to skip this)", tag="expert kernel")
     return best

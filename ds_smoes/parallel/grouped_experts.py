@@ -203,12 +203,6 @@ def native_grouped_mm(x: torch.Tensor) -> bool:
     return False
 
 
-def _rows_aligned(x_QD: torch.Tensor, *widths: int) -> bool:
-    """`_grouped_mm`'s stride rule for our operands: x contiguous, and every matrix's rows (x's D, each stacked
-    weight's input width, read transposed) a multiple of 16 bytes."""
-    return x_QD.is_contiguous() and all(w * x_QD.element_size() % 16 == 0 for w in (x_QD.shape[1], *widths))
-
-
 def grouped_mm(x_QD: torch.Tensor, w_EFD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """y_QF: rows offs_E[e-1]:offs_E[e] of x times expert e's weight transposed (as `F.linear`), in one
     `torch._grouped_mm`; rows past the last offset are left unspecified."""
@@ -239,11 +233,13 @@ class GroupedExperts:
         kind = grouped_kind(experts)
         return None if kind is None else cls(experts, kind)
 
-    def native(self, x_QD: torch.Tensor) -> bool:
-        """Whether the grouped kernel runs rows like `x_QD` without a host read (`native_grouped_mm` for their
-        device and dtype, and `_grouped_mm`'s stride rule for these widths)."""
+    def native(self, x: torch.Tensor) -> bool:
+        """Whether the grouped kernel runs rows of `x`'s device, dtype and width without a host read
+        (`native_grouped_mm`, and `_grouped_mm`'s stride rule for these widths; the rows themselves are made
+        contiguous by the call, so `x` may be any view: the received rows of an exchange are one)."""
         down = self.experts[0][2] if self.kind == "mlp" else self.experts[0].down_proj
-        return native_grouped_mm(x_QD) and _rows_aligned(x_QD, down.weight.shape[1])
+        widths = (x.shape[-1], down.weight.shape[1])
+        return native_grouped_mm(x) and all(w * x.element_size() % 16 == 0 for w in widths)
 
     def _projections(self) -> list[list[nn.Linear]]:
         """Both projections' linear layers, one per expert."""
@@ -259,6 +255,7 @@ class GroupedExperts:
         None when they cover every row; host_counts: the same counts on the host, which selects the segment loop.
         Without them: the grouped matmul where it is native (`native`: no host read), else the segment loop on the
         offsets read once."""
+        x_QD = x_QD.contiguous()   # gathered rows already are: a no-op then
         offs_E = counts_E.cumsum(0).to(torch.int32)
         host_offs = None
         if host_counts is not None:

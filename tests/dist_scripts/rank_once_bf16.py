@@ -10,7 +10,7 @@ import torch.distributed as dist
 from rank_report import parse_args, write_report
 from torch import nn
 
-from ds_smoes.core.host_syncs import count_host_syncs
+from ds_smoes.testing.host_syncs import count_host_syncs
 from ds_smoes.parallel import distributed
 from ds_smoes.parallel.dispatch import exchange_rows, rank_once_dispatch, rank_once_moe
 from ds_smoes.parallel.launch import init_distributed

@@ -9,7 +9,7 @@ from rank_report import parse_args, write_report
 
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.model import ModelConfig, TinyMoEVLM
-from ds_smoes.model.compress import CompressConfig
+from ds_smoes.compress import CompressConfig
 from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.parallel import distributed
 from ds_smoes.parallel.launch import init_distributed

@@ -1,7 +1,7 @@
 """One expert-parallel rank of `python -m ds_smoes.bench scale` (started through the DeepSpeed launcher on
 `ep_size` ranks; not meant to be run by hand).
 
-Per model shape (ds_smoes.bench.shapes) and dtype, ONE SMoESMoE layer at that shape (SwiGLU experts,
+Per model shape (ds_smoes.bench.scale.shapes) and dtype, ONE SMoESMoE layer at that shape (SwiGLU experts,
 the shape's shared experts as a dense SwiGLU MLP beside it) runs fwd+bwd in eight variants that share
 its expert weights; a variant is (router, dispatch):
 
@@ -9,7 +9,7 @@ its expert weights; a variant is (router, dispatch):
         the SMoES gate (soft scores given, adaptive bins recording, MI and bin-balance losses) and
         DeepSpeed's TopKGate, each routing with its own router (random init: near-uniform routes);
     profile/rank_once  profile/stock  uniform/rank_once  uniform/stock
-        the SMoES gate with its routes replaced by drawn ones (ds_smoes.bench.synthetic_routes): from
+        the SMoES gate with its routes replaced by drawn ones (ds_smoes.bench.scale.synthetic_routes): from
         the trained demo router's own-route statistics, or k distinct uniform experts.
 
 Each round runs every variant once on the round's batch (variant order rotated round by round, a
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ds_smoes.bench.shapes import SHAPES, MoEShape
-from ds_smoes.bench.simulate import RouterProfile
-from ds_smoes.bench.synthetic_routes import (OwnRouteModel, draw_modality_labels, draw_profile_routes,
+from ds_smoes.bench.scale.shapes import SHAPES, MoEShape
+from ds_smoes.bench.simulate.model import RouterProfile
+from ds_smoes.bench.scale.synthetic_routes import (OwnRouteModel, draw_modality_labels, draw_profile_routes,
                                              draw_uniform_routes)
 from ds_smoes.core.config import SMoESConfig
 from ds_smoes.core.errors import SMoESError
@@ -67,7 +67,7 @@ class GivenRoutesGate(SMoESGate):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ds_smoes.bench.scale_worker")
+    p = argparse.ArgumentParser(prog="ds_smoes.bench.scale.worker")
     p.add_argument("--shapes", nargs="+", required=True, choices=list(SHAPES))
     p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     p.add_argument("--tokens", type=int, required=True, help="tokens per rank")

@@ -2,7 +2,7 @@
 
 1. The trained models: `--smoes-run DIR` / `--topk-run DIR` when given, else runs/bench/smoes and
    runs/bench/topk, trained there by the demo recipe (DeepSpeed launcher) when missing.
-2. The measurement: `ds_smoes.bench.worker` on `ep_size` gloo ranks (DeepSpeed launcher), on the
+2. The measurement: `ds_smoes.bench.comm.worker` on `ep_size` gloo ranks (DeepSpeed launcher), on the
    trained models and on the same architecture at initialisation.
 3. The table (printed, comm.md), the result (comm.json, strict JSON), the simulation beyond 2
    ranks (simulate.*) and one MLflow run holding all of it (the training runs nest under it).
@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from ds_smoes.bench import runs
-from ds_smoes.bench.report import assemble, done_lines, markdown_table, report_markdown, strict_json
-from ds_smoes.bench.simulation import FILES as SIMULATION_FILES
-from ds_smoes.bench.simulation import run_simulation
-from ds_smoes.bench.variants import VARIANTS
-from ds_smoes.bench.worker import variant_config
+from ds_smoes.bench.comm.report import assemble, done_lines, markdown_table, report_markdown, strict_json
+from ds_smoes.bench.simulate.command import FILES as SIMULATION_FILES
+from ds_smoes.bench.simulate.command import run_simulation
+from ds_smoes.bench.comm.variants import VARIANTS
+from ds_smoes.bench.comm.worker import variant_config
 from ds_smoes.core.errors import ConfigError
 
 EXPERIMENT = "ds-smoes-bench"
@@ -70,7 +70,7 @@ def trained_runs(args, cfg, tracking_uri: str | None, parent_run_id: str | None)
 
 
 def worker_args(args, trained: dict, raw_path: Path, batch_size: int) -> list[str]:
-    """Arguments of `ds_smoes.bench.worker` (pure)."""
+    """Arguments of `ds_smoes.bench.comm.worker` (pure)."""
     out = ["--config", str(args.config), "--out", str(raw_path), "--variants", *args.variants,
            "--batches", str(args.batches), "--batch-size", str(batch_size), "--warmup", str(args.warmup),
            "--repeats", str(args.repeats), "--eval-questions", str(args.eval_questions),
@@ -108,7 +108,7 @@ def run(args) -> int:
         raw_path = args.out / "comm_raw.json"
         batch_size = args.batch_size or cfg.optim.micro_batch_size
         _echo(f"measuring on {cfg.smoes.ep_size} gloo ranks; log: {args.out / 'comm_worker.log'}")
-        raw = runs.measure("ds_smoes.bench.worker", cfg.smoes.ep_size, worker_args(args, trained, raw_path, batch_size),
+        raw = runs.measure("ds_smoes.bench.comm.worker", cfg.smoes.ep_size, worker_args(args, trained, raw_path, batch_size),
                            raw_path, args.out / "comm_worker.log", _echo, ("[bench]",))
         result = assemble(raw, trained)
         result["command"] = {"config": str(args.config), "overrides": args.overrides, "variants": args.variants}

@@ -1,7 +1,7 @@
 """One rank of the inference benchmark (started by `python -m ds_smoes.bench infer` through the
 DeepSpeed launcher, once per measured ep_size; not meant to be run by hand).
 
-For every variant (`ds_smoes.bench.infer_variants`) it builds the model of the variant's recipe at
+For every variant (`ds_smoes.bench.infer.variants`) it builds the model of the variant's recipe at
 this ep_size with the variant's dispatch and loads the trained checkpoint's module weights
 (DeepSpeed keys expert files by global expert id, so a checkpoint saved at ep_size 2 loads at
 ep_size 1 as it is; the gate's `physical_E` travels with the weights), then, in eval mode:
@@ -15,7 +15,7 @@ ep_size 1 as it is; the gate's `physical_E` travels with the weights), then, in 
 3. exact-match accuracy on the test split (greedy decoding with the cache, `max_new_tokens` of the
    recipe), under the variant's routing at this ep_size.
 
-Rank 0 writes the raw figures as JSON; `ds_smoes.bench.infer` turns them into the table.
+Rank 0 writes the raw figures as JSON; `ds_smoes.bench.infer.command` turns them into the table.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ds_smoes.bench.infer_variants import INFER_VARIANTS, InferVariant
+from ds_smoes.bench.infer.variants import INFER_VARIANTS, InferVariant
 from ds_smoes.bench.runs import RECIPES
 from ds_smoes.core.errors import ConfigError, SMoESError
 from ds_smoes.parallel import distributed
@@ -44,7 +44,7 @@ log0 = partial(console.log0, tag="infer", elapsed=True)   # progress lines, rank
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ds_smoes.bench.infer_worker")
+    p = argparse.ArgumentParser(prog="ds_smoes.bench.infer.worker")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--variants", nargs="+", required=True, choices=list(INFER_VARIANTS))
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ds_smoes.app.builtin import prepare_data
         from ds_smoes.app.evaluation import exact_match_accuracy
-        from ds_smoes.bench.worker import question_subset
+        from ds_smoes.bench.comm.worker import question_subset
         from ds_smoes.parallel.launch import init_distributed
 
         init_distributed()

@@ -1,10 +1,10 @@
 """The pre-LLM compressor a `ModelConfig` asks for (None: every patch enters the LLM)."""
 from __future__ import annotations
 
-from ds_smoes.model.compress.base import TokenCompressor
-from ds_smoes.model.compress.baselines import PoolCompressor, RandomPruner
-from ds_smoes.model.compress.learnpruner import LearnedPruner
-from ds_smoes.model.compress.qmop import QMoP
+from ds_smoes.compress.base import TokenCompressor
+from ds_smoes.compress.baselines import PoolCompressor, RandomPruner
+from ds_smoes.compress.learnpruner import LearnedPruner
+from ds_smoes.compress.qmop import QMoP
 from ds_smoes.model.config import ModelConfig
 
 

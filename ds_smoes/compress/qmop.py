@@ -7,7 +7,7 @@ Mixture-of-Experts style.  No code is public; every choice below is ours (docs/c
 
 - every branch emits exactly the budget Q of tokens in the vision encoder's width, so the fusion is token-wise:
   fused token q = sum_e weight_e * token q of branch e; the shared projector maps the fused tokens into the LLM;
-- pooling: `ds_smoes.core.token_selection.pool_matrix` (no parameters); resampler: Q learned queries
+- pooling: `ds_smoes.compress.selection.pool_matrix` (no parameters); resampler: Q learned queries
   cross-attending to the patches (one multi-head attention with a residual to the queries and an MLP);
   pruning: `LearnedPruner` (an MLP scorer, straight-through top-k, kept patches in their original order);
 - the router reads the mean of the patches (the image summary) and the pooled text query, each layer-normed, through
@@ -15,7 +15,7 @@ Mixture-of-Experts style.  No code is public; every choice below is ours (docs/c
   (forward weight exactly 1 on it, gradient of the softmax);
 - the branch-balance loss is Switch-style (`branch_balance_loss`): E * sum_e f_e * P_e over the batch's images.
 
-The query steers the router only; the branches do not read it.  Shapes as `ds_smoes.model.compress.base`, and
+The query steers the router only; the branches do not read it.  Shapes as `ds_smoes.compress.base`, and
 E the three branches (QMoP's experts, in the order pool, resampler, prune); a = attention heads' count.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_smoes.core.token_selection import pool_matrix, straight_through
-from ds_smoes.model.compress.base import CompressOutput, TokenCompressor
-from ds_smoes.model.compress.learnpruner import LearnedPruner
+from ds_smoes.compress.selection import pool_matrix, straight_through
+from ds_smoes.compress.base import CompressOutput, TokenCompressor
+from ds_smoes.compress.learnpruner import LearnedPruner
 from ds_smoes.model.vision import mlp
 
 BRANCHES = ("pool", "resampler", "prune")

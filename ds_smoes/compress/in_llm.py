@@ -6,7 +6,7 @@ every per-token tensor are re-packed without them, so blocks L.. (their attentio
 process fewer tokens.  Choices that are ours (docs/compression.md says them too):
 
 - The score is block L-1's own attention, from its input (the same q, k as that block's softmax, recomputed
-  here from its projections for the chosen query rows only: `ds_smoes.core.query_attention`); pruning then
+  here from its projections for the chosen query rows only: `ds_smoes.compress.query_attention`); pruning then
   applies to block L-1's output.  Block L-1 attended over every token, so the score reads a real attention map
   (eager or fused), and blocks before L keep their full KV cache.
 - Query rows: the prompt's text tokens (valid, text modality, no label: <bos>, the prompt words, <sep>); for
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ds_smoes.core.query_attention import keep_top_budget, query_attention_scores
+from ds_smoes.compress.query_attention import keep_top_budget, query_attention_scores
 from ds_smoes.model.attention import SelfAttention
 
 

@@ -4,7 +4,7 @@
 per image from its own seeded generator (`compress.seed`); evaluation keeps one fixed subset, drawn once from the
 seed, for every image, so an evaluation is reproducible and a sample's output does not depend on its batch (ours).
 
-`PoolCompressor`: average pooling of the patch grid to the budget (`ds_smoes.core.token_selection.pool_matrix`:
+`PoolCompressor`: average pooling of the patch grid to the budget (`ds_smoes.compress.selection.pool_matrix`:
 adaptive average pooling for a square budget, a ragged grid otherwise); the pooled tokens are new tokens
 (`index_BQ` None).  Neither has parameters.  The FastV-style baseline prunes inside the decoder (not here).
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ds_smoes.core.token_selection import gather_tokens, pool_matrix, random_indices
-from ds_smoes.model.compress.base import CompressOutput, TokenCompressor
+from ds_smoes.compress.selection import gather_tokens, pool_matrix, random_indices
+from ds_smoes.compress.base import CompressOutput, TokenCompressor
 
 
 class RandomPruner(TokenCompressor):

@@ -1,6 +1,6 @@
 """In-LLM vision-token pruning for converted LLaVA-style Hugging Face models (issue 19, item 6), through hooks.
 
-    from ds_smoes.hf.pruning import install_pruning
+    from ds_smoes.compress.hf import install_pruning
     pruner = install_pruning(model, CompressConfig(method="fastv", keep_ratio=0.25, fastv_layer=1))
     out = model(**batch, labels=labels)      # layers >= L see fewer tokens; out.logits: [B, T', V]
     pruner.last                               # PruneRecord: scores, kept positions, tokens before / after
@@ -13,7 +13,7 @@ attend most in layer L-1 (`fastv`: its last text row; `random`: a seeded draw). 
 hidden states and from what layers L.. read (the attention mask, rebuilt by transformers' own mask function for
 the packed rows; position ids and the rotary (cos, sin), gathered, so kept tokens keep their original positions;
 the SMoES context's modality labels, validity and attention scores).  Rows are re-packed as
-`ds_smoes.model.token_pruning.pack` does (the built-in model's rule: left when every row's last column holds a
+`ds_smoes.compress.in_llm.pack` does (the built-in model's rule: left when every row's last column holds a
 token, else right).  So the attention and MoE layers from L on route fewer tokens.
 
 Choices that are ours (docs/compression.md, "Hugging Face models"):
@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_smoes.core.errors import ConfigError
-from ds_smoes.core.query_attention import keep_top_budget, query_attention_scores
+from ds_smoes.compress.query_attention import keep_top_budget, query_attention_scores
 from ds_smoes.hf.adapters import ModelAdapter, model_adapter_for
 from ds_smoes.hf.attention import _SINK, PREFIX, capturing_implementation
 from ds_smoes.hf.context import ModalityBatch, ModalityContext
-from ds_smoes.model.compress.config import CompressConfig
-from ds_smoes.model.token_pruning import Packing, pack, query_rows
+from ds_smoes.compress.config import CompressConfig
+from ds_smoes.compress.in_llm import Packing, pack, query_rows
 
 METHODS = ("learnpruner", "fastv", "random")
 IGNORE = -100                              # transformers' ignore index of the labels
@@ -126,7 +126,7 @@ def _check(compress: CompressConfig, adapter: ModelAdapter, text_config) -> None
     if compress.method not in METHODS:
         why = ("nothing to prune" if compress.method == "none" else
                "it compresses the vision encoder's patches before the projector, which needs the built-in model's "
-               "vision path (ds_smoes.model.compress)")
+               "vision path (ds_smoes.compress)")
         raise ConfigError(f"compress.method={compress.method!r} is not available for Hugging Face models ({why}); "
                           f"use one of {METHODS} (in-LLM pruning through hooks)")
     if compress.method == "learnpruner" and compress.stage1_keep_ratio is not None:

@@ -1,6 +1,6 @@
 """Choosing which tokens of a sequence to keep: the math of visual token compression (issue 19).
 
-Pure torch functions, no modules and no state, shared by the pre-LLM compressors (`ds_smoes.model.compress`) and
+Pure torch functions, no modules and no state, shared by the pre-LLM compressors (`ds_smoes.compress`) and
 the in-LLM pruning.  Shapes (glossary: `ds_smoes/__init__.py`): B sequences or images, T the tokens a function
 chooses from (an image's patches, in raster order), D hidden, Q the tokens kept (the budget; Q is the glossary's
 ad-hoc letter and means the budget wherever this module uses it).

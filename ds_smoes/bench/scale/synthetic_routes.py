@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_smoes.bench.simulate import RouterProfile, modality_groups
+from ds_smoes.bench.simulate.model import RouterProfile, modality_groups
 from ds_smoes.core.errors import ConfigError
 
 

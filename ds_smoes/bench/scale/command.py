@@ -3,10 +3,10 @@
 
 1. The router statistics the drawn routings follow: the SMoES router's own-route histogram, from a
    `bench comm` result (comm.json) or measured here on a trained run (default runs/demo, as `make demo`
-   leaves it) by the communication benchmark's worker (`ds_smoes.bench.worker`, variant c, routing pass).
-2. The MoE layer on `ep_size` gloo ranks (`ds_smoes.bench.scale_worker`): per published shape, paired
+   leaves it) by the communication benchmark's worker (`ds_smoes.bench.comm.worker`, variant c, routing pass).
+2. The MoE layer on `ep_size` gloo ranks (`ds_smoes.bench.scale.worker`): per published shape, paired
    rounds of eight variants (router x dispatch) sharing one set of expert weights.
-3. The attention score (`ds_smoes.bench.attention`) per sequence length, in this process.
+3. The attention score (`ds_smoes.bench.scale.attention`) per sequence length, in this process.
 4. Ratios with distribution-free 95 % intervals (`median_interval` of the per-round ratios), the issue's
    bars, scale.json / scale.md under --out and one MLflow run.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from ds_smoes.bench import runs
-from ds_smoes.bench.report import paired_ratio, strict_json
-from ds_smoes.bench.shapes import SHAPES
-from ds_smoes.bench.simulate import RouterProfile
+from ds_smoes.bench.comm.report import paired_ratio, strict_json
+from ds_smoes.bench.scale.shapes import SHAPES
+from ds_smoes.bench.simulate.model import RouterProfile
 from ds_smoes.core.errors import ConfigError
 
 EXPERIMENT = "ds-smoes-bench"
@@ -80,7 +80,7 @@ def check_args(args) -> None:
 def profile_from(source: Path, out_dir: Path, echo=_echo) -> tuple[RouterProfile, str]:
     """The SMoES router's profile and a description of where it came from."""
     if source.is_file():
-        from ds_smoes.bench.report import simulation_inputs
+        from ds_smoes.bench.comm.report import simulation_inputs
 
         try:
             result = json.loads(source.read_text())
@@ -106,11 +106,11 @@ def profile_from(source: Path, out_dir: Path, echo=_echo) -> tuple[RouterProfile
     log = out_dir / "scale_profile.log"
     echo(f"measuring the SMoES router's own-route statistics on {source} (log: {log})")
     raw_path = out_dir / "scale_profile_raw.json"
-    raw = runs.measure("ds_smoes.bench.worker", int(metrics["ep_size"]), [
+    raw = runs.measure("ds_smoes.bench.comm.worker", int(metrics["ep_size"]), [
         "--config", str(config), "--out", str(raw_path), "--variants", "c", "--sources", "trained",
         "--batches", "8", "--warmup", "0", "--repeats", "1", "--eval-questions", "1",
         "--smoes-checkpoint", str(source / "checkpoint")], raw_path, log, echo, what="measuring the router profile")
-    from ds_smoes.bench.report import variant_figures
+    from ds_smoes.bench.comm.report import variant_figures
 
     figures = variant_figures(raw["sources"]["trained"]["c"])
     return (RouterProfile.from_counts(raw["setup"]["k"], figures["own_route_counts_MJ"]),
@@ -252,13 +252,13 @@ def run(args) -> int:
                        "--profile-json", str(profile_json), "--out", str(raw_path), "--seed", str(args.seed)]
         if args.vision_share is not None:
             worker_args += ["--vision-share", str(args.vision_share)]
-        raw = runs.measure("ds_smoes.bench.scale_worker", args.ep_size, worker_args, raw_path, log, _echo, ("[bench]",))
+        raw = runs.measure("ds_smoes.bench.scale.worker", args.ep_size, worker_args, raw_path, log, _echo, ("[bench]",))
         result = {"setup": {**raw["setup"], "profile_source": described, "backend": runs_backend(),
                             "command": args.command_line},
                   "shapes": [shape_figures(r) for r in raw["results"]], "bf16_skipped": bf16_skipped,
                   "raw": raw["results"]}
         if args.attention_lengths:
-            from ds_smoes.bench.attention import measure_attention_score
+            from ds_smoes.bench.scale.attention import measure_attention_score
 
             rows = []
             for t in args.attention_lengths:

@@ -8,7 +8,7 @@ differentiable with a straight-through estimator (hard top-k forward, softmax-of
 variant (`stage1_relaxation`), and the kept patches are multiplied by the mask, whose forward value is exactly 1,
 so the gradient reaches the scorer without changing any kept value.  Stage 2 lives in the decoder.
 
-The same module is QMoP's pruning branch.  Shapes as `ds_smoes.model.compress.base`.
+The same module is QMoP's pruning branch.  Shapes as `ds_smoes.compress.base`.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ds_smoes.core.token_selection import gather_tokens, gumbel_topk, straight_through_topk
-from ds_smoes.model.compress.base import CompressOutput, TokenCompressor
+from ds_smoes.compress.selection import gather_tokens, gumbel_topk, straight_through_topk
+from ds_smoes.compress.base import CompressOutput, TokenCompressor
 from ds_smoes.model.vision import mlp
 
 

@@ -7,11 +7,11 @@
     baselines.py    random pruning and pooling to the budget
     build.py        build_compressor(ModelConfig): the module for cfg.compress (None: no pre-LLM stage)
 
-The in-LLM stage (LearnPruner's stage 2, the FastV-style baseline) is `ds_smoes.model.token_pruning`; the math
-both use is in `ds_smoes.core.token_selection` and `ds_smoes.core.query_attention`.
+The in-LLM stage (LearnPruner's stage 2, the FastV-style baseline) is `ds_smoes.compress.in_llm`; the math
+both use is in `ds_smoes.compress.selection` and `ds_smoes.compress.query_attention`.
 
 The methods and the design choices that are ours are in docs/compression.md.
 """
-from ds_smoes.model.compress.config import IN_LLM_METHODS, PRE_LLM_METHODS, CompressConfig, CompressMethod
+from ds_smoes.compress.config import IN_LLM_METHODS, PRE_LLM_METHODS, CompressConfig, CompressMethod
 
 __all__ = ["IN_LLM_METHODS", "PRE_LLM_METHODS", "CompressConfig", "CompressMethod"]

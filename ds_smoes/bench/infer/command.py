@@ -4,7 +4,7 @@ parallelism (docs/bench.md, "infer").
 1. The trained models: one per recipe the variants need (`ds_smoes.bench.runs.RECIPES`: dense,
    top-k, hard, SMoES, SMoES with one bin per token), from `--run RECIPE=DIR` when given, else
    runs/bench/<recipe>, trained there by the demo recipe (DeepSpeed launcher) when missing.
-2. The measurement: `ds_smoes.bench.infer_worker` once per ep_size (`--ep-sizes`, default 1 2)
+2. The measurement: `ds_smoes.bench.infer.worker` once per ep_size (`--ep-sizes`, default 1 2)
    on that many ranks: traffic, paired timing rounds and accuracy of every variant.
 3. The table (printed, infer.md), the result (infer.json, strict JSON) and one MLflow run holding
    them (the training runs nest under it).
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from ds_smoes.bench import runs
-from ds_smoes.bench.infer_variants import INFER_VARIANTS, REFERENCE
-from ds_smoes.bench.report import paired_ratio, strict_json
+from ds_smoes.bench.infer.variants import INFER_VARIANTS, REFERENCE
+from ds_smoes.bench.comm.report import paired_ratio, strict_json
 from ds_smoes.core.errors import ConfigError
 
 FILES = ("infer.json", "infer.md")
@@ -94,7 +94,7 @@ def trained_runs(args, tracking_uri: str | None, parent_run_id: str | None) -> d
 
 
 def worker_args(args, trained: dict, raw_path: Path, batch_size: int) -> list[str]:
-    """Arguments of `ds_smoes.bench.infer_worker` (pure)."""
+    """Arguments of `ds_smoes.bench.infer.worker` (pure)."""
     out = ["--config", str(args.config), "--out", str(raw_path), "--variants", *args.variants,
            "--batches", str(args.batches), "--batch-size", str(batch_size), "--new-tokens", str(args.new_tokens),
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--eval-questions", str(args.eval_questions)]
@@ -216,7 +216,7 @@ def run(args) -> int:
             raw_path = args.out / f"infer_raw_ep{ep_size}.json"
             log = args.out / f"infer_worker_ep{ep_size}.log"
             _echo(f"measuring at ep_size {ep_size} ({ep_size} rank{'s' if ep_size > 1 else ''}); log: {log}")
-            raws[ep_size] = runs.measure("ds_smoes.bench.infer_worker", ep_size,
+            raws[ep_size] = runs.measure("ds_smoes.bench.infer.worker", ep_size,
                                          worker_args(args, trained, raw_path, batch_size), raw_path, log, _echo,
                                          ("[infer]",), f"the measurement at ep_size {ep_size}")
         result = assemble(raws, trained)

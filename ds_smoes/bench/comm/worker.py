@@ -7,7 +7,7 @@ max_bins_per_token; none of them changes a parameter, so one checkpoint loads in
 gate's variants), then, on the same fixed test batches for every variant:
 
 1. a routing pass: one fwd+bwd per batch and variant, tallying the CommVolume of every MoE
-   layer and recording the routes (`ds_smoes.bench.routes`), from which the expert rows each rank
+   layer and recording the routes (`ds_smoes.bench.comm.routes`), from which the expert rows each rank
    runs in each call follow (`expert_rows_sent`);
 2. timing: `warmup + repeats` rounds; in each round every variant runs one fwd+bwd on the round's
    batch (round robin, so load from other processes hits all variants alike); a step's time is
@@ -17,7 +17,7 @@ gate's variants), then, on the same fixed test batches for every variant:
 Models run in eval mode (no dropout, no top-2 sampling, no bin or statistics updates) with
 autograd on; fwd+bwd is the model's loss and its backward, no optimizer step and no
 data-parallel gradient all-reduce (the same for every variant).  Rank 0 writes the raw figures
-as JSON; `ds_smoes.bench.report` turns them into the table.
+as JSON; `ds_smoes.bench.comm.report` turns them into the table.
 """
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ import torch
 
 from ds_smoes.parallel import distributed
 from ds_smoes.parallel import console
-from ds_smoes.bench.routes import (RouteRecorder, bins_by_physical, expected_rank_once_dispatch_bytes,
+from ds_smoes.bench.comm.routes import (RouteRecorder, bins_by_physical, expected_rank_once_dispatch_bytes,
                                    expected_stock_bytes, expert_rows_sent, expert_work, modality_load, own_bins,
                                    own_route_counts, remote_pairs)
-from ds_smoes.bench.variants import VARIANTS, Variant
+from ds_smoes.bench.comm.variants import VARIANTS, Variant
 from ds_smoes.core.config import SMoESConfig, validate
 from ds_smoes.core.errors import ConfigError, SMoESError
 
@@ -52,7 +52,7 @@ _TALLY = ("dispatch_bytes", "combine_bytes", "metadata_bytes", "tokens", "cross_
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ds_smoes.bench.worker")
+    p = argparse.ArgumentParser(prog="ds_smoes.bench.comm.worker")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--topk-checkpoint", type=Path, default=None)

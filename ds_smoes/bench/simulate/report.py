@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ds_smoes.bench.simulate import (VARIANT_LABELS, SimulationInputs, bin_limited_figures,  # noqa: E402
+from ds_smoes.bench.simulate.model import (VARIANT_LABELS, SimulationInputs, bin_limited_figures,  # noqa: E402
                                      rank_once_bytes_per_token, rank_once_figures, stock_bytes_per_token)
 
 CSV_FIELDS = ("experts", "ep_size", "variant", "label", "bytes_per_token", "delta_vs_a_pct", "ranks_per_token",

@@ -1,6 +1,6 @@
 """Running the simulation on a benchmark result: grid, check against the measurement, files.
 
-Kept apart from `simulate.py` (the pure model) and `simulate_report.py` (formatting): this is
+Kept apart from `model.py` (the pure model) and `report.py` (formatting): this is
 the one place that reads a benchmark result and writes the simulation's files.
 """
 from __future__ import annotations
@@ -9,10 +9,10 @@ import dataclasses
 from functools import partial
 from pathlib import Path
 
-from ds_smoes.bench.report import simulation_inputs, strict_json
-from ds_smoes.bench.simulate import (EP_GRID, EXPERTS_GRID, monte_carlo_figures, rank_once_figures,
+from ds_smoes.bench.comm.report import simulation_inputs, strict_json
+from ds_smoes.bench.simulate.model import (EP_GRID, EXPERTS_GRID, monte_carlo_figures, rank_once_figures,
                                      simulate_grid)
-from ds_smoes.bench.simulate_report import calibration, csv_table, figure, highlights, markdown_table, save_figure
+from ds_smoes.bench.simulate.report import calibration, csv_table, figure, highlights, markdown_table, save_figure
 from ds_smoes.core.errors import ConfigError
 
 FILES = ("simulate.json", "simulate.csv", "simulate.md", "simulate.png")

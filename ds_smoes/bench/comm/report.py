@@ -21,8 +21,8 @@ import json
 import math
 import statistics
 
-from ds_smoes.bench.simulate import RouterProfile, SimulationInputs, capacity_ratio_from_bytes
-from ds_smoes.bench.variants import REFERENCE, VARIANTS
+from ds_smoes.bench.simulate.model import RouterProfile, SimulationInputs, capacity_ratio_from_bytes
+from ds_smoes.bench.comm.variants import REFERENCE, VARIANTS
 from ds_smoes.core.errors import ConfigError
 
 PAPER_COMM_REDUCTION_PCT = 56.1
