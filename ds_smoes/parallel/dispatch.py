@@ -32,7 +32,8 @@ sums what comes back.  Three `all_to_all_single` calls with split sizes in the f
 As many collectives as DeepSpeed's stock path (its gate's capacity all-reduce and two
 all-to-alls); the gate skips that all-reduce for rank_once, which needs no common capacity.
 The backward runs the same exchanges in reverse (splits swapped) for the packed rows and the
-combined vectors.  With one EP rank nothing is exchanged.
+combined vectors.  With one EP rank nothing is exchanged, and the experts run on the tokens themselves
+(no gather of rows, no packing, no scatter back: the same pairs in the same order, bit-identical).
 
 Host syncs (each stalls a GPU stream; `ds_smoes.testing.host_syncs` counts them): only sizes are read on
 the host, the split sizes of the exchanges and, for expert modules of no recognised kind, how many (row, route)
@@ -426,18 +427,20 @@ def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: t
     if plan is None:
         plan = plan_rank_once(indices_KS, num_local, group)
     send, recv = plan.counts()  # host sync 1: the split sizes (with one EP rank, the experts' sizes too)
+    if ep_size == 1:
+        # every expert is local and nothing is exchanged: the experts run on the tokens themselves, without the
+        # rows' gather, packing and scatter back (the same pairs in the same order: bit-identical)
+        out_SD = run_local_experts(x_SD, indices_KS.T, gates_KS.T, local_experts, plan.expert_sizes(), kernel)
+        volume = partial(_rank_once_comm, send, recv, home, x_SD.shape[1], x_SD.element_size(), indices_KS.shape[0],
+                         plan.hits_SR, valid_S)
+        return out_SD.to(x_SD.dtype), volume
     token_Y = plan.token_Y
     send_x_YD, routes_YX = x_SD.index_select(0, token_Y), row_routes(indices_KS, gates_KS, token_Y)
-    if ep_size > 1:
-        recv_x_ZD, recv_routes_ZX = exchange_rows(send_x_YD, routes_YX, send, recv, group)
-        # host sync 2: the sizes of the received rows' experts, known only once they have arrived
-        combined_ZD = run_local_experts(recv_x_ZD, *local_routes(recv_routes_ZX, home, num_local), local_experts,
-                                        kernel=kernel)
-        back_YD = all_to_all_rows(combined_ZD.to(x_SD.dtype), recv, send, group)
-    else:
-        back_YD = run_local_experts(send_x_YD, *local_routes(routes_YX, 0, num_local), local_experts,
-                                    plan.expert_sizes(), kernel)
-
+    recv_x_ZD, recv_routes_ZX = exchange_rows(send_x_YD, routes_YX, send, recv, group)
+    # host sync 2 (segment or module loop only): the sizes of the received rows' experts, known once they arrived
+    combined_ZD = run_local_experts(recv_x_ZD, *local_routes(recv_routes_ZX, home, num_local), local_experts,
+                                    kernel=kernel)
+    back_YD = all_to_all_rows(combined_ZD.to(x_SD.dtype), recv, send, group)
     out_SD = x_SD.new_zeros(x_SD.shape, dtype=torch.float32).index_add_(0, token_Y, back_YD.float())
     volume = partial(_rank_once_comm, send, recv, home, x_SD.shape[1], x_SD.element_size(), indices_KS.shape[0],
                      plan.hits_SR, valid_S)
