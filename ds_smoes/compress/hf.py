@@ -59,6 +59,17 @@ IGNORE = -100                              # transformers' ignore index of the l
 _CACHE_KWARGS = ("cache", "past_key_values")
 
 
+def _causal_mask(*, cache, **kwargs):
+    """transformers' `create_causal_mask`, with the KV cache under the keyword this transformers names it
+    (`cache` from 5.24, `past_key_values` before)."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    name = next(k for k in _CACHE_KWARGS if k in inspect.signature(create_causal_mask).parameters)
+    return create_causal_mask(**kwargs, **{name: cache})
+
+
 @dataclass(frozen=True)
 class PruneRecord:
     """What one pruning did (the last prefill's).  `score_BT`: layer L-1's attention from the query rows (None for
@@ -369,10 +380,8 @@ class HFTokenPruner:
     def _packed_kwargs(self, plan: _Prefill, kwargs: dict, x_BTD: torch.Tensor) -> dict:
         """What layers >= L read instead: the mask of the packed rows (transformers' mask function, for the model's
         attention implementation), the kept tokens' position ids and rotary (cos, sin)."""
-        from transformers.masking_utils import create_causal_mask
-
         packing, b = plan.packing, x_BTD.shape[0]
-        out = {"attention_mask": create_causal_mask(
+        out = {"attention_mask": _causal_mask(
             config=self.text_config, inputs_embeds=x_BTD[:, :packing.source_BT.shape[1]],
             attention_mask=packing.valid_BT.long(), cache=None, position_ids=None)}
         if kwargs.get("position_ids") is not None:
@@ -405,12 +414,10 @@ class HFTokenPruner:
         if self._prefix is None:
             return None
         if self._decode_kwargs is None:
-            from transformers.masking_utils import create_causal_mask
-
             x_BTD = args[0] if args else kwargs["hidden_states"]
             cache = next(kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None)
             mask_BU = self._decode_mask_2d(x_BTD, cache)
-            self._decode_kwargs = {"attention_mask": create_causal_mask(
+            self._decode_kwargs = {"attention_mask": _causal_mask(
                 config=self.text_config, inputs_embeds=x_BTD, attention_mask=mask_BU, cache=cache, position_ids=None,
                 layer_idx=self.layer)}
         return args, {**kwargs, **self._decode_kwargs}

@@ -35,6 +35,8 @@ SCENARIOS = (
     ("train_variants", "train_variants", ("--config", "{small_config}")),
     ("hf_train", "hf_train", ()),
     ("upcycle_run", "upcycle_run", ("--config", "{small_config}")),
+    # last: AutoEP makes expert-parallel groups of its own in DeepSpeed's global group registry
+    ("autoep", "autoep", ()),
 )
 
 
