@@ -40,6 +40,7 @@ Shapes: B batch, T tokens of the forward (T' after pruning), A heads, a key head
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -62,12 +63,19 @@ _CACHE_KWARGS = ("cache", "past_key_values")
 def _causal_mask(*, cache, **kwargs):
     """transformers' `create_causal_mask`, with the KV cache under the keyword this transformers names it
     (`cache` from 5.24, `past_key_values` before)."""
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(**kwargs, **{_mask_cache_keyword(): cache})
+
+
+@functools.cache
+def _mask_cache_keyword() -> str:
+    """The keyword of `create_causal_mask`'s KV cache in the installed transformers (read once)."""
     import inspect
 
     from transformers.masking_utils import create_causal_mask
 
-    name = next(k for k in _CACHE_KWARGS if k in inspect.signature(create_causal_mask).parameters)
-    return create_causal_mask(**kwargs, **{name: cache})
+    return next(k for k in _CACHE_KWARGS if k in inspect.signature(create_causal_mask).parameters)
 
 
 @dataclass(frozen=True)

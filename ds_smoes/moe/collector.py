@@ -75,10 +75,3 @@ class RoutingCollector:
         """Per layer, its most recent call (None for a layer not called), without taking them."""
         return [calls[-1] if calls else None for calls in self._calls]
 
-
-def collect_calls(layers: Sequence, forward: Callable[[], Any], stats: bool = True, losses: bool = False
-                  ) -> tuple[Any, list[list[MoECall]]]:
-    """Run `forward()` with a collector over `layers`: (what it returned, the calls per layer)."""
-    with RoutingCollector(layers, stats=stats, losses=losses) as collector:
-        out = forward()
-    return out, collector.take()

@@ -188,7 +188,7 @@ class ModalityGate(TopKGate):
             return routed.computed_losses
         return self.aux_losses(routed.probs_SE, routed.routes, routed.inputs, routed.valid_S)
 
-    def no_losses(self, routed: Routed) -> torch.Tensor:
+    def no_losses(self) -> torch.Tensor:
         """The l_aux of a call whose losses nobody asked for (evaluation): 0, on the router's device."""
         return self.wg.weight.new_zeros(())
 

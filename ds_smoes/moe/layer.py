@@ -176,7 +176,7 @@ class SMoESMoE(MoE):
         gate = self.gate
         routed = gate.route(x_SD, RoutingInputs(scores_SM, labels_S, sample_id_S, valid_S))
         plan = self.dispatcher.plan(self, routed)     # rank_once: its count exchange overlaps the losses
-        l_aux, named = gate.losses(routed) if want_losses else (gate.no_losses(routed), {})
+        l_aux, named = gate.losses(routed) if want_losses else (gate.no_losses(), {})
         sent = self.dispatcher.forward(self, x_SD, routed, plan)
         if collector is not None:
             stats = gate.stats(routed, named) if collector.stats else None

@@ -308,13 +308,13 @@ def run_local_experts(x_ZD: torch.Tensor, local_ZK: torch.Tensor, weight_ZK: tor
     if sizes is not None:
         sizes = list(sizes[:num_local])
         order_Q = order_Q[:sum(sizes)]             # the used (row, route) pairs, grouped by expert
-    expert_Q = key_Q.index_select(0, order_Q).clamp(max=num_local - 1)
+    sorted_key_Q = key_Q.index_select(0, order_Q)
+    expert_Q = sorted_key_Q.clamp(max=num_local - 1)
     row_Q = torch.div(order_Q, k, rounding_mode="floor")
     runners = {
         # every pair when the sizes are unknown: the used ones first, rows past them masked
         "grouped": lambda x_QD: grouped(x_QD, counts_E, expert_Q,
-                                        None if sizes is not None else (key_Q.index_select(0, order_Q)
-                                                                        < num_local).unsqueeze(1)),
+                                        None if sizes is not None else (sorted_key_Q < num_local).unsqueeze(1)),
         "segments": lambda x_QD: grouped(x_QD, counts_E, expert_Q, host_counts=sizes),
         "modules": lambda x_QD: _module_loop(experts, x_QD, sizes),
     }
@@ -358,7 +358,8 @@ class RankOncePlan:
     Its host values are read together, in one sync, on first use: the send and recv split sizes (the same
     list with one EP rank) and, with one EP rank, how many (row, route) pairs each expert runs."""
     hits_SR: torch.Tensor        # token s needs EP rank r
-    token_Q: torch.Tensor        # Q = R * S (rank, token) pairs, the rows to send first (`send_order`)
+    token_Q: torch.Tensor | None  # Q = R * S (rank, token) pairs, the rows to send first (`send_order`); with
+                                  # one EP rank made on first use only (the dispatch there sends no rows)
     send_counts_R: torch.Tensor
     recv_counts_R: torch.Tensor  # filled once the count exchange is done (`counts()` waits for it)
     expert_pairs_E: torch.Tensor | None = None  # one EP rank: the (row, route) pairs of each expert
@@ -392,6 +393,8 @@ class RankOncePlan:
     @property
     def token_Y(self) -> torch.Tensor:
         """The token of each row sent, grouped by destination rank (sliced with the row count the split sizes give)."""
+        if self.token_Q is None:
+            self.token_Q = send_order(self.hits_SR)[0]
         return self.token_Q[:sum(self.counts()[0])]
 
 
@@ -400,10 +403,11 @@ def plan_rank_once(indices_KS: torch.Tensor, num_local_experts: int, group=None)
     so that whatever the caller computes next overlaps with it.  Reads nothing on the host."""
     ep_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
     hits_SR = rank_hits(route_ranks(indices_KS, num_local_experts), ep_size)
-    token_Q, _, send_counts_R = send_order(hits_SR)
     if ep_size == 1:  # every expert is local: their input sizes are known now and read with the send counts
         expert_pairs_E = expert_pair_counts(indices_KS, num_local_experts)[:num_local_experts]
-        return RankOncePlan(hits_SR, token_Q, send_counts_R, send_counts_R, expert_pairs_E)
+        send_counts_R = hits_SR.sum(0).long()   # what `send_order` counts, without its sort of the rows
+        return RankOncePlan(hits_SR, None, send_counts_R, send_counts_R, expert_pairs_E)
+    token_Q, _, send_counts_R = send_order(hits_SR)
     recv_counts_R, pending = start_count_exchange(send_counts_R, group)
     return RankOncePlan(hits_SR, token_Q, send_counts_R, recv_counts_R, None, pending)
 
@@ -427,12 +431,12 @@ def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: t
     if plan is None:
         plan = plan_rank_once(indices_KS, num_local, group)
     send, recv = plan.counts()  # host sync 1: the split sizes (with one EP rank, the experts' sizes too)
+    volume = partial(_rank_once_comm, send, recv, home, x_SD.shape[1], x_SD.element_size(), indices_KS.shape[0],
+                     plan.hits_SR, valid_S)
     if ep_size == 1:
         # every expert is local and nothing is exchanged: the experts run on the tokens themselves, without the
         # rows' gather, packing and scatter back (the same pairs in the same order: bit-identical)
         out_SD = run_local_experts(x_SD, indices_KS.T, gates_KS.T, local_experts, plan.expert_sizes(), kernel)
-        volume = partial(_rank_once_comm, send, recv, home, x_SD.shape[1], x_SD.element_size(), indices_KS.shape[0],
-                         plan.hits_SR, valid_S)
         return out_SD.to(x_SD.dtype), volume
     token_Y = plan.token_Y
     send_x_YD, routes_YX = x_SD.index_select(0, token_Y), row_routes(indices_KS, gates_KS, token_Y)
@@ -442,8 +446,6 @@ def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: t
                                     kernel=kernel)
     back_YD = all_to_all_rows(combined_ZD.to(x_SD.dtype), recv, send, group)
     out_SD = x_SD.new_zeros(x_SD.shape, dtype=torch.float32).index_add_(0, token_Y, back_YD.float())
-    volume = partial(_rank_once_comm, send, recv, home, x_SD.shape[1], x_SD.element_size(), indices_KS.shape[0],
-                     plan.hits_SR, valid_S)
     return out_SD.to(x_SD.dtype), volume
 
 
