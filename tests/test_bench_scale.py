@@ -92,6 +92,16 @@ def test_paired_ratio_and_bars_by_hand():
     fig = shape_figures(raw)
     assert fig["kernel_ratio_chosen_vs_modules"]["median"] == pytest.approx(0.5)
     assert fig["expert_kernels"] == ["segments"]
+    assert "autoep" not in fig and "autoep_bytes_ratio" not in fig["bars"]   # measured without --autoep
+    for v in ("autoep/stock", "autoep-profile/stock", "autoep-profile/rank_once", "autoep-smoes/rank_once"):
+        seconds[v] = [1.0] * 3
+        raw["remote_bytes_per_token"][v] = 100.0
+    seconds["autoep-profile/rank_once"] = [1.02] * 3
+    raw["remote_bytes_per_token"]["autoep-profile/rank_once"] = 40.0
+    fig = shape_figures(raw)
+    assert fig["bars"]["autoep_bytes_ratio"] == {"value": pytest.approx(0.4), "bar": 0.5, "met": True}
+    assert fig["bars"]["autoep_layer_ratio"] == {"value": pytest.approx(1.02), "bar": 1.05, "met": True}
+    assert fig["autoep"]["vs_legacy_rank_once"]["median"] == pytest.approx(1.02 / 0.7)
     bars = attention_bars([{"T": 4096, "time_ratio": 1.6, "peak_mem_ratio": 1.0},
                            {"T": 8192, "time_ratio": 1.1, "peak_mem_ratio": 1.1}])
     assert bars["attn_score_time_ratio_T4096"]["met"] is False and bars["attn_score_peak_mem_ratio_T8192"]["met"]
@@ -125,7 +135,7 @@ def test_scale_runs_end_to_end_on_the_toy_shape(tmp_path):
     out = tmp_path / "bench"
     # --dtypes fp32: without it the command adds bf16 where the CPU has it natively (AVX512-BF16, AMX), so the
     # number of measured entries would depend on the machine (test_the_dtypes_follow_the_machine covers that choice)
-    proc = python_run(["-m", "ds_smoes.bench", "scale", "--shapes", "toy", "--tokens", "256",
+    proc = python_run(["-m", "ds_smoes.bench", "scale", "--shapes", "toy", "--tokens", "256", "--autoep",
                        "--dtypes", "fp32", "--repeats", "2", "--attention-lengths", "256", "--attention-repeats", "1",
                        "--profile-from", str(profile), "--out", str(out), "--no-mlflow"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -136,5 +146,13 @@ def test_scale_runs_end_to_end_on_the_toy_shape(tmp_path):
     # specialised routes cross less than uniform ones under rank_once; every variant sent something
     assert b["profile/rank_once"] < b["uniform/rank_once"] and min(b.values()) > 0
     assert "## Bars" in (out / "scale.md").read_text() and "layer_ratio_smoes_vs_topk" in proc.stdout
+    # --autoep: DeepSpeed's AutoEP layer in the same rounds; on the same routes, once per rank sends fewer rows than
+    # AutoEP's one per (token, expert) pair, and both count whole token vectors (64 float32 = 256 bytes)
+    a = fig["autoep"]
+    assert a["autoep_layer_ratio"]["rounds"] == 2 and a["bytes_ratio_rank_once_vs_pair"] < 1
+    assert b["autoep-profile/rank_once"] == b["profile/rank_once"]     # the legacy layer's dispatch, the same routes
+    assert all(b[v] > 0 for v in ("autoep/stock", "autoep-profile/stock", "autoep-smoes/rank_once"))
+    assert "On DeepSpeed's AutoEP layer" in (out / "scale.md").read_text()
+    assert {"autoep_bytes_ratio", "autoep_layer_ratio"} <= set(fig["bars"])
     (row,) = result["attention"]["rows"]
     assert row["T"] == 256 and row["peak_with_score"] > 0 and row["time_ratio"] > 0

@@ -495,3 +495,29 @@ def test_rank_once_refuses_a_tensor_parallel_group_with_a_message(monkeypatch):
     with pytest.raises(ConfigError, match="tensor-parallel ranks .* smoes.dispatch='deepspeed'"):
         _layer("rank_once", k=2).set_deepspeed_parallelism()
     assert len(made) == 4
+
+
+def test_experts_run_by_one_function_take_part_as_the_modules_do():
+    """An ExpertRunner (AutoEP's stacked experts) gets the used (row, route) pairs grouped by expert with their sizes;
+    the combined output and every gradient are those of the same experts as modules."""
+    from ds_smoes.parallel.dispatch import ExpertRunner, run_local_experts
+
+    torch.manual_seed(0)
+    experts = nn.ModuleList(nn.Linear(D, D) for _ in range(3))
+    seen = []
+
+    def run(x_QD, sizes):
+        seen.append(list(sizes))
+        return torch.cat([experts[i](chunk) for i, chunk in enumerate(x_QD.split(sizes))])
+
+    x = torch.randn(5, D, requires_grad=True)
+    local_ZK = torch.tensor([[0, 2], [1, -1], [2, 0], [-1, -1], [0, 0]])
+    weight_ZK = torch.rand(5, 2, requires_grad=True)
+    out = run_local_experts(x, local_ZK, weight_ZK, ExpertRunner(3, run))
+    ref = run_local_experts(x, local_ZK, weight_ZK, list(experts), kernel="modules")
+    assert seen == [[4, 1, 2]]            # expert 0 four times (row 4 routes to it twice), 1 once, 2 twice
+    assert torch.allclose(out, ref, atol=1e-6) and torch.equal(out[3], torch.zeros(D))
+    probe = torch.randn(5, D)
+    grads = torch.autograd.grad((out * probe).sum(), [x, weight_ZK, *experts.parameters()])
+    ref_grads = torch.autograd.grad((ref * probe).sum(), [x, weight_ZK, *experts.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))

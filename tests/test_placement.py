@@ -182,3 +182,25 @@ def test_migration_on_two_gloo_ranks_keeps_training_identical(two_rank_scenarios
             # after placement each bin sits on one rank: routing stats under the physical layout
             # equal those under the bins' placement
             assert rep["cross_rank_rate_physical"] == pytest.approx(rep["cross_rank_rate_binned"]), where
+
+
+def test_stacked_experts_move_row_by_row_with_their_adam_moments():
+    """DeepSpeed AutoEP's layout: each parameter is [n, ...] and expert slot i is row i of every one."""
+    from ds_smoes.parallel.migration import StackedExperts
+
+    torch.manual_seed(0)
+    w1, w2 = nn.Parameter(torch.randn(4, 3, D)), nn.Parameter(torch.randn(4, D, 3))
+    opt = torch.optim.AdamW([w1, w2], lr=1e-2)
+    (torch.einsum("nfd,ndf->", w1, w2) ** 2).backward()
+    opt.step()
+    before = {name: t.detach().clone() for name, t in (("w1", w1), ("w2", w2), ("m1", opt.state[w1]["exp_avg"]),
+                                                         ("v2", opt.state[w2]["exp_avg_sq"]))}
+    new_E = torch.tensor([2, 0, 3, 1])
+    cost = migrate_experts(StackedExperts((w1, w2)), torch.arange(4), new_E, group=None, optimizer=opt)
+    for e in range(4):   # expert e's rows now sit in row new_E[e] of every parameter and moment
+        p = int(new_E[e])
+        assert torch.equal(w1[p], before["w1"][e]) and torch.equal(w2[p], before["w2"][e])
+        assert torch.equal(opt.state[w1]["exp_avg"][p], before["m1"][e])
+        assert torch.equal(opt.state[w2]["exp_avg_sq"][p], before["v2"][e])
+    # one expert: 2 x 3 x D weights, each with its 2 moments, in float32
+    assert cost.bytes_per_expert == 2 * 3 * D * 3 * 4 and cost.experts_moved == 0

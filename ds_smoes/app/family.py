@@ -120,6 +120,14 @@ class ModelFamily(ABC):
         """The config as logged (params, config.json) and written beside the run."""
         return json.loads(self.cfg.model_dump_json())
 
+    def deepspeed_config(self, ds_config: dict) -> dict:
+        """The DeepSpeed config the engine is built with, from the run's (`run.deepspeed_config`): where a family
+        completes what its model decides."""
+        return ds_config
+
+    def engine_built(self, engine) -> None:
+        """Called once `deepspeed.initialize` has built the engine, before any forward or checkpoint load."""
+
     def begin_step(self, step: int) -> None:
         """Called before the forward of optimizer step `step` (0-based, counted over the whole run, resumed or
         not): where a family seeds what it draws per step."""

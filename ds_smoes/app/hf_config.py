@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ds_smoes.core.config import SMoESConfig, validate
 from ds_smoes.core.errors import ConfigError
@@ -28,10 +28,24 @@ class HFSection(_Section):
     mode: Literal["auto", "convert", "upcycle"] = Field("auto", description="convert the MoE blocks, or upcycle a "
                                                                             "dense model; auto picks by the model")
     upcycle_layers: Literal["every_other", "all"] | list[int] = Field("every_other", description="MLPs to upcycle")
+    backend: Literal["ds_smoes", "autoep"] = Field(
+        "ds_smoes", description="the MoE layers: ds_smoes (the blocks converted to ds-smoes' layer on DeepSpeed's "
+                                "MoE), or autoep (DeepSpeed's AutoEP layers, expert_parallel in the DeepSpeed config, "
+                                "with the ds-smoes gate); docs/hf.md says which to pick")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel of the model")
     image_size: int | None = Field(None, ge=1, description="resize images to this square before the image processor")
     export: bool = Field(True, description="save_pretrained the trained model to run.output_dir/hf_export")
     resume_from: Path | None = Field(None, description="DeepSpeed checkpoint folder to continue training from")
+
+    @model_validator(mode="after")
+    def _autoep(self):
+        if self.backend == "autoep" and self.mode == "upcycle":
+            raise ValueError("hf.backend=autoep runs a sparse-MoE model's own blocks: upcycling a dense model needs "
+                             "hf.backend=ds_smoes")
+        if self.backend == "autoep" and self.export:
+            raise ValueError("hf.backend=autoep: the Hugging Face export (hf.export) reads ds-smoes' own MoE layers; "
+                             "set hf.export=false (the DeepSpeed checkpoint holds the trained model)")
+        return self
 
     @field_validator("upcycle_layers")
     @classmethod

@@ -1,6 +1,7 @@
 """A Hugging Face MoE-VLM converted to SMoES (`--hf-model`) as a model family of the training session.
 
-Loads the model, converts its MoE blocks (or upcycles its MLPs), reads LLaVA-format data through the
+Loads the model, converts its MoE blocks (or upcycles its MLPs, or, with `hf.backend: autoep`, leaves the blocks to
+DeepSpeed's AutoEP and puts the gate on its layers once the engine is built), reads LLaVA-format data through the
 model's chat template and image processor, evaluates by greedy decoding, and at the end exports with
 save_pretrained to the original architecture (docs/hf.md).  Engine, loop, placement, checkpoints and
 tracking are the session's (`ds_smoes.app.session`), as for the built-in model.
@@ -22,6 +23,7 @@ from ds_smoes.app.hf_config import HFTrainConfig
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.data import load_llava_json
 from ds_smoes.data.tasks import select_tasks, with_text_share
+from ds_smoes.hf.autoep import adopt_autoep, autoep_section, prepare_autoep
 from ds_smoes.hf.data import HFConversationDataset, VLMTextCodec, collate
 from ds_smoes.hf.export import export_pretrained
 from ds_smoes.hf.load import load_hf_model, to_smoes
@@ -131,7 +133,10 @@ class HFFamily(ModelFamily):
     def build(self, rank: int, log: Callable) -> None:
         cfg = self.cfg
         self.hf_model, processor_dir = load_hf_model(cfg.hf.model, cfg.hf.attn_implementation, cfg.run.seed)
-        self.model = to_smoes(self.hf_model, cfg.smoes, cfg.hf.mode, cfg.hf.upcycle_layers, seed=cfg.run.seed)
+        if cfg.hf.backend == "autoep":   # the blocks stay for deepspeed.initialize's AutoEP (engine_built adopts)
+            self.model = prepare_autoep(self.hf_model, cfg.smoes)
+        else:
+            self.model = to_smoes(self.hf_model, cfg.smoes, cfg.hf.mode, cfg.hf.upcycle_layers, seed=cfg.run.seed)
         self.codec = VLMTextCodec.load(cfg.hf.processor or processor_dir, self.hf_model.config, self.model.adapter,
                                        cfg.hf.image_size)
         tok = self.codec.tokenizer
@@ -156,6 +161,22 @@ class HFFamily(ModelFamily):
         self.collate = partial(collate, pad_id=self.pad_id)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
+    def deepspeed_config(self, ds_config: dict) -> dict:
+        section = ds_config.get("expert_parallel")
+        if self.cfg.hf.backend == "autoep":
+            return {**ds_config, "expert_parallel": autoep_section(self.model, section or {})}
+        if section and section.get("enabled"):
+            raise ConfigError(f"{self.cfg.run.deepspeed_config} enables DeepSpeed's AutoEP (expert_parallel) but "
+                              "hf.backend=ds_smoes converts the MoE blocks itself: set hf.backend=autoep, or remove "
+                              "the expert_parallel section")
+        return ds_config
+
+    def engine_built(self, engine) -> None:
+        if self.cfg.hf.backend == "autoep":
+            adopt_autoep(self.model)
+            # AutoEP replaced the blocks' parameters: the ones to keep in every rank's graph are the new ones
+            self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
     @property
     def smoes(self):
         """The config's smoes section with num_experts, k and normalize_topk read from the converted model."""
@@ -163,8 +184,9 @@ class HFFamily(ModelFamily):
 
     def describe(self) -> str:
         smoes, m = self.model.smoes, self.model
+        how = "AutoEP" if m.backend == "autoep" else "upcycled" if m.upcycled else "converted"
         return (f"hf model: {type(self.hf_model).__name__} ({self.hf_model.config.model_type}), "
-                f"{'upcycled' if m.upcycled else 'converted'} {len(m.moe_layers())} MoE layers, gate {smoes.gate}, "
+                f"{how} {len(m.moe_layers())} MoE layers, gate {smoes.gate}, "
                 f"{smoes.num_experts} experts, top-{smoes.k}, {smoes.num_bins} bins, ep_size {smoes.ep_size}, "
                 f"score {smoes.score_type}, binning {smoes.binning}; data: {len(self.train_set)} train / "
                 f"{len(self.val_set) if self.val_set else 0} val / {len(self.test_set)} test")
@@ -175,7 +197,7 @@ class HFFamily(ModelFamily):
 
     def tags(self) -> dict[str, str]:
         return {**super().tags(), "hf.model_type": self.hf_model.config.model_type,
-                "hf.mode": "upcycle" if self.model.upcycled else "convert"}
+                "hf.mode": "upcycle" if self.model.upcycled else "convert", "hf.backend": self.model.backend}
 
     def resolved_config(self) -> dict:
         resolved = super().resolved_config()

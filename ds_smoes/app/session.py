@@ -55,7 +55,8 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}])
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, family: ModelFamily | None = None):
+    """The DeepSpeed engine of `model` (`family` completes the DeepSpeed config and sees the engine once built)."""
     import deepspeed
 
     path = Path(cfg.run.deepspeed_config)
@@ -71,14 +72,19 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
                               f"training config (optim.*) so one file decides them")
     ds_config["train_micro_batch_size_per_gpu"] = cfg.optim.micro_batch_size
     ds_config.setdefault("gradient_accumulation_steps", 1)
+    if family is not None:
+        ds_config = family.deepspeed_config(ds_config)
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(0.9, 0.98))
-    # bins and Gaussian statistics change once per optimizer step, before it (DeepSpeed's wrappers call this step)
-    register_step_updates(optimizer, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
     no_shm_comm_op_build()  # where no launcher group was joined first, deepspeed.initialize starts the backend
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    if family is not None:
+        family.engine_built(engine)
+    # bins and Gaussian statistics change once per optimizer step, before it (DeepSpeed's wrappers call this step;
+    # registered once the engine is built: AutoEP's layers get their gates only then)
+    register_step_updates(engine.optimizer, model)
     return engine, ds_config
 
 
@@ -142,7 +148,7 @@ def run_session(family: ModelFamily, output_json: Path | None = None, parent_run
     sampler, loader, total_steps = train_loader(family.train_set, cfg, world, rank, family.collate)
     if eval_only:
         total_steps = 0
-    engine, ds_config = build_engine(cfg, model, total_steps)
+    engine, ds_config = build_engine(cfg, model, total_steps, family)
     _check_placement_supported(family.smoes, ds_config, total_steps, cfg.run.deepspeed_config)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     log(f"{family.describe()}; world {world}; {total_steps} steps")

@@ -6,6 +6,7 @@
     python -m ds_smoes.bench simulate --from runs/bench/comm.json [--capacity-factor 1.25]
     python -m ds_smoes.bench scale                        # published MoE shapes (needs runs/demo or comm.json)
     python -m ds_smoes.bench scale --shapes toy --tokens 256 --repeats 2 --attention-lengths 256   # quick
+    python -m ds_smoes.bench scale --shapes olmoe --autoep --attention-lengths   # with DeepSpeed AutoEP's layer
     python -m ds_smoes.bench infer                        # train what is missing, serve at ep_size 1 and 2
     python -m ds_smoes.bench infer --run smoes=runs/demo --variants topk smoes   # reuse the demo's model
 
@@ -77,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--head-dim", type=int, default=64)
     sc.add_argument("--attention-repeats", type=int, default=3)
     sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--autoep", action="store_true",
+                    help="also DeepSpeed's AutoEP layer: its own router and dispatch against the ds-smoes gate and the "
+                         "once-per-rank dispatch on it, in the same paired rounds")
     sc.add_argument("--out", type=Path, default=Path("runs/bench"))
     _tracking(sc)
 

@@ -6,6 +6,9 @@
     ... train (python -m ds_smoes.train --hf-model PATH) ...
     export_pretrained(model, "out/")   # back to the transformers architecture (save_pretrained)
 
+Or through DeepSpeed's AutoEP (`hf.backend: autoep`): `ds_smoes.hf.autoep.prepare_autoep`, `autoep_section`,
+`adopt_autoep` (docs/hf.md).
+
 Importing this package registers the architecture adapters (ds_smoes.hf.adapters).
 """
 from ds_smoes.hf import adapters  # noqa: F401  (registers the adapters)

@@ -2,7 +2,7 @@
 
     out = model(input_ids=..., attention_mask=..., pixel_values=..., labels=...)   # the HF model's inputs
     out.loss = out.lm_loss + out.aux_loss        # aux_loss: sum of the MoE layers' l_aux (alpha_bal, alpha_mi)
-    model.moe_layers()                            # the SMoESMoE layers, for statistics
+    model.moe_layers()                            # the MoE layers (SMoESMoE, or adopted AutoEP layers)
     model.hf_model                                # the (modified in place) transformers model
 
 A forward pre-hook on the transformers model fills the `ModalityContext` from `input_ids` (image /
@@ -20,6 +20,7 @@ from ds_smoes.core.config import SMoESConfig
 from ds_smoes.hf.adapters.base import ModelAdapter
 from ds_smoes.hf.block import SMoESBlock
 from ds_smoes.hf.context import ModalityContext
+from ds_smoes.moe.autoep import SMoESAutoEPLayer
 from ds_smoes.moe.layer import SMoESMoE
 
 
@@ -38,8 +39,9 @@ _CACHE_KWARGS = ("cache", "past_key_values")
 
 class SMoESHFModel(nn.Module):
     def __init__(self, hf_model: nn.Module, adapter: ModelAdapter, smoes: SMoESConfig, context: ModalityContext,
-                 original_config, upcycled: bool) -> None:
+                 original_config, upcycled: bool, backend: str = "ds_smoes") -> None:
         super().__init__()
+        self.backend = backend   # ds_smoes: its MoE layers (converted or upcycled blocks); autoep: AutoEP layers
         self.hf_model = hf_model
         self.adapter, self.smoes, self.context = adapter, smoes, context
         self.original_config = original_config     # the config before conversion (export writes it back)
@@ -68,7 +70,11 @@ class SMoESHFModel(nn.Module):
         return {i: layer.mlp for i, layer in enumerate(self.adapter.decoder_layers(self.hf_model))
                 if isinstance(layer.mlp, SMoESBlock)}
 
-    def moe_layers(self) -> list[SMoESMoE]:
+    def moe_layers(self) -> list[SMoESMoE | SMoESAutoEPLayer]:
+        """The MoE layers: the converted blocks' `SMoESMoE`, or the adopted AutoEP layers (hf.backend)."""
+        if self.backend == "autoep":
+            return [layer.mlp for layer in self.adapter.decoder_layers(self.hf_model)
+                    if isinstance(layer.mlp, SMoESAutoEPLayer)]
         return [block.moe for block in self.blocks().values()]
 
     def generate(self, *args, **kwargs):

@@ -40,6 +40,7 @@ from ds_smoes.core.config import SMoESConfig
 from ds_smoes.moe.collector import MoECall
 from ds_smoes.moe.dispatchers import build_dispatcher
 from ds_smoes.moe.gate import ModalityGate, RoutingInputs
+from ds_smoes.moe.modality import modality_scores
 from ds_smoes.core.placement import is_placed, plan_physical
 from ds_smoes.parallel.migration import MigrationCost, migrate_experts
 from ds_smoes.moe.registry import build_gate
@@ -128,20 +129,8 @@ class SMoESMoE(MoE):
 
     def modality_scores(self, x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor,
                         given_SM: torch.Tensor | None) -> torch.Tensor:
-        """The score the config asks for, detached, [S, 2]; the hard one when the gate does not read it."""
-        kind = self.config.effective_score_type
-        if kind == "hard":
-            return hard_scores(labels_S)
-        if kind == "gaussian":
-            scores_SM = self.scorer(x_SD)   # the estimate of the last optimizer step, as a recomputation sees it
-            if self.training and not in_backward():
-                self.scorer.record(x_SD, labels_S, valid_S)  # applied once per step (ds_smoes.moe.updates)
-            return scores_SM
-        if given_SM is None:
-            raise ValueError("score_type='attention' needs modality_scores=... from the model's attention "
-                             "(see ds_smoes.core.scores.attention_score_update); pass them, or use "
-                             "score_type='gaussian' or 'hard'")
-        return given_SM.reshape(-1, 2).detach().float()
+        """The score the config asks for, detached, [S, 2] (`ds_smoes.moe.modality.modality_scores`)."""
+        return modality_scores(self.config, self.scorer, self.training, x_SD, labels_S, valid_S, given_SM)
 
     def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None, *,
                 modality_labels: torch.Tensor | None = None, modality_scores: torch.Tensor | None = None,

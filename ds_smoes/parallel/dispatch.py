@@ -277,8 +277,36 @@ def expert_pair_counts(local_ZK: torch.Tensor, num_local_experts: int) -> torch.
         0, key_Q, torch.ones_like(key_Q))
 
 
+@dataclass(frozen=True)
+class ExpertRunner:
+    """Local experts that run as one module on rows grouped by expert: `run(x_QD, sizes) -> out_QD`, rows of
+    expert i being the i-th of `sizes` (host ints) contiguous groups.  How experts laid out elsewhere than as
+    modules (DeepSpeed AutoEP's stacked `GroupedExperts`, `ds_smoes.moe.autoep`) take part in the dispatch."""
+    num_local: int
+    run: Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.num_local
+
+
+def _run_with_runner(x_ZD: torch.Tensor, local_ZK: torch.Tensor, weight_ZK: torch.Tensor, runner: ExpertRunner,
+                     sizes: Sequence[int] | None) -> torch.Tensor:
+    """`run_local_experts` for an ExpertRunner: the used (row, route) pairs, grouped by expert, in one call."""
+    num_local, k = runner.num_local, local_ZK.shape[1]
+    key_Q = torch.where(local_ZK >= 0, local_ZK.long(), num_local).reshape(-1)
+    order_Q = torch.argsort(key_Q, stable=True)
+    if sizes is None:
+        sizes = expert_pair_counts(local_ZK, num_local)[:num_local].tolist()  # host sync: the experts' sizes
+    sizes = [int(n) for n in sizes[:num_local]]
+    order_Q = order_Q[:sum(sizes)]
+    row_Q = torch.div(order_Q, k, rounding_mode="floor")
+    out_QD = runner.run(x_ZD.index_select(0, row_Q), sizes)
+    weighted_QD = out_QD.float() * weight_ZK.reshape(-1).index_select(0, order_Q).unsqueeze(1)
+    return x_ZD.new_zeros(x_ZD.shape, dtype=torch.float32).index_add_(0, row_Q, weighted_QD)
+
+
 def run_local_experts(x_ZD: torch.Tensor, local_ZK: torch.Tensor, weight_ZK: torch.Tensor,
-                      experts: Sequence[nn.Module], sizes: Sequence[int] | None = None,
+                      experts: Sequence[nn.Module] | ExpertRunner, sizes: Sequence[int] | None = None,
                       kernel: str = "auto") -> torch.Tensor:
     """combined_ZD (float32): per received row, the gate-weighted sum of its local experts' outputs.
 
@@ -293,7 +321,10 @@ def run_local_experts(x_ZD: torch.Tensor, local_ZK: torch.Tensor, weight_ZK: tor
     sizes: the pairs each local expert gets (`expert_pair_counts(local_ZK, n)[:n]`) when the caller has read
     them already (then only the used pairs are gathered); else the kernels that need them read them here (the
     one host sync of this function) and the grouped kernel runs on every pair, the unused ones masked.
+    experts: an `ExpertRunner` runs its experts its own way, on the used pairs (sizes read here if not given).
     """
+    if isinstance(experts, ExpertRunner):
+        return _run_with_runner(x_ZD, local_ZK, weight_ZK, experts, sizes)
     num_local, k = len(experts), local_ZK.shape[1]
     key_Q = torch.where(local_ZK >= 0, local_ZK.long(), num_local).reshape(-1)  # Q = Z * K (row, route) pairs; unused routes last
     order_Q = torch.argsort(key_Q, stable=True)
@@ -413,7 +444,7 @@ def plan_rank_once(indices_KS: torch.Tensor, num_local_experts: int, group=None)
 
 
 def rank_once_dispatch(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.Tensor,
-                       local_experts: Sequence[nn.Module], num_experts: int, group=None,
+                       local_experts: Sequence[nn.Module] | ExpertRunner, num_experts: int, group=None,
                        valid_S: torch.Tensor | None = None, plan: RankOncePlan | None = None,
                        kernel: str = "auto") -> tuple[torch.Tensor, Callable[[], CommVolume]]:
     """`rank_once_moe` with its CommVolume deferred: returns a function that computes it when called

@@ -52,30 +52,51 @@ def _state_keys(optimizer, params: Sequence[nn.Parameter]) -> list[str]:
     return keys
 
 
-def _pack(expert: nn.Module, optimizer, keys: list[str]) -> torch.Tensor:
-    params = list(expert.parameters())
-    parts = [p.detach().reshape(-1).float() for p in params]
-    parts += [optimizer.state[p][k].reshape(-1).float() for k in keys for p in params]
-    return torch.cat(parts)
+@dataclass(frozen=True)
+class StackedExperts:
+    """Local experts whose parameters are stacked: each parameter is [n, ...] and expert slot i is row i of every
+    one (DeepSpeed AutoEP's `GroupedExperts`: w1, w2, w3).  Its optimizer state (Adam's moments, shaped like the
+    parameters) moves row by row with the weights."""
+    params: tuple[nn.Parameter, ...]
+
+    def __len__(self) -> int:
+        return self.params[0].shape[0]
 
 
-def _unpack(row: torch.Tensor, expert: nn.Module, optimizer, keys: list[str]) -> None:
-    params = list(expert.parameters())
-    targets = [p.data for p in params] + [optimizer.state[p][k] for k in keys for p in params]
+def _slot_params(local_experts, i: int) -> tuple[list[torch.Tensor], int | None]:
+    """(the parameters holding expert slot i, the row of slot i in them: None for a module's own parameters)."""
+    if isinstance(local_experts, StackedExperts):
+        return list(local_experts.params), i
+    return list(local_experts[i].parameters()), None
+
+
+def _slot_tensors(local_experts, i: int, optimizer, keys: list[str]) -> list[torch.Tensor]:
+    """Expert slot i's weights, then its optimizer state, as tensors viewing the storage (writable)."""
+    params, row = _slot_params(local_experts, i)
+    tensors = [p.data for p in params] + [optimizer.state[p][k] for k in keys for p in params]
+    return tensors if row is None else [t[row] for t in tensors]
+
+
+def _pack(local_experts, i: int, optimizer, keys: list[str]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).float() for t in _slot_tensors(local_experts, i, optimizer, keys)])
+
+
+def _unpack(row: torch.Tensor, local_experts, i: int, optimizer, keys: list[str]) -> None:
     offset = 0
-    for t in targets:
+    for t in _slot_tensors(local_experts, i, optimizer, keys):
         n = t.numel()
         t.copy_(row[offset:offset + n].view_as(t))
         offset += n
 
 
 @torch.no_grad()
-def migrate_experts(local_experts: Sequence[nn.Module], physical_E: torch.Tensor, new_physical_E: torch.Tensor,
+def migrate_experts(local_experts: Sequence[nn.Module] | StackedExperts, physical_E: torch.Tensor, new_physical_E: torch.Tensor,
                     group=None, optimizer=None) -> MigrationCost:
     """Move every expert e from physical id `physical_E[e]` to `new_physical_E[e]`, with its optimizer state.
 
     local_experts: this rank's expert modules (physical ids rank * n ... rank * n + n - 1), all of the
-    same architecture.  group: the EP process group (None: one rank holds every expert).
+    same architecture, or a `StackedExperts` (slot i is row i of its stacked parameters).
+    group: the EP process group (None: one rank holds every expert).
     optimizer: a torch optimizer whose state tensors shaped like the parameters (Adam's two
     moments) move with them; None moves weights only.  Rows travel with one
     `all_to_all_single` with split sizes; the rows a rank keeps never cross the network.
@@ -90,7 +111,7 @@ def migrate_experts(local_experts: Sequence[nn.Module], physical_E: torch.Tensor
     if num_local * ep_size != physical_E.numel():
         raise ValueError(f"{num_local} local experts on {ep_size} ranks do not make {physical_E.numel()} experts")
     optimizer = _torch_optimizer(optimizer)
-    keys = _state_keys(optimizer, list(local_experts[0].parameters()))
+    keys = _state_keys(optimizer, _slot_params(local_experts, 0)[0])
 
     # Every rank knows the whole plan: expert e goes from physical id src to dst.
     src_E, dst_E = physical_E, new_physical_E
@@ -103,9 +124,9 @@ def migrate_experts(local_experts: Sequence[nn.Module], physical_E: torch.Tensor
     send_counts = [sum(1 for e in send_rows if dst_E[e] // num_local == r) for r in range(ep_size)]
     recv_counts = [sum(1 for e in recv_rows if src_E[e] // num_local == r) for r in range(ep_size)]
 
-    packed = [_pack(local_experts[int(src_E[e] % num_local)], optimizer, keys) for e in send_rows]
-    row_len = packed[0].numel() if packed else _pack(local_experts[0], optimizer, keys).numel()
-    device = next(local_experts[0].parameters()).device  # collectives run where the weights are (NCCL: the GPU)
+    packed = [_pack(local_experts, int(src_E[e] % num_local), optimizer, keys) for e in send_rows]
+    row_len = packed[0].numel() if packed else _pack(local_experts, 0, optimizer, keys).numel()
+    device = _slot_params(local_experts, 0)[0][0].device  # collectives run where the weights are (NCCL: the GPU)
     send_EQ = torch.stack(packed) if packed else torch.empty(0, row_len, device=device)  # Q = weights + state, flat
     if ep_size > 1:
         recv_EQ = send_EQ.new_empty(sum(recv_counts), row_len)
@@ -114,7 +135,7 @@ def migrate_experts(local_experts: Sequence[nn.Module], physical_E: torch.Tensor
     else:
         recv_EQ = send_EQ
     for row, e in zip(recv_EQ, recv_rows):
-        _unpack(row, local_experts[int(dst_E[e] % num_local)], optimizer, keys)
+        _unpack(row, local_experts, int(dst_E[e] % num_local), optimizer, keys)
 
     moved = int((src_E // num_local != dst_E // num_local).sum())
     remote_rows = sum(c for r, c in enumerate(send_counts) if r != rank)

@@ -32,16 +32,22 @@ def train(tmp: Path, out: str, *extra: str, ds: str = "cpu_zero2.json", smoes: s
         return train_main(["--hf-model", str(tmp / "model"), "--config", str(tmp / f"{out}.yaml"), *extra])
 
 
-def main() -> None:
+def tiny_model_and_data(tmp: Path) -> None:
+    """A tiny random Qwen3-VL-MoE (save_pretrained) in tmp/model and LLaVA-format data in tmp/data, written by rank 0
+    (every rank waits for them)."""
     from ds_smoes.hf import tiny as hf_tiny
 
-    args = parse_args()
-    init_distributed()
-    tmp = args.out
     if distributed.rank() == 0:
         hf_tiny.save_tiny_qwen3_vl_moe(tmp / "model")
         hf_tiny.write_tiny_llava_data(tmp / "data")
     distributed.barrier()
+
+
+def main() -> None:
+    args = parse_args()
+    init_distributed()
+    tmp = args.out
+    tiny_model_and_data(tmp)
     mlflow = ("--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--experiment", "hf-test")
     codes = {"run1": train(tmp, "run1", *mlflow)}
     codes["run2"] = train(tmp, "run2", "--no-mlflow", "--set", f"hf.resume_from={tmp / 'run1' / 'checkpoint'}")

@@ -37,6 +37,8 @@ SCENARIOS = (
     ("upcycle_run", "upcycle_run", ("--config", "{small_config}")),
     # last: AutoEP makes expert-parallel groups of its own in DeepSpeed's global group registry
     ("autoep", "autoep", ()),
+    ("autoep_smoes", "autoep_smoes", ()),
+    ("hf_autoep", "hf_autoep", ()),
 )
 
 

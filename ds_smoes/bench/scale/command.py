@@ -27,7 +27,9 @@ from ds_smoes.core.errors import ConfigError
 
 EXPERIMENT = "ds-smoes-bench"
 BARS = {"layer_ratio_smoes_vs_topk": 1.05, "dispatch_ratio_rank_once_vs_stock": 0.80,
-        "attn_score_peak_mem_ratio_T8192": 1.2, "attn_score_time_ratio_T4096": 1.5}
+        "attn_score_peak_mem_ratio_T8192": 1.2, "attn_score_time_ratio_T4096": 1.5,
+        # --autoep: the ds-smoes layer on AutoEP (SMoES-profile routes, once per rank) against AutoEP as shipped
+        "autoep_bytes_ratio": 0.5, "autoep_layer_ratio": 1.05}
 
 
 def _echo(message: str) -> None:
@@ -138,6 +140,8 @@ def shape_figures(raw: dict) -> dict:
            "kernel_ratio_chosen_vs_modules": (paired_ratio(t["profile/rank_once"], t["profile/rank_once:modules"])
                                               if "profile/rank_once:modules" in t else None),
            "expert_kernels": sorted({k["kernel"] for k in raw.get("expert_kernels", [])})}
+    if "autoep/stock" in t:
+        out["autoep"] = autoep_figures(t, b)
     layer = out["layer_ratio_smoes_vs_topk"]["rank_once"]["median"]
     disp = out["dispatch_ratio_rank_once_vs_stock"]["profile"]["median"]
     out["bars"] = {"layer_ratio_smoes_vs_topk": {"value": layer, "bar": BARS["layer_ratio_smoes_vs_topk"],
@@ -145,7 +149,26 @@ def shape_figures(raw: dict) -> dict:
                    "dispatch_ratio_rank_once_vs_stock": {
                        "value": disp, "bar": BARS["dispatch_ratio_rank_once_vs_stock"],
                        "met": disp is not None and disp <= BARS["dispatch_ratio_rank_once_vs_stock"]}}
+    if "autoep" in out:
+        for name in ("autoep_bytes_ratio", "autoep_layer_ratio"):
+            value = out["autoep"][name]["median"] if name == "autoep_layer_ratio" else out["autoep"][name]
+            out["bars"][name] = {"value": value, "bar": BARS[name], "met": value is not None and value <= BARS[name]}
     return out
+
+
+def autoep_figures(t: dict, b: dict) -> dict:
+    """The --autoep side by side: the ds-smoes layer on AutoEP (SMoES-profile routes, once per rank) against AutoEP
+    as DeepSpeed ships it (its router and pair dispatch) and against the legacy layer's rank_once on the same routes;
+    the dispatch alone (profile routes, rank_once against AutoEP's pair dispatch); and the SMoES gate's own routing
+    on AutoEP against AutoEP's router.  Layer times: paired per-round ratios; bytes: remote bytes per token."""
+    stock = b["autoep/stock"]
+    return {"autoep_layer_ratio": paired_ratio(t["autoep-profile/rank_once"], t["autoep/stock"]),
+            "autoep_bytes_ratio": b["autoep-profile/rank_once"] / stock if stock else None,
+            "vs_legacy_rank_once": paired_ratio(t["autoep-profile/rank_once"], t["profile/rank_once"]),
+            "dispatch_ratio_rank_once_vs_pair": paired_ratio(t["autoep-profile/rank_once"], t["autoep-profile/stock"]),
+            "bytes_ratio_rank_once_vs_pair": (b["autoep-profile/rank_once"] / b["autoep-profile/stock"]
+                                              if b["autoep-profile/stock"] else None),
+            "smoes_gate_vs_autoep_router": paired_ratio(t["autoep-smoes/rank_once"], t["autoep/stock"])}
 
 
 def attention_bars(rows: list[dict]) -> dict:
@@ -191,6 +214,24 @@ def report_markdown(result: dict) -> str:
             f"| {r['ms']['smoes/rank_once']:.0f}, {r['ms']['topk/stock']:.0f} "
             f"| {', '.join(r.get('expert_kernels') or []) or 'n/a'}: "
             f"{_ci(r['kernel_ratio_chosen_vs_modules']) if r.get('kernel_ratio_chosen_vs_modules') else 'n/a'} |")
+    autoep_rows = [r for r in result["shapes"] if "autoep" in r]
+    if autoep_rows:
+        lines += ["", "## On DeepSpeed's AutoEP layer (median of per-round ratios, 95 % interval)", "",
+                  "The ds-smoes layer on AutoEP with SMoES-profile routes and the once-per-rank dispatch, against AutoEP "
+                  "as DeepSpeed ships it (its router's routes, one row per (token, expert) pair).", "",
+                  "| shape | dtype | layer time vs AutoEP | bytes/token vs AutoEP | vs legacy rank_once (same routes) "
+                  "| rank_once / AutoEP pair dispatch (same routes) | bytes: rank_once vs pair (same routes) "
+                  "| SMoES gate on AutoEP / AutoEP router | bytes/token: AutoEP, ours | ms: AutoEP, ours |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in autoep_rows:
+            a, b, ms = r["autoep"], r["remote_bytes_per_token"], r["ms"]
+            lines.append(
+                f"| {SHAPES[r['shape']].label} | {r['dtype']} | {_ci(a['autoep_layer_ratio'])} "
+                f"| {_f(a['autoep_bytes_ratio'])} | {_ci(a['vs_legacy_rank_once'])} "
+                f"| {_ci(a['dispatch_ratio_rank_once_vs_pair'])} | {_f(a['bytes_ratio_rank_once_vs_pair'])} "
+                f"| {_ci(a['smoes_gate_vs_autoep_router'])} "
+                f"| {b['autoep/stock']:.0f}, {b['autoep-profile/rank_once']:.0f} "
+                f"| {ms['autoep/stock']:.0f}, {ms['autoep-profile/rank_once']:.0f} |")
     if result.get("bf16_skipped"):
         lines += ["", f"bf16: not measured ({result['bf16_skipped']}); `--dtypes fp32 bf16` measures it anyway."]
     att = result.get("attention")
@@ -252,6 +293,8 @@ def run(args) -> int:
                        "--profile-json", str(profile_json), "--out", str(raw_path), "--seed", str(args.seed)]
         if args.vision_share is not None:
             worker_args += ["--vision-share", str(args.vision_share)]
+        if getattr(args, "autoep", False):
+            worker_args.append("--autoep")
         raw = runs.measure("ds_smoes.bench.scale.worker", args.ep_size, worker_args, raw_path, log, _echo, ("[bench]",))
         result = {"setup": {**raw["setup"], "profile_source": described, "backend": runs_backend(),
                             "command": args.command_line},
@@ -298,6 +341,10 @@ def _log(tracker, result: dict, out_dir: Path) -> None:
         for routing, v in r["dispatch_ratio_rank_once_vs_stock"].items():
             if v["median"] is not None:
                 metrics[f"{prefix}/dispatch_ratio_rank_once_vs_stock/{routing}"] = v["median"]
+        for name, v in (r.get("autoep") or {}).items():
+            value = v["median"] if isinstance(v, dict) else v
+            if value is not None:
+                metrics[f"{prefix}/autoep/{name}"] = value
         for key, v in r["remote_bytes_per_token"].items():
             metrics[f"{prefix}/bytes_per_token/{key.replace('/', '_')}"] = v
     for row in (result.get("attention") or {}).get("rows", []):

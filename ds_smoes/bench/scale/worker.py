@@ -12,6 +12,9 @@ its expert weights; a variant is (router, dispatch):
         the SMoES gate with its routes replaced by drawn ones (ds_smoes.bench.scale.synthetic_routes): from
         the trained demo router's own-route statistics, or k distinct uniform experts.
 
+With `--autoep`, four more variants run DeepSpeed's AutoEP layer at the same shape, on copies of the layer's router
+and this rank's expert weights (`ds_smoes.bench.scale.autoep`).
+
 Each round runs every variant once on the round's batch (variant order rotated round by round, a
 barrier before each); a time is the slowest rank's.  Remote bytes are what each dispatch reported
 (`MoECall.remote_bytes`, collected), summed over the ranks.  Rank 0 writes the raw figures as JSON.
@@ -77,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="RouterProfile as JSON (k, vision_share, own_routes_MJ)")
     p.add_argument("--vision-share", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autoep", action="store_true", help="also DeepSpeed AutoEP's layer (ds_smoes.bench.scale.autoep)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     return p.parse_args(argv)
@@ -177,17 +181,29 @@ def measure(shape: MoEShape, dtype_name: str, args, model: OwnRouteModel) -> dic
     layer, gates, shared = build(shape, distributed.world_size(), dtype, args.seed)
     batches, given = make_batches(shape, args.tokens, dtype, model, args.seed)
     params = [p for m in (layer, *gates.values(), *([shared] if shared else [])) for p in m.parameters()]
-    times_QX = torch.zeros(args.repeats, len(VARIANTS), dtype=torch.float64)   # Q = timed rounds, X = variants
-    bytes_X = torch.zeros(len(VARIANTS), dtype=torch.float64)
+    variants = list(VARIANTS)
+    autoep = None
+    if args.autoep:
+        from ds_smoes.bench.scale.autoep import VARIANTS as AUTOEP_VARIANTS
+        from ds_smoes.bench.scale.autoep import AutoEPBench
+
+        autoep = AutoEPBench(layer, shape, distributed.world_size(), distributed.rank(), dtype, GivenRoutesGate)
+        params += autoep.parameters()
+        variants += AUTOEP_VARIANTS
+    times_QX = torch.zeros(args.repeats, len(variants), dtype=torch.float64)   # Q = timed rounds, X = variants
+    bytes_X = torch.zeros(len(variants), dtype=torch.float64)
     for r in range(args.warmup + args.repeats):
         bi = r % len(batches)
-        for i in range(len(VARIANTS)):
-            v = (r + i) % len(VARIANTS)
-            use_variant(layer, gates, VARIANTS[v], given, bi)
+        for i in range(len(variants)):
+            v = (r + i) % len(variants)
+            on_autoep = variants[v].startswith("autoep")
+            if not on_autoep:
+                use_variant(layer, gates, variants[v], given, bi)
             if distributed.is_distributed():
                 dist.barrier()
             start = time.perf_counter()
-            sent = fwd_bwd(layer, shared, batches[bi])
+            sent = (autoep.fwd_bwd(variants[v], batches[bi], given["profile"][bi], shared) if on_autoep
+                    else fwd_bwd(layer, shared, batches[bi]))
             elapsed = time.perf_counter() - start
             for p in params:
                 p.grad = None
@@ -200,8 +216,8 @@ def measure(shape: MoEShape, dtype_name: str, args, model: OwnRouteModel) -> dic
     distributed.world_sum_(bytes_X)
     tokens_all = args.tokens * distributed.world_size() * args.repeats
     return {"shape": shape.key, "dtype": dtype_name, "tokens_per_rank": args.tokens,
-            "seconds": {key: times_QX[:, v].tolist() for v, key in enumerate(VARIANTS)},
-            "remote_bytes_per_token": {key: float(bytes_X[v]) / tokens_all for v, key in enumerate(VARIANTS)},
+            "seconds": {key: times_QX[:, v].tolist() for v, key in enumerate(variants)},
+            "remote_bytes_per_token": {key: float(bytes_X[v]) / tokens_all for v, key in enumerate(variants)},
             # what "auto" chose for the layer's experts on rank 0 (key -> kernel), with the probe's times
             "expert_kernels": [{"key": [str(part) for part in key], "kernel": kernel, "seconds": seconds}
                                for key, (kernel, seconds) in expert_kernels.chosen().items()],
@@ -220,7 +236,7 @@ def main(argv=None) -> int:
         model = OwnRouteModel.fit(profile)
         if args.vision_share is not None:
             model = OwnRouteModel(model.mean_M, model.rho_M, args.vision_share, model.source_k)
-        out = {"setup": {"ep_size": distributed.world_size(), "tokens_per_rank": args.tokens,
+        out = {"setup": {"ep_size": distributed.world_size(), "tokens_per_rank": args.tokens, "autoep": args.autoep,
                          "warmup": args.warmup, "repeats": args.repeats, "threads_per_rank": torch.get_num_threads(),
                          "seed": args.seed, "vision_share": model.vision_share,
                          "own_route_model": {"mean_M": model.mean_M, "rho_M": model.rho_M, "source_k": model.source_k}},
