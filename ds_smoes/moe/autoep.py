@@ -41,12 +41,9 @@ from ds_smoes.moe.dispatchers import Dispatched
 from ds_smoes.moe.gate import ModalityGate, RoutingInputs
 from ds_smoes.moe.modality import modality_scores
 from ds_smoes.moe.registry import build_gate
-from ds_smoes.parallel.dispatch import (COUNT_BYTES, CommVolume, ExpertRunner, plan_rank_once, rank_hits,
+from ds_smoes.parallel.dispatch import (CommVolume, ExpertRunner, plan_rank_once, rank_hits,
                                         rank_once_dispatch, rank_once_volume, route_ranks, token_rank_stats)
 from ds_smoes.parallel.migration import MigrationCost, StackedExperts, migrate_experts
-
-ROUTING_FIELDS = ("num_experts", "k", "normalize_topk")
-
 
 def check_adoptable(layer: AutoEPMoELayer) -> None:
     """Refuse, with what to change, an AutoEP layer whose routing or dispatch a ds-smoes gate cannot stand in for."""
