@@ -50,8 +50,11 @@ demo-figures: $(STAMP)
 docs-check: $(STAMP)
 	$(PY) ci/demo_figures.py --run-demo runs/docs-check --check
 
-# the whole suite (under 20 minutes on 2 cores), then its 25 slowest tests
+# the whole suite (under 20 minutes on 2 cores), then its 25 slowest tests.  The package is byte-compiled first:
+# the suite starts a few hundred Python processes, and where PYTHONDONTWRITEBYTECODE is set none of them would
+# keep what it compiled
 test: $(STAMP)
+	$(PY) -m compileall -q -j 0 ds_smoes ray_jobs tests ci >/dev/null
 	$(PY) -m pytest -q --durations=25
 
 # the unit tests only (no multi-process runs)

@@ -20,9 +20,21 @@ def test_placement_then_export_round_trip(demo_run, tmp_path):
     run = mlflow.MlflowClient(f"sqlite:///{db}").get_run(trained["mlflow_run_id"])
     assert {"placement/experts_moved", "placement/bytes_sent", "placement/seconds"} <= set(run.data.metrics)
 
-    proc = python_run(["-m", "ds_smoes.export", "--run", str(run_dir)])
+    proc = python_run(["-m", "ds_smoes.export", "--run", str(run_dir), "--serving", "--redundant-experts", "2"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     export = run_dir / "export"
+    # the serving placements: the test split's routes replayed, one searched placement per trace, the mixed one in
+    # SGLang's file, and the comparison (docs/serving.md)
+    sim = json.loads((export / "serving_sim.json").read_text())
+    assert "routes replayed from the measured routes" in sim["note"]
+    assert sim["exported"] == {t: f"search({t})+2" for t in ("image_heavy", "mixed", "text_heavy")}
+    assert {r["placement"] for r in sim["rows"]} == {"bins", "linear", "round_robin", "bins+2", "linear+2",
+                                                      "round_robin+2", "eplb+2", *sim["exported"].values()}
+    sglang = json.loads((export / "sglang_expert_location.json").read_text())["physical_to_logical_map"]
+    assert sglang == json.loads((export / "sglang_expert_location.mixed.json").read_text())["physical_to_logical_map"]
+    assert len(sglang) == 2 and all(sorted(set(layer)) == [0, 1, 2, 3] and len(layer) == 6 for layer in sglang)
+    assert json.loads((export / "eplb_maps.json").read_text())["placement"] == "search(mixed)+2"
+    assert "exported (sglang_expert_location.json = the mixed one)" in proc.stdout
     placement = json.loads((export / "placement.json").read_text())
     assert placement["supported_ep_sizes"] == [1, 2] and len(placement["layers"]) == 2
     for layer in placement["layers"]:

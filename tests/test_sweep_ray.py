@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import GROUP_ENV, ROOT, free_port
+from ds_smoes.parallel.launch import free_ports
+from launch import GROUP_ENV, ROOT
 from sweep_util import (make_small_split, small_data_fields, start_sweep, sweep, sweep_id, tail, write_base_config,
                         write_sweep)
 
@@ -262,7 +263,7 @@ def test_ray_job_submit_against_a_local_head_node(small):
                RAY_AUTH_MODE="token")
     for key in ("RAY_ADDRESS", "PYTEST_CURRENT_TEST", *GROUP_ENV):
         env.pop(key, None)
-    port, dashboard = free_port(), free_port()
+    port, dashboard = free_ports(2)  # distinct: ray start refuses one port for two components
     uri = f"sqlite:///{folder / 'job.db'}"
     token = subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=60)
     assert token.returncode == 0, token.stderr[-2000:]

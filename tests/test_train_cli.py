@@ -129,6 +129,19 @@ def test_dataset_errors_exit_2_with_message(tmp_path, digits_dir, damage, needle
     _main_fails_cleanly(capsys, ["--config", str(cfg), "--no-mlflow"], *needles)
 
 
+def test_ports_asked_together_are_distinct_and_free():
+    # ray start --port P --dashboard-port D refuses P == D: ports asked one at a time can repeat (CI saw it)
+    import socket
+
+    from ds_smoes.parallel.launch import free_ports
+
+    ports = free_ports(16)
+    assert len(set(ports)) == 16
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
 def test_the_process_group_is_destroyed_before_interpreter_exit():
     # atexit handlers run last-registered first: one registered before init_distributed runs after
     # its handler, and must find the group gone (gloo's threads released while Python is whole)

@@ -31,6 +31,7 @@ from typing import Callable
 
 from ds_smoes.app.gate_variants import VARIANTS  # the gate variants, shared with the pipeline
 from ds_smoes.core.errors import ConfigError, SMoESError
+from ds_smoes.parallel.launch import free_port
 
 REFERENCE = "topk"
 FIGURES = ("acc_multimodal", "acc_language", "acc_overall", "msi", "cross_rank_rate", "ranks_per_token",
@@ -129,14 +130,6 @@ def interrupted(parent, err: Interrupted) -> int:
     return 130
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_one(args, name: str, seed: int, out_dir: Path, parent_run_id: str | None, tracking_uri: str,
             overrides: list[str] | None = None) -> dict | None:
     """One (variant, seed) run; `overrides`: the variant's (default: the gate variant `name`'s, after --set)."""
@@ -145,7 +138,7 @@ def run_one(args, name: str, seed: int, out_dir: Path, parent_run_id: str | None
         return json.loads(metrics_path.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(_free_port()), "--module", "ds_smoes.train",
+    cmd = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), "--module", "ds_smoes.train",
            "--config", str(args.config), "--run-name", f"{name}-seed{seed}", "--tracking-uri", tracking_uri,
            "--experiment", args.experiment, "--output-json", str(metrics_path.with_suffix(".partial"))]
     if parent_run_id:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -268,8 +268,11 @@ class RoutingAccumulator:
 
 
 @torch.no_grad()
-def measure_routing(engine, dataset: LlavaDataset, batch_size: int, device: torch.device) -> RoutingMeasurement:
-    """Teacher-forced pass over `dataset`: routing loads, communication figures and the loss."""
+def measure_routing(engine, dataset: LlavaDataset, batch_size: int, device: torch.device,
+                    on_routes: Callable[[list, list[int]], None] | None = None) -> RoutingMeasurement:
+    """Teacher-forced pass over `dataset`: routing loads, communication figures and the loss.  `on_routes`:
+    called after every batch with the layers' calls (per layer, `MoECall`s that keep their routes) and the
+    dataset indices of the batch's rows (padding rows are not valid tokens)."""
     module = engine.module if hasattr(engine, "module") else engine
     was_training = module.training
     module.eval()
@@ -283,11 +286,14 @@ def measure_routing(engine, dataset: LlavaDataset, batch_size: int, device: torc
         batch.attention_mask_BT &= keep_B.unsqueeze(1)
         batch.labels_BT[~keep_B] = -100
         batch = batch.to(device)
-        with RoutingCollector(layers, stats=True) as collector:
+        with RoutingCollector(layers, stats=True, routes=on_routes is not None) as collector:
             out = module(*model_inputs(batch), labels_BT=batch.labels_BT)
         n = int((batch.labels_BT[:, 1:] != -100).sum())
         loss_sum += torch.tensor([float(out.lm_loss) * n if n else 0.0, n], dtype=torch.float64)
-        acc.add(collector.take())
+        calls_L = collector.take()
+        acc.add(calls_L)
+        if on_routes is not None:
+            on_routes(calls_L, idx)
     distributed.world_sum_(loss_sum)
     module.train(was_training)
     return acc.result(float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else float("nan"), num_samples=len(dataset))

@@ -189,10 +189,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redundant-experts", type=int, default=0, help="extra copies of the hottest experts per MoE "
                    "layer, a multiple of --serving-ep-size (default 0)")
     p.add_argument("--serving-load", choices=("test", "ema"), default="test", help="where the expert load comes "
-                   "from: a pass over the test split (default) or the checkpoint's training-time EMA")
+                   "from: a pass over the test split, keeping every token's routes (default), or the checkpoint's "
+                   "training-time EMA (load only: the simulation then draws routes from it)")
+    p.add_argument("--serving-placement", choices=("search", "bins", "linear", "round_robin", "eplb"),
+                   default="search", help="the placement written for the engines (default search: the fewest remote "
+                   "bytes on the measured routes of a trace within --max-load-imbalance; docs/serving.md)")
+    p.add_argument("--serving-trace", choices=("image_heavy", "mixed", "text_heavy"), default="mixed",
+                   help="the traffic the placement in sglang_expert_location.json is searched for (default mixed: half "
+                   "the tokens vision); each trace's own is in sglang_expert_location.TRACE.json")
+    p.add_argument("--max-load-imbalance", type=float, default=1.1, help="the search's bound on the busiest rank's "
+                   "load over the mean, on every trace (default 1.1)")
+    p.add_argument("--search-evals", type=int, default=3000, help="placements the search scores per MoE layer and "
+                   "starting point, at most (default 3000)")
     args = p.parse_args(argv)
     serving = (dict(num_ranks=args.serving_ep_size, redundant_experts=args.redundant_experts,
-                    load_source=args.serving_load) if args.serving else None)
+                    load_source=args.serving_load, placement=args.serving_placement,
+                    max_load=args.max_load_imbalance, search_evals=args.search_evals,
+                    serving_trace=args.serving_trace) if args.serving else None)
     try:
         export_run(args.run, args.out or args.run / "export", args.checkpoint, args.tag, serving=serving)
     except SMoESError as err:

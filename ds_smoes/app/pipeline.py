@@ -26,6 +26,7 @@ from typing import Callable
 
 from ds_smoes.app.pipeline_config import STAGES, PipelineConfig, variant_settings
 from ds_smoes.core.errors import ConfigError, SMoESError
+from ds_smoes.parallel.launch import free_port
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.json"
@@ -172,14 +173,6 @@ def stage_state(stage: Stage) -> str:
     return "fresh"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stream(cmd: list[str], log_path: Path, prefix: str, echo: Callable[[str], None]) -> int:
     """Run `cmd`, every output line to `log_path` and, prefixed, to `echo`; its exit status."""
     with open(log_path, "a") as log:
@@ -276,7 +269,7 @@ class Pipeline:
     def _train(self, stage: Stage, resume: bool) -> dict:
         cfg = self.cfg
         launcher = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [launcher, "--num_gpus", str(cfg.ranks), "--master_port", str(_free_port()), "--module",
+        cmd = [launcher, "--num_gpus", str(cfg.ranks), "--master_port", str(free_port()), "--module",
                "ds_smoes.train", "--config", str(cfg.train_config), "--run-name", f"{stage.name}-seed{cfg.seed}"]
         if self.tracking_uri is None:
             cmd.append("--no-mlflow")

@@ -9,15 +9,21 @@ EPLB state) describe a placement with three maps per MoE layer (docs/serving.md 
   (Q = the most copies any expert has in any layer);
 - `logcnt_LE`: how many copies expert e has.
 
-Three base placements (every expert once, n = E / R per rank):
+Base placements (every expert once, n = E / R per rank):
 
 - **bins**: bin b's experts on rank b * R // num_bins, as `core.placement` plans it; an expert
   already on its bin's rank keeps its physical id (`plan_physical`), so a bin-ordered export is
   served as it is stored;
 - **linear**: expert e on rank e // n (slot e);
-- **round_robin**: expert e on rank e % R (local slot e // R).
+- **round_robin**: expert e on rank e % R (local slot e // R);
+- **eplb**: load only, its own replicas (`eplb_physical`, DeepSeek's EPLB idea in our words): copies
+  first (each extra slot to the expert with the highest load per copy that has fewer than R copies;
+  ties: lower id), then the copies, heaviest first (load / copies; ties: lower id), each onto the rank
+  with the least packed load that has a free slot and no copy of it (ties: lower rank).
 
-**Replicas** (`redundant_experts`, a multiple of R: every rank gets s = redundant / R extra slots,
+`app.placement_search` searches placements on measured routes, from these as starting points.
+
+**Replicas** for bins, linear and round-robin (`redundant_experts`, a multiple of R: every rank gets s = redundant / R extra slots,
 after its n base slots).  Greedy, one copy at a time: the expert with the highest load per copy
 (load_E / copies_E, ties by lower id) among those that can still be copied gets a copy on the rank
 that lacks it, has a free extra slot and has the least load, where a rank's load is the sum over
@@ -25,9 +31,12 @@ its slots of load_E / copies_E (ties by lower rank).  Never two copies of one ex
 at most R copies of an expert, so redundant_experts <= E * (R - 1).
 
 **Serving-load model** (`simulate_serving`), per MoE layer: a trace of S tokens, a share of them
-vision; a token of modality m draws its k distinct experts with `torch.multinomial` (without
-replacement) from load_ME[m] normalised, the measured routes per expert of that modality (so an
-expert's inclusion probability follows its load, not exactly proportionally).  Every token's home
+vision.  Replayed (`replay_routes`, where per-token routes were measured): each token of modality m is
+a measured token of that modality drawn uniformly with replacement, with its whole expert set (the
+experts it used together).  Sampled (`sample_routes`, where only the load is known): a token of
+modality m draws its k distinct experts with `torch.multinomial` (without replacement) from load_ME[m]
+normalised (an expert's inclusion probability follows its load, not exactly proportionally; the
+co-activation of experts is lost).  Every token's home
 rank is uniform over the R ranks, independent of its routes (computed exactly, not sampled).  A route
 runs on the copy on the token's home rank if there is one (as SGLang's static dispatch picks the
 same-GPU copy), otherwise its copies share it evenly (each takes 1/copies of the route; for traffic,
@@ -52,7 +61,7 @@ import torch
 from ds_smoes.core.errors import ConfigError
 from ds_smoes.core.placement import plan_physical
 
-PLACEMENTS = ("bins", "linear", "round_robin")
+PLACEMENTS = ("bins", "linear", "round_robin", "eplb")
 TRACES = {"image_heavy": 0.8, "mixed": 0.5, "text_heavy": 0.1}   # trace -> share of vision tokens
 
 
@@ -81,7 +90,8 @@ def base_physical(kind: str, num_experts: int, num_ranks: int, bin_E: torch.Tens
                                  "ranks must divide the number of bins")
         current_E = e_E if physical_E is None else physical_E.long().cpu()
         return plan_physical(bin_E.long().cpu(), current_E, num_bins, num_ranks)
-    raise PlacementError(f"unknown placement {kind!r}: one of {PLACEMENTS}")
+    raise PlacementError(f"unknown placement {kind!r}: one of {PLACEMENTS[:3]} (eplb plans its own replicas: "
+                         "plan_serving)")
 
 
 def phy2log_of(physical_E: torch.Tensor) -> torch.Tensor:
@@ -122,6 +132,37 @@ def add_replicas(phy2log_P: torch.Tensor, load_E: torch.Tensor, num_ranks: int,
         extra[r].append(e)
     rows = [torch.cat([base_RQ[r], torch.tensor(extra[r], dtype=torch.long)]) for r in range(num_ranks)]
     return torch.cat(rows)
+
+
+def eplb_physical(load_E: torch.Tensor, num_ranks: int, redundant_experts: int = 0) -> torch.Tensor:
+    """phy2log_P (E + redundant_experts slots, rank-major) of the EPLB-style rule in the module docstring."""
+    num_experts = load_E.numel()
+    if num_ranks < 1 or num_experts % num_ranks or redundant_experts % num_ranks or redundant_experts < 0:
+        raise PlacementError(f"{num_experts} experts + {redundant_experts} redundant slots do not split evenly over "
+                             f"{num_ranks} ranks")
+    if redundant_experts > num_experts * (num_ranks - 1):
+        raise PlacementError(f"redundant_experts={redundant_experts}: at most {num_experts * (num_ranks - 1)} "
+                             "(never two copies of an expert on one rank)")
+    load_E = load_E.double().cpu().clamp_min(0)
+    copies_E = torch.ones(num_experts, dtype=torch.long)
+    for _ in range(redundant_experts):   # host loop: planning, once per export
+        per_copy_E = torch.where(copies_E < num_ranks, load_E / copies_E, torch.full_like(load_E, -1.0))
+        copies_E[int(torch.argmax(per_copy_E))] += 1
+    items = sorted(((float(load_E[e] / copies_E[e]), e) for e in range(num_experts) for _ in range(int(copies_E[e]))),
+                   key=lambda item: (-item[0], item[1]))
+    slots = (num_experts + redundant_experts) // num_ranks
+    held: list[list[int]] = [[] for _ in range(num_ranks)]
+    packed = [0.0] * num_ranks
+    for weight, e in items:
+        open_ranks = [r for r in range(num_ranks) if len(held[r]) < slots and e not in held[r]]
+        if not open_ranks:   # never met in random plans (tests/test_serving_placement.py); a bug if it is
+            raise PlacementError(f"the EPLB-style packing found no rank with room for a copy of expert {e}: please "
+                                 f"report the load {load_E.tolist()} with {num_ranks} ranks and {redundant_experts} "
+                                 "redundant experts")
+        r = min(open_ranks, key=lambda r: (packed[r], r))
+        held[r].append(e)
+        packed[r] += weight
+    return torch.tensor([e for r in range(num_ranks) for e in sorted(held[r])], dtype=torch.long)
 
 
 # -- the three maps -------------------------------------------------------------------------------------
@@ -176,6 +217,9 @@ def plan_serving(kind: str, bin_LE: torch.Tensor, physical_LE: torch.Tensor, loa
         raise PlacementError(f"load_LME has shape {tuple(load_LME.shape)}, expected ({num_layers}, 2, {num_experts})")
     rows = []
     for l in range(num_layers):
+        if kind == "eplb":   # replicas are part of its plan
+            rows.append(eplb_physical(load_LME[l].sum(0), num_ranks, redundant_experts))
+            continue
         base_P = phy2log_of(base_physical(kind, num_experts, num_ranks, bin_LE[l], physical_LE[l], num_bins))
         rows.append(add_replicas(base_P, load_LME[l].sum(0), num_ranks, redundant_experts)
                     if redundant_experts else base_P)
@@ -260,24 +304,48 @@ def sample_routes(load_ME: torch.Tensor, k: int, num_tokens: int, vision_share: 
     return torch.cat(parts)
 
 
-def layer_figures(indices_SK: torch.Tensor, holds_RE: torch.Tensor) -> tuple[float, float, float]:
-    """(max / mean rank load, remote ranks per token, cross-rank rate) of one layer: exact over the home rank."""
-    num_ranks = holds_RE.shape[0]
+def replay_routes(indices_SK: torch.Tensor, labels_S: torch.Tensor, vision_share: float, num_tokens: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """indices_SK of a trace of measured tokens: round(vision_share * S) drawn uniformly, with replacement, from
+    the measured vision tokens, the rest from the text tokens (each keeps its whole expert set: the experts a
+    token really used together, which `sample_routes` cannot give)."""
+    num_vision = round(vision_share * num_tokens)
+    parts = []
+    for m, count in ((1, num_vision), (0, num_tokens - num_vision)):
+        if count == 0:
+            continue
+        pool_S = (labels_S == m).nonzero().squeeze(1)
+        if pool_S.numel() == 0:
+            raise PlacementError(f"the measured routes hold no {('text', 'vision')[m]} token, and the trace asks for "
+                                 f"{count}: measure on data with both modalities")
+        parts.append(indices_SK[pool_S[torch.randint(pool_S.numel(), (count,), generator=generator)]])
+    return torch.cat(parts)
+
+
+def layer_figures(indices_SK: torch.Tensor, holds_RE: torch.Tensor, chunk: int = 4096) -> tuple[float, float, float]:
+    """(max / mean rank load, remote ranks per token, cross-rank rate) of one layer: exact over the home rank H,
+    each of the R ranks with probability 1 / R (H and R index the same ranks).  A route of expert e from home h
+    stays on h when h holds e, else it is spread over e's copies, so P(no route of the token on rank r != h)
+    is the product over its routes not held at h of (1 - spread_ER[e, r]), summed in logs: one batched
+    product, `chunk` tokens at a time."""
+    num_ranks, num_experts = holds_RE.shape
     holds_RE = holds_RE.double()
-    copies_E = holds_RE.sum(0)
-    spread_SKR = (holds_RE / copies_E).t()[indices_SK]          # a route shared evenly by its copies
-    on_SKR = holds_RE.t()[indices_SK] > 0
-    load_R = torch.zeros(num_ranks, dtype=torch.float64)
+    spread_ER = (holds_RE / holds_RE.sum(0)).t()                 # a route shared evenly by its copies
+    away_HE = 1.0 - holds_RE                                     # home h lacks e: the route leaves h
+    # load: routes held at home stay there, the others spread (summed over the homes, each 1 / R)
+    routes_E = torch.bincount(indices_SK.reshape(-1), minlength=num_experts).double()
+    load_R = (holds_RE @ routes_E + (routes_E * away_HE.sum(0)) @ spread_ER) / num_ranks
+    log_keep_ER = torch.log1p(-spread_ER).clamp_min(-1e4)        # log P(a route of e not on r); -1e4: never
+    other_HR = 1.0 - torch.eye(num_ranks, dtype=torch.float64)   # the ranks other than home
     remote = cross = 0.0
-    for h in range(num_ranks):   # every home rank, each with probability 1 / R
-        home_R = torch.nn.functional.one_hot(torch.tensor(h), num_ranks).double()
-        share_SKR = torch.where(on_SKR[:, :, h:h + 1], home_R, spread_SKR)
-        load_R += share_SKR.sum((0, 1)) / num_ranks
-        miss_SR = torch.prod(1.0 - share_SKR, dim=1)             # P(no route of the token on rank r)
-        away_SQ = torch.cat([miss_SR[:, :h], miss_SR[:, h + 1:]], 1)   # Q = the R - 1 ranks other than home
-        remote += float((1.0 - away_SQ).sum(1).mean()) / num_ranks
-        cross += float((1.0 - away_SQ.prod(1)).mean()) / num_ranks
-    return float(load_R.max() / load_R.mean()), remote, cross
+    num_tokens = indices_SK.shape[0]
+    for start in range(0, num_tokens, chunk):   # host loop over token chunks: bounds the [S, H, R] memory
+        idx_SK = indices_SK[start:start + chunk]
+        log_miss_SHR = torch.einsum("skh,skr->shr", away_HE.t()[idx_SK], log_keep_ER[idx_SK])
+        hit_SHR = (1.0 - log_miss_SHR.exp()) * other_HR
+        remote += float(hit_SHR.sum()) / num_ranks
+        cross += float((1.0 - (log_miss_SHR * other_HR).sum(2).exp()).sum()) / num_ranks
+    return float(load_R.max() / load_R.mean()), remote / num_tokens, cross / num_tokens
 
 
 def simulate_serving(maps: ServingMaps, load_LME: torch.Tensor, k: int, hidden_size: int, element_bytes: int,

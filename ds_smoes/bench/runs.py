@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ds_smoes.core.errors import ConfigError
+from ds_smoes.parallel.launch import free_port
 
 
 @dataclass(frozen=True)
@@ -84,16 +84,10 @@ def load_run(run_dir: Path, recipe: str, smoes_cfg, model_cfg=None) -> dict:
     return metrics
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher_command(module: str, ranks: int, args: list[str]) -> list[str]:
     """`deepspeed --num_gpus N --master_port P --module MODULE ARGS` with this interpreter's launcher."""
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module", module, *args]
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", module, *args]
 
 
 def train_args(config: Path, overrides: list[str], recipe: str, run_dir: Path, epochs: float | None,

@@ -10,10 +10,22 @@ import os
 import socket
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free on this host now: the sockets are held open together while the kernel picks
+    them, so two of them can never be the same port (asking one at a time can hand the same port back twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def free_port() -> int:
+    """One TCP port free on this host now (for a launcher's `--master_port`)."""
+    return free_ports(1)[0]
 
 
 def init_distributed() -> None:
@@ -26,7 +38,7 @@ def init_distributed() -> None:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     cpu_only_machine()
     limit_threads_per_rank()
     no_shm_allreduce_segments()
