@@ -9,6 +9,7 @@
     python -m ds_smoes.bench scale --shapes olmoe --autoep --attention-lengths   # with DeepSpeed AutoEP's layer
     python -m ds_smoes.bench infer                        # train what is missing, serve at ep_size 1 and 2
     python -m ds_smoes.bench infer --run smoes=runs/demo --variants topk smoes   # reuse the demo's model
+    python -m ds_smoes.bench infer --shapes               # one decoder block at published shapes, 2 ranks
 
 Errors a user can fix print one message and exit 2; a failed subprocess exits 1.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from ds_smoes.bench.infer.variants import INFER_VARIANTS
 from ds_smoes.bench.runs import RECIPES
+from ds_smoes.bench.infer.shapes import BLOCK_SHAPES
 from ds_smoes.bench.scale.shapes import PUBLISHED, SHAPES
 from ds_smoes.bench.simulate.model import EP_GRID, EXPERTS_GRID
 from ds_smoes.bench.comm.variants import VARIANTS
@@ -88,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="the training recipe")
     i.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field (for training and serving), repeatable")
-    i.add_argument("--variants", nargs="+", default=list(INFER_VARIANTS), metavar="V",
+    i.add_argument("--variants", nargs="+", default=None, metavar="V",
                    help=f"subset of {' '.join(INFER_VARIANTS)} (default: all)")
     i.add_argument("--run", dest="runs", action="append", default=[], metavar="RECIPE=DIR",
                    help=f"a finished training run of a recipe ({', '.join(RECIPES)}), e.g. smoes=runs/demo; "
@@ -101,10 +103,28 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-size", type=int, default=None, help="prompts per rank and batch (default: "
                                                                 "run.eval_batch_size)")
     i.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt in the timed rounds")
-    i.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    i.add_argument("--repeats", type=int, default=20, help="paired timed rounds (default 20)")
+    i.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; --shapes: 1)")
+    i.add_argument("--repeats", type=int, default=None, help="paired timed rounds (default 20; --shapes: 6, the fewest "
+                   "with a 95 %% interval of the median ratio: its extremes)")
     i.add_argument("--eval-questions", type=int, default=0, help="test questions for accuracy (default 0: all)")
     i.add_argument("--out", type=Path, default=Path("runs/bench"))
+    # one decoder block at published shapes (ds_smoes.bench.infer.scale_command), instead of the demo's models
+    i.add_argument("--shapes", nargs="*", default=None, metavar="SHAPE",
+                   help=f"serve one decoder block at these shapes ({', '.join(BLOCK_SHAPES)}; none named: the "
+                        f"published {', '.join(PUBLISHED)}) and project the whole model; writes OUT/infer_scale.json")
+    i.add_argument("--prefill", nargs="+", default=None, metavar="IMAGE:BATCH",
+                   help="--shapes: prefill workloads, image tokens (+64 text) and batch per rank (default 576:1 "
+                        "2304:1; add 576:8 for batch 8)")
+    i.add_argument("--decode-batches", nargs="+", type=int, default=None, help="--shapes: sequences per rank decoding "
+                   "together (default 1 8 64)")
+    i.add_argument("--decode-context", type=int, default=None, help="--shapes: cached positions before decoding "
+                   "(default 640: a 576-token image and 64 text tokens)")
+    i.add_argument("--decode-steps", type=int, default=None, help="--shapes: decoding steps per measurement (default 2)")
+    i.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="--shapes: the dtype (default bf16 where "
+                   "the machine computes it natively, CUDA or AVX512-BF16/AMX, else fp32)")
+    i.add_argument("--profile-from", type=Path, default=None, help="--shapes: the SMoES router statistics, as for "
+                   "`scale` (default: OUT/comm.json when present, else runs/demo)")
+    i.add_argument("--no-memory", action="store_true", help="--shapes: skip the peak-memory runs")
     _tracking(i)
 
     s = sub.add_parser("simulate", help="expected remote bytes per token for 2..64 EP ranks and 8..256 experts")
@@ -174,9 +194,18 @@ def main(argv: list[str] | None = None) -> int:
 
             return run(args)
         if args.command == "infer":
+            args.command_line = " ".join(["python -m ds_smoes.bench", *(argv if argv is not None else sys.argv[1:])])
+            args.variants_given = args.variants is not None
+            if args.shapes is not None:
+                from ds_smoes.bench.infer.scale_command import run
+
+                args.variants = args.variants or []
+                return run(args)
             from ds_smoes.bench.infer.command import run
 
-            args.command_line = " ".join(["python -m ds_smoes.bench", *(argv if argv is not None else sys.argv[1:])])
+            args.variants = args.variants or list(INFER_VARIANTS)
+            args.warmup = 2 if args.warmup is None else args.warmup
+            args.repeats = 20 if args.repeats is None else args.repeats
             return run(args)
         if args.command == "scale":
             from ds_smoes.bench.scale.command import run

@@ -167,6 +167,32 @@ def wrote_line(paths: list[Path], seconds: float, tracker, uri: str | None) -> s
             + (f"; MLflow run {tracker.run_id} ({uri})" if tracker.active else ""))
 
 
+def worker_main(out_path: Path, produce: Callable[[], dict]) -> int:
+    """A benchmark worker's body: join the launcher's process group, `produce()` the raw result, rank 0 writes it
+    (`write_raw`); a user error (SMoESError) is printed once and exits 2."""
+    from ds_smoes.core.errors import SMoESError
+    from ds_smoes.parallel.console import report_error
+    from ds_smoes.parallel.launch import init_distributed
+
+    try:
+        init_distributed()
+        write_raw(out_path, produce())
+    except SMoESError as err:
+        return report_error(err)
+    return 0
+
+
+def write_outputs(out_dir: Path, stem: str, result: dict, markdown: str, echo: Callable[[str], None]) -> list[Path]:
+    """A benchmark command's result as `stem`.json (strict JSON) and `stem`.md under `out_dir`; the table echoed."""
+    from ds_smoes.bench.comm.report import strict_json
+
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(strict_json(result))
+    paths[1].write_text(markdown)
+    echo("\n" + markdown)
+    return paths
+
+
 def write_raw(path: Path, result: dict) -> None:
     """A benchmark worker's last step: rank 0 writes the raw result as JSON, then every rank waits for it."""
     from ds_smoes.parallel import distributed

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ds_smoes.bench import runs
-from ds_smoes.bench.comm.report import paired_ratio, strict_json
+from ds_smoes.bench.comm.report import paired_ratio
 from ds_smoes.bench.scale.shapes import SHAPES
 from ds_smoes.bench.simulate.model import RouterProfile
 from ds_smoes.core.errors import ConfigError
@@ -313,12 +313,9 @@ def run(args) -> int:
                                             f"fp32, {args.attention_repeats} repeats, {torch.get_num_threads()} threads",
                                    "rows": rows, "bars": attention_bars(rows)}
         result["mlflow_run_id"] = tracker.run_id
-        md = report_markdown(result)
-        (args.out / "scale.json").write_text(strict_json(result))
-        (args.out / "scale.md").write_text(md)
-        _echo("\n" + md)
+        paths = runs.write_outputs(args.out, "scale", result, report_markdown(result), _echo)
         _log(tracker, result, args.out)
-        _echo(runs.wrote_line([args.out / "scale.json", args.out / "scale.md"], time.time() - t0, tracker, uri))
+        _echo(runs.wrote_line(paths, time.time() - t0, tracker, uri))
         status = "FINISHED"
     finally:
         tracker.end(status)

@@ -126,6 +126,36 @@ def draw_profile_routes(model: OwnRouteModel, labels_S: torch.Tensor, k: int, nu
     return indices_SK
 
 
+def hard_routing_model(vision_share: float, k: int) -> OwnRouteModel:
+    """Hard modality routing as an own-route model: every route of a token in its modality's own experts."""
+    return OwnRouteModel((1.0, 1.0), (1.0, 1.0), vision_share, k)
+
+
+def draw_one_bin_routes(model: OwnRouteModel, labels_S: torch.Tensor, k: int, num_experts: int, ep_size: int,
+                        generator: torch.Generator) -> torch.Tensor:
+    """indices_SK for SMoES with one bin per token (bins = EP ranks): all k experts of a token on one rank, a rank
+    of its modality's own ranks with probability mean_M[m] (the fitted share of its routes in its own bins), else
+    one of the other modality's; the rank uniform within the chosen group, the k experts distinct and uniform
+    on it."""
+    per_rank = num_experts // ep_size
+    if num_experts % ep_size or k > per_rank:
+        raise ConfigError(f"one bin per token needs k={k} experts on one of {ep_size} ranks ({num_experts} experts): "
+                          "k must not exceed the experts per rank")
+    text_ranks, _ = modality_groups(model.vision_share, ep_size)
+    groups = (torch.arange(text_ranks), torch.arange(text_ranks, ep_size))
+    num_tokens = labels_S.shape[0]
+    own_mean_S = torch.tensor(model.mean_M, dtype=torch.float64)[labels_S]
+    own_S = torch.rand(num_tokens, generator=generator, dtype=torch.float64) < own_mean_S
+    group_S = torch.where(own_S, labels_S, 1 - labels_S)        # 0: the text ranks, 1: the vision ranks
+    rank_S = torch.empty(num_tokens, dtype=torch.long)
+    for g in range(2):
+        on_g = group_S == g
+        pick = torch.randint(len(groups[g]), (int(on_g.sum()),), generator=generator)
+        rank_S[on_g] = groups[g][pick]
+    local_SK = torch.rand(num_tokens, per_rank, generator=generator).argsort(dim=1)[:, :k]
+    return rank_S.unsqueeze(1) * per_rank + local_SK
+
+
 def draw_uniform_routes(num_tokens: int, k: int, num_experts: int, generator: torch.Generator) -> torch.Tensor:
     """indices_SK: k distinct experts per token, uniform over all experts (a balanced router without specialisation)."""
     return _distinct_uniform(num_tokens, torch.arange(num_experts), k, generator)

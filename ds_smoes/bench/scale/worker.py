@@ -39,7 +39,6 @@ from ds_smoes.bench.simulate.model import RouterProfile
 from ds_smoes.bench.scale.synthetic_routes import (OwnRouteModel, draw_modality_labels, draw_profile_routes,
                                              draw_uniform_routes)
 from ds_smoes.core.config import SMoESConfig
-from ds_smoes.core.errors import SMoESError
 from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.moe.dispatchers import build_dispatcher
 from ds_smoes.moe.gate import SMoESGate
@@ -91,11 +90,24 @@ def shape_config(shape: MoEShape, ep_size: int, gate: str, dispatch: str) -> SMo
                        dispatch=dispatch, score_type="attention", binning="adaptive")
 
 
+def companion_gate(layer, gate: str, cls=None):
+    """A gate of the registry's kind `gate` (or of class `cls`) for `layer`, on the layer's config with that gate,
+    sharing the layer's router weight and EP group: the variants of a benchmark route with one router."""
+    from ds_smoes.moe.registry import build_gate
+
+    cfg = layer.config.model_copy(update={"gate": gate})
+    d = layer.gate.wg.weight.shape[1]
+    out = build_gate(d, cfg) if cls is None else cls(d, cfg)
+    out.wg.weight.data.copy_(layer.gate.wg.weight.data)
+    if cfg.ep_size > 1:
+        out._set_ep_group(layer.deepspeed_moe.ep_group)
+    return out.to(layer.gate.wg.weight.dtype)
+
+
 def build(shape: MoEShape, ep_size: int, dtype: torch.dtype, seed: int):
     """The layer (SMoES gate, rank_once), the other gates sharing its experts, the shared-expert MLP."""
     from ds_smoes.hf.experts import GatedExpert
     from ds_smoes.moe.layer import SMoESMoE
-    from ds_smoes.moe.registry import build_gate
 
     torch.manual_seed(seed)
     d = shape.hidden
@@ -106,15 +118,8 @@ def build(shape: MoEShape, ep_size: int, dtype: torch.dtype, seed: int):
         for p in layer.deepspeed_moe.experts.parameters():   # in place: a stacked expert storage stays stacked
             p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
         layer.gate.wg.weight.copy_(torch.randn(layer.gate.wg.weight.shape, generator=gen) / d ** 0.5)
-    group = layer.deepspeed_moe.ep_group if ep_size > 1 else None
-    gates = {"smoes": layer.gate}
-    for name, cls in (("topk", None), ("given", GivenRoutesGate)):
-        cfg = shape_config(shape, ep_size, "topk" if name == "topk" else "smoes", "rank_once")
-        gate = build_gate(d, cfg) if cls is None else cls(d, cfg)
-        gate.wg.weight.data.copy_(layer.gate.wg.weight.data)
-        if group is not None:
-            gate._set_ep_group(group)
-        gates[name] = gate
+    gates = {"smoes": layer.gate, "topk": companion_gate(layer, "topk"), "given": companion_gate(layer, "smoes",
+                                                                                                  GivenRoutesGate)}
     shared = GatedExpert(d, shape.expert_ffn * shape.shared_experts, F.silu) if shape.shared_experts else None
     modules = [layer, *gates.values(), *([shared] if shared is not None else [])]
     for m in modules:
@@ -123,18 +128,23 @@ def build(shape: MoEShape, ep_size: int, dtype: torch.dtype, seed: int):
     return layer, gates, shared
 
 
-def use_variant(layer, gates: dict, variant: str, given: dict, batch_index: int) -> None:
-    """Install the variant's router, dispatch and expert kernel (`router/dispatch[:kernel]`; default auto) on the
-    layer (configs are frozen: copies with the dispatch)."""
-    router, rest = variant.split("/")
-    dispatch, _, kernel = rest.partition(":")
-    gate = gates[router] if router in ("smoes", "topk") else gates["given"]
-    gate.config = gate.config.model_copy(update={"dispatch": VARIANT_DISPATCH[dispatch],
-                                                 "expert_kernel": kernel or "auto"})
+def install_gate(layer, gate, dispatch: str, kernel: str = "auto") -> None:
+    """Route `layer` (an SMoESMoE) with `gate` and the dispatch named `dispatch` (a config name: deepspeed,
+    rank_once), its experts run by `kernel` (configs are frozen: copies with the dispatch)."""
+    gate.config = gate.config.model_copy(update={"dispatch": dispatch, "expert_kernel": kernel})
     layer.config = gate.config
     layer.dispatcher = build_dispatcher(gate.config.dispatch)   # the component, not only the config's name
     gate.slotless = layer.dispatcher.slotless(gate.drop_tokens)
     layer.deepspeed_moe.gate = gate
+
+
+def use_variant(layer, gates: dict, variant: str, given: dict, batch_index: int) -> None:
+    """Install the variant's router, dispatch and expert kernel (`router/dispatch[:kernel]`; default auto) on the
+    layer."""
+    router, rest = variant.split("/")
+    dispatch, _, kernel = rest.partition(":")
+    gate = gates[router] if router in ("smoes", "topk") else gates["given"]
+    install_gate(layer, gate, VARIANT_DISPATCH[dispatch], kernel or "auto")
     if router in ("profile", "uniform"):
         gate.given_SK = given[router][batch_index]
 
@@ -225,34 +235,29 @@ def measure(shape: MoEShape, dtype_name: str, args, model: OwnRouteModel) -> dic
 
 
 def main(argv=None) -> int:
+    from ds_smoes.bench.runs import worker_main
+
     args = parse_args(argv)
-    try:
-        from ds_smoes.parallel.launch import init_distributed
+    return worker_main(args.out, lambda: measure_all(args))
 
-        init_distributed()
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        raw = json.loads(args.profile_json.read_text())
-        profile = RouterProfile(raw["k"], raw["vision_share"], tuple(tuple(row) for row in raw["own_routes_MJ"]))
-        model = OwnRouteModel.fit(profile)
-        if args.vision_share is not None:
-            model = OwnRouteModel(model.mean_M, model.rho_M, args.vision_share, model.source_k)
-        out = {"setup": {"ep_size": distributed.world_size(), "tokens_per_rank": args.tokens, "autoep": args.autoep,
-                         "warmup": args.warmup, "repeats": args.repeats, "threads_per_rank": torch.get_num_threads(),
-                         "seed": args.seed, "vision_share": model.vision_share,
-                         "own_route_model": {"mean_M": model.mean_M, "rho_M": model.rho_M, "source_k": model.source_k}},
-               "results": []}
-        for key in args.shapes:
-            for dtype_name in args.dtypes:
-                log0(f"{SHAPES[key].label}: {dtype_name}, {args.tokens} tokens per rank")
-                out["results"].append(measure(SHAPES[key], dtype_name, args, model))
-        from ds_smoes.bench.runs import write_raw
 
-        write_raw(args.out, out)
-    except SMoESError as err:
-        from ds_smoes.parallel.console import report_error
-
-        return report_error(err)
-    return 0
+def measure_all(args) -> dict:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    raw = json.loads(args.profile_json.read_text())
+    profile = RouterProfile(raw["k"], raw["vision_share"], tuple(tuple(row) for row in raw["own_routes_MJ"]))
+    model = OwnRouteModel.fit(profile)
+    if args.vision_share is not None:
+        model = OwnRouteModel(model.mean_M, model.rho_M, args.vision_share, model.source_k)
+    out = {"setup": {"ep_size": distributed.world_size(), "tokens_per_rank": args.tokens, "autoep": args.autoep,
+                     "warmup": args.warmup, "repeats": args.repeats, "threads_per_rank": torch.get_num_threads(),
+                     "seed": args.seed, "vision_share": model.vision_share,
+                     "own_route_model": {"mean_M": model.mean_M, "rho_M": model.rho_M, "source_k": model.source_k}},
+           "results": []}
+    for key in args.shapes:
+        for dtype_name in args.dtypes:
+            log0(f"{SHAPES[key].label}: {dtype_name}, {args.tokens} tokens per rank")
+            out["results"].append(measure(SHAPES[key], dtype_name, args, model))
+    return out
 
 
 if __name__ == "__main__":

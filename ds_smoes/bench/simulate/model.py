@@ -116,12 +116,16 @@ def split_draws(own: int, k: int, own_pool: int, other_pool: int) -> tuple[int, 
 
 
 # -- the variants ------------------------------------------------------------------------------------
-def rank_once_figures(profile: RouterProfile, num_experts: int, ep_size: int) -> RankFigures:
-    """Expected rank figures of the router in `profile` with E experts on R ranks (analytic)."""
+def rank_once_figures(profile: RouterProfile, num_experts: int, ep_size: int,
+                      token_vision_share: float | None = None) -> RankFigures:
+    """Expected rank figures of the router in `profile` with E experts on R ranks (analytic).  The modality groups
+    follow the profile's vision share (the bins were balanced on it); `token_vision_share` is the mix of the tokens
+    being routed when it differs (a vision-heavy prefill, text-only decoding; default: the profile's)."""
     _check_layout(profile.k, num_experts, ep_size)
     per_rank = num_experts // ep_size
     groups = modality_groups(profile.vision_share, ep_size)
-    shares = (1.0 - profile.vision_share, profile.vision_share)
+    mix = profile.vision_share if token_vision_share is None else token_vision_share
+    shares = (1.0 - mix, mix)
     ranks = one_rank = 0.0
     for m in range(2):
         own_n, other_n = groups[m], ep_size - groups[m]
