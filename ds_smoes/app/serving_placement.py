@@ -323,28 +323,27 @@ def replay_routes(indices_SK: torch.Tensor, labels_S: torch.Tensor, vision_share
 
 
 def layer_figures(indices_SK: torch.Tensor, holds_RE: torch.Tensor, chunk: int = 4096) -> tuple[float, float, float]:
-    """(max / mean rank load, remote ranks per token, cross-rank rate) of one layer: exact over the home rank H,
-    each of the R ranks with probability 1 / R (H and R index the same ranks).  A route of expert e from home h
-    stays on h when h holds e, else it is spread over e's copies, so P(no route of the token on rank r != h)
-    is the product over its routes not held at h of (1 - spread_ER[e, r]), summed in logs: one batched
-    product, `chunk` tokens at a time."""
+    """(max / mean rank load, remote ranks per token, cross-rank rate) of one layer: exact over the home rank,
+    each of the R ranks with probability 1 / R.  A route of expert e from home h stays on h when h holds e, else
+    it is spread over e's copies, so P(no route of the token on rank r != h) is the product over its routes not
+    held at h of (1 - spread_ER[e, r]), summed in logs: one batched product, `chunk` tokens at a time."""
     num_ranks, num_experts = holds_RE.shape
     holds_RE = holds_RE.double()
     spread_ER = (holds_RE / holds_RE.sum(0)).t()                 # a route shared evenly by its copies
-    away_HE = 1.0 - holds_RE                                     # home h lacks e: the route leaves h
+    away_QE = 1.0 - holds_RE                                     # Q = the home rank (the R ranks again): lacks e
     # load: routes held at home stay there, the others spread (summed over the homes, each 1 / R)
     routes_E = torch.bincount(indices_SK.reshape(-1), minlength=num_experts).double()
-    load_R = (holds_RE @ routes_E + (routes_E * away_HE.sum(0)) @ spread_ER) / num_ranks
+    load_R = (holds_RE @ routes_E + (routes_E * away_QE.sum(0)) @ spread_ER) / num_ranks
     log_keep_ER = torch.log1p(-spread_ER).clamp_min(-1e4)        # log P(a route of e not on r); -1e4: never
-    other_HR = 1.0 - torch.eye(num_ranks, dtype=torch.float64)   # the ranks other than home
+    other_QR = 1.0 - torch.eye(num_ranks, dtype=torch.float64)   # the ranks other than home
     remote = cross = 0.0
     num_tokens = indices_SK.shape[0]
-    for start in range(0, num_tokens, chunk):   # host loop over token chunks: bounds the [S, H, R] memory
+    for start in range(0, num_tokens, chunk):   # host loop over token chunks: bounds the [S, R, R] memory
         idx_SK = indices_SK[start:start + chunk]
-        log_miss_SHR = torch.einsum("skh,skr->shr", away_HE.t()[idx_SK], log_keep_ER[idx_SK])
-        hit_SHR = (1.0 - log_miss_SHR.exp()) * other_HR
-        remote += float(hit_SHR.sum()) / num_ranks
-        cross += float((1.0 - (log_miss_SHR * other_HR).sum(2).exp()).sum()) / num_ranks
+        log_miss_SQR = torch.einsum("skq,skr->sqr", away_QE.t()[idx_SK], log_keep_ER[idx_SK])
+        hit_SQR = (1.0 - log_miss_SQR.exp()) * other_QR
+        remote += float(hit_SQR.sum()) / num_ranks
+        cross += float((1.0 - (log_miss_SQR * other_QR).sum(2).exp()).sum()) / num_ranks
     return float(load_R.max() / load_R.mean()), remote / num_tokens, cross / num_tokens
 
 

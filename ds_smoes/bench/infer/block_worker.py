@@ -16,7 +16,7 @@ what the dispatch reported (`MoECall.remote_bytes`, collected), summed over the 
 After the rounds, one more run per (variant, workload) under the memory profiler gives its peak allocation
 on rank 0 above what was allocated before (`ds_smoes.bench.scale.attention.peak_allocated_bytes`).
 
-Shapes: Q timed rounds, X variants, W workloads.
+Shapes: Q timed rounds, X (variant, workload) pairs.
 """
 from __future__ import annotations
 
@@ -128,8 +128,10 @@ def measure(key: str, args) -> dict:
     specs = workloads(args)
     loads = [Workload(spec, model, shape, dtype, routes, args.variants, generator) for spec in specs]
     names = list(args.variants)
-    times_QXW = torch.zeros(args.repeats, len(names), len(loads), dtype=torch.float64)
-    bytes_XW = torch.zeros(len(names), len(loads), dtype=torch.float64)
+    per = len(loads)
+    # Q = timed rounds; X = (variant, workload) pairs, variant-major: the columns of the figure table
+    times_QX = torch.zeros(args.repeats, len(names) * per, dtype=torch.float64)
+    bytes_X = torch.zeros(len(names) * per, dtype=torch.float64)
     log0(f"{shape.label}: built in {built:.0f}s ({args.dtype}, {ep} EP ranks)")
     for r in range(args.warmup + args.repeats):
         for i in range(len(names)):
@@ -142,12 +144,12 @@ def measure(key: str, args) -> dict:
                 sent = load.run(model, variants, names[x], images)
                 elapsed = time.perf_counter() - start
                 if r >= args.warmup:
-                    times_QXW[r - args.warmup, x, w] = elapsed
-                    bytes_XW[x, w] += sent
+                    times_QX[r - args.warmup, x * per + w] = elapsed
+                    bytes_X[x * per + w] += sent
         log0(f"  {shape.key} {args.dtype}: round {r + 1}/{args.warmup + args.repeats} "
              f"({'warmup' if r < args.warmup else 'timed'}, {time.time() - t0:.0f}s)")
-    distributed.world_max_(times_QXW)
-    distributed.world_sum_(bytes_XW)
+    distributed.world_max_(times_QX)
+    distributed.world_sum_(bytes_X)
     peaks = {}
     if not args.no_memory:
         from ds_smoes.bench.scale.attention import peak_allocated_bytes
@@ -157,8 +159,9 @@ def measure(key: str, args) -> dict:
             peaks[name] = [peak_allocated_bytes(partial(load.run, model, variants, name, images)) for load in loads]
         log0(f"  {shape.key}: peak memory measured ({time.time() - t0:.0f}s)")
     return {"shape": key, "dtype": args.dtype, "workloads": specs, "build_seconds": built,
-            "seconds": {name: times_QXW[:, x, :].tolist() for x, name in enumerate(names)},
-            "remote_bytes": {name: (bytes_XW[x] / args.repeats).tolist() for x, name in enumerate(names)},
+            "seconds": {name: times_QX[:, x * per:(x + 1) * per].tolist() for x, name in enumerate(names)},
+            "remote_bytes": {name: (bytes_X[x * per:(x + 1) * per] / args.repeats).tolist()
+                             for x, name in enumerate(names)},
             "peak_bytes_rank0": peaks, "wall_seconds": time.time() - t0}
 
 
