@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_smoes.app.serving_placement import PlacementError, layer_figures
+from ds_smoes.app.serving_placement import PlacementError, holds_of, layer_figures
 
 TOLERANCE = 1e-9
 PENALTIES = (0.5, 2.0, 8.0)   # the stages' weights of the load excess, before the lexicographic stage
@@ -56,18 +56,10 @@ class Score:
         return self.excess <= other.excess + TOLERANCE and self.remote < other.remote - TOLERANCE
 
 
-def holds_of(phy2log_P: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
-    """holds_RE (bool): rank r holds a copy of expert e."""
-    rank_P = torch.arange(phy2log_P.numel()) // (phy2log_P.numel() // num_ranks)
-    holds_RE = torch.zeros(num_ranks, num_experts, dtype=torch.bool)
-    holds_RE[rank_P, phy2log_P] = True
-    return holds_RE
-
-
 def score(phy2log_P: torch.Tensor, traces: Sequence[torch.Tensor], num_experts: int, num_ranks: int,
           max_load: float) -> Score:
     """The placement's score on the traces (module docstring)."""
-    holds_RE = holds_of(phy2log_P, num_experts, num_ranks)
+    holds_RE = holds_of(phy2log_P.unsqueeze(0), num_experts, num_ranks)[0]
     figures = [layer_figures(indices_SK, holds_RE) for indices_SK in traces]
     loads = tuple(f[0] for f in figures)
     return Score(sum(max(0.0, x - max_load) for x in loads), sum(f[1] for f in figures) / len(figures), loads)

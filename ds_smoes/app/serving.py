@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from ds_smoes.app.placement_search import score, search_placement
-from ds_smoes.app.serving_placement import (PLACEMENTS, TRACES, PlacementError, ServingMaps, maps_from_eplb,
-                                             maps_from_phy2log, plan_serving, replay_routes, simulate_serving,
+from ds_smoes.app.serving_placement import (PLACEMENTS, TRACES, PlacementError, ServingMaps, figures_on_routes,
+                                             maps_from_eplb, maps_from_phy2log, plan_serving, replay_routes,
                                              trace_routes)
 
 SGLANG_FILE, EPLB_FILE, LOAD_FILE = "sglang_expert_location.json", "eplb_maps.json", "expert_load.json"
@@ -113,8 +113,7 @@ def simulation_rows(plans: dict[str, ServingMaps], traces: dict[str, list[torch.
     rows = []
     for trace, routes in traces.items():
         for name, maps in plans.items():
-            f = simulate_serving(maps, load_LME=None, k=0, hidden_size=hidden_size, element_bytes=element_bytes,
-                                 vision_share=TRACES[trace], routes_LSK=routes)
+            f = figures_on_routes(maps, routes, hidden_size, element_bytes)
             rows.append({"trace": trace, "vision_share": TRACES[trace], "placement": name,
                          "max_over_mean_load": f.max_over_mean_load, "remote_ranks_per_token": f.remote_ranks_per_token,
                          "cross_rank_rate": f.cross_rank_rate, "remote_bytes_per_token": f.remote_bytes_per_token,

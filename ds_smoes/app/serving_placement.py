@@ -23,21 +23,22 @@ Base placements (every expert once, n = E / R per rank):
 
 `app.placement_search` searches placements on measured routes, from these as starting points.
 
-**Replicas** for bins, linear and round-robin (`redundant_experts`, a multiple of R: every rank gets s = redundant / R extra slots,
-after its n base slots).  Greedy, one copy at a time: the expert with the highest load per copy
-(load_E / copies_E, ties by lower id) among those that can still be copied gets a copy on the rank
-that lacks it, has a free extra slot and has the least load, where a rank's load is the sum over
-its slots of load_E / copies_E (ties by lower rank).  Never two copies of one expert on one rank;
-at most R copies of an expert, so redundant_experts <= E * (R - 1).
+**Replicas** for bins, linear and round-robin (`redundant_experts`, a multiple of R: every rank gets
+s = redundant / R extra slots, after its n base slots).  Greedy, one copy at a time: the expert with the
+highest load per copy (load_E / copies_E, ties by lower id) among those that can still be copied gets a
+copy on the rank that lacks it, has a free extra slot and has the least load, where a rank's load is the
+sum over its slots of load_E / copies_E (ties by lower rank).  Never two copies of one expert on one
+rank; at most R copies of an expert, so redundant_experts <= E * (R - 1).
 
-**Serving-load model** (`simulate_serving`), per MoE layer: a trace of S tokens, a share of them
-vision.  Replayed (`replay_routes`, where per-token routes were measured): each token of modality m is
-a measured token of that modality drawn uniformly with replacement, with its whole expert set (the
-experts it used together).  Sampled (`sample_routes`, where only the load is known): a token of
-modality m draws its k distinct experts with `torch.multinomial` (without replacement) from load_ME[m]
-normalised (an expert's inclusion probability follows its load, not exactly proportionally; the
-co-activation of experts is lost).  Every token's home
-rank is uniform over the R ranks, independent of its routes (computed exactly, not sampled).  A route
+**Serving-load model** (`figures_on_routes`; `simulate_serving` draws the routes first), per MoE layer: a
+trace of S tokens, a share of them vision.  Replayed (`replay_routes`, where per-token routes were
+measured): each token of modality m is a measured token of that modality drawn uniformly with
+replacement, with its whole expert set (the experts it used together).  Sampled (`sample_routes`,
+where only the load is known): a token of modality m draws its k distinct experts with
+`torch.multinomial` (without replacement) from load_ME[m] normalised (an expert's inclusion
+probability follows its load, not exactly proportionally; the co-activation of experts is lost).
+Every token's home rank is uniform over the R ranks, independent of its routes (computed exactly, not
+sampled).  A route
 runs on the copy on the token's home rank if there is one (as SGLang's static dispatch picks the
 same-GPU copy), otherwise its copies share it evenly (each takes 1/copies of the route; for traffic,
 each route picks one of its copies uniformly, independently of the token's other routes).  Figures:
@@ -184,12 +185,16 @@ class ServingMaps:
 
     def holds_LRE(self) -> torch.Tensor:
         """How many copies of expert e rank r holds (0 or 1 in a valid placement)."""
-        L, P = self.phy2log_LP.shape
-        rank_P = torch.arange(P) // self.slots_per_rank
-        holds = torch.zeros(L, self.num_ranks, self.num_experts, dtype=torch.long)
-        holds.view(L, -1).scatter_add_(1, rank_P * self.num_experts + self.phy2log_LP,
-                                        torch.ones_like(self.phy2log_LP))
-        return holds
+        return holds_of(self.phy2log_LP, self.num_experts, self.num_ranks)
+
+
+def holds_of(phy2log_LP: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
+    """holds_LRE: how many copies of expert e the slots of rank r hold (slot p on rank p // (P / R))."""
+    L, P = phy2log_LP.shape
+    rank_P = torch.arange(P) // (P // num_ranks)
+    holds = torch.zeros(L, num_ranks, num_experts, dtype=torch.long)
+    holds.view(L, -1).scatter_add_(1, rank_P * num_experts + phy2log_LP, torch.ones_like(phy2log_LP))
+    return holds
 
 
 def maps_from_phy2log(phy2log_LP: torch.Tensor, num_experts: int, num_ranks: int) -> ServingMaps:
@@ -348,12 +353,17 @@ def layer_figures(indices_SK: torch.Tensor, holds_RE: torch.Tensor, chunk: int =
 
 
 def simulate_serving(maps: ServingMaps, load_LME: torch.Tensor, k: int, hidden_size: int, element_bytes: int,
-                     vision_share: float, num_tokens: int = 20000, seed: int = 0,
-                     routes_LSK: Sequence[torch.Tensor] | None = None) -> ServingFigures:
-    """The serving-load model (module docstring) of `maps` on a trace with this vision share.  Pass
-    `routes_LSK` to evaluate fixed routes (every placement of a comparison then sees the same tokens)."""
-    if routes_LSK is None:
-        routes_LSK = trace_routes(load_LME, k, num_tokens, vision_share, seed)
+                     vision_share: float, num_tokens: int = 20000, seed: int = 0) -> ServingFigures:
+    """The serving-load model (module docstring) of `maps` on a trace with this vision share, its routes drawn
+    from the load (`trace_routes`)."""
+    return figures_on_routes(maps, trace_routes(load_LME, k, num_tokens, vision_share, seed), hidden_size,
+                             element_bytes)
+
+
+def figures_on_routes(maps: ServingMaps, routes_LSK: Sequence[torch.Tensor], hidden_size: int,
+                      element_bytes: int) -> ServingFigures:
+    """The serving-load model of `maps` on given routes per layer (drawn or replayed: every placement of a
+    comparison then sees the same tokens)."""
     holds_LRE = maps.holds_LRE()
     loads, remotes, crosses = [], [], []
     for l, indices_SK in enumerate(routes_LSK):

@@ -182,15 +182,24 @@ def worker_main(out_path: Path, produce: Callable[[], dict]) -> int:
     return 0
 
 
-def write_outputs(out_dir: Path, stem: str, result: dict, markdown: str, echo: Callable[[str], None]) -> list[Path]:
-    """A benchmark command's result as `stem`.json (strict JSON) and `stem`.md under `out_dir`; the table echoed."""
+def publish(out_dir: Path, stem: str, result: dict, report: Callable[[dict], str], metrics: Callable[[dict], dict],
+            tracker, uri: str | None, seconds: float, echo: Callable[[str], None]) -> None:
+    """A benchmark command's last step: the result (with its MLflow run id) as `stem`.json (strict JSON) and its
+    `report` as `stem`.md under `out_dir`, the table echoed, `metrics(result)` and both files logged to the
+    tracker's run when it is active, then the closing line."""
     from ds_smoes.bench.comm.report import strict_json
 
+    result["mlflow_run_id"] = tracker.run_id
+    markdown = report(result)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     paths[0].write_text(strict_json(result))
     paths[1].write_text(markdown)
     echo("\n" + markdown)
-    return paths
+    if tracker.active:
+        tracker.log_metrics(metrics(result))
+        for path in paths:
+            tracker.log_file(path)
+    echo(wrote_line(paths, seconds, tracker, uri))
 
 
 def write_raw(path: Path, result: dict) -> None:

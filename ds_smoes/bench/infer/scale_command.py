@@ -21,8 +21,9 @@ from ds_smoes.bench import runs
 from ds_smoes.bench.comm.report import paired_ratio
 from ds_smoes.bench.infer.block import REFERENCE, TEXT_TOKENS, VARIANT_LABELS, VARIANTS
 from ds_smoes.bench.infer.projection import (EP_SIZES, INTERCONNECTS, ModelLayers, breakeven_bandwidth,
-                                             bytes_per_token, crossover, fitted_capacity_ratio, project)
+                                             bytes_per_token, comm_seconds, crossover, fitted_capacity_ratio, project)
 from ds_smoes.bench.infer.shapes import BLOCK_SHAPES
+from ds_smoes.bench.scale.shapes import PUBLISHED
 from ds_smoes.bench.scale.command import default_profile_source, native_bf16, profile_from
 from ds_smoes.bench.scale.synthetic_routes import OwnRouteModel
 from ds_smoes.bench.simulate.model import RouterProfile
@@ -43,14 +44,14 @@ def resolve(args) -> None:
     for name, value in DEFAULTS.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    args.shapes = args.shapes or ["olmoe", "qwen3-vl", "deepseek-vl2-tiny"]
+    args.shapes = args.shapes or list(PUBLISHED)
     unknown = [s for s in args.shapes if s not in BLOCK_SHAPES]
     if unknown:
         raise ConfigError(f"--shapes {unknown}: one of {sorted(BLOCK_SHAPES)}")
-    variants = [v for v in args.variants if v in VARIANTS] if args.variants_given else list(VARIANTS)
-    if args.variants_given and set(args.variants) - set(VARIANTS):
+    if set(args.variants) - set(VARIANTS):
         raise ConfigError(f"--variants {sorted(set(args.variants) - set(VARIANTS))} are not served at --shapes: "
                           f"one of {list(VARIANTS)}")
+    variants = list(args.variants) if args.variants_given else list(VARIANTS)
     for needed in (REFERENCE, "dense"):
         if needed not in variants:
             variants.insert(0, needed)   # the ratios' reference and the dense layers of the projection
@@ -160,8 +161,6 @@ def projection(rows: list[dict], shape, profile: RouterProfile, elt: int, ep_siz
 
 
 def _comm_share(compute_s, bytes_fn, tokens, ep, link) -> float:
-    from ds_smoes.bench.infer.projection import comm_seconds
-
     comm = comm_seconds(bytes_fn("smoes", ep), tokens, link)
     return comm / (comm + compute_s["smoes"])
 
@@ -279,19 +278,15 @@ def run(args) -> int:
                             "variants": {v: VARIANT_LABELS[v] for v in args.variants},
                             "interconnects": {l.key: l.note for l in INTERCONNECTS}},
                   "shapes": [shape_figures(r, profile, ep_size) for r in raw["results"]], "raw": raw["results"]}
-        result["mlflow_run_id"] = tracker.run_id
-        paths = runs.write_outputs(args.out, "infer_scale", result, report_markdown(result), _echo)
-        _log(tracker, result, args.out)
-        _echo(runs.wrote_line(paths, time.time() - t0, tracker, uri))
+        runs.publish(args.out, "infer_scale", result, report_markdown, _metrics, tracker, uri, time.time() - t0, _echo)
         status = "FINISHED"
     finally:
         tracker.end(status)
     return 0
 
 
-def _log(tracker, result: dict, out_dir) -> None:
-    if not tracker.active:
-        return
+def _metrics(result: dict) -> dict:
+    """The MLflow metrics of the result."""
     metrics = {}
     for r in result["shapes"]:
         for row in r["rows"]:
@@ -305,6 +300,4 @@ def _log(tracker, result: dict, out_dir) -> None:
         for name, bar in r["bars"].items():
             if bar["worst"] is not None:
                 metrics[f"{r['shape']}/bar/{name}"] = bar["worst"]
-    tracker.log_metrics(metrics)
-    for name in ("infer_scale.json", "infer_scale.md"):
-        tracker.log_file(out_dir / name)
+    return metrics

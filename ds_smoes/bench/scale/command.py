@@ -312,10 +312,7 @@ def run(args) -> int:
             result["attention"] = {"setup": f"{args.attention_heads} heads, head dim {args.head_dim}, batch 1, causal, "
                                             f"fp32, {args.attention_repeats} repeats, {torch.get_num_threads()} threads",
                                    "rows": rows, "bars": attention_bars(rows)}
-        result["mlflow_run_id"] = tracker.run_id
-        paths = runs.write_outputs(args.out, "scale", result, report_markdown(result), _echo)
-        _log(tracker, result, args.out)
-        _echo(runs.wrote_line(paths, time.time() - t0, tracker, uri))
+        runs.publish(args.out, "scale", result, report_markdown, _metrics, tracker, uri, time.time() - t0, _echo)
         status = "FINISHED"
     finally:
         tracker.end(status)
@@ -326,9 +323,8 @@ def runs_backend() -> str:
     return "NCCL" if torch.cuda.is_available() else "gloo"
 
 
-def _log(tracker, result: dict, out_dir: Path) -> None:
-    if not tracker.active:
-        return
+def _metrics(result: dict) -> dict:
+    """The MLflow metrics of the result."""
     metrics = {}
     for r in result["shapes"]:
         prefix = f"{r['shape']}/{r['dtype']}"
@@ -348,6 +344,4 @@ def _log(tracker, result: dict, out_dir: Path) -> None:
         for f in ("time_ratio", "peak_mem_ratio"):
             if row.get(f) is not None:
                 metrics[f"attention/T{row['T']}/{f}"] = row[f]
-    tracker.log_metrics(metrics)
-    for name in ("scale.json", "scale.md"):
-        tracker.log_file(out_dir / name)
+    return metrics
