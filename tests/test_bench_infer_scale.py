@@ -113,22 +113,29 @@ def test_the_block_computes_what_the_same_layer_of_a_deeper_model_computes():
     assert not torch.equal(changed[0] if isinstance(changed, tuple) else changed, theirs)
 
 
-def test_every_variant_serves_a_prefill_and_a_cached_decode_step():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_every_variant_serves_a_prefill_and_a_cached_decode_step(device):
+    """On the CPU and, on a GPU machine (ci/gpu-check.sh), on CUDA in bf16: the block worker's device path."""
     from ds_smoes.moe.collector import RoutingCollector
     from ds_smoes.parallel.launch import init_distributed
 
     init_distributed()
     shape = BLOCK_SHAPES["toy"]
-    model = B.build_block_model(shape, 1, 0, torch.float32)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = B.build_block_model(shape, 1, 0, dtype, device=device)
     variants = B.BlockVariants(model, shape)
+    images = B.ImageFeatures(model)
     routes = B.Routes(OwnRouteModel.fit(PROFILE), shape.moe.k, shape.moe.num_experts, 1)
     g = torch.Generator().manual_seed(0)
     ids_BT, labels_S = B.prefill_inputs(2, 8, g)
-    kv = B.decode_cache_kv(shape, 3, 12, torch.float32, g)
+    ids_BT = ids_BT.to(device)
+    features_BTD = B.ImageFeatures.draw(model, ids_BT.cpu(), g)
+    kv = tuple(t.to(device) for t in B.decode_cache_kv(shape, 3, 12, dtype, g))
     for v in B.VARIANTS:
         variants.install(v)
+        images.set(ids_BT, features_BTD)   # each image token its own vector, as the worker's prefills
         if v in B.ROUTED:
-            given = routes.draw(v, labels_S, g)
+            given = routes.draw(v, labels_S, g).to(device)
             variants.give(given)
         with torch.inference_mode(), RoutingCollector(variants.moe_layers(), stats=False, routes=True) as collector:
             out = model(input_ids=ids_BT, attention_mask=torch.ones_like(ids_BT), logits_to_keep=1)
@@ -139,10 +146,12 @@ def test_every_variant_serves_a_prefill_and_a_cached_decode_step():
                                given.sort(1).values)
         cache = B.fresh_cache(kv)
         if v in B.ROUTED:
-            variants.give(routes.draw(v, torch.zeros(3, dtype=torch.long), g))
+            variants.give(routes.draw(v, torch.zeros(3, dtype=torch.long), g).to(device))
+        images.set(None, None)   # decoding: text tokens only
         with torch.inference_mode():
-            step = model(input_ids=B.decode_inputs(3, 1, g)[0], attention_mask=torch.ones(3, 13, dtype=torch.long),
-                         past_key_values=cache, logits_to_keep=1)
+            step = model(input_ids=B.decode_inputs(3, 1, g)[0].to(device),
+                         attention_mask=torch.ones(3, 13, dtype=torch.long, device=device), past_key_values=cache,
+                         logits_to_keep=1)
         assert step.logits.shape == (3, 1, B.VOCAB) and cache.get_seq_length() == 13
         assert B.fresh_cache(kv).get_seq_length() == 12   # the measurement's cache is left as it was
 

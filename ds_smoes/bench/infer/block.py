@@ -64,10 +64,10 @@ def hf_config(shape: BlockShape, num_layers: int = 1):
 
 
 def build_block_model(shape: BlockShape, ep_size: int, ep_rank: int, dtype: torch.dtype, seed: int = 0,
-                      num_layers: int = 1):
-    """The converted model (`ds_smoes.hf.SMoESHFModel`) of `num_layers` decoder layers at `shape`, in eval mode:
-    weights drawn by transformers' own init from `seed` (the same on every rank: replicated weights agree and
-    each EP rank keeps its slice of the experts)."""
+                      num_layers: int = 1, device: torch.device | str = "cpu"):
+    """The converted model (`ds_smoes.hf.SMoESHFModel`) of `num_layers` decoder layers at `shape`, in eval mode on
+    `device` (the collectives' device: a GPU under NCCL): weights drawn by transformers' own init from `seed` (the
+    same on every rank: replicated weights agree and each EP rank keeps its slice of the experts)."""
     from transformers import AutoModelForImageTextToText
 
     from ds_smoes.core.config import SMoESConfig
@@ -81,7 +81,7 @@ def build_block_model(shape: BlockShape, ep_size: int, ep_rank: int, dtype: torc
     if ep_size > 1:
         for moe in model.moe_layers():
             moe.set_deepspeed_parallelism()
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 @dataclass
@@ -120,13 +120,13 @@ class BlockVariants:
         self.own_gate = self.moe.gate
         self.given_gate = companion_gate(self.moe, "smoes", GivenRoutesGate)
         m = shape.moe
-        dtype = self.own_gate.wg.weight.dtype
+        weight = self.own_gate.wg.weight
         generator = torch.Generator().manual_seed(seed + 17)
         self.dense = GatedExpert(m.hidden, (m.k + m.shared_experts) * m.expert_ffn, F.silu)
         with torch.no_grad():
             for p in self.dense.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
-        self.dense.to(dtype).eval()
+        self.dense.to(weight).eval()   # the block's device and dtype
 
     def install(self, variant: str) -> None:
         if variant == "dense":
@@ -181,7 +181,7 @@ class ImageFeatures:
         """features_BTD: N(0, std of the token embeddings), one vector per position."""
         weight = model.hf_model.get_input_embeddings().weight
         features = torch.randn(*ids_BT.shape, weight.shape[1], generator=generator) * float(weight.float().std())
-        return features.to(weight.dtype)
+        return features.to(weight)   # the embeddings' device and dtype
 
 
 def decode_cache_kv(shape: BlockShape, batch: int, length: int, dtype: torch.dtype,

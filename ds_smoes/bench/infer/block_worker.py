@@ -31,6 +31,8 @@ import torch
 
 from ds_smoes.bench.infer import block as B
 from ds_smoes.bench.infer.shapes import BLOCK_SHAPES
+from ds_smoes.bench.scale.synthetic_routes import OwnRouteModel
+from ds_smoes.bench.simulate.model import RouterProfile
 from ds_smoes.moe.collector import RoutingCollector
 from ds_smoes.parallel import console, distributed
 
@@ -74,8 +76,8 @@ class Workload:
     """One workload's inputs on this rank, and per routed variant its drawn routes (one tensor per forward)."""
 
     def __init__(self, spec: dict, model, shape, dtype: torch.dtype, routes: B.Routes, variants: list[str],
-                 generator: torch.Generator) -> None:
-        self.spec = spec
+                 generator: torch.Generator, device: torch.device) -> None:
+        self.spec, self.device = spec, device
         self.features = None
         if spec["kind"] == "prefill":
             ids_BT, labels_S = B.prefill_inputs(spec["batch"], spec["image_tokens"], generator)
@@ -86,8 +88,10 @@ class Workload:
         else:
             self.steps = B.decode_inputs(spec["batch"], spec["steps"], generator)
             labels = [torch.zeros(spec["batch"], dtype=torch.long)] * spec["steps"]
-            self.kv = B.decode_cache_kv(shape, spec["batch"], spec["context"], dtype, generator)
-        self.given = {v: [routes.draw(v, l_S, generator) for l_S in labels]
+            self.kv = tuple(t.to(device) for t in B.decode_cache_kv(shape, spec["batch"], spec["context"], dtype,
+                                                                    generator))
+        self.steps = [ids.to(device) for ids in self.steps]   # drawn on the host (seeded), used on the device
+        self.given = {v: [routes.draw(v, l_S, generator).to(device) for l_S in labels]
                       for v in variants if v in B.ROUTED}
 
     @torch.inference_mode()
@@ -100,7 +104,8 @@ class Workload:
         for i, ids_BT in enumerate(self.steps):
             if variant in self.given:
                 variants.give(self.given[variant][i])
-            mask_BU = torch.ones(ids_BT.shape[0], context + (i + 1) * ids_BT.shape[1], dtype=torch.long)
+            mask_BU = torch.ones(ids_BT.shape[0], context + (i + 1) * ids_BT.shape[1], dtype=torch.long,
+                                 device=self.device)
             extra = {} if cache is None else {"past_key_values": cache}
             with RoutingCollector(variants.moe_layers(), stats=False) as collector:
                 model(input_ids=ids_BT, attention_mask=mask_BU, logits_to_keep=1, **extra)
@@ -108,25 +113,22 @@ class Workload:
         return sent
 
 
-def measure(key: str, args) -> dict:
+def measure(key: str, args, router: OwnRouteModel) -> dict:
     import torch.distributed as dist
-
-    from ds_smoes.bench.scale.synthetic_routes import OwnRouteModel
-    from ds_smoes.bench.simulate.model import RouterProfile
 
     shape, dtype = BLOCK_SHAPES[key], DTYPES[args.dtype]
     ep, rank = distributed.world_size(), distributed.rank()
+    device = distributed.collective_device()   # NCCL takes device tensors only: the block lives there
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)   # a kernel's end, not its launch
     t0 = time.time()
-    model = B.build_block_model(shape, ep, rank, dtype, args.seed)
+    model = B.build_block_model(shape, ep, rank, dtype, args.seed, device=device)
     variants = B.BlockVariants(model, shape, args.seed)
     images = B.ImageFeatures(model)
     built = time.time() - t0
-    raw = json.loads(args.profile_json.read_text())
-    profile = RouterProfile(raw["k"], raw["vision_share"], tuple(tuple(row) for row in raw["own_routes_MJ"]))
-    routes = B.Routes(OwnRouteModel.fit(profile), shape.moe.k, shape.moe.num_experts, ep)
+    routes = B.Routes(router, shape.moe.k, shape.moe.num_experts, ep)
     generator = torch.Generator().manual_seed(args.seed * 7919 + rank)
     specs = workloads(args)
-    loads = [Workload(spec, model, shape, dtype, routes, args.variants, generator) for spec in specs]
+    loads = [Workload(spec, model, shape, dtype, routes, args.variants, generator, device) for spec in specs]
     names = list(args.variants)
     per = len(loads)
     # Q = timed rounds; X = (variant, workload) pairs, variant-major: the columns of the figure table
@@ -140,8 +142,10 @@ def measure(key: str, args) -> dict:
             for w, load in enumerate(loads):
                 if distributed.is_distributed():
                     dist.barrier()
+                sync()
                 start = time.perf_counter()
                 sent = load.run(model, variants, names[x], images)
+                sync()
                 elapsed = time.perf_counter() - start
                 if r >= args.warmup:
                     times_QX[r - args.warmup, x * per + w] = elapsed
@@ -156,7 +160,8 @@ def measure(key: str, args) -> dict:
 
         for x, name in enumerate(names):
             variants.install(name)
-            peaks[name] = [peak_allocated_bytes(partial(load.run, model, variants, name, images)) for load in loads]
+            peaks[name] = [peak_allocated_bytes(partial(load.run, model, variants, name, images), device)
+                           for load in loads]
         log0(f"  {shape.key}: peak memory measured ({time.time() - t0:.0f}s)")
     return {"shape": key, "dtype": args.dtype, "workloads": specs, "build_seconds": built,
             "seconds": {name: times_QX[:, x * per:(x + 1) * per].tolist() for x, name in enumerate(names)},
@@ -177,8 +182,11 @@ def measure_all(args) -> dict:
                      "repeats": args.repeats, "threads_per_rank": torch.get_num_threads(), "seed": args.seed,
                      "decode_steps": args.decode_steps, "decode_context": args.decode_context},
            "results": []}
+    raw = json.loads(args.profile_json.read_text())
+    router = OwnRouteModel.fit(RouterProfile(raw["k"], raw["vision_share"],
+                                             tuple(tuple(row) for row in raw["own_routes_MJ"])))
     for key in args.shapes:
-        out["results"].append(measure(key, args))
+        out["results"].append(measure(key, args, router))
     return out
 
 

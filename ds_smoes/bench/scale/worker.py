@@ -101,7 +101,7 @@ def companion_gate(layer, gate: str, cls=None):
     out.wg.weight.data.copy_(layer.gate.wg.weight.data)
     if cfg.ep_size > 1:
         out._set_ep_group(layer.deepspeed_moe.ep_group)
-    return out.to(layer.gate.wg.weight.dtype)
+    return out.to(layer.gate.wg.weight)   # the layer's device and dtype
 
 
 def build(shape: MoEShape, ep_size: int, dtype: torch.dtype, seed: int):
