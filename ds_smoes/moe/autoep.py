@@ -33,9 +33,9 @@ from deepspeed.module_inject.auto_ep_layer import (AutoEPMoELayer, _AllToAllV, c
 
 from ds_smoes.core.config import SMoESConfig, validate
 from ds_smoes.core.errors import ConfigError
-from ds_smoes.core.placement import is_placed, plan_physical
 from ds_smoes.core.scores import GaussianModalityStats, hard_scores
 from ds_smoes.core.step_state import in_backward
+from ds_smoes.moe.bin_placement import BinPlacement
 from ds_smoes.moe.collector import MoECall
 from ds_smoes.moe.dispatchers import Dispatched
 from ds_smoes.moe.gate import ModalityGate, RoutingInputs
@@ -43,7 +43,7 @@ from ds_smoes.moe.modality import modality_scores
 from ds_smoes.moe.registry import build_gate
 from ds_smoes.parallel.dispatch import (CommVolume, ExpertRunner, plan_rank_once, rank_hits,
                                         rank_once_dispatch, rank_once_volume, route_ranks, token_rank_stats)
-from ds_smoes.parallel.migration import MigrationCost, StackedExperts, migrate_experts
+from ds_smoes.parallel.migration import StackedExperts
 
 def check_adoptable(layer: AutoEPMoELayer) -> None:
     """Refuse, with what to change, an AutoEP layer whose routing or dispatch a ds-smoes gate cannot stand in for."""
@@ -172,7 +172,7 @@ AUTOEP_DISPATCHERS = {AutoEPPairDispatcher.name: AutoEPPairDispatcher,
                       AutoEPRankOnceDispatcher.name: AutoEPRankOnceDispatcher}
 
 
-class SMoESAutoEPLayer(AutoEPMoELayer):
+class SMoESAutoEPLayer(BinPlacement, AutoEPMoELayer):
     """An AutoEPMoELayer routed by a ds-smoes gate (`adopt` makes one from the layer DeepSpeed built)."""
 
     # set by `adopt` (the layer is DeepSpeed's, converted in place: its constructor does not run again)
@@ -233,29 +233,12 @@ class SMoESAutoEPLayer(AutoEPMoELayer):
         return ExpertRunner(self.num_local_experts, run)
 
     # -- placement ------------------------------------------------------------------------------------
-    def placement_due(self) -> bool:
-        """True once adaptive bins have frozen while some expert is not on its bin's EP rank (kept on the host)."""
-        binning = self.gate.binning
-        if not (self.config.placement == "bins" and binning.adaptive and binning.frozen):
-            return False
-        if self._placed is None:
-            self._placed = is_placed(binning.bin_E, self.gate.physical_E, self.config.num_bins, self.ep_size)
-        return not self._placed
+    def _placement_ep_size(self) -> int:
+        return self.ep_size
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._placed = None
-
-    def place_experts(self, optimizer=None) -> MigrationCost:
-        """Move every expert's rows of w1, w2, w3 (and their optimizer state) onto its bin's EP rank; a collective
-        over the EP group, between optimizer steps."""
-        gate = self.gate
-        new_physical_E = plan_physical(gate.binning.bin_E, gate.physical_E, self.config.num_bins, self.ep_size)
-        stacked = StackedExperts((self.experts.w1, self.experts.w2, self.experts.w3))
-        cost = migrate_experts(stacked, gate.physical_E, new_physical_E, self.ep_group_or_none(), optimizer)
-        gate.physical_E.copy_(new_physical_E.to(gate.physical_E.device))
-        self._placed = None
-        return cost
+    def _placement_experts(self):
+        """AutoEP's stacked w1, w2, w3: every expert's rows move with their optimizer state."""
+        return StackedExperts((self.experts.w1, self.experts.w2, self.experts.w3)), self.ep_group_or_none()
 
     # -- the forward -------------------------------------------------------------------------------------
     def _forward(self, hidden_states: torch.Tensor):

@@ -37,19 +37,18 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from ds_smoes.core.config import SMoESConfig
+from ds_smoes.moe.bin_placement import BinPlacement
 from ds_smoes.moe.collector import MoECall
 from ds_smoes.moe.dispatchers import build_dispatcher
 from ds_smoes.moe.gate import ModalityGate, RoutingInputs
 from ds_smoes.moe.modality import modality_scores
-from ds_smoes.core.placement import is_placed, plan_physical
-from ds_smoes.parallel.migration import MigrationCost, migrate_experts
 from ds_smoes.moe.registry import build_gate
 from ds_smoes.core.step_state import in_backward
 from ds_smoes.core.scores import GaussianModalityStats, hard_scores
 from ds_smoes.core.validation import check_input_shapes, check_input_values
 
 
-class SMoESMoE(MoE):
+class SMoESMoE(BinPlacement, MoE):
     """A `deepspeed.moe.layer.MoE` whose gate is chosen by `config.gate` (default `SMoESGate`)."""
 
     def __init__(self, hidden_size: int, expert: nn.Module, config: SMoESConfig, use_residual: bool = False) -> None:
@@ -98,34 +97,14 @@ class SMoESMoE(MoE):
         self.dispatcher.check_parallelism()
 
     # -- placement (ds_smoes/core/placement.py) ---------------------------------------------------
-    def placement_due(self) -> bool:
-        """True once adaptive bins have frozen while some expert is not yet on its bin's EP rank.  Asked every
-        step: the answer is kept on the host once the bins are frozen (they and the placement change no more,
-        short of `place_experts` or a checkpoint load), so it costs no device read per step."""
-        binning = self.gate.binning
-        if not (self.config.placement == "bins" and binning.adaptive and binning.frozen):
-            return False
-        if self._placed is None:
-            self._placed = is_placed(binning.bin_E, self.gate.physical_E, self.config.num_bins,
-                                     self.deepspeed_moe.ep_size)
-        return not self._placed
+    def _placement_ep_size(self) -> int:
+        return self.deepspeed_moe.ep_size
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._placed = None  # a loaded checkpoint may bring other bins or another placement
-
-    def place_experts(self, optimizer=None) -> MigrationCost:
-        """Move every expert (weights and `optimizer` state) onto its bin's EP rank; a collective over
-        the EP group.  Call between optimizer steps (the runner does, when `placement_due()`)."""
-        moe, gate = self.deepspeed_moe, self.gate
+    def _placement_experts(self):
+        moe = self.deepspeed_moe
         if moe.ep_size > 1 and moe.ep_group is None:
             raise RuntimeError("place_experts needs the expert-parallel group: build the engine first")
-        new_physical_E = plan_physical(gate.binning.bin_E, gate.physical_E, self.config.num_bins, moe.ep_size)
-        cost = migrate_experts(moe.experts.deepspeed_experts, gate.physical_E, new_physical_E,
-                               moe.ep_group if moe.ep_size > 1 else None, optimizer)
-        gate.physical_E.copy_(new_physical_E.to(gate.physical_E.device))
-        self._placed = None
-        return cost
+        return moe.experts.deepspeed_experts, moe.ep_group if moe.ep_size > 1 else None
 
     def modality_scores(self, x_SD: torch.Tensor, labels_S: torch.Tensor, valid_S: torch.Tensor,
                         given_SM: torch.Tensor | None) -> torch.Tensor:
